@@ -1,0 +1,88 @@
+"""Residual blocks (section 3): out = relu(F(x) + shortcut(x)); plain twins drop the addition."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reslab.models.layers import conv1x1, conv3x3, make_shortcut
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (Table 1, ResNet-18/34; section 4.2, CIFAR nets)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        shortcut: str = "B",
+        residual: bool = True,
+        stride_in_3x3: bool = False,
+    ) -> None:
+        super().__init__()
+        del stride_in_3x3  # only bottlenecks have a choice of where the stride goes
+        self.residual = residual
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = make_shortcut(
+            inplanes, planes, stride, option=shortcut, residual=residual
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))  # [N, planes, H/s, W/s]: F(x), after BN, before add
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (x4) — Table 1, ResNet-50/101/152, Fig. 5 right.
+
+    stride_in_3x3=False is the paper's v1 (stride on the first 1x1); True is torchvision's v1.5.
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        shortcut: str = "B",
+        residual: bool = True,
+        stride_in_3x3: bool = False,
+    ) -> None:
+        super().__init__()
+        self.residual = residual
+        s1, s3 = (1, stride) if stride_in_3x3 else (stride, 1)
+        width = planes
+        self.conv1 = conv1x1(inplanes, width, s1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, s3)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = make_shortcut(
+            inplanes, planes * self.expansion, stride, option=shortcut, residual=residual
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
+
+
+Block = type[BasicBlock] | type[Bottleneck]

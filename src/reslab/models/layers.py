@@ -1,0 +1,97 @@
+"""Small building layers shared by the model files: convs, shortcuts, AlexNet's LRN."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """3x3 conv with padding 1 and no bias (BN follows every conv, section 3.4)."""
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """Option A shortcut (section 3.3): identity with stride-2 subsampling and zero-padded channels.
+
+    [N, C, H, W] -> [N, C + pad, H/stride, W/stride]. No parameters.
+
+    The paper only says "extra zero entries padded"; the new channels are split evenly on both
+    sides, as in the widely used CIFAR re-implementation, so its checkpoints load and give their
+    published accuracy unchanged.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        if out_planes < in_planes:
+            raise ValueError(f"option A cannot shrink channels ({in_planes} -> {out_planes})")
+        self.stride = stride
+        extra = out_planes - in_planes
+        self.pad = (extra // 2, extra - extra // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad != (0, 0):
+            x = F.pad(x, (0, 0, 0, 0, *self.pad))
+        return x
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad={self.pad}"
+
+
+def make_shortcut(
+    in_planes: int, out_planes: int, stride: int, *, option: str, residual: bool
+) -> nn.Module | None:
+    """The shortcut of one block, or None for the identity (or for a plain net, which has none).
+
+    A: parameter-free PadShortcut where shape changes, identity elsewhere.
+    B: 1x1 projection + BN where shape changes, identity elsewhere.
+    C: 1x1 projection + BN on every shortcut.
+    """
+    if not residual:
+        return None
+    changes = stride != 1 or in_planes != out_planes
+    if option == "A":
+        return PadShortcut(in_planes, out_planes, stride) if changes else None
+    if option == "B" and not changes:
+        return None
+    if option in ("B", "C"):
+        # Sequential so the parameter names are torchvision's downsample.0 / downsample.1.
+        return nn.Sequential(conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
+    raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {option!r}")
+
+
+class LocalResponseNorm(nn.Module):
+    """AlexNet's local response normalisation (section 3.3 of Krizhevsky et al. 2012).
+
+    b_i = a_i / (k + alpha * sum_{j=i-n/2}^{i+n/2} a_j^2) ** beta, with k=2, n=5, alpha=1e-4,
+    beta=0.75. torch's LocalResponseNorm divides alpha by n, so it is given alpha * n here.
+    """
+
+    def __init__(
+        self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
+    ) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self.lrn = nn.LocalResponseNorm(size, alpha=alpha * size, beta=beta, k=k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lrn(x)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+def make_activation(name: str) -> nn.Module:
+    """ReLU (AlexNet section 3.1) or the saturating tanh it is compared against."""
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "tanh":
+        return nn.Tanh()
+    raise ValueError(f"activation must be 'relu' or 'tanh', got {name!r}")

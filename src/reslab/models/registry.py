@@ -1,0 +1,64 @@
+"""Name -> builder registry. Variants are keyword options of one builder, never copies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about a model besides how to build it."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    family: str  # "imagenet" | "cifar" | "alexnet"
+    depth: int  # weighted layers, as the paper counts them
+    input_size: int  # native square input side in pixels
+    defaults: dict[str, Any] = field(default_factory=dict)  # options the name fixes
+    paper_params: float | None = None  # Table 6 (CIFAR), in parameters
+    paper_macs: float | None = None  # Table 1 (ImageNet), multiply-adds
+    paper_error: float | None = None  # top-1 test error %, Table 3 (10-crop) or Table 6
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(info: ModelInfo) -> ModelInfo:
+    if info.name in _REGISTRY:
+        raise ValueError(f"model {info.name!r} is already registered")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def model_info(name: str) -> ModelInfo:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown model {name!r}; `reslab models` lists them: {', '.join(list_models())}"
+        ) from None
+
+
+def list_models(family: str | None = None) -> list[str]:
+    _ensure_loaded()
+    return [n for n, i in _REGISTRY.items() if family is None or i.family == family]
+
+
+def create_model(name: str, **options: Any) -> nn.Module:
+    """Build a registered model; `options` override the name's defaults.
+
+    >>> create_model("resnet34", shortcut="A", residual=False)  # doctest: +SKIP
+    """
+    info = model_info(name)
+    return info.builder(**{**info.defaults, **options})
+
+
+def _ensure_loaded() -> None:
+    # The model modules register themselves on import; importing here keeps `import reslab`
+    # free of side effects until a model is asked for.
+    from reslab.models import alexnet, cifar, resnet  # noqa: F401

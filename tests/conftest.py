@@ -1,0 +1,24 @@
+"""Shared fixtures. CIFAR-10 comes from $RESLAB_DATA: set but missing is a failure, unset skips."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    root = os.environ.get("RESLAB_DATA")
+    if not root:
+        pytest.skip("RESLAB_DATA is not set (a directory holding cifar-10-batches-py)")
+    path = Path(root)
+    if not (path / "cifar-10-batches-py" / "data_batch_1").is_file():
+        pytest.fail(
+            f"RESLAB_DATA={root} but {path / 'cifar-10-batches-py'} has no CIFAR-10 batches"
+        )
+    return path
