@@ -52,13 +52,96 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_models)
 
 
+def _train_config(args: argparse.Namespace):
+    """Recipe, then --set assignments, then the explicit flags (which win)."""
+    import os
+
+    from reslab.engine.config import TrainConfig, load_recipe
+
+    cfg = load_recipe(args.recipe) if args.recipe else TrainConfig()
+    cfg = cfg.override(args.set or [])
+    flags = {
+        "model": args.model, "data": args.data, "dataset": args.dataset, "iters": args.iters,
+        "epochs": args.epochs, "out": args.out, "device": args.device,
+        "precision": args.precision, "seed": args.seed, "weights": args.weights,
+        "num_classes": args.num_classes, "save_every": args.save_every,
+        "eval_every": args.eval_every, "time_limit": args.time_limit,
+        "channels_last": args.channels_last, "compile": args.compile or None,
+        "download": args.download or None, "sync_bn": args.sync_bn or None,
+    }  # fmt: skip
+    for key, value in flags.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.data is None and cfg.data == "data" and os.environ.get("RESLAB_DATA"):
+        cfg.data = os.environ["RESLAB_DATA"]
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1:
+        return _relaunch_torchrun(args.nproc)
+    from reslab.engine.trainer import train
+
+    cfg = _train_config(args)
+    final = train(cfg, resume=args.resume)
+    print(_summary(final, cfg.out))
+    return 0
+
+
+def _summary(final: dict, out: str) -> str:
+    errs = ", ".join(
+        f"{k.removesuffix('_error')} error {final[k]:.2f}%" for k in ("val_error", "test_error")
+        if k in final
+    )  # fmt: skip
+    return f"done: {final.get('iter', 0)} iterations, {errs}; run in {out}"
+
+
+def _relaunch_torchrun(nproc: int) -> int:
+    """`reslab train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m reslab train ...`"""
+    import subprocess
+
+    argv = list(sys.argv[1:])
+    i = argv.index("--nproc")
+    del argv[i : i + 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "reslab", *argv]  # fmt: skip
+    return subprocess.call(cmd)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model with one of the paper's recipes")
+    p.add_argument("--recipe", help="recipe name in configs/ (e.g. cifar10-paper) or a YAML path")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--model")
+    p.add_argument("--data", help="data directory (default $RESLAB_DATA)")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"])
+    p.add_argument("--iters", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--out", help="run directory (config, metrics.jsonl, checkpoints)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--weights", help="initial weights (torchvision, reslab, safetensors, .th)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--time-limit", type=float, help="seconds of training, then a final eval")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR if it is missing")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
+    p.add_argument("--nproc", type=int, help="processes on this machine (wraps torchrun)")
+    p.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reslab", description="Deep residual learning (He et al., 2015): models, training, "
         "reproduction of the paper's tables and figures."
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models,):
+    for add in (_add_models, _add_train):
         add(sub)
     return parser
 
