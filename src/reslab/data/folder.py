@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
+from reslab.data.cifar import DataError
 from reslab.data.images import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -44,10 +45,6 @@ __all__ = [
 log = logging.getLogger("reslab.data")
 Check = Literal["none", "header", "decode"]
 _MAX_WARN_LINES = 20
-
-
-class DataError(ValueError):
-    """A data set that cannot be used as given; the message names the path and the fix."""
 
 
 @dataclass(frozen=True)
@@ -80,11 +77,17 @@ class ScanReport:
         parts = [f"{len(self.samples)} usable images in {len(self.classes)} classes"]
         if self.bad:
             why = Counter(b.reason.split(":")[0].split(" (")[0] for b in self.bad)
-            parts.append(f"{len(self.bad)} skipped (" + ", ".join(f"{n} {r}" for r, n in why.most_common()) + ")")
+            parts.append(
+                f"{len(self.bad)} skipped ("
+                + ", ".join(f"{n} {r}" for r, n in why.most_common())
+                + ")"
+            )
         if self.converted:
             parts.append(f"{sum(self.converted.values())} converted to RGB")
         if self.small:
-            parts.append(f"{len(self.small)} smaller than {self.min_size}px (upscaled by the resize)")
+            parts.append(
+                f"{len(self.small)} smaller than {self.min_size}px (upscaled by the resize)"
+            )
         if self.empty_classes:
             parts.append(f"{len(self.empty_classes)} empty classes")
         if self.ignored:
@@ -105,7 +108,9 @@ class ScanReport:
             lines.append("converted on load:")
             lines += [f"  {n:>8}  {what}" for what, n in self.converted.most_common()]
         if self.small:
-            lines.append(f"smaller than {self.min_size}px on the shorter side (upscaled): {len(self.small)}")
+            lines.append(
+                f"smaller than {self.min_size}px on the shorter side (upscaled): {len(self.small)}"
+            )
             lines += [f"  {p}" for p in self.small[:max_list]]
         lines.append("summary: " + self.summary())
         return "\n".join(lines)
@@ -122,7 +127,9 @@ def _require_dir(root: Path) -> None:
         raise DataError(f"{root} is not a directory (give the folder holding the images)")
 
 
-def read_label_file(path: str | Path, *, classes: Sequence[str] | None = None) -> tuple[dict[str, int], list[str]]:
+def read_label_file(
+    path: str | Path, *, classes: Sequence[str] | None = None
+) -> tuple[dict[str, int], list[str]]:
     """Labels of a flat (ImageNet val) folder -> ({file name or stem: class index}, classes).
 
     Formats: lines `name label` or `name,label` (label a class name such as a WordNet id, or an
@@ -132,10 +139,14 @@ def read_label_file(path: str | Path, *, classes: Sequence[str] | None = None) -
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"label file {path} does not exist (give --labels PATH: lines 'file label')")
+        raise DataError(
+            f"label file {path} does not exist (give --labels PATH: lines 'file label')"
+        )
     rows: list[tuple[str, str]] = []
     lines = path.read_text().splitlines()
-    kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith("imageid,predictionstring")
+    kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith(
+        "imageid,predictionstring"
+    )
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -152,7 +163,11 @@ def read_label_file(path: str | Path, *, classes: Sequence[str] | None = None) -
         raise DataError(f"label file {path} has no labels")
     numeric = all(lab.lstrip("-").isdigit() for _, lab in rows)
     if classes is None:
-        classes = [str(i) for i in range(max(int(lab) for _, lab in rows) + 1)] if numeric else sorted({lab for _, lab in rows})
+        classes = (
+            [str(i) for i in range(max(int(lab) for _, lab in rows) + 1)]
+            if numeric
+            else sorted({lab for _, lab in rows})
+        )
     index = {c: i for i, c in enumerate(classes)}
     out: dict[str, int] = {}
     for name, lab in rows:
@@ -161,7 +176,9 @@ def read_label_file(path: str | Path, *, classes: Sequence[str] | None = None) -
             if not 0 <= k < len(classes):
                 raise DataError(f"{path}: label {k} for {name} is outside 0..{len(classes) - 1}")
         elif lab not in index:
-            raise DataError(f"{path}: class {lab!r} for {name} is not one of the {len(classes)} known classes")
+            raise DataError(
+                f"{path}: class {lab!r} for {name} is not one of the {len(classes)} known classes"
+            )
         else:
             k = index[lab]
         out[name] = k
@@ -251,7 +268,10 @@ def _warn_each(bad: Sequence[BadFile]) -> None:
     for b in bad[:_MAX_WARN_LINES]:
         log.warning("skipping %s: %s", b.path, b.reason)
     if len(bad) > _MAX_WARN_LINES:
-        log.warning("... and %d more unusable files (see the summary / reslab data check)", len(bad) - _MAX_WARN_LINES)
+        log.warning(
+            "... and %d more unusable files (see the summary / reslab data check)",
+            len(bad) - _MAX_WARN_LINES,
+        )
 
 
 def scan_folder(
@@ -273,15 +293,21 @@ def scan_folder(
     """
     if check not in ("none", "header", "decode"):
         raise ValueError(f"check must be 'none', 'header' or 'decode', got {check!r}")
-    classes_, listed, empty, unlabelled, ignored = list_samples(root, labels_file=labels_file, classes=classes)
-    report = ScanReport(str(root), classes_, empty_classes=empty, ignored=ignored, min_size=min_size, check=check)
+    classes_, listed, empty, unlabelled, ignored = list_samples(
+        root, labels_file=labels_file, classes=classes
+    )
+    report = ScanReport(
+        str(root), classes_, empty_classes=empty, ignored=ignored, min_size=min_size, check=check
+    )
     report.bad.extend(unlabelled)
     if check == "none":
         report.samples = listed
     else:
         paths = [p for p, _ in listed]
         if num_workers > 0 and len(paths) > 256:
-            loader = DataLoader(_ScanSet(paths, check, max_pixels), batch_size=None, num_workers=num_workers)
+            loader = DataLoader(
+                _ScanSet(paths, check, max_pixels), batch_size=None, num_workers=num_workers
+            )
             results = list(loader)
         else:
             results = [_inspect(p, check, max_pixels) for p in paths]
@@ -299,20 +325,34 @@ def scan_folder(
     if warn:
         _warn_each(report.bad)
         for c in report.empty_classes:
-            log.warning("class folder %s has no usable image (the class is kept, with no samples)", Path(root) / c)
+            log.warning(
+                "class folder %s has no usable image (the class is kept, with no samples)",
+                Path(root) / c,
+            )
         if report.small:
-            log.warning("%d images are smaller than %dpx and will be upscaled by the resize", len(report.small), min_size)
+            log.warning(
+                "%d images are smaller than %dpx and will be upscaled by the resize",
+                len(report.small),
+                min_size,
+            )
         if report.bad or report.empty_classes:
             log.warning("%s", report.summary())
     if not report.samples:
         raise DataError(
             f"{root} has no usable image ({len(report.bad)} unusable, {ignored} without an image "
-            f"extension); expected {Path(root)}/<class>/<image>.jpg" + (" or a labelled flat folder" if labels_file is None else "")
+            f"extension); expected {Path(root)}/<class>/<image>.jpg"
+            + (" or a labelled flat folder" if labels_file is None else "")
         )
     return report
 
 
-_SKIP_CODES = {1: "zero-byte file", 2: "not an image", 3: "corrupt or truncated", 4: "decompression bomb", 5: "unreadable"}
+_SKIP_CODES = {
+    1: "zero-byte file",
+    2: "not an image",
+    3: "corrupt or truncated",
+    4: "decompression bomb",
+    5: "unreadable",
+}
 
 
 def _code(reason: str) -> int:
@@ -372,7 +412,12 @@ class ImageFolder(Dataset):
             except BadImageError as e:
                 if self._skip[i] == 0:
                     self._skip[i] = _code(e.reason)
-                    log.warning("skipping %s: %s (sample %d replaced by the next usable one)", e.path, e.reason, index)
+                    log.warning(
+                        "skipping %s: %s (sample %d replaced by the next usable one)",
+                        e.path,
+                        e.reason,
+                        index,
+                    )
                 continue
             out = self.transform(img) if self.transform is not None else img
             return out, self.samples[i][1]

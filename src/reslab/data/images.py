@@ -28,7 +28,20 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+    }
 )
 
 # PIL modes that are not plain 8-bit RGB, and what loading them does.
@@ -87,7 +100,9 @@ def _bomb(path: str | Path, w: int, h: int, limit: int) -> BadImageError:
     )
 
 
-def read_header(path: str | Path, *, data: bytes | None = None, max_pixels: int | None = None) -> ImageHeader:
+def read_header(
+    path: str | Path, *, data: bytes | None = None, max_pixels: int | None = None
+) -> ImageHeader:
     """Header check without decoding pixels: zero-byte, not-an-image and bomb files raise
     `BadImageError`. Cheap (tens of microseconds): what the up-front scan runs on every file."""
     limit = default_max_pixels() if max_pixels is None else max_pixels
@@ -148,7 +163,9 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
     read_header(path, data=data, max_pixels=max_pixels)
     img: Tensor | None = None
     try:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        img = decode_image(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+        )
     except (RuntimeError, ValueError):
         img = None  # a format torchvision.io lacks (BMP, TIFF, ...) or a broken file: PIL decides
     if img is None:

@@ -71,7 +71,9 @@ class RandomShorterSideCrop(nn.Module):
         super().__init__()
         lo, hi = shorter_side
         if not size <= lo <= hi:
-            raise ValueError(f"need size <= shorter_side[0] <= shorter_side[1], got {size}, {shorter_side}")
+            raise ValueError(
+                f"need size <= shorter_side[0] <= shorter_side[1], got {size}, {shorter_side}"
+            )
         self.size, self.lo, self.hi = size, lo, hi
 
     def forward(self, img: Tensor) -> Tensor:
@@ -140,7 +142,7 @@ def ten_crop(images: Tensor, *, size: int) -> Tensor:
     h, w = images.shape[-2:]
     if h < size or w < size:
         raise ValueError(f"ten_crop: image {h}x{w} is smaller than the crop {size}")
-    crops = [images[..., t : t + size, l : l + size] for t, l in _crop_origins(h, w, size)]
+    crops = [images[..., t : t + size, c : c + size] for t, c in _crop_origins(h, w, size)]
     five = torch.stack(crops, dim=-4)
     return torch.cat([five, five.flip(-1)], dim=-4)
 
@@ -211,7 +213,9 @@ class PCALighting(nn.Module):
     def imagenet(cls, *, alphastd: float = 0.1) -> PCALighting:
         return cls(eigval=IMAGENET_PCA_EIGVAL, eigvec=IMAGENET_PCA_EIGVEC, alphastd=alphastd)
 
-    def shifts(self, n: int, *, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    def shifts(
+        self, n: int, *, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor:
         """The RGB offsets [n, 3] for n images (p @ (alpha * l))."""
         alpha = torch.randn(n, 3, device=device, generator=generator) * self.alphastd
         vec, val = self.eigvec.to(device), self.eigval.to(device)
@@ -219,7 +223,9 @@ class PCALighting(nn.Module):
 
     def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
-            raise ValueError(f"PCALighting wants float [N, 3, H, W] in 0-1, got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"PCALighting wants float [N, 3, H, W] in 0-1, got {x.dtype} {tuple(x.shape)}"
+            )
         if self.alphastd == 0:
             return x
         rgb = self.shifts(x.shape[0], device=x.device, generator=generator)
