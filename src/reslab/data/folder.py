@@ -325,10 +325,8 @@ def scan_folder(
     if warn:
         _warn_each(report.bad)
         for c in report.empty_classes:
-            log.warning(
-                "class folder %s has no usable image (the class is kept, with no samples)",
-                Path(root) / c,
-            )
+            where = f"class {c} in {root}" if labels_file else f"class folder {Path(root) / c}"
+            log.warning("%s has no usable image (the class is kept, with no samples)", where)
         if report.small:
             log.warning(
                 "%d images are smaller than %dpx and will be upscaled by the resize",

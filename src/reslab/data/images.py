@@ -123,7 +123,11 @@ def read_header(
             with Image.open(src) as im:
                 w, h, mode = im.size[0], im.size[1], im.mode
     except Image.DecompressionBombError as e:
-        raise BadImageError(path, f"decompression bomb: {e}") from None
+        raise BadImageError(
+            path,
+            f"decompression bomb: {e} If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
+            "(PIL refuses twice its value itself) and max_pixels=... / --max-pixels.",
+        ) from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image (unknown format despite its extension)") from None
     except (OSError, ValueError, SyntaxError) as e:

@@ -76,20 +76,20 @@ class RandomShorterSideCrop(nn.Module):
             )
         self.size, self.lo, self.hi = size, lo, hi
 
-    def forward(self, img: Tensor) -> Tensor:
-        h, w = img.shape[-2:]
+    def sample_box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """Draw (top, left, height, width) of the source box for an h x w image."""
         s = int(torch.randint(self.lo, self.hi + 1, ()).item())
         scale = s / min(h, w)
         # Size after the (virtual) resize, as torchvision's resize would compute it.
         rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
         top = int(torch.randint(0, rh - self.size + 1, ()).item())
         left = int(torch.randint(0, rw - self.size + 1, ()).item())
-        box = max(1, round(self.size / scale))
-        t0 = min(round(top / scale), h - box) if h >= box else 0
-        l0 = min(round(left / scale), w - box) if w >= box else 0
-        return F.resized_crop(
-            img, t0, l0, min(box, h), min(box, w), [self.size, self.size], antialias=True
-        )
+        bh, bw = min(h, max(1, round(self.size / scale))), min(w, max(1, round(self.size / scale)))
+        return min(round(top / scale), h - bh), min(round(left / scale), w - bw), bh, bw
+
+    def forward(self, img: Tensor) -> Tensor:
+        t, c, bh, bw = self.sample_box(*img.shape[-2:])
+        return F.resized_crop(img, t, c, bh, bw, [self.size, self.size], antialias=True)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, shorter_side=({self.lo}, {self.hi})"
