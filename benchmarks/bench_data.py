@@ -55,8 +55,11 @@ def hardware(device: torch.device) -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    # Other processes on a small machine distort every figure (a busy core stalls torch's
+    # intra-op threads); the 1-minute load average says how quiet it was.
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}){gpu}; "
+        f"{cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}){load}{gpu}; "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"Python {platform.python_version()}"
     )
