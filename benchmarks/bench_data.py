@@ -175,7 +175,9 @@ class PerSampleLighting:
         return x + (self.vec @ (alpha * self.val)).view(3, 1, 1)
 
 
-def bench_imagenet(args: argparse.Namespace, device: torch.device, root: Path) -> tuple[float, float]:
+def bench_imagenet(
+    args: argparse.Namespace, device: torch.device, root: Path
+) -> tuple[float, float]:
     bs = args.imagenet_batch
     kw = {"batch_size": bs, "shuffle": True, "num_workers": args.workers, "drop_last": True,
           "pin_memory": device.type == "cuda"}  # fmt: skip
@@ -197,10 +199,14 @@ def bench_imagenet(args: argparse.Namespace, device: torch.device, root: Path) -
         x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         return len(y)
 
-    base, nb = timed(DataLoader(tvd.ImageFolder(str(root), transform=base_t), **kw), device, to_device)
+    base, nb = timed(
+        DataLoader(tvd.ImageFolder(str(root), transform=base_t), **kw), device, to_device
+    )
 
     light = PCALighting.imagenet().to(device)
-    pre = Preprocess(kind="imagenet", input_size=224, mode="per_channel", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    pre = Preprocess(
+        kind="imagenet", input_size=224, mode="per_channel", mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
     ds = ImageFolder(root, transform=imagenet_train_transform(), min_size=224)
 
     def ours_step(b) -> int:
@@ -216,7 +222,9 @@ def bench_imagenet(args: argparse.Namespace, device: torch.device, root: Path) -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", default=os.environ.get("RESLAB_DATA", "../shared/data"),
                    help="directory holding cifar-10-batches-py")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -243,7 +251,9 @@ def main() -> None:
             if not root.exists():
                 t0 = time.perf_counter()
                 make_jpegs(root, count=args.imagenet_images, classes=10, size=(w, h))
-                print(f"generated {args.imagenet_images} JPEGs {w}x{h} in {time.perf_counter() - t0:.1f}s")
+                print(
+                    f"generated {args.imagenet_images} JPEGs {w}x{h} in {time.perf_counter() - t0:.1f}s"
+                )
             bench_imagenet(args, device, root)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from reslab.data.cifar import DataError, load_cifar
+from reslab.data.cifar import DataError, _load_cached, load_cifar
 from reslab.data.folder import scan_folder
 from reslab.data.stats import cifar_datasets
 
@@ -15,6 +15,7 @@ __all__ = ["check_cifar", "check_data", "check_folder"]
 
 def check_cifar(root: str | Path, *, dataset: str) -> str:
     """Read every CIFAR file (shapes, label ranges are validated by the reader) and count."""
+    _load_cached.cache_clear()  # a check reads the files as they are now, not a cached copy
     lines = [f"{dataset} at {Path(root).resolve()}"]
     for split in ("train", "test"):
         d = load_cifar(root, dataset=dataset, split=split)
