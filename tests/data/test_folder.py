@@ -231,3 +231,15 @@ def test_cli_check_cifar_prints_the_truth(cifar_root: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "train: 50000 images" in out and "test: 10000 images" in out and "10 classes" in out
     assert out.count("5000 /   1000") == 10 and "train45k 45000 / val5k 5000" in out
+
+
+def test_scan_with_worker_processes_agrees(tmp_path: Path) -> None:
+    for c in range(3):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(100):
+            Image.fromarray(_rgb(4, 4)).save(tmp_path / f"c{c}" / f"{i}.png")
+    (tmp_path / "c1" / "50.png").write_bytes(b"")
+    serial = scan_folder(tmp_path, check="decode", warn=False)
+    parallel = scan_folder(tmp_path, check="decode", num_workers=2, warn=False)
+    assert serial.samples == parallel.samples and serial.bad == parallel.bad
+    assert serial.per_class() == [100, 99, 100]

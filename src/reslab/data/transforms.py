@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from reslab.data.preprocess import Preprocess
+
 __all__ = [
     "IMAGENET_PCA_EIGVAL",
     "IMAGENET_PCA_EIGVEC",
@@ -33,7 +35,9 @@ __all__ = [
     "alexnet_train_transform",
     "center_crop_transform",
     "imagenet_train_transform",
+    "multiscale_transform",
     "multiscale_views",
+    "prepare_batch",
     "ten_crop",
     "ten_crop_transform",
     "to_float01",
@@ -183,6 +187,22 @@ def multiscale_views(
     return views
 
 
+class _MultiScale(nn.Module):
+    def __init__(self, shorter_sides: Sequence[int], flip: bool) -> None:
+        super().__init__()
+        self.shorter_sides, self.flip = tuple(shorter_sides), flip
+
+    def forward(self, img: Tensor) -> list[Tensor]:
+        return multiscale_views(img, shorter_sides=self.shorter_sides, flip=self.flip)
+
+
+def multiscale_transform(
+    *, shorter_sides: Sequence[int] = MULTISCALE_SHORTER_SIDES, flip: bool = True
+) -> nn.Module:
+    """`multiscale_views` as a folder transform; use batch_size=1 (the views differ in size)."""
+    return _MultiScale(shorter_sides, flip)
+
+
 class PCALighting(nn.Module):
     """AlexNet's colour augmentation, batched: every pixel of image n gets
     [p1 p2 p3] [a1 l1, a2 l2, a3 l3]^T with a_i ~ N(0, alphastd) drawn once per image.
@@ -233,3 +253,23 @@ class PCALighting(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alphastd={self.alphastd}, eigval={[round(v, 4) for v in self.eigval.tolist()]}"
+
+
+def prepare_batch(
+    x: Tensor,
+    *,
+    preprocess: Preprocess,
+    device: torch.device,
+    lighting: PCALighting | None = None,
+    generator: torch.Generator | None = None,
+    channels_last: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """A uint8 batch [N, 3, H, W] from the DataLoader -> network input on `device`: copy
+    (non-blocking from pinned memory), PCA lighting in the 0-1 scale, normalisation, then
+    channels-last. All batched; no host sync."""
+    x = x.to(device, non_blocking=True)
+    if lighting is not None:
+        x = lighting(to_float01(x), generator=generator)
+    x = preprocess.normalize(x, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
