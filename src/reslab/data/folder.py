@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -389,20 +390,24 @@ class ImageFolder(Dataset):
         self.classes = self.report.classes
         self.samples = self.report.samples
         self.targets = [k for _, k in self.samples]
+        # Workers read paths and labels from two numpy buffers, not the list of Python objects:
+        # touching millions of refcounts would copy the parent's pages into every worker.
+        self._paths = np.array([os.fsencode(p) for p, _ in self.samples])
+        self._labels = np.array(self.targets, dtype=np.int64)
         # One byte per sample in shared memory: workers mark files that fail late (0 = fine).
         self._skip = torch.zeros(len(self.samples), dtype=torch.int8).share_memory_()
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._labels)
 
     def _load(self, i: int) -> Tensor:
-        img = load_image(self.samples[i][0], max_pixels=self.max_pixels)
+        img = load_image(os.fsdecode(self._paths[i]), max_pixels=self.max_pixels)
         if self.min_size and min(img.shape[-2:]) < self.min_size:
             img = F.resize(img, self.min_size, antialias=True)
         return img
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        n = len(self.samples)
+        n = len(self._labels)
         for step in range(min(n, 64)):
             i = (index + step) % n
             try:
@@ -418,7 +423,7 @@ class ImageFolder(Dataset):
                     )
                 continue
             out = self.transform(img) if self.transform is not None else img
-            return out, self.samples[i][1]
+            return out, int(self._labels[i])
         raise DataError(
             f"{self.root}: 64 files in a row from sample {index} are unusable; "
             "run `reslab data check` on it"
