@@ -42,6 +42,7 @@ from reslab.data.transforms import (
     IMAGENET_PCA_EIGVEC,
     PCALighting,
     imagenet_train_transform,
+    prepare_batch,
 )
 
 
@@ -197,6 +198,7 @@ def bench_imagenet(
     def to_device(b) -> int:
         x, y = b
         x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y.to(device, non_blocking=True)
         return len(y)
 
     base, nb = timed(
@@ -211,8 +213,8 @@ def bench_imagenet(
 
     def ours_step(b) -> int:
         x, y = b
-        x = x.to(device, non_blocking=True).float().div_(255)
-        x = pre.normalize(light(x)).contiguous(memory_format=torch.channels_last)
+        prepare_batch(x, preprocess=pre, device=device, lighting=light)
+        y.to(device, non_blocking=True)
         return len(y)
 
     ours, no = timed(DataLoader(ds, **kw), device, ours_step)

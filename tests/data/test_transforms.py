@@ -184,20 +184,30 @@ def test_prepare_batch_is_lighting_then_normalize() -> None:
     from reslab.data.transforms import multiscale_transform, prepare_batch
 
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    pre = Preprocess(
-        kind="imagenet", input_size=8, mode="per_pixel", mean=torch.rand(3, 8, 8), std=[1.0] * 3
-    )
     light = PCALighting.imagenet()
-    out = prepare_batch(
-        x,
-        preprocess=pre,
-        device=torch.device("cpu"),
-        lighting=light,
-        generator=torch.Generator().manual_seed(3),
-    )
-    shift = light.shifts(4, device=torch.device("cpu"), generator=torch.Generator().manual_seed(3))
-    ref = x.float() / 255 + shift[:, :, None, None] - pre.mean
-    torch.testing.assert_close(out, ref)
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    cpu = torch.device("cpu")
+    for pre in (
+        Preprocess(
+            kind="imagenet", input_size=8, mode="per_pixel", mean=torch.rand(3, 8, 8), std=[1.0] * 3
+        ),
+        Preprocess(
+            kind="imagenet",
+            input_size=8,
+            mode="per_channel",
+            mean=[0.4, 0.5, 0.6],
+            std=[0.2, 0.3, 0.25],
+        ),
+    ):
+        out = prepare_batch(
+            x,
+            preprocess=pre,
+            device=cpu,
+            lighting=light,
+            generator=torch.Generator().manual_seed(3),
+        )
+        shift = light.shifts(4, device=cpu, generator=torch.Generator().manual_seed(3))
+        ref = (x.float() / 255 + shift[:, :, None, None] - pre.mean) / pre.std
+        torch.testing.assert_close(out, ref)
+        assert out.is_contiguous(memory_format=torch.channels_last)
     views = multiscale_transform(shorter_sides=(16, 24))(x[0])
     assert [tuple(v.shape) for v in views] == [(2, 3, 16, 16), (2, 3, 24, 24)]

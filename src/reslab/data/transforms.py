@@ -266,10 +266,18 @@ def prepare_batch(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """A uint8 batch [N, 3, H, W] from the DataLoader -> network input on `device`: copy
-    (non-blocking from pinned memory), PCA lighting in the 0-1 scale, normalisation, then
-    channels-last. All batched; no host sync."""
+    (non-blocking from pinned memory), channels-last while still uint8 (4x less to move), one
+    fused normalisation pass, then PCA lighting as a per-image offset. All batched; no host sync.
+
+    Lighting adds rgb to x/255 before normalisation; (x/255 + rgb - mean)/std equals
+    normalize(x) + rgb/std, so it is folded in after the fused pass.
+    """
     x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = preprocess.normalize(x, dtype=dtype)
     if lighting is not None:
-        x = lighting(to_float01(x), generator=generator)
-    x = preprocess.normalize(x, dtype=dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+        rgb = lighting.shifts(x.shape[0], device=y.device, generator=generator)  # [N, 3]
+        std = preprocess.std.to(y.device).reshape(3)
+        y = y.add_((rgb / std).to(dtype)[:, :, None, None])
+    return y if channels_last else y.contiguous()
