@@ -244,6 +244,9 @@ def main() -> None:
     device = torch.device(args.device)
     print("hardware:", hardware(device))
     print(f"device {device}, DataLoader workers {args.workers} (both sides)")
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print("warning: the machine is busy (load average above half the cores); "
+              "figures below are not reliable - rerun on a quiet machine")  # fmt: skip
     if args.only != "imagenet":
         bench_cifar(args, device)
     if args.only != "cifar":

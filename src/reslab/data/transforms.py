@@ -12,6 +12,7 @@ runs batched on the training device on float [N, 3, H, W] in the 0-1 pixel scale
 | `ten_crop_transform`        | shorter side 256, 4 corners + centre and their flips -> [10,3,224,224] |
 | `multiscale_views`          | whole image at shorter sides {224,256,384,480,640} (+ flips)  |
 | `PCALighting`               | AlexNet colour augmentation, batched on the device            |
+| `prepare_batch`             | uint8 batch -> device, channels-last, normalised (+ lighting) |
 """
 
 from __future__ import annotations
