@@ -112,7 +112,7 @@ class DataStats:
             f"per-channel mean (RGB, 0-1): {f(self.mean)}",
             f"per-channel std  (RGB, 0-1): {f(self.std)}",
             f"PCA eigenvalues: {f(self.eigval)}",
-            "PCA eigenvectors (columns; rows R, G, B): " + ", ".join(f(r) for r in self.eigvec),
+            "PCA eigenvector matrix (rows R, G, B; column i = eigenvector i): " + ", ".join(f(r) for r in self.eigvec),
         ])  # fmt: skip
 
 
