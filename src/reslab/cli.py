@@ -135,13 +135,83 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """`reslab data check|stats|download`: the work lives in reslab.data."""
+    import logging
+
+    from reslab.data.cifar import DataError
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.data_command == "check":
+            from reslab.data.check import check_data
+
+            print(check_data(
+                args.dir, quick=args.quick, labels_file=args.labels, min_size=args.min_size,
+                max_pixels=args.max_pixels, num_workers=args.workers,
+            ))  # fmt: skip
+        elif args.data_command == "stats":
+            from reslab.data.stats import (
+                cifar_datasets,
+                compute_cifar_stats,
+                compute_folder_stats,
+                save_stats,
+            )  # fmt: skip
+
+            found = cifar_datasets(args.dir)
+            if found:
+                name, root = found[0]
+                stats = compute_cifar_stats(root, dataset=name, split=args.split)
+            else:
+                stats = compute_folder_stats(
+                    args.dir, resize=args.resize, crop_size=args.crop_size, labels_file=args.labels,
+                    max_images=args.max_images, num_workers=args.workers,
+                )  # fmt: skip
+            print(stats.describe())
+            print(f"saved {save_stats(stats, args.out)}")
+        else:
+            from reslab.data.cifar import download_cifar
+
+            print(f"{args.dataset} ready in {download_cifar(args.dir, dataset=args.dataset)}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check a data set, compute its statistics, download CIFAR")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="scan a data set without training: images per class, "
+                        "unusable files and why (CIFAR directories are read as CIFAR)")  # fmt: skip
+    c.add_argument("dir")
+    c.add_argument("--quick", action="store_true", help="read headers only (no full decode)")
+    c.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
+    c.add_argument("--min-size", type=int, default=224, help="report images smaller than this")
+    c.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
+    c.add_argument("--workers", type=int, default=0)
+    s = dsub.add_parser("stats", help="mean image, per-channel mean/std, RGB PCA -> a file")
+    s.add_argument("dir")
+    s.add_argument("--out", default="reslab-stats.pt", help="output file (default %(default)s)")
+    s.add_argument("--split", default="train", choices=["train", "train45k"], help="CIFAR split")
+    s.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
+    s.add_argument("--resize", type=int, default=256)
+    s.add_argument("--crop-size", type=int, default=224)
+    s.add_argument("--max-images", type=int, default=None, help="a fixed random subset")
+    s.add_argument("--workers", type=int, default=0)
+    d = dsub.add_parser("download", help="fetch CIFAR with torchvision's downloader")
+    d.add_argument("dir")
+    d.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
+    p.set_defaults(func=cmd_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reslab", description="Deep residual learning (He et al., 2015): models, training, "
         "reproduction of the paper's tables and figures."
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_train):
+    for add in (_add_models, _add_data, _add_train):
         add(sub)
     return parser
 
