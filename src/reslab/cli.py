@@ -61,7 +61,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         result, members, classes = run_eval(
-            checkpoints=args.checkpoint,
+            checkpoints=args.checkpoint or (),
+            weights=args.weights,
+            model_name=args.model,
+            labels_file=args.labels,
+            workers=args.workers,
             data=args.data,
             dataset=args.dataset,
             split=args.split,
@@ -72,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             precision=args.precision,
             limit=args.limit,
         )
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, FileNotFoundError) as e:  # WeightsError is a ValueError
         print(f"reslab eval: error: {e}", file=sys.stderr)
         return 2
     print(
@@ -80,9 +84,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"images, {args.precision}"
     )
     print(format_report(result, classes))
-    out = Path(args.out) if args.out else Path(args.checkpoint[0]).parent / "eval"
+    files = args.checkpoint or [args.weights]
+    out = Path(args.out) if args.out else Path(files[0]).parent / "eval"
     meta = {
-        "checkpoints": [str(p) for p in args.checkpoint],
+        "checkpoints": [str(p) for p in files],
         "models": [m.model_name for m in members],
         "dataset": args.dataset,
         "split": args.split,
@@ -103,15 +108,34 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="top-1/top-5 error, per-class accuracy, confusion matrix; "
         "several checkpoints are evaluated as an ensemble",
     )
-    p.add_argument(
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
         "--checkpoint",
         nargs="+",
-        required=True,
         metavar="FILE",
         help="reslab checkpoint(s); several = an ensemble",
     )
+    src.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="weights in another format (torchvision, "
+        "pytorch_resnet_cifar10 .th, safetensors); with --model",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="architecture for --weights (default: detected from the file)",
+    )
     p.add_argument("--data", required=True, metavar="DIR", help="directory holding the data set")
-    p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE",
+        help="label file of a flat folder (ImageNet val layout), --dataset folder",
+    )
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for folders")
     p.add_argument("--split", choices=["test", "val5k"], default="test")
     p.add_argument("--views", choices=["center", "ten-crop", "multi-scale"], default="center")
     p.add_argument(
@@ -122,7 +146,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="input sides for --views multi-scale (default 32 40 48 for 32px "
         "models, 224 256 384 480 640 for ImageNet ones)",
     )
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default 500 for CIFAR, 32 for folders"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
