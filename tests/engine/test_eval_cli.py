@@ -20,7 +20,7 @@ from reslab.data.preprocess import Preprocess
 from reslab.engine.eval_run import load_checkpoint_model
 from reslab.models import create_model
 
-LIMIT = 200
+LIMIT = 120
 
 
 @pytest.fixture(scope="module")
