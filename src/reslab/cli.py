@@ -166,10 +166,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Figure-6-style training curves of one or more RUN_DIRs on one PNG."""
-    from reslab.analysis.plots import load_run, plot_curves
+    from reslab.analysis.plots import load_runs, plot_curves
 
     try:
-        runs = [load_run(d) for d in args.run_dir]
+        runs = load_runs(args.run_dir)
         out = plot_curves(runs, out=args.out, title=args.title, test_key=args.test_key)
     except (FileNotFoundError, ValueError) as e:
         print(f"reslab plot: error: {e}", file=sys.stderr)

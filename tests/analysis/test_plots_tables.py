@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reslab.analysis.plots import load_run, plot_confusion, plot_curves, plot_two_panel
+from reslab.analysis.plots import load_run, load_runs, plot_confusion, plot_curves, plot_two_panel
 from reslab.analysis.tables import compare_table, fmt_mean_std, markdown_table, mean_std
 from reslab.cli import main
 
@@ -47,6 +47,12 @@ def test_curves_one_and_two_panels(tmp_path: Path) -> None:
     assert [r.label for r in runs] == ["resnet20", "resnet56"] and len(runs[1].rows) == 10
     _check_png(plot_curves(runs, out=tmp_path / "one.png", title="CIFAR-10"))
     _check_png(plot_two_panel([load_run(p)], runs, out=tmp_path / "fig6.png"))
+    c = _run_dir(tmp_path, "r20_seed1", "resnet20", 8.0)
+    assert [r.label for r in load_runs([a, c, p])] == [
+        "resnet20 (r20)",
+        "resnet20 (r20_seed1)",
+        "plain20",
+    ]
 
 
 def test_plot_cli_and_bad_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -64,6 +64,16 @@ def load_run(run_dir: str | Path, *, label: str | None = None) -> Run:
     return Run(label or run_label(run_dir), read_metrics(run_dir))
 
 
+def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
+    """Several RUN_DIRs; labels that repeat (seeds of one model) get the directory name added."""
+    runs = [load_run(d) for d in run_dirs]
+    labels = [r.label for r in runs]
+    for run, d in zip(runs, run_dirs):
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} ({Path(d).resolve().name})"
+    return runs
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     pts = [(r["iter"], r[key]) for r in rows if r.get(key) is not None and "iter" in r]
     return [p[0] / 1e4 for p in pts], [float(p[1]) for p in pts]
