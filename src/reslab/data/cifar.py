@@ -1,0 +1,125 @@
+"""CIFAR-10/100 in the standard python-pickle layout, read with numpy into uint8 tensors.
+
+No checksum is checked: copies with the official pixels and labels but other file digests are
+common, and a wrong file is caught by its shape and label range instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_FILES = {
+    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"),
+    "cifar100": (["train"], ["test"], "meta"),
+}
+_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+SPLITS = ("train", "test", "train45k", "val5k")
+VAL_SIZE = 5000  # section 4.2: 45k/5k train/validation split
+SPLIT_SEED = 0  # fixed, so every run sees the same validation images
+
+
+class DataError(ValueError):
+    """A data set that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class CifarSplit:
+    images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    labels: torch.Tensor  # int64 [N]
+    classes: list[str]
+
+
+def cifar_dir(root: str | Path, dataset: str) -> Path:
+    if dataset not in DIRS:
+        raise ValueError(f"dataset must be one of {sorted(DIRS)}, got {dataset!r}")
+    return Path(root) / DIRS[dataset]
+
+
+def _missing_message(root: Path, dataset: str) -> str:
+    train, test, meta = _FILES[dataset]
+    return (
+        f"{dataset} not found: expected the directory {cifar_dir(root, dataset)} holding "
+        f"{', '.join([*train, *test, meta])} (the python version from "
+        "https://www.cs.toronto.edu/~kriz/cifar.html, extracted). Put them there, or pass "
+        "--download to fetch them."
+    )
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated or not a pickle at all
+        raise DataError(f"{path}: cannot be read as a CIFAR pickle ({e}); re-extract it") from e
+
+
+def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    d = _unpickle(path)
+    key = "labels" if "labels" in d else "fine_labels"
+    if "data" not in d or key not in d:
+        raise DataError(f"{path}: no 'data'/'{key}' entries; this is not a CIFAR batch file")
+    data = np.asarray(d["data"])
+    labels = np.asarray(d[key], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(
+            f"{path}: data has shape {data.shape} and dtype {data.dtype}, expected uint8 "
+            "[N, 3072]; the file is damaged or from another data set"
+        )
+    if len(labels) != len(data):
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"{path}: labels span {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}"
+        )
+    return data, labels
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(root: str, dataset: str, part: str) -> CifarSplit:
+    base = cifar_dir(root, dataset)
+    train, test, meta_name = _FILES[dataset]
+    names = train if part == "train" else test
+    try:
+        batches = [_read_batch(base / n, _NUM_CLASSES[dataset]) for n in names]
+        meta = _unpickle(base / meta_name)
+    except FileNotFoundError:
+        raise DataError(_missing_message(Path(root), dataset)) from None
+    data = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    classes = list(meta.get("label_names") or meta.get("fine_label_names") or [])
+    images = torch.from_numpy(data).view(-1, 3, 32, 32)  # rows are R plane, G plane, B plane
+    return CifarSplit(images, torch.from_numpy(labels), classes)
+
+
+def split_indices(n: int, *, seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 45k/5k split (section 4.2): a fixed random permutation, last 5000 for validation."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:-VAL_SIZE].sort().values, perm[-VAL_SIZE:].sort().values
+
+
+def load_cifar(root: str | Path, *, dataset: str = "cifar10", split: str = "train") -> CifarSplit:
+    """One split as uint8 [N, 3, 32, 32] + int64 [N]: train (50k), test, train45k, val5k."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    cifar_dir(root, dataset)  # validates the name
+    whole = _load_cached(str(Path(root).resolve()), dataset, "test" if split == "test" else "train")
+    if split in ("train", "test"):
+        return whole
+    train_idx, val_idx = split_indices(len(whole.labels))
+    idx = train_idx if split == "train45k" else val_idx
+    return CifarSplit(whole.images[idx], whole.labels[idx], whole.classes)
+
+
+def mean_image(images: torch.Tensor) -> torch.Tensor:
+    """Per-pixel mean of a uint8 [N, 3, H, W] set -> float [3, H, W] on the 0-1 scale."""
+    total = images.sum(0, dtype=torch.int64).to(torch.float64)  # exact, no [N, ...] float copy
+    return (total / (255.0 * len(images))).to(torch.float32)
