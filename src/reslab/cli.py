@@ -170,13 +170,314 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _train_config(args: argparse.Namespace):
+    """Recipe, then --set assignments, then the explicit flags (which win)."""
+    import os
+
+    from reslab.engine.config import TrainConfig, load_recipe
+
+    cfg = load_recipe(args.recipe) if args.recipe else TrainConfig()
+    cfg = cfg.override(args.set or [])
+    flags = {
+        "model": args.model, "data": args.data, "dataset": args.dataset, "iters": args.iters,
+        "epochs": args.epochs, "out": args.out, "device": args.device,
+        "precision": args.precision, "seed": args.seed, "weights": args.weights,
+        "num_classes": args.num_classes, "save_every": args.save_every,
+        "eval_every": args.eval_every, "time_limit": args.time_limit,
+        "channels_last": args.channels_last, "compile": args.compile or None,
+        "download": args.download or None, "sync_bn": args.sync_bn or None,
+    }  # fmt: skip
+    for key, value in flags.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.data is None and cfg.data == "data" and os.environ.get("RESLAB_DATA"):
+        cfg.data = os.environ["RESLAB_DATA"]
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1:
+        return _relaunch_torchrun(args.nproc)
+    from reslab.engine.trainer import train
+
+    cfg = _train_config(args)
+    final = train(cfg, resume=args.resume)
+    print(_summary(final, cfg.out))
+    return 0
+
+
+def _summary(final: dict, out: str) -> str:
+    errs = ", ".join(
+        f"{k.removesuffix('_error')} error {final[k]:.2f}%" for k in ("val_error", "test_error")
+        if k in final
+    )  # fmt: skip
+    return f"done: {final.get('iter', 0)} iterations, {errs}; run in {out}"
+
+
+def _relaunch_torchrun(nproc: int) -> int:
+    """`reslab train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m reslab train ...`"""
+    import subprocess
+
+    argv = list(sys.argv[1:])
+    i = argv.index("--nproc")
+    del argv[i : i + 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "reslab", *argv]  # fmt: skip
+    return subprocess.call(cmd)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model with one of the paper's recipes")
+    p.add_argument("--recipe", help="recipe name in configs/ (e.g. cifar10-paper) or a YAML path")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--model")
+    p.add_argument("--data", help="data directory (default $RESLAB_DATA)")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"])
+    p.add_argument("--iters", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--out", help="run directory (config, metrics.jsonl, checkpoints)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--weights", help="initial weights (torchvision, reslab, safetensors, .th)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--time-limit", type=float, help="seconds of training, then a final eval")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR if it is missing")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
+    p.add_argument("--nproc", type=int, help="processes on this machine (wraps torchrun)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """`reslab data check|stats|download`: the work lives in reslab.data."""
+    import logging
+
+    from reslab.data.cifar import DataError
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.data_command == "check":
+            from reslab.data.check import check_data
+
+            print(check_data(
+                args.dir, quick=args.quick, labels_file=args.labels, min_size=args.min_size,
+                max_pixels=args.max_pixels, num_workers=args.workers,
+            ))  # fmt: skip
+        elif args.data_command == "stats":
+            from reslab.data.stats import (
+                cifar_datasets,
+                compute_cifar_stats,
+                compute_folder_stats,
+                save_stats,
+            )  # fmt: skip
+
+            found = cifar_datasets(args.dir)
+            if found:
+                name, root = found[0]
+                stats = compute_cifar_stats(root, dataset=name, split=args.split)
+            else:
+                stats = compute_folder_stats(
+                    args.dir, resize=args.resize, crop_size=args.crop_size, labels_file=args.labels,
+                    max_images=args.max_images, num_workers=args.workers,
+                )  # fmt: skip
+            print(stats.describe())
+            print(f"saved {save_stats(stats, args.out)}")
+        else:
+            from reslab.data.cifar import download_cifar
+
+            print(f"{args.dataset} ready in {download_cifar(args.dir, dataset=args.dataset)}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check a data set, compute its statistics, download CIFAR")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="scan a data set without training: images per class, "
+                        "unusable files and why (CIFAR directories are read as CIFAR)")  # fmt: skip
+    c.add_argument("dir")
+    c.add_argument("--quick", action="store_true", help="read headers only (no full decode)")
+    c.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
+    c.add_argument("--min-size", type=int, default=224, help="report images smaller than this")
+    c.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
+    c.add_argument("--workers", type=int, default=0)
+    s = dsub.add_parser("stats", help="mean image, per-channel mean/std, RGB PCA -> a file")
+    s.add_argument("dir")
+    s.add_argument("--out", default="reslab-stats.pt", help="output file (default %(default)s)")
+    s.add_argument("--split", default="train", choices=["train", "train45k"], help="CIFAR split")
+    s.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
+    s.add_argument("--resize", type=int, default=256)
+    s.add_argument("--crop-size", type=int, default=224)
+    s.add_argument("--max-images", type=int, default=None, help="a fixed random subset")
+    s.add_argument("--workers", type=int, default=0)
+    d = dsub.add_parser("download", help="fetch CIFAR with torchvision's downloader")
+    d.add_argument("dir")
+    d.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
+    p.set_defaults(func=cmd_data)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate one checkpoint, or several as an ensemble (softmax scores averaged)."""
+    from pathlib import Path
+
+    from reslab.data.cifar import DataError
+    from reslab.engine.eval_run import format_report, run_eval, write_outputs
+
+    try:
+        result, members, classes = run_eval(
+            checkpoints=args.checkpoint or (),
+            weights=args.weights,
+            model_name=args.model,
+            labels_file=args.labels,
+            workers=args.workers,
+            data=args.data,
+            dataset=args.dataset,
+            split=args.split,
+            views=args.views,
+            scales=args.scales,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            limit=args.limit,
+        )
+    except (DataError, ValueError, FileNotFoundError) as e:  # WeightsError is a ValueError
+        print(f"reslab eval: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.dataset} {args.split}, {args.views} view(s), {result.ensemble.num_samples} "
+        f"images, {args.precision}"
+    )
+    print(format_report(result, classes))
+    files = args.checkpoint or [args.weights]
+    out = Path(args.out) if args.out else Path(files[0]).parent / "eval"
+    meta = {
+        "checkpoints": [str(p) for p in files],
+        "models": [m.model_name for m in members],
+        "dataset": args.dataset,
+        "split": args.split,
+        "views": args.views,
+        "precision": args.precision,
+        "limit": args.limit,
+    }
+    written = write_outputs(
+        result, classes, out_dir=out, json_path=Path(args.json) if args.json else None, meta=meta
+    )
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 error, per-class accuracy, confusion matrix; "
+        "several checkpoints are evaluated as an ensemble",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint",
+        nargs="+",
+        metavar="FILE",
+        help="reslab checkpoint(s); several = an ensemble",
+    )
+    src.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="weights in another format (torchvision, "
+        "pytorch_resnet_cifar10 .th, safetensors); with --model",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="architecture for --weights (default: detected from the file)",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="directory holding the data set")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE",
+        help="label file of a flat folder (ImageNet val layout), --dataset folder",
+    )
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for folders")
+    p.add_argument("--split", choices=["test", "val5k"], default="test")
+    p.add_argument("--views", choices=["center", "ten-crop", "multi-scale"], default="center")
+    p.add_argument(
+        "--scales",
+        type=int,
+        nargs="+",
+        default=None,
+        help="input sides for --views multi-scale (default 32 40 48 for 32px "
+        "models, 224 256 384 480 640 for ImageNet ones)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default 500 for CIFAR, 32 for folders"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument(
+        "--json", default=None, metavar="OUT", help="JSON report path (default OUT_DIR/eval.json)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where confusion PNGs go (default: CHECKPOINT_DIR/eval)",
+    )
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Figure-6-style training curves of one or more RUN_DIRs on one PNG."""
+    from reslab.analysis.plots import load_runs, plot_curves
+
+    try:
+        runs = load_runs(args.run_dir)
+        out = plot_curves(runs, out=args.out, title=args.title, test_key=args.test_key)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"reslab plot: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="training curves (Figure 6 style) of RUN_DIRs to a PNG")
+    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="curves.png", metavar="PNG")
+    p.add_argument("--title", default=None)
+    p.add_argument(
+        "--test-key",
+        default="test_error",
+        help="metrics.jsonl field drawn bold (test_error or val_error)",
+    )
+    p.set_defaults(func=cmd_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="reslab", description="Deep residual learning (He et al., 2015): models, training, "
-        "reproduction of the paper's tables and figures."
-    )  # fmt: skip
+        prog="reslab",
+        description="Deep residual learning (He et al., 2015): models, training, "
+        "reproduction of the paper's tables and figures.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_export, _add_predict):
+    for add in (
+        _add_models,
+        _add_data,
+        _add_train,
+        _add_eval,
+        _add_plot,
+        _add_export,
+        _add_predict,
+    ):
         add(sub)
     return parser
 

@@ -11,14 +11,9 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from reslab.data.images import IMAGE_EXTENSIONS, BadImageError, load_image
 from reslab.data.preprocess import Preprocess
 from reslab.inference import InferenceModel
-
-# TODO(lead): switch to reslab.data.images.load_image / IMAGE_EXTENSIONS once the data helper's
-# decoder lands in main; this small decoder is the stand-in.
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
 
 
 class PredictError(ValueError):
@@ -57,25 +52,6 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """-> RGB uint8 [3, H, W]; any decoding failure is a ValueError naming the file and why."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: zero-byte file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{path}: decompression bomb ({e})") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image (unknown format)") from None
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: corrupt or truncated image ({e})") from None
-    return TF.pil_to_tensor(rgb)
-
-
 def fit_to_input(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 [3, H, W] -> uint8 [3, S, S]: shorter side to `resize` (or S), centre S crop.
 
@@ -111,8 +87,8 @@ def predict_files(
             pred = Prediction(str(p))
             try:
                 good.append(fit_to_input(load_image(p), pre))
-            except ValueError as e:
-                pred.error = str(e).removeprefix(f"{p}: ")
+            except BadImageError as e:
+                pred.error = e.reason
             else:
                 slots.append(pred)
             results.append(pred)

@@ -266,3 +266,16 @@ def test_code_in_a_pickle_never_runs(tmp_path: Path, layout: str) -> None:
     with pytest.raises(UnsafeWeightsError):
         model_from_weights(path, model_name="resnet20")
     assert not marker.exists()
+
+
+def test_head_reinit_for_fine_tuning(tmp_path: Path) -> None:
+    src = tv_models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(src.state_dict(), path)
+    model = reslab.create_model("resnet18", num_classes=5)
+    fc_before = model.fc.weight.clone()
+    info = load_weights(model, path, head="reinit")
+    assert torch.equal(model.fc.weight, fc_before) and info.classes is None
+    assert torch.equal(model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+    with pytest.raises(WeightsError, match=r"layer1\.0\.conv3\.weight"):  # the backbone must fit
+        load_weights(reslab.create_model("resnet50", num_classes=5), path, head="reinit")

@@ -123,3 +123,31 @@ def mean_image(images: torch.Tensor) -> torch.Tensor:
     """Per-pixel mean of a uint8 [N, 3, H, W] set -> float [3, H, W] on the 0-1 scale."""
     total = images.sum(0, dtype=torch.int64).to(torch.float64)  # exact, no [N, ...] float copy
     return (total / (255.0 * len(images))).to(torch.float32)
+
+
+def download_cifar(root: str | Path, *, dataset: str = "cifar10") -> Path:
+    """Fetch CIFAR-10/100 with torchvision's downloader into `root`, unless our reader already
+    reads it there (torchvision would re-download copies whose file digests differ from its own).
+    Offline, the error says which files to put in which directory. Returns the data directory."""
+    target = cifar_dir(root, dataset)
+    try:
+        load_cifar(root, dataset=dataset, split="test")
+        return target
+    except DataError:
+        pass
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    Path(root).mkdir(parents=True, exist_ok=True)
+    try:
+        cls(str(root), train=True, download=True)
+    except Exception as e:  # URLError, socket timeout, HTTP error, bad archive
+        train, test, meta = _FILES[dataset]
+        raise DataError(
+            f"could not download {dataset} ({type(e).__name__}: {e}). Offline: fetch "
+            f"{cls.url} on a connected machine, extract it, and put "
+            f"{', '.join([*train, *test, meta])} in the directory {target}/"
+        ) from None
+    _load_cached.cache_clear()
+    load_cifar(root, dataset=dataset, split="test")  # validates what arrived
+    return target

@@ -276,15 +276,33 @@ def _imagenet_classes() -> list[str] | None:
 # ----------------------------------------------------------------------------------- loading
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> WeightsInfo:
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, head: str = "load"
+) -> WeightsInfo:
     """Load a weights file of any supported format into `model`.
 
     strict=True (default): every key and shape must match, else a WeightsError lists what
-    differs. strict=False loads the tensors that fit and warns naming the ones that do not (for a
-    new head when fine-tuning); the lists are in the returned WeightsInfo.
+    differs. strict=False loads the tensors that fit and warns naming the ones that do not; the
+    lists are in the returned WeightsInfo. head="reinit" (fine-tuning on new classes) leaves the
+    model's classifier (its last nn.Linear) as initialised and ignores the file's; everything else
+    is still checked as `strict` says.
     """
+    if head not in ("load", "reinit"):
+        raise ValueError(f"head must be 'load' or 'reinit', got {head!r}")
     sd, meta = read_weights(path)
+    if head == "reinit":
+        prefix = _head_prefix(model)
+        sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+        meta = {**meta, "classes": None, "notes": [*meta["notes"], f"head {prefix}* not loaded"]}
+        return _load_state(model, sd, meta, Path(path), strict=strict, skip=prefix)
     return _load_state(model, sd, meta, Path(path), strict=strict)
+
+
+def _head_prefix(model: nn.Module) -> str:
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to re-initialise")
+    return linears[-1] + "."
 
 
 def model_from_weights(
@@ -313,9 +331,17 @@ def model_from_weights(
 
 
 def _load_state(
-    model: nn.Module, sd: StateDict, meta: dict[str, Any], path: Path, *, strict: bool
+    model: nn.Module,
+    sd: StateDict,
+    meta: dict[str, Any],
+    path: Path,
+    *,
+    strict: bool,
+    skip: str | None = None,
 ) -> WeightsInfo:
     expected = model.state_dict()
+    if skip is not None:  # keys the caller keeps as initialised (a new head)
+        expected = {k: v for k, v in expected.items() if not k.startswith(skip)}
     sd = dict(sd)
     for k, v in expected.items():
         # Files from older torch have no BN num_batches_tracked; it only matters for momentum=None.
@@ -348,7 +374,9 @@ def _load_state(
         bad = {m.split(":")[0] for m in mismatched}
         sd = {k: v for k, v in sd.items() if k in expected and k not in bad}
     _check_stride(model, meta, info)
-    model.load_state_dict(sd, strict=strict)
+    # sd now holds exactly the checked keys: what is left out (a new head, or what strict=False
+    # skipped with a warning) keeps its initial values.
+    model.load_state_dict(sd, strict=False)
     return info
 
 

@@ -1,0 +1,188 @@
+"""Decoding one image file to RGB uint8 [3, H, W], safely.
+
+torchvision.io decodes (JPEG, PNG, GIF, WebP); PIL is the fallback for what it cannot read
+(BMP, TIFF, PPM, ...). A cheap PIL header read comes first, so a decompression bomb is refused
+before any pixel is allocated. Every failure is a `BadImageError` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BadImageError",
+    "ImageHeader",
+    "default_max_pixels",
+    "describe_mode",
+    "load_image",
+    "read_header",
+]
+
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+    }
+)
+
+# PIL modes that are not plain 8-bit RGB, and what loading them does.
+_CONVERSIONS = {
+    "L": "greyscale -> RGB",
+    "LA": "greyscale+alpha -> RGB (alpha dropped)",
+    "1": "1-bit -> RGB",
+    "P": "palette -> RGB",
+    "PA": "palette+alpha -> RGB (alpha dropped)",
+    "RGBA": "RGBA -> RGB (alpha dropped)",
+    "RGBX": "RGBX -> RGB",
+    "CMYK": "CMYK -> RGB",
+    "YCbCr": "YCbCr -> RGB",
+    "LAB": "Lab -> RGB",
+    "HSV": "HSV -> RGB",
+    "I": "32-bit integer -> RGB uint8 (as 16-bit)",
+    "F": "float -> RGB uint8",
+}
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be used; `.path` and `.reason` say which and why."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def default_max_pixels() -> int:
+    """PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89.5 Mpixels)."""
+    return int(Image.MAX_IMAGE_PIXELS or 2**62)
+
+
+def describe_mode(mode: str) -> str | None:
+    """What loading converts for a PIL mode, or None for plain RGB."""
+    if mode.startswith("I;16"):
+        return "16-bit -> RGB uint8"
+    return _CONVERSIONS.get(mode)
+
+
+class ImageHeader:
+    """Width, height and PIL mode, from the header alone."""
+
+    __slots__ = ("height", "mode", "width")
+
+    def __init__(self, width: int, height: int, mode: str) -> None:
+        self.width, self.height, self.mode = width, height, mode
+
+
+def _bomb(path: str | Path, w: int, h: int, limit: int) -> BadImageError:
+    return BadImageError(
+        path,
+        f"decompression bomb: {w}x{h} = {w * h:,} pixels is over the limit of {limit:,} "
+        "(PIL.Image.MAX_IMAGE_PIXELS); if the image is genuine, raise the limit "
+        "(max_pixels=... / --max-pixels)",
+    )
+
+
+def read_header(
+    path: str | Path, *, data: bytes | None = None, max_pixels: int | None = None
+) -> ImageHeader:
+    """Header check without decoding pixels: zero-byte, not-an-image and bomb files raise
+    `BadImageError`. Cheap (tens of microseconds): what the up-front scan runs on every file."""
+    limit = default_max_pixels() if max_pixels is None else max_pixels
+    if data is None:
+        try:
+            if Path(path).stat().st_size == 0:
+                raise BadImageError(path, "zero-byte file")
+        except OSError as e:
+            raise BadImageError(path, f"cannot read: {e.strerror or e}") from None
+        src: io.BytesIO | str | Path = path
+    else:
+        if len(data) == 0:
+            raise BadImageError(path, "zero-byte file")
+        src = io.BytesIO(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(src) as im:
+                w, h, mode = im.size[0], im.size[1], im.mode
+    except Image.DecompressionBombError as e:
+        raise BadImageError(
+            path,
+            f"decompression bomb: {e} If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
+            "(PIL refuses twice its value itself) and max_pixels=... / --max-pixels.",
+        ) from None
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image (unknown format despite its extension)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImageError(path, f"corrupt header: {e}") from None
+    if w * h > limit:
+        raise _bomb(path, w, h, limit)
+    if w == 0 or h == 0:
+        raise BadImageError(path, f"empty image ({w}x{h})")
+    return ImageHeader(w, h, mode)
+
+
+def _pil_to_rgb(im: Image.Image) -> Tensor:
+    """PIL image of any mode -> uint8 [3, H, W]; high bit depths are scaled, not clipped
+    (PIL's own convert('RGB') would clip 16-bit values at 255)."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        a = (np.clip(a, 0, 65535) * 255 + 32767) // 65535
+        a = np.repeat(a.astype(np.uint8)[..., None], 3, axis=2)
+    elif mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        a = np.clip(a * (255.0 if a.max(initial=0.0) <= 1.0 else 1.0), 0, 255).round()
+        a = np.repeat(a.astype(np.uint8)[..., None], 3, axis=2)
+    else:
+        a = np.array(im if mode == "RGB" else im.convert("RGB"))
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
+    """Read and decode one file to RGB uint8 [3, H, W], converting grey / CMYK / RGBA /
+    palette / 16-bit. Raises `BadImageError` (zero-byte, not an image, corrupt or truncated,
+    decompression bomb), never a decoder's RuntimeError."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadImageError(path, f"cannot read: {e.strerror or e}") from None
+    read_header(path, data=data, max_pixels=max_pixels)
+    img: Tensor | None = None
+    try:
+        img = decode_image(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+        )
+    except (RuntimeError, ValueError):
+        img = None  # a format torchvision.io lacks (BMP, TIFF, ...) or a broken file: PIL decides
+    if img is None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                img = _pil_to_rgb(im)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise BadImageError(path, f"corrupt or truncated: {e}") from None
+    if img.dim() == 4:  # animated GIF/WebP: [frames, 3, H, W]; the first frame is the image
+        img = img[0]
+    if img.dtype == torch.uint16:  # 16-bit PNG: scale to 8 bits with rounding
+        img = ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    elif img.dtype != torch.uint8:
+        raise BadImageError(path, f"unsupported pixel type {img.dtype}")
+    return img

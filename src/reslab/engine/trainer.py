@@ -1,0 +1,333 @@
+"""The training loop: the paper's recipes, resumable bit for bit, on one or many devices."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from reslab.engine import distributed as D
+from reslab.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from reslab.engine.config import TrainConfig, save_config
+from reslab.engine.data_setup import RunData, build_data
+from reslab.engine.evaluator import evaluate
+from reslab.engine.precision import autocast, resolve_precision
+from reslab.engine.schedules import lr_at, make_sgd, set_lr
+from reslab.models import create_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    warmup_ended_at: int | None = None
+    best_val_error: float = math.inf
+    # Running training statistics since the last evaluation (for metrics.jsonl).
+    loss_sum: float = 0.0
+    wrong: float = 0.0
+    seen: float = 0.0
+    wall: float = 0.0  # training seconds before this process started (resumed runs)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_info() -> dict[str, Any]:
+    """Hardware, versions and git revision, saved with every run."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "git": rev or "unknown",
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import torchvision
+
+        info["torchvision"] = str(torchvision.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    model = create_model(cfg.model, num_classes=num_classes, **cfg.model_options)
+    if cfg.weights:
+        from reslab.models.weights import load_weights
+
+        load_weights(model, cfg.weights, head="reinit")
+    if cfg.freeze_backbone:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.split(".")[0] in ("fc", "fc8")
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out)
+        self.device = D.resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+        self.dist = D.init_from_env(self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        last = self.out / "last.pt"
+        if last.exists() and not resume:
+            raise FileExistsError(
+                f"{self.out} already holds a run ({last}); pass --resume to continue it, "
+                "or choose another --out"
+            )
+        torch.manual_seed(cfg.seed)
+        self.data: RunData = build_data(cfg, self.device, self.dist)
+        if cfg.epochs is not None:
+            cfg.iters = max(1, round(cfg.epochs * self.data.train_size / cfg.batch_size))
+        num_classes = cfg.num_classes or len(self.data.classes)
+        self.model = build_model(cfg, num_classes).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model_options = {**cfg.model_options, "num_classes": num_classes}
+        self.optimizer = make_sgd(
+            self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
+        )  # fmt: skip
+        self.state = TrainState()
+        if resume and last.exists():
+            self._restore(load_checkpoint(last, map_location=self.device))
+        self.net: nn.Module = self.model
+        if self.dist.enabled:
+            if cfg.sync_bn:
+                self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _checkpoint(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "format": "reslab",
+            "version": 1,
+            "model_name": self.cfg.model,
+            "model_options": self.model_options,
+            "model": self.model.state_dict(),
+            "preprocess": self.data.preprocess.to_dict(),
+            "classes": self.data.classes,
+            "step": s.step,
+            "config": self.cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "data_state": self.data.train.state_dict(),
+            "train_state": {
+                "warmup_ended_at": s.warmup_ended_at,
+                "best_val_error": s.best_val_error,
+                "loss_sum": s.loss_sum,
+                "wrong": s.wrong,
+                "seen": s.seen,
+                "wall": s.wall,
+                "history": s.history,
+            },
+            "world_size": self.dist.world_size,
+        }
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        self.data.train.load_state_dict(ckpt["data_state"])
+        ts = ckpt["train_state"]
+        self.state = TrainState(step=int(ckpt["step"]), **ts)
+
+    def _save(self, name: str) -> None:
+        # The loss was checked at this step; the update after it must be finite too, so that
+        # `last.pt` always holds a good state.
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()])
+        if not bool(finite.all()):
+            raise TrainingDiverged(
+                f"weights became NaN/Inf at iteration {self.state.step}; "
+                f"{self.out / name} still holds the last good state. Lower --set lr=..."
+            )
+        if self.dist.is_main:
+            save_atomic(self._checkpoint(), self.out / name)
+
+    # --- evaluation and logging --------------------------------------------------------------
+    def _evaluate_all(self, lr: float, images_per_s: float) -> dict[str, Any]:
+        s = self.state
+        stats = torch.tensor([s.loss_sum, s.wrong, s.seen], dtype=torch.float64)
+        D.all_reduce_sum(stats.to(self.device)).cpu()
+        loss_sum, wrong, seen = stats.tolist()
+        row: dict[str, Any] = {
+            "iter": s.step,
+            "epoch": round(s.step * self.cfg.batch_size / self.data.train_size, 3),
+            "lr": lr,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_error": 100.0 * wrong / max(seen, 1),
+        }
+        for split, loader in self.data.evals.items():
+            r = evaluate(self.model, loader, device=self.device, precision=self.precision,
+                         num_classes=self.model_options["num_classes"])  # fmt: skip
+            row[f"{split}_error"], row[f"{split}_top5"] = r.top1_error, r.top5_error
+        row["images_per_s"] = images_per_s
+        row["wall_time"] = s.wall
+        s.loss_sum = s.wrong = s.seen = 0.0
+        s.history.append(row)
+        if self.dist.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    # --- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, s, dev = self.cfg, self.state, self.device
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml", {
+                **run_info(), "precision": self.precision, "world_size": self.dist.world_size,
+                "device": str(dev),
+            })  # fmt: skip
+            # A resumed run rewrites the log from its checkpoint, dropping rows written after it.
+            with open(self.out / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in s.history)
+        self.net.train()
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        loss_acc = torch.zeros((), device=dev, dtype=torch.float64)
+        wrong_acc = torch.zeros((), device=dev, dtype=torch.int64)
+        seen_acc = 0
+        warm_wrong = torch.zeros((), device=dev, dtype=torch.int64)
+        warm_seen = 0
+        bar = tqdm(
+            total=cfg.iters, initial=s.step, disable=not (self.progress and self.dist.is_main),
+            dynamic_ncols=True, desc=cfg.model, unit="it",
+        )  # fmt: skip
+        t0, t_int, n_int = time.perf_counter(), time.perf_counter(), 0
+        wall0 = s.wall
+        lr = cfg.lr
+        row: dict[str, Any] = {}
+        done = s.step >= cfg.iters
+        while not done:
+            for x, y in self.data.train:
+                lr = self._lr(s.step)
+                set_lr(self.optimizer, lr)
+                with autocast(self.precision, dev):
+                    logits = self.net(x)
+                    loss = criterion(logits, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                s.step += 1
+                n = y.numel()
+                with torch.no_grad():
+                    wrong = (logits.argmax(1) != y).sum()
+                    loss_acc += loss.detach().double() * n
+                    wrong_acc += wrong
+                seen_acc += n
+                n_int += n * self.dist.world_size
+                if cfg.warmup_lr is not None and s.warmup_ended_at is None:
+                    warm_wrong += wrong
+                    warm_seen += n
+                    if s.step % 20 == 0:  # one host sync per 20 steps, during warm-up only
+                        err = (
+                            100.0
+                            * float(D.all_reduce_sum(warm_wrong.clone()))
+                            / (warm_seen * self.dist.world_size)
+                        )
+                        warm_wrong.zero_()
+                        warm_seen = 0
+                        if err < cfg.warmup_until_error:
+                            s.warmup_ended_at = s.step
+                at_eval = s.step % cfg.eval_every == 0 or s.step >= cfg.iters
+                s.wall = wall0 + time.perf_counter() - t0
+                out_of_time = cfg.time_limit is not None and s.wall >= cfg.time_limit
+                saving = s.step % cfg.save_every == 0
+                if s.step % cfg.log_every == 0 or at_eval or out_of_time or saving:
+                    s.loss_sum += float(loss_acc)  # the host sync of this interval
+                    s.wrong += float(wrong_acc)
+                    s.seen += seen_acc
+                    loss_acc.zero_()
+                    wrong_acc.zero_()
+                    seen_acc = 0
+                    if not math.isfinite(s.loss_sum):
+                        raise TrainingDiverged(
+                            f"loss became {s.loss_sum} by iteration {s.step} (lr {lr:g}); "
+                            f"{self.out / 'last.pt'} still holds the last good state. Lower "
+                            "--set lr=..., or use --precision fp32."
+                        )
+                    now = time.perf_counter()
+                    ips = n_int / max(now - t_int, 1e-9)
+                    bar.set_postfix(
+                        loss=f"{s.loss_sum / max(s.seen, 1):.3f}",
+                        err=f"{100 * s.wrong / max(s.seen, 1):.1f}%", lr=f"{lr:.3g}",
+                        img_s=f"{ips:.0f}", refresh=False,
+                    )  # fmt: skip
+                    bar.update(s.step - bar.n)
+                if at_eval or out_of_time:
+                    row = self._evaluate_all(lr, ips)
+                    self.net.train()
+                    t_int, n_int = time.perf_counter(), 0
+                    self._save("last.pt")
+                    val = row.get("val_error")
+                    if val is not None and val < s.best_val_error:
+                        s.best_val_error = val
+                        self._save("best.pt")
+                    if self.dist.is_main:
+                        bar.write(self._format_row(row))
+                elif saving:
+                    self._save("last.pt")
+                if s.step >= cfg.iters or out_of_time:
+                    done = True
+                    break
+        bar.close()
+        D.barrier()
+        final = row or (s.history[-1] if s.history else {})
+        if self.dist.is_main:
+            (self.out / "final.json").write_text(json.dumps(final, indent=2))
+        return final
+
+    def _lr(self, it: int) -> float:
+        c = self.cfg
+        return lr_at(
+            it, schedule=c.schedule, base=c.lr, milestones=c.milestones, gamma=c.gamma,
+            total=c.iters, warmup_iters=c.warmup_iters, warmup_lr=c.warmup_lr,
+            warmup_ended_at=self.state.warmup_ended_at,
+        )  # fmt: skip
+
+    @staticmethod
+    def _format_row(r: dict[str, Any]) -> str:
+        parts = [f"iter {r['iter']}", f"train err {r['train_error']:.2f}%"]
+        for k in ("val_error", "test_error"):
+            if k in r:
+                parts.append(f"{k.replace('_', ' ')} {r[k]:.2f}%")
+        parts.append(f"{r['images_per_s']:.0f} img/s")
+        return " | ".join(parts)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train per `cfg`; returns the final evaluation row (also in RUN_DIR/final.json)."""
+    return Trainer(cfg, resume=resume, progress=progress).fit()

@@ -1,0 +1,60 @@
+"""Schedules are pure functions of the iteration; the ResNet-110 warm-up returns to 0.1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reslab.engine.schedules import cosine_lr, lr_at, make_sgd, set_lr, step_lr
+
+PAPER = dict(schedule="step", base=0.1, milestones=[32000, 48000], gamma=0.1, total=64000)
+
+
+def test_section_4_2_step_schedule() -> None:
+    assert lr_at(0, **PAPER) == 0.1
+    assert lr_at(31999, **PAPER) == 0.1
+    assert lr_at(32000, **PAPER) == pytest.approx(0.01)
+    assert lr_at(47999, **PAPER) == pytest.approx(0.01)
+    assert lr_at(48000, **PAPER) == pytest.approx(0.001)
+    assert lr_at(63999, **PAPER) == pytest.approx(0.001)
+
+
+def test_resnet110_warmup_returns_to_0_1() -> None:
+    """lr 0.01 until the training error falls below 80% (at `warmup_ended_at`), then 0.1 —
+    not the 0.01 a well-known re-implementation keeps."""
+    kw = dict(PAPER, warmup_lr=0.01)
+    assert lr_at(0, **kw, warmup_ended_at=None) == 0.01
+    assert lr_at(10_000, **kw, warmup_ended_at=None) == 0.01  # still warming up
+    assert lr_at(399, **kw, warmup_ended_at=400) == 0.01
+    assert lr_at(400, **kw, warmup_ended_at=400) == 0.1
+    assert lr_at(20_000, **kw, warmup_ended_at=400) == 0.1
+    assert lr_at(32_000, **kw, warmup_ended_at=400) == pytest.approx(0.01)
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**6))
+def test_step_lr_is_monotone_non_increasing(a: int, b: int) -> None:
+    lo, hi = sorted((a, b))
+    assert step_lr(hi, base=0.1, milestones=[32000, 48000]) <= step_lr(
+        lo, base=0.1, milestones=[32000, 48000]
+    )
+
+
+def test_cosine_warmup_and_end() -> None:
+    assert cosine_lr(0, base=1.0, total=100, warmup=10) == pytest.approx(0.1)
+    assert cosine_lr(9, base=1.0, total=100, warmup=10) == pytest.approx(1.0)
+    assert cosine_lr(100, base=1.0, total=100, warmup=10) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, schedule="poly", base=0.1, milestones=[], gamma=0.1, total=1)
+
+
+def test_sgd_groups_head_lr_and_set_lr() -> None:
+    model = torch.nn.Sequential()
+    model.add_module("body", torch.nn.Linear(3, 3))
+    model.add_module("fc", torch.nn.Linear(3, 2))
+    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4, head_lr_mult=10.0)
+    set_lr(opt, 0.01)
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == pytest.approx([0.01, 0.1])
+    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 1e-4 for g in opt.param_groups)

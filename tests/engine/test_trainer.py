@@ -1,0 +1,110 @@
+"""The training loop on real CIFAR-10 subsets: learning, exact resume after SIGKILL, NaN guard."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from reslab.engine.checkpoint import load_checkpoint
+from reslab.engine.config import TrainConfig
+from reslab.engine.trainer import TrainingDiverged, train
+
+
+def _cfg(root: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        model="resnet20", data=str(root), out=str(out), device="cpu", precision="fp32",
+        val_split=False, train_subset=64, eval_subset=64, eval_splits=["test"], batch_size=32,
+        iters=40, eval_every=20, save_every=10, log_every=5, seed=0,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_overfits_a_small_batch(cifar_root: Path, tmp_path: Path) -> None:
+    cfg = _cfg(cifar_root, tmp_path / "run", pad=0, flip=False, iters=40, eval_every=10,
+               train_subset=32, batch_size=32, lr=0.05, milestones=[], precision="auto")  # fmt: skip
+    final = train(cfg, progress=False)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and all('"test_error"' in r for r in rows)
+    assert final["train_error"] < 10.0, final  # iterations 31-40 on the same 32 images
+    for name in ("config.yaml", "last.pt", "final.json"):
+        assert (tmp_path / "run" / name).is_file()
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["model_name"] == "resnet20" and ckpt["step"] == 40
+    assert ckpt["preprocess"]["mode"] == "per_pixel" and len(ckpt["classes"]) == 10
+
+
+def test_refuses_to_overwrite_a_run(cifar_root: Path, tmp_path: Path) -> None:
+    cfg = _cfg(cifar_root, tmp_path / "run", iters=2, eval_every=2, precision="auto")
+    train(cfg, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, progress=False)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
+    cifar_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    train(_cfg(cifar_root, out, iters=10, eval_every=100, save_every=10), progress=False)
+    good = load_checkpoint(out / "last.pt")
+    cfg = _cfg(cifar_root, out, iters=40, eval_every=100, save_every=10, lr=1e30, milestones=[])
+    with pytest.raises(TrainingDiverged, match="last good state"):
+        train(cfg, resume=True, progress=False)
+    after = load_checkpoint(out / "last.pt")
+    assert after["step"] == good["step"] == 10
+    assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
+
+
+def _train_cmd(root: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "reslab", "train", "--model", "resnet20", "--data", str(root),
+        "--out", str(out), "--device", "cpu", "--precision", "fp32", "--seed", "7",
+        "--channels-last",
+        "--iters", "36", "--save-every", "3", "--eval-every", "12",
+        "--set", "train_subset=96", "--set", "eval_subset=32", "--set", "batch_size=16",
+        "--set", "eval_splits=[test]", "--set", "val_split=false",
+        "--set", "milestones=[20]", "--set", "log_every=3",
+    ]  # fmt: skip
+
+
+def test_resume_after_sigkill_is_bit_identical(cifar_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ref = tmp_path / "ref"
+    t0 = time.perf_counter()
+    subprocess.run(_train_cmd(cifar_root, ref), env=env, check=True, capture_output=True)
+    duration = time.perf_counter() - t0
+
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills, resumes = 0, 0
+    for attempt in range(4):  # up to 3 kills at random moments, then run to the end
+        resume = (out / "last.pt").exists()
+        resumes += resume
+        cmd = _train_cmd(cifar_root, out) + (["--resume"] if resume else [])
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=None if attempt == 3 else rng.uniform(0.4, 0.9) * duration)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+        break
+    assert kills >= 1 and resumes >= 1, "no kill and resume happened; the test proved nothing"
+    a = load_checkpoint(ref / "last.pt")["model"]
+    b = load_checkpoint(out / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ref_rows = (ref / "metrics.jsonl").read_text().splitlines()
+    got_rows = (out / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [r.split('"images_per_s"')[0] for r in rows]  # noqa: E731
+    assert strip(got_rows) == strip(ref_rows)
