@@ -20,7 +20,6 @@ import argparse
 import copy
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,25 +102,14 @@ def build(name: str, weights: str | None, calib: torch.Tensor) -> tuple[nn.Modul
 
 
 def extra_paths(ours: nn.Module, size: int) -> dict[str, Fn]:
-    import onnxruntime as ort
-
-    from reslab.export import export_model
-
-    out: dict[str, Fn] = {}
-    with tempfile.TemporaryDirectory() as d:
-        path = export_model(copy.deepcopy(ours), Path(d) / "m.onnx", format="onnx", input_size=size)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = torch.get_num_threads()
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    out["onnxruntime fp32"] = lambda x: torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    onnx = InferenceModel(copy.deepcopy(ours), backend="onnxruntime", input_size=size)
     compiled = torch.compile(copy.deepcopy(ours).to(memory_format=torch.channels_last))
 
     def comp(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_is_fast(x.device)):
             return compiled(x.contiguous(memory_format=torch.channels_last))
 
-    out["compile+CL+bf16"] = comp
-    return out
+    return {"onnxruntime fp32": onnx, "compile+CL+bf16": comp}
 
 
 def main() -> None:

@@ -125,7 +125,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     "inputs were normalised with --normalize imagenet|cifar10"
                 )
             pre = _named_preprocess(args.normalize, model_info(info.model_name).input_size)
-        runner = InferenceModel(model, device=torch.device(args.device), precision=args.precision)
+        runner = InferenceModel(
+            model, device=torch.device(args.device), precision=args.precision,
+            backend=args.backend, input_size=int(pre["input_size"]),
+        )  # fmt: skip
         preds = predict_files(
             runner, paths, preprocess=pre, classes=info.classes, topk=args.topk,
             batch_size=args.batch_size,
@@ -165,6 +168,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware has native bf16")  # fmt: skip
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: export once, then run fp32 on the CPU")  # fmt: skip
     p.add_argument("--normalize", choices=["imagenet", "cifar10"], default=None,
                    help="only for weights that carry no preprocessing")  # fmt: skip
     p.set_defaults(func=cmd_predict)

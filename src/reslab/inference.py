@@ -32,23 +32,48 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 class InferenceModel:
     """Wraps an eval-mode model for fast batched inference: float [N, 3, H, W] -> fp32 logits.
 
-    The wrapped model is moved to `device` in channels_last; inputs are made channels_last too.
-    With precision "bf16" the forward runs under bf16 autocast (weights stay fp32, BN statistics
-    are applied in fp32 by autocast's op lists), which keeps top-1 agreement with fp32 high.
+    backend "torch" (default): the model moves to `device` in channels_last (in place); inputs
+    are made channels_last too. With precision "bf16" the forward runs under bf16 autocast
+    (weights stay fp32; autocast keeps accumulation-sensitive ops in fp32).
+    backend "onnxruntime": the model is exported to ONNX (fp32, CPU) once, then run by an
+    onnxruntime session with torch's thread count; `input_size` is needed for the export.
     """
 
     def __init__(
-        self, model: nn.Module, *, device: torch.device | str = "cpu", precision: str = "auto"
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str = "cpu",
+        precision: str = "auto",
+        backend: str = "torch",
+        input_size: int | None = None,
     ) -> None:
-        self.device = torch.device(device)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.device, self.backend = torch.device(device), backend
+        if backend == "onnxruntime":
+            if self.device.type != "cpu" or precision == "bf16" or input_size is None:
+                raise ValueError(
+                    "the onnxruntime backend runs fp32 on the CPU and needs input_size"
+                )
+            self.precision = "fp32"
+            self._session = _ort_session(model, input_size)
+            self.model = model
+            return
         self.precision = resolve_precision(precision, self.device)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "onnxruntime":
+            (out,) = self._session.run(None, {"input": x.float().contiguous().numpy()})
+            return torch.from_numpy(out)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
@@ -58,7 +83,26 @@ class InferenceModel:
         return out.float()
 
     def __repr__(self) -> str:
+        layout = "onnxruntime" if self.backend == "onnxruntime" else "channels_last"
         return (
             f"InferenceModel({type(self.model).__name__}, device={self.device}, "
-            f"precision={self.precision}, channels_last)"
+            f"precision={self.precision}, {layout})"
         )
+
+
+def _ort_session(model: nn.Module, input_size: int):
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from reslab.export import export_model
+
+    with tempfile.TemporaryDirectory() as d:
+        path = export_model(
+            copy.deepcopy(model), Path(d) / "model.onnx", format="onnx", input_size=input_size
+        )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
