@@ -1,10 +1,11 @@
 """reslab's default inference path: channels_last, bf16 autocast where the hardware has it.
 
-Measured on a 2-core AMD EPYC (Zen 4, AVX-512 BF16), ResNet-50, batch 16, eager: channels_last
-bf16 autocast ran about 3x torchvision's fp32 NCHW, onnxruntime fp32 about 2x, so eager bf16 is
-the default; benchmarks/bench_infer.py re-measures all of them side by side with top-1 agreement.
-torch.compile is not the default: its compile time (minutes for ResNet-50 on few cores) would
-dominate a `reslab predict` run.
+Seen on the shared 2-core AMD EPYC (Zen 4, AVX-512 BF16) used for development, ResNet-50 at
+224, batch 16, eager: channels_last + bf16 autocast ran about 3x torchvision's fp32 NCHW and
+onnxruntime fp32 about 2x (noisy machine; benchmarks/bench_infer.py measures all of them side by
+side, with top-1 agreement). So bf16 autocast is the default where the CPU/GPU has native bf16;
+onnxruntime is a backend option (exact fp32 numbers). torch.compile is not the default: its
+compile time (minutes for ResNet-50 on few cores) would dominate a `reslab predict` run.
 """
 
 from __future__ import annotations
