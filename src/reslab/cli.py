@@ -467,6 +467,25 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from reslab.demo import run_demo
+
+    data = args.data or os.environ.get("RESLAB_DATA") or "data"
+    run_demo(data=data, out=args.out, minutes=args.minutes, download=args.download)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: a few minutes of ResNet-20 on CIFAR-10")
+    p.add_argument("--data", help="directory holding cifar-10-batches-py (default $RESLAB_DATA)")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time to plan for")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR-10 if it is missing")
+    p.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reslab",
@@ -480,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_eval,
         _add_plot,
+        _add_demo,
         _add_export,
         _add_predict,
     ):

@@ -17,6 +17,7 @@ from reslab.cli import main
 from reslab.data.cifar import load_cifar, mean_image
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import Preprocess
+from reslab.engine.checkpoint import save_atomic
 from reslab.engine.eval_run import load_checkpoint_model
 from reslab.models import create_model
 
@@ -25,31 +26,31 @@ LIMIT = 120
 
 @pytest.fixture(scope="module")
 def checkpoints(cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two reslab checkpoints of one short resnet20 run: after 2 and after 4 SGD steps."""
+    """Two reslab checkpoints of one short resnet20 run: after 2 and after 3 SGD steps (batch 16)."""
     torch.manual_seed(0)
     train = load_cifar(cifar_root, split="train45k")
-    images, labels = train.images[:1024], train.labels[:1024]
+    images, labels = train.images[:512], train.labels[:512]
     # Section 4.2's per-pixel mean: a [3, 32, 32] tensor that must survive the checkpoint.
     pre = Preprocess(mode="per_pixel", mean=mean_image(images), std=(1.0, 1.0, 1.0))
     model = create_model("resnet20")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    loader = TensorLoader(images, labels, batch_size=32, preprocess=pre, train=True, seed=0)
+    loader = TensorLoader(images, labels, batch_size=16, preprocess=pre, train=True, seed=0)
     d, paths = tmp_path_factory.mktemp("ckpt"), []
     for step, (x, y) in enumerate(loader, 1):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step in (2, 4):
+        if step in (2, 3):
             ckpt = {
                 "format": "reslab", "version": 1, "model_name": "resnet20", "model_options": {},
                 "model": model.state_dict(), "preprocess": pre.to_dict(),
                 "classes": train.classes, "step": step, "config": {"model": "resnet20"},
             }  # fmt: skip
             (d / f"run{step}").mkdir()
-            torch.save(ckpt, d / f"run{step}" / "best.pt")
+            save_atomic(ckpt, d / f"run{step}" / "best.pt")  # as the trainer writes them
             paths.append(d / f"run{step}" / "best.pt")
-        if step == 4:
+        if step == 3:
             return paths
     raise AssertionError("the loader ended early")
 
@@ -69,9 +70,9 @@ def test_eval_cli_single_and_ensemble(
                    "--limit", str(LIMIT), "--out", str(out), "--batch-size", "100")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((out / "eval.json").read_text())
-    assert [m["name"] for m in doc["members"]] == ["run2/best", "run4/best"]
+    assert [m["name"] for m in doc["members"]] == ["run2/best", "run3/best"]
     assert "| ensemble |" in proc.stdout and "| run2/best |" in proc.stdout
-    for png in ("confusion-run2_best.png", "confusion-run4_best.png", "confusion-ensemble.png"):
+    for png in ("confusion-run2_best.png", "confusion-run3_best.png", "confusion-ensemble.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 

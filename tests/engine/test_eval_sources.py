@@ -45,9 +45,8 @@ def _checkpoint(path: Path) -> torch.nn.Module:
 
 def test_folder_center_ten_crop_multi_scale(tmp_path: Path) -> None:
     pytest.importorskip("reslab.data.folder")
-    from reslab.data.images import load_image
-
     from reslab.data import transforms as T
+    from reslab.data.images import load_image
 
     root = _folder(tmp_path / "imgs")
     model = _checkpoint(tmp_path / "m.pt")

@@ -7,16 +7,18 @@ Scores are softmax probabilities in fp32, averaged over views and over ensemble 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from reslab.engine.distributed import all_reduce_sum
+from reslab.engine.precision import autocast
 from reslab.engine.views import Views, make_views
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,6 +34,11 @@ class EvalResult:
     per_class_accuracy: torch.Tensor  # float64 [C], %; NaN for a class with no samples
     confusion: torch.Tensor  # int64 [C, C]
     name: str = ""
+
+    @property
+    def count(self) -> int:
+        """Samples evaluated (the trainer's name for num_samples)."""
+        return self.num_samples
 
     def to_dict(self, classes: Sequence[str] | None = None) -> dict[str, Any]:
         names = list(classes) if classes else [str(i) for i in range(len(self.confusion))]
@@ -79,9 +86,8 @@ class _Counts:
         self.bad += (~valid).sum()
 
     def reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            for t in (self.confusion, self.top5, self.nll, self.bad):
-                dist.all_reduce(t)
+        for t in (self.confusion, self.top5, self.nll, self.bad):
+            all_reduce_sum(t)
 
     def result(self, name: str) -> EvalResult:
         conf = self.confusion.view(self.c, self.c).cpu()
@@ -106,24 +112,22 @@ class _Counts:
         )
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-
-
-def view_probs(model: nn.Module, x: Views, *, num_classes: int, precision: str) -> torch.Tensor:
-    """Softmax scores averaged over views: x is [B, ...], [B, V, ...] or a list of such."""
+def view_probs(
+    model: nn.Module, x: Views, *, num_classes: int | None, precision: str
+) -> torch.Tensor:
+    """Softmax scores averaged over views: x is [B, ...], [B, V, ...] or a list of such.
+    num_classes=None takes the model's output width."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     batches = x if isinstance(x, list) else [x]
     total: torch.Tensor | None = None
     count = 0
     for v in batches:
         multi = v.dim() == 5  # [B, V, 3, H, W] -> run the B*V crops as one batch
         flat = v.flatten(0, 1) if multi else v
-        with _autocast(flat.device, precision):
+        with autocast(precision, flat.device):
             logits = model(flat)
+        num_classes = logits.shape[-1] if num_classes is None else num_classes
         if logits.dim() != 2 or logits.shape[1] != num_classes:
             raise ValueError(
                 f"the model outputs {tuple(logits.shape)} but the data set has {num_classes} "
@@ -155,7 +159,7 @@ def evaluate_ensemble(
     *,
     device: torch.device | str,
     precision: str = "fp32",
-    num_classes: int,
+    num_classes: int | None = None,
     views: str = "center",
     scales: Sequence[int] | None = None,
     crop: int | None = None,
@@ -178,13 +182,13 @@ def evaluate_ensemble(
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
-    counts = [_Counts(num_classes, device) for _ in models]
-    joint = _Counts(num_classes, device) if len(models) > 1 else counts[0]
+    counts: list[_Counts] = []  # made at the first batch, once the class count is known
+    joint: _Counts | None = None
     try:
         for x, y in loader:
             x, y = _to_device(x, device), y.to(device, non_blocking=True)
             mean: torch.Tensor | None = None
-            for model, norm, cnt in zip(models, norms, counts):
+            for i, (model, norm) in enumerate(zip(models, norms)):
                 xi = x if norm is None else _apply(norm, x)
                 probs = view_probs(
                     model,
@@ -192,17 +196,29 @@ def evaluate_ensemble(
                     num_classes=num_classes,
                     precision=precision,
                 )
-                cnt.add(probs, y)
+                if len(counts) < len(models):
+                    num_classes = probs.shape[1]
+                    counts.append(_Counts(num_classes, device))
+                counts[i].add(probs, y)
                 mean = probs if mean is None else mean + probs
             if len(models) > 1 and mean is not None:
+                joint = joint or _Counts(mean.shape[1], device)
                 joint.add(mean / len(models), y)
     finally:
         for m, t in zip(models, was_training):
             m.train(t)
-    for cnt in {id(c): c for c in [*counts, joint]}.values():
+    if not counts:
+        # Every rank must join the all-reduces; a rank without batches cannot know the class
+        # count, so this needs it given.
+        if num_classes is None:
+            raise ValueError("the loader yielded no samples; check the data directory and split")
+        counts = [_Counts(num_classes, device) for _ in models]
+    if len(models) > 1 and joint is None:
+        joint = _Counts(counts[0].c, device)
+    for cnt in [*counts, *([joint] if joint is not None else [])]:
         cnt.reduce()
     members = [c.result(n) for c, n in zip(counts, labels)]
-    ensemble = joint.result("ensemble") if len(models) > 1 else members[0]
+    ensemble = joint.result("ensemble") if joint is not None else members[0]
     return EnsembleResult(members=members, ensemble=ensemble)
 
 
@@ -216,7 +232,7 @@ def evaluate(
     *,
     device: torch.device | str,
     precision: str = "fp32",
-    num_classes: int,
+    num_classes: int | None = None,
     views: str = "center",
     scales: Sequence[int] | None = None,
     crop: int | None = None,
@@ -224,7 +240,8 @@ def evaluate(
 ) -> EvalResult:
     """Top-1/top-5 error (%), per-class accuracy and confusion matrix of `model` on `loader`.
 
-    views="center": x is [B, 3, H, W]. "ten-crop" / "multi-scale": x may already hold the views
+    num_classes: the model's output width when None (give it under torch.distributed when a
+    rank may see no batch). views="center": x is [B, 3, H, W]. "ten-crop" / "multi-scale": x may already hold the views
     ([B, V, 3, H, W] or a list of per-scale batches); a plain [B, 3, H, W] batch is turned into
     them on the device (reslab.engine.views). Softmax scores are averaged over views.
     """
