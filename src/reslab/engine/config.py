@@ -31,6 +31,9 @@ class TrainConfig:
     eval_subset: int | None = None  # evaluate on the first N images of each split
     pad: int = 4  # section 4.2: 4 pixels padded on each side, random 32x32 crop
     flip: bool = True  # section 4.2: random horizontal flip
+    # AlexNet's PCA colour augmentation (source notes) with the RGB PCA of the training images;
+    # NOTE(paper): off in the ResNet recipes (section 4.2 uses pad/crop/flip only).
+    pca_lighting: bool = False
     # --- optimisation ---
     batch_size: int = 128  # section 4.2: mini-batch 128 (global, over all devices)
     lr: float = 0.1  # section 4.2
