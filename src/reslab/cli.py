@@ -205,13 +205,47 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_data)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """`reslab reproduce NAME`: train the experiment's runs, then write DIR/REPORT.md."""
+    from reslab.data.cifar import DataError
+    from reslab.experiments.runner import ConfigMismatch, reproduce
+
+    try:
+        path = reproduce(
+            args.name, budget=args.budget, out=args.out, seeds=args.seeds, data=args.data,
+            device=args.device, runs=args.runs, progress=not args.quiet,
+        )  # fmt: skip
+    except (DataError, ConfigMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from reslab.experiments.runner import BUDGETS, EXPERIMENTS
+
+    p = sub.add_parser("reproduce", help="run one of the paper's tables/figures and write a report")
+    p.add_argument("name", choices=sorted(EXPERIMENTS))
+    p.add_argument("--budget", choices=BUDGETS, default="cpu",
+                   help="smoke: ~1 min check; cpu: ~45 min scaled-down schedule; full: the "
+                   "paper's schedule (GPU)")  # fmt: skip
+    p.add_argument("--out", required=True, help="directory for REPORT.md, figures and runs/")
+    p.add_argument("--seeds", type=int, default=1, help="runs per configuration (seeds 0..N-1)")
+    p.add_argument("--data", help="directory holding cifar-10-batches-py (default $RESLAB_DATA)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--runs", help="RUN_DIR root shared between experiments (default OUT/runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reslab", description="Deep residual learning (He et al., 2015): models, training, "
         "reproduction of the paper's tables and figures."
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_data, _add_train):
+    for add in (_add_models, _add_data, _add_train, _add_reproduce):
         add(sub)
     return parser
 

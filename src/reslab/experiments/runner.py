@@ -1,0 +1,192 @@
+"""Run an experiment's training runs (skipping finished ones, resuming interrupted ones) and
+write its REPORT.md.
+
+An experiment module (table6.py, fig6.py, ...) provides
+  TITLE: str
+  plan(ctx: Context) -> Plan       the runs, with notes on how this budget differs from the paper
+  analyse(ctx, results) -> str     markdown body of the report; writes its PNGs into ctx.out
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reslab.engine.config import TrainConfig
+
+BUDGETS = ("smoke", "cpu", "full")
+EXPERIMENTS = {
+    "table6": "reslab.experiments.table6",
+    "fig6": "reslab.experiments.fig6",
+    "fig7": "reslab.experiments.fig7",
+    "shortcuts": "reslab.experiments.shortcuts",
+    "relu-tanh": "reslab.experiments.relu_tanh",
+    "alexnet-parts": "reslab.experiments.alexnet_parts",
+}
+# Fields that change how a run executes but not what it computes: a finished run made with
+# other values of these is still the same run.
+_EXECUTION_FIELDS = {
+    "out",
+    "data",
+    "device",
+    "precision",
+    "time_limit",
+    "compile",
+    "workers",
+    "download",
+    "log_every",
+    "save_every",
+}
+
+
+@dataclass
+class RunSpec:
+    name: str  # RUN_DIR name under the runs root, e.g. "resnet20-s0"
+    label: str  # legend / table label, e.g. "ResNet-20"
+    cfg: TrainConfig
+    tags: dict[str, Any] = field(default_factory=dict)  # e.g. {"depth": 20, "seed": 0}
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    run_dir: Path
+    final: dict[str, Any]  # final.json: the last evaluation row
+    rows: list[dict[str, Any]]  # metrics.jsonl
+    status: str  # "trained" | "resumed" | "skipped" (finished before this call)
+    seconds: float  # wall time of this call for this run (0 when skipped)
+
+
+@dataclass
+class Plan:
+    specs: list[RunSpec]
+    notes: list[str] = field(default_factory=list)  # how this budget differs from the paper
+
+
+@dataclass
+class Context:
+    name: str
+    budget: str
+    out: Path  # REPORT.md and figures
+    runs_root: Path  # RUN_DIRs live in runs_root / spec.name
+    seeds: int
+    data: str
+    device: str
+    command: str  # the command line that makes this report
+    progress: bool = True
+
+
+class ConfigMismatch(RuntimeError):
+    """A RUN_DIR holds a run made with a different configuration."""
+
+
+def _same_run(old: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
+    new = cfg.to_dict()
+    diff = sorted(k for k in new if k not in _EXECUTION_FIELDS and k in old and old[k] != new[k])
+    if diff:
+        detail = ", ".join(f"{k}: {old[k]!r} there, {new[k]!r} now" for k in diff[:4])
+        raise ConfigMismatch(
+            f"{run_dir} holds a run with another configuration ({detail}); pass a different "
+            "--out (or --runs), or delete that directory to train it again"
+        )
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResult:
+    """Train one run in runs_root/spec.name; skip it if finished, resume it if interrupted."""
+    from reslab.engine.trainer import train
+
+    run_dir = runs_root / spec.name
+    cfg = spec.cfg
+    cfg.out = str(run_dir)
+    cfg_file, final_file = run_dir / "config.yaml", run_dir / "final.json"
+    if cfg_file.is_file():
+        _same_run(yaml.safe_load(cfg_file.read_text()) or {}, cfg, run_dir)
+    if final_file.is_file():
+        final = json.loads(final_file.read_text())
+        if int(final.get("iter", 0)) >= cfg.iters:
+            return RunResult(spec, run_dir, final, read_rows(run_dir), "skipped", 0.0)
+    resume = (run_dir / "last.pt").is_file()
+    t0 = time.perf_counter()
+    final = train(cfg, resume=resume, progress=progress)
+    return RunResult(
+        spec,
+        run_dir,
+        final,
+        read_rows(run_dir),
+        "resumed" if resume else "trained",
+        time.perf_counter() - t0,
+    )
+
+
+def default_data() -> str:
+    return os.environ.get("RESLAB_DATA", "data")
+
+
+def reproduce(
+    name: str,
+    *,
+    budget: str,
+    out: str | Path,
+    seeds: int = 1,
+    data: str | None = None,
+    device: str = "auto",
+    runs: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run experiment `name` at `budget`; returns the path of its REPORT.md."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    from reslab.experiments import report
+
+    out = Path(out)
+    runs_root = Path(runs) / budget if runs else out / "runs" / budget
+    argv = ["reslab", "reproduce", name, "--budget", budget, "--out", str(out)]
+    argv += ["--seeds", str(seeds)] if seeds != 1 else []
+    argv += ["--runs", str(runs)] if runs else []
+    argv += ["--device", device] if device != "auto" else []
+    ctx = Context(
+        name,
+        budget,
+        out,
+        runs_root,
+        seeds,
+        data or default_data(),
+        device,
+        shlex.join(argv),
+        progress,
+    )
+    module = importlib.import_module(EXPERIMENTS[name])
+    plan = module.plan(ctx)
+    for spec in plan.specs:
+        spec.cfg.data, spec.cfg.device = ctx.data, ctx.device
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = []
+    for i, spec in enumerate(plan.specs, 1):
+        if progress:
+            print(f"[{name} {budget}] run {i}/{len(plan.specs)}: {spec.name}", flush=True)
+        results.append(run_one(spec, runs_root=runs_root, progress=progress))
+    body = module.analyse(ctx, results)
+    path = report.write_report(
+        ctx, module.TITLE, plan, results, body, seconds=time.perf_counter() - t0
+    )
+    return path
