@@ -1,0 +1,84 @@
+"""What each experiment trains at each budget (no training): `full` is the paper's schedule."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from reslab.experiments.relu_tanh import iterations_to
+from reslab.experiments.runner import EXPERIMENTS, Context, reproduce
+
+
+def _plan(name: str, budget: str, seeds: int = 1):
+    ctx = Context(name, budget, Path("out"), Path("out/runs"), seeds, "data", "cpu", "")
+    return importlib.import_module(EXPERIMENTS[name]).plan(ctx)
+
+
+def test_full_budget_is_the_papers_section_4_2_schedule() -> None:
+    specs = _plan("table6", "full", seeds=5).specs
+    assert len(specs) == 6 * 5 and len({s.name for s in specs}) == 30
+    for s in specs:
+        c = s.cfg
+        assert (c.iters, c.milestones, c.batch_size, c.lr) == (64000, [32000, 48000], 128, 0.1)
+        assert (c.weight_decay, c.momentum, c.val_split, c.pad, c.flip) == (
+            1e-4,
+            0.9,
+            True,
+            4,
+            True,
+        )
+        assert c.normalization == "per_pixel" and c.train_subset is None and c.eval_subset is None
+        assert c.eval_splits == ["val", "test"]
+        assert c.warmup_lr == (0.01 if s.tags["depth"] >= 110 else None)
+    assert sorted({s.tags["depth"] for s in specs}) == [20, 32, 44, 56, 110, 1202]
+
+
+@pytest.mark.parametrize("budget", ["smoke", "cpu", "full"])
+def test_table6_fig6_fig7_runs_are_the_same_runs(budget: str) -> None:
+    cfgs = {}
+    for name in ("table6", "fig6", "fig7"):
+        for s in _plan(name, budget).specs:
+            if s.name in cfgs:
+                assert cfgs[s.name] == s.cfg.to_dict(), (name, s.name)
+            cfgs[s.name] = s.cfg.to_dict()
+
+
+def test_cpu_budgets_scale_the_length_only() -> None:
+    for name in EXPERIMENTS:
+        for s in _plan(name, "cpu").specs:
+            c = s.cfg
+            assert c.batch_size == 128 and c.train_subset is None
+            assert all(m < c.iters for m in c.milestones)
+    t6 = _plan("table6", "cpu").specs
+    assert [s.tags["depth"] for s in t6] == [20, 32, 44, 56, 110]
+    assert {s.cfg.iters for s in t6} == {320}
+    assert [s.cfg.model_options["shortcut"] for s in _plan("shortcuts", "cpu").specs] == list("ABC")
+
+
+def test_alexnet_parts_turns_off_one_part_each() -> None:
+    specs = {s.tags["variant"]: s.cfg for s in _plan("alexnet-parts", "cpu").specs}
+    assert specs["all"].pca_lighting and not specs["no-pca"].pca_lighting
+    assert specs["all"].model_options == {"lrn": True, "overlap_pool": True, "dropout": 0.5}
+    assert specs["no-lrn"].model_options["lrn"] is False
+    assert specs["no-overlap"].model_options["overlap_pool"] is False
+    assert specs["no-dropout"].model_options["dropout"] == 0.0
+
+
+def test_relu_tanh_counts_iterations_to_a_threshold() -> None:
+    rows = [{"iter": 100, "train_error": 60.0}, {"iter": 200, "train_error": 24.0},
+            {"iter": 300, "train_error": 26.0}, {"iter": 400, "train_error": 10.0}]  # fmt: skip
+    assert iterations_to(rows, 25.0) == 200 and iterations_to(rows, 5.0) is None
+    full = _plan("relu-tanh", "full").specs
+    assert len(full) == 6 and {s.cfg.model_options["activation"] for s in full} == {"relu", "tanh"}
+    assert all(s.cfg.weight_decay == 0 and s.cfg.pad == 0 and not s.cfg.flip for s in full)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown experiment 'table7'"):
+        reproduce("table7", budget="smoke", out=tmp_path)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        reproduce("table6", budget="tiny", out=tmp_path)
+    with pytest.raises(ValueError, match="--seeds must be at least 1"):
+        reproduce("table6", budget="smoke", out=tmp_path, seeds=0)
