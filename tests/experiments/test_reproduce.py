@@ -131,3 +131,15 @@ def test_a_run_dir_with_another_config_is_refused(cifar_root: Path, tmp_path: Pa
     spec.cfg.lr = 0.02
     with pytest.raises(ConfigMismatch, match=r"lr: 0\.01 there, 0\.02 now"):
         run_one(spec, runs_root=ctx.runs_root, progress=False)
+
+
+def test_a_diverged_run_is_reported_not_fatal(cifar_root: Path, tmp_path: Path) -> None:
+    from reslab.experiments import relu_tanh
+
+    ctx = Context("relu-tanh", "smoke", tmp_path, tmp_path / "runs", 1, str(cifar_root), "cpu",
+                  "", progress=False)  # fmt: skip
+    spec = relu_tanh.plan(ctx).specs[0]
+    spec.cfg.data, spec.cfg.device, spec.cfg.lr = str(cifar_root), "cpu", 1e30
+    res = run_one(spec, runs_root=ctx.runs_root, progress=False)
+    assert res.status == "diverged" and res.final == {}
+    assert not (ctx.runs_root / spec.name / "final.json").exists()

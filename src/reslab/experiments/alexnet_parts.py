@@ -95,7 +95,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
                 claim,
             ]
         )
-    seed0 = [r for r in results if r.spec.tags["seed"] == 0]
+    seed0 = [r for r in results if r.spec.tags["seed"] == 0 and r.rows]
     plot_curves(
         [Run(r.spec.label, r.rows) for r in seed0],
         out=ctx.out / "alexnet_parts.png",

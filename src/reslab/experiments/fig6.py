@@ -63,7 +63,7 @@ def _trend(errs: dict[tuple[str, int], tuple[float, float]], kind: str, i: int) 
 
 
 def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
-    seed0 = [r for r in results if r.spec.tags["seed"] == 0]
+    seed0 = [r for r in results if r.spec.tags["seed"] == 0 and r.rows]
     plain = [Run(r.spec.label, r.rows) for r in seed0 if r.spec.tags["kind"] == "plain"]
     res = [Run(r.spec.label, r.rows) for r in seed0 if r.spec.tags["kind"] == "resnet"]
     plot_two_panel(

@@ -59,6 +59,8 @@ def responses(res: RunResult, *, images: torch.Tensor, device: torch.device) -> 
 def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
     device = resolve_device(ctx.device)
     images = load_cifar(ctx.data, dataset="cifar10", split="test").images[: IMAGES[ctx.budget]]
+    # A run that diverged before its first checkpoint has no model to measure.
+    results = [r for r in results if (r.run_dir / "last.pt").is_file()]
     stds = {r.spec.label: responses(r, images=images, device=device) for r in results}
     plot_responses(
         stds,

@@ -61,7 +61,7 @@ class RunResult:
     run_dir: Path
     final: dict[str, Any]  # final.json: the last evaluation row
     rows: list[dict[str, Any]]  # metrics.jsonl
-    status: str  # "trained" | "resumed" | "skipped" (finished before this call)
+    status: str  # "trained" | "resumed" | "skipped" (finished before) | "diverged" (NaN loss)
     seconds: float  # wall time of this call for this run (0 when skipped)
 
 
@@ -108,7 +108,7 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResult:
     """Train one run in runs_root/spec.name; skip it if finished, resume it if interrupted."""
-    from reslab.engine.trainer import train
+    from reslab.engine.trainer import TrainingDiverged, train
 
     run_dir = runs_root / spec.name
     cfg = spec.cfg
@@ -122,7 +122,14 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
             return RunResult(spec, run_dir, final, read_rows(run_dir), "skipped", 0.0)
     resume = (run_dir / "last.pt").is_file()
     t0 = time.perf_counter()
-    final = train(cfg, resume=resume, progress=progress)
+    try:
+        final = train(cfg, resume=resume, progress=progress)
+    except TrainingDiverged as e:
+        # One diverged net must not cost the other runs of a long unattended experiment: the
+        # report lists it as diverged (with its rows up to then), and a rerun tries it again.
+        print(f"{spec.name}: {e}", flush=True)
+        return RunResult(spec, run_dir, {}, read_rows(run_dir), "diverged",
+                         time.perf_counter() - t0)  # fmt: skip
     return RunResult(
         spec,
         run_dir,

@@ -76,12 +76,14 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
                     "**yes**" if holds else "**no**",
                 ]
             )
-    seed0 = [r for r in results if r.spec.tags["seed"] == 0 and r.spec.tags["depth"] == depths[0]]
-    plot_curves(
-        [Run(r.spec.label, r.rows) for r in seed0],
-        out=ctx.out / "shortcuts.png",
-        title=f"ResNet-{depths[0]}: shortcut options (CIFAR-10)",
-    )
+    seed0 = [r for r in results if r.spec.tags["seed"] == 0 and r.rows]
+    if seed0:  # the shallowest depth's curves, one per option
+        d0 = min(r.spec.tags["depth"] for r in seed0)
+        plot_curves(
+            [Run(r.spec.label, r.rows) for r in seed0 if r.spec.tags["depth"] == d0],
+            out=ctx.out / "shortcuts.png",
+            title=f"ResNet-{d0}: shortcut options (CIFAR-10)",
+        )
     lines = [
         markdown_table(
             [

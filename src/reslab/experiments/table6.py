@@ -63,6 +63,8 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         ],
     )
     means = {d: mean_std(v)[0] for d, v in errs.items()}
+    if not means:
+        return table + "\n\nNo run finished; see the Runs table."
     depths = sorted(means)
     ordered = all(means[a] >= means[b] for a, b in itertools.pairwise(depths))
     lines = [
