@@ -154,3 +154,122 @@ class TensorLoader:
             int(state["step"]),
             int(state["seed"]),
         )
+
+
+class _SeededSample(torch.utils.data.Dataset):
+    """Seeds torch's RNG from (seed, epoch, index) before each sample's random transform, so the
+    augmentation of every image is a pure function of the run's position, on any worker."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        torch.manual_seed(
+            int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        )
+        return self.dataset[index]
+
+
+class _GlobalBatches(torch.utils.data.Sampler):
+    """This rank's share of each global batch of a (seed, epoch) permutation, from `start`."""
+
+    def __init__(self, loader: FolderLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader) - self.loader.step
+
+    def __iter__(self):
+        ld = self.loader
+        n = len(ld.dataset)
+        share = ld.batch_size // ld.world_size
+        if ld.train:
+            g = _generator(torch.device("cpu"), ld.seed, ld.epoch, 0xC1FA)
+            order = torch.randperm(n, generator=g).tolist()
+            for step in range(ld.step, len(ld)):
+                start = step * ld.batch_size + ld.rank * share
+                yield [(ld.epoch, i) for i in order[start : start + share]]
+        else:
+            per = -(-n // ld.world_size)
+            lo, hi = min(n, ld.rank * per), min(n, (ld.rank + 1) * per)
+            for start in range(lo, hi, share):
+                yield [(0, i) for i in range(start, min(hi, start + share))]
+
+
+class FolderLoader:
+    """Image-folder batches with the TensorLoader interface: decoding and geometric transforms in
+    DataLoader workers on uint8 tensors, normalisation and PCA lighting batched on the device.
+
+    Same sample order and sharding as TensorLoader; state is (epoch, step, seed), and each
+    image's random crop is seeded from (seed, epoch, index), so resumed runs continue exactly.
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        batch_size: int,
+        preprocess: Preprocess,
+        train: bool,
+        device: torch.device,
+        seed: int = 0,
+        lighting: torch.nn.Module | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 4,
+        channels_last: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must divide by world size {world_size}")
+        self.dataset = dataset
+        self.batch_size, self.preprocess, self.train = batch_size, preprocess, train
+        self.device, self.seed, self.lighting = device, seed, lighting
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.channels_last, self.dtype = channels_last, dtype
+        self.epoch, self.step = 0, 0
+
+    def __len__(self) -> int:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.train:
+            return n // self.batch_size
+        per = -(-n // self.world_size)
+        lo, hi = min(n, self.rank * per), min(n, (self.rank + 1) * per)
+        return -(-(hi - lo) // (self.batch_size // self.world_size))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from reslab.data.transforms import prepare_batch
+
+        dl = torch.utils.data.DataLoader(
+            _SeededSample(self.dataset, self.seed), batch_sampler=_GlobalBatches(self),
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )  # fmt: skip
+        step = self.step
+        for x, y in dl:
+            g = _generator(self.device, self.seed, self.epoch, step, self.rank)
+            x = prepare_batch(
+                x, preprocess=self.preprocess, device=self.device,
+                lighting=self.lighting if self.train else None, generator=g,
+                channels_last=self.channels_last, dtype=self.dtype,
+            )  # fmt: skip
+            step += 1
+            if self.train:
+                self.step = step
+            yield x, y.to(self.device, non_blocking=True)
+        if self.train:
+            self.epoch, self.step = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.step, self.seed = (
+            int(state["epoch"]),
+            int(state["step"]),
+            int(state["seed"]),
+        )

@@ -191,7 +191,8 @@ class Trainer:
             "train_error": 100.0 * wrong / max(seen, 1),
         }
         for split, loader in self.data.evals.items():
-            r = evaluate(self.model, loader, device=self.device, precision=self.precision)
+            r = evaluate(self.model, loader, device=self.device, precision=self.precision,
+                         num_classes=self.model_options["num_classes"])  # fmt: skip
             row[f"{split}_error"], row[f"{split}_top5"] = r.top1_error, r.top5_error
         row["images_per_s"] = images_per_s
         row["wall_time"] = s.wall
