@@ -210,6 +210,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from reslab.data.cifar import DataError
     from reslab.experiments.runner import ConfigMismatch, reproduce
 
+    if args.threads:
+        import torch
+
+        # On a CPU shared with other jobs, 1 thread per process avoids OpenMP oversubscription.
+        torch.set_num_threads(args.threads)
     try:
         path = reproduce(
             args.name, budget=args.budget, out=args.out, seeds=args.seeds, data=args.data,
@@ -227,7 +232,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("reproduce", help="run one of the paper's tables/figures and write a report")
     p.add_argument("name", choices=sorted(EXPERIMENTS))
-    p.add_argument("--budget", choices=BUDGETS, default="cpu",
+    p.add_argument("--budget", choices=BUDGETS, required=True,
                    help="smoke: ~1 min check; cpu: ~45 min scaled-down schedule; full: the "
                    "paper's schedule (GPU)")  # fmt: skip
     p.add_argument("--out", required=True, help="directory for REPORT.md, figures and runs/")
@@ -235,6 +240,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="directory holding cifar-10-batches-py (default $RESLAB_DATA)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--runs", help="RUN_DIR root shared between experiments (default OUT/runs)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
