@@ -218,7 +218,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     try:
         path = reproduce(
             args.name, budget=args.budget, out=args.out, seeds=args.seeds, data=args.data,
-            device=args.device, runs=args.runs, progress=not args.quiet,
+            device=args.device, runs=args.runs, jobs=args.jobs, compile=args.compile,
+            progress=not args.quiet,
         )  # fmt: skip
     except (DataError, ConfigMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -241,6 +242,13 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--runs", help="RUN_DIR root shared between experiments (default OUT/runs)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once (processes sharing the device; GPU: 4-8)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 

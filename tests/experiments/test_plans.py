@@ -80,5 +80,5 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         reproduce("table7", budget="smoke", out=tmp_path)
     with pytest.raises(ValueError, match="budget must be one of"):
         reproduce("table6", budget="tiny", out=tmp_path)
-    with pytest.raises(ValueError, match="--seeds must be at least 1"):
+    with pytest.raises(ValueError, match="--seeds and --jobs must be at least 1"):
         reproduce("table6", budget="smoke", out=tmp_path, seeds=0)

@@ -143,3 +143,14 @@ def test_a_diverged_run_is_reported_not_fatal(cifar_root: Path, tmp_path: Path) 
     res = run_one(spec, runs_root=ctx.runs_root, progress=False)
     assert res.status == "diverged" and res.final == {}
     assert not (ctx.runs_root / spec.name / "final.json").exists()
+
+
+def test_jobs_train_runs_in_parallel_processes(cifar_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rt"
+    path = reproduce("relu-tanh", budget="smoke", out=out, data=str(cifar_root), device="cpu",
+                     jobs=2, progress=False)  # fmt: skip
+    report = path.read_text()
+    assert _statuses(report) == {"relu-lr0.01-s0": "trained", "tanh-lr0.01-s0": "trained"}
+    assert "--jobs 2" in report
+    for run in ("relu-lr0.01-s0", "tanh-lr0.01-s0"):
+        assert [r["iter"] for r in read_rows(out / "runs" / "smoke" / run)] == [4, 8, 12]

@@ -144,6 +144,40 @@ def default_data() -> str:
     return os.environ.get("RESLAB_DATA", "data")
 
 
+def _run_quiet(spec: RunSpec, runs_root: Path, threads: int) -> RunResult:
+    """run_one in a worker process (no progress bar: several would interleave)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_one(spec, runs_root=runs_root, progress=False)
+
+
+def run_all(
+    specs: list[RunSpec], *, runs_root: Path, jobs: int = 1, progress: bool = True, tag: str = ""
+) -> list[RunResult]:
+    """Every spec's run, in order. jobs > 1 trains that many runs at once in spawned processes:
+    small CIFAR nets do not fill a GPU, so several share it (the issue's speed target)."""
+    if jobs <= 1:
+        results = []
+        for i, spec in enumerate(specs, 1):
+            if progress:
+                print(f"[{tag}] run {i}/{len(specs)}: {spec.name}", flush=True)
+            results.append(run_one(spec, runs_root=runs_root, progress=progress))
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if progress:
+        print(f"[{tag}] {len(specs)} runs, {jobs} at a time", flush=True)
+    import torch
+
+    n = len(specs)
+    threads = max(1, torch.get_num_threads() // jobs)  # the CPU's threads split between jobs
+    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+        return list(pool.map(_run_quiet, specs, [runs_root] * n, [threads] * n))
+
+
 def reproduce(
     name: str,
     *,
@@ -153,6 +187,8 @@ def reproduce(
     data: str | None = None,
     device: str = "auto",
     runs: str | Path | None = None,
+    jobs: int = 1,
+    compile: bool = False,
     progress: bool = True,
 ) -> Path:
     """Run experiment `name` at `budget`; returns the path of its REPORT.md."""
@@ -160,8 +196,8 @@ def reproduce(
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    if seeds < 1 or jobs < 1:
+        raise ValueError(f"--seeds and --jobs must be at least 1, got {seeds} and {jobs}")
     from reslab.experiments import report
 
     out = Path(out)
@@ -170,30 +206,18 @@ def reproduce(
     argv += ["--seeds", str(seeds)] if seeds != 1 else []
     argv += ["--runs", str(runs)] if runs else []
     argv += ["--device", device] if device != "auto" else []
-    ctx = Context(
-        name,
-        budget,
-        out,
-        runs_root,
-        seeds,
-        data or default_data(),
-        device,
-        shlex.join(argv),
-        progress,
-    )
+    argv += ["--jobs", str(jobs)] if jobs != 1 else []
+    argv += ["--compile"] if compile else []
+    data = data or default_data()
+    ctx = Context(name, budget, out, runs_root, seeds, data, device, shlex.join(argv), progress)
     module = importlib.import_module(EXPERIMENTS[name])
     plan = module.plan(ctx)
     for spec in plan.specs:
-        spec.cfg.data, spec.cfg.device = ctx.data, ctx.device
+        spec.cfg.data, spec.cfg.device, spec.cfg.compile = ctx.data, ctx.device, compile
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = []
-    for i, spec in enumerate(plan.specs, 1):
-        if progress:
-            print(f"[{name} {budget}] run {i}/{len(plan.specs)}: {spec.name}", flush=True)
-        results.append(run_one(spec, runs_root=runs_root, progress=progress))
+    results = run_all(plan.specs, runs_root=runs_root, jobs=jobs, progress=progress,
+                      tag=f"{name} {budget}")  # fmt: skip
     body = module.analyse(ctx, results)
-    path = report.write_report(
-        ctx, module.TITLE, plan, results, body, seconds=time.perf_counter() - t0
-    )
-    return path
+    return report.write_report(ctx, module.TITLE, plan, results, body,
+                               seconds=time.perf_counter() - t0)  # fmt: skip
