@@ -23,14 +23,22 @@ class Schedule:
     eval_splits: tuple[str, ...] = ("val", "test")
 
     def describe(self) -> str:
-        ms = "/".join(f"{m:,}" for m in self.milestones) or "none"
+        lr = (
+            ("lr /10 at " + "/".join(f"{m:,}" for m in self.milestones))
+            if self.milestones
+            else ("constant lr")
+        )
         train = f"first {self.train_subset:,}" if self.train_subset else "all"
-        evals = ", ".join(self.eval_splits) or "none (training error only)"
         sub = f"first {self.eval_subset:,} images" if self.eval_subset else "all images"
+        evals = (
+            f"evaluation every {self.eval_every:,} iterations on {', '.join(self.eval_splits)} "
+            f"({sub})"
+            if self.eval_splits
+            else f"no evaluation: training error logged every {self.eval_every:,} iterations"
+        )
         return (
-            f"{self.iters:,} iterations of batch {self.batch_size}, lr /10 at {ms}; "
-            f"{train} training images; evaluation every {self.eval_every:,} iterations on "
-            f"{evals} ({sub})"
+            f"{self.iters:,} iterations of batch {self.batch_size}, {lr}; {train} training "
+            f"images; {evals}"
         )
 
 

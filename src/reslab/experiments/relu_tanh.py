@@ -140,6 +140,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
             + f"), so the comparison is also made at {reachable:.0f}%, the lowest multiple of 5% "
             "both reach. The ratio at 25% is unknown, not measured."
         )
+        lines.append("")
     ratio = _ratio(best, used)
     if ratio is not None:
         lines.append(
