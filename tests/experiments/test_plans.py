@@ -82,3 +82,18 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         reproduce("table6", budget="tiny", out=tmp_path)
     with pytest.raises(ValueError, match="--seeds and --jobs must be at least 1"):
         reproduce("table6", budget="smoke", out=tmp_path, seeds=0)
+
+
+def test_report_train_commands_rebuild_each_runs_config() -> None:
+    import shlex
+
+    from reslab.cli import _train_config, build_parser
+    from reslab.experiments.report import train_command
+
+    for name in EXPERIMENTS:
+        for spec in _plan(name, "cpu").specs:
+            spec.cfg.data, spec.cfg.out, spec.cfg.device = "/data", f"/runs/{spec.name}", "cpu"
+            argv = shlex.split(train_command(spec.cfg))
+            assert argv[:2] == ["reslab", "train"]
+            args = build_parser().parse_args(argv[1:])
+            assert _train_config(args).to_dict() == spec.cfg.to_dict(), (name, spec.name)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reslab.analysis.tables import markdown_table
+from reslab.engine.config import TrainConfig
 
 if TYPE_CHECKING:
     from reslab.experiments.runner import Context, Plan, RunResult
@@ -71,6 +74,23 @@ def runs_table(ctx: Context, results: Sequence[RunResult]) -> str:
     return markdown_table(head, rows)
 
 
+def train_command(cfg: TrainConfig) -> str:
+    """The `reslab train` command line that trains this run alone: every field that differs
+    from TrainConfig's defaults as `--set key=value` (values in YAML/JSON syntax)."""
+    default = TrainConfig().to_dict()
+    argv = ["reslab", "train"]
+    for key, value in cfg.to_dict().items():
+        if key in ("out", "data", "device", "model_options") or value == default[key]:
+            continue
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    for key, value in cfg.model_options.items():
+        argv += ["--set", f"model_options.{key}={json.dumps(value)}"]
+    argv += ["--data", cfg.data, "--out", cfg.out]
+    if cfg.device != "auto":
+        argv += ["--device", cfg.device]
+    return shlex.join(argv)
+
+
 def hardware_table() -> str:
     from reslab.engine.trainer import run_info
 
@@ -107,6 +127,8 @@ def write_report(
         lines.append(f"- data: CIFAR-10 from `{first.data}`; device `{ctx.device}`.")
     lines += [f"- {n}" for n in plan.notes]
     lines += ["", "## Results", "", body.strip(), "", "## Runs", "", runs_table(ctx, results)]
+    lines += ["", "Each run alone, as a plain `reslab train` command:", "", "```bash"]
+    lines += [train_command(r.spec.cfg) for r in results] + ["```"]
     lines += ["", "## Hardware and versions", "", hardware_table(), ""]
     path = ctx.out / "REPORT.md"
     path.write_text("\n".join(lines))
