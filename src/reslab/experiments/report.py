@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from reslab.analysis.tables import markdown_table
 from reslab.engine.config import TrainConfig
 
@@ -82,13 +84,20 @@ def train_command(cfg: TrainConfig) -> str:
     for key, value in cfg.to_dict().items():
         if key in ("out", "data", "device", "model_options") or value == default[key]:
             continue
-        argv += ["--set", f"{key}={json.dumps(value)}"]
+        argv += ["--set", f"{key}={_yaml_value(value)}"]
     for key, value in cfg.model_options.items():
-        argv += ["--set", f"model_options.{key}={json.dumps(value)}"]
+        argv += ["--set", f"model_options.{key}={_yaml_value(value)}"]
     argv += ["--data", cfg.data, "--out", cfg.out]
     if cfg.device != "auto":
         argv += ["--device", cfg.device]
     return shlex.join(argv)
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as `--set` parses it (YAML): bare strings where YAML reads them back as strings."""
+    if isinstance(value, str) and yaml.safe_load(value) == value:
+        return value
+    return json.dumps(value)  # JSON is YAML: numbers, lists, true/false/null, quoted strings
 
 
 def hardware_table() -> str:
