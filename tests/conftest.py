@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# One intra-op thread per test process (and per subprocess it starts): the test workloads are
+# tiny, and two OpenMP threads stall at every barrier whenever the other core is busy (measured
+# here: a 40-step ResNet-20 run took 38-88 s with 2 threads on a loaded machine, 5 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
