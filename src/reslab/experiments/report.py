@@ -41,6 +41,16 @@ def mean_images_per_s(res: RunResult) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def trained_on(run_dir: Path) -> str:
+    """Device, GPU or CPU name and precision, as the run's config.yaml recorded them."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return ""
+    info = (yaml.safe_load(path.read_text()) or {}).get("_run") or {}
+    chip = info.get("gpu") if str(info.get("device", "")).startswith("cuda") else info.get("cpu")
+    return " ".join(str(x) for x in (chip, info.get("precision")) if x)
+
+
 def runs_table(ctx: Context, results: Sequence[RunResult]) -> str:
     rows = []
     for r in results:
@@ -58,6 +68,7 @@ def runs_table(ctx: Context, results: Sequence[RunResult]) -> str:
                 fmt(last(r, "test_error")),
                 fmt(r.final.get("wall_time"), 0),
                 "" if ips is None else f"{ips:.0f}",
+                trained_on(r.run_dir),
                 r.status,
             ]
         )
@@ -71,6 +82,7 @@ def runs_table(ctx: Context, results: Sequence[RunResult]) -> str:
         "test err %",
         "train s",
         "img/s",
+        "trained on",
         "this call",
     ]
     return markdown_table(head, rows)
