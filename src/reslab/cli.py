@@ -215,17 +215,29 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
         # On a CPU shared with other jobs, 1 thread per process avoids OpenMP oversubscription.
         torch.set_num_threads(args.threads)
+    opts = dict(
+        budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
+        runs=args.runs, jobs=args.jobs, compile=args.compile, progress=not args.quiet,
+    )  # fmt: skip
     try:
-        path = reproduce(
-            args.name, budget=args.budget, out=args.out, seeds=args.seeds, data=args.data,
-            device=args.device, runs=args.runs, jobs=args.jobs, compile=args.compile,
-            progress=not args.quiet,
-        )  # fmt: skip
+        if args.dry_run:
+            from reslab.experiments.runner import describe_plan, make_plan
+
+            ctx, _, plan = make_plan(args.name, **opts)
+            print(describe_plan(ctx, plan))
+            return 0
+        path = reproduce(args.name, **opts)
     except (DataError, ConfigMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"report: {path}")
     return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
@@ -237,7 +249,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
                    help="smoke: ~1 min check; cpu: ~45 min scaled-down schedule; full: the "
                    "paper's schedule (GPU)")  # fmt: skip
     p.add_argument("--out", required=True, help="directory for REPORT.md, figures and runs/")
-    p.add_argument("--seeds", type=int, default=1, help="runs per configuration (seeds 0..N-1)")
+    p.add_argument(
+        "--seeds", type=_positive, default=1, help="runs per configuration (seeds 0..N-1)"
+    )
     p.add_argument("--data", help="directory holding cifar-10-batches-py (default $RESLAB_DATA)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--runs", help="RUN_DIR root shared between experiments (default OUT/runs)")
@@ -250,6 +264,11 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile each model (GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the runs and whether each is new, finished or to resume; train nothing",
+    )
     p.set_defaults(func=cmd_reproduce)
 
 

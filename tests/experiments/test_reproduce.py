@@ -96,7 +96,9 @@ def test_alexnet_parts(cifar_root: Path, tmp_path: Path) -> None:
     assert "pca_lighting: false" in (runs / "alexnet-no-pca-s0" / "config.yaml").read_text()
 
 
-def test_relu_tanh_resumes_an_interrupted_run_via_the_cli(cifar_root: Path, tmp_path: Path):
+def test_relu_tanh_resumes_an_interrupted_run_via_the_cli(
+    cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from reslab.experiments import relu_tanh
 
     out = tmp_path / "rt"
@@ -118,6 +120,12 @@ def test_relu_tanh_resumes_an_interrupted_run_via_the_cli(cifar_root: Path, tmp_
     _png(out / "relu_tanh.png")
     assert main(argv) == 0
     assert set(_statuses((out / "REPORT.md").read_text()).values()) == {"skipped"}
+    capsys.readouterr()
+    assert main([*argv, "--dry-run", "--seeds", "2"]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(r"^relu-lr0\.01-s0 .* finished$", listing, re.M)
+    assert re.search(r"^tanh-lr0\.01-s1 .* new$", listing, re.M)
+    assert not (out / "runs" / "smoke" / "tanh-lr0.01-s1").exists()
 
 
 def test_a_run_dir_with_another_config_is_refused(cifar_root: Path, tmp_path: Path) -> None:

@@ -129,12 +129,14 @@ def write_report(
     seconds: float,
 ) -> Path:
     seeds = sorted({r.spec.cfg.seed for r in results})
+    train_s = sum(float(r.final.get("wall_time") or 0) for r in results)
     first = results[0].spec.cfg if results else None
     lines = [
         f"# {title}",
         "",
         f"Budget **{ctx.budget}**; written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-        f"UTC; this call took {seconds / 60:.1f} min (finished runs are reused, not retrained).",
+        f"UTC; this call took {seconds / 60:.1f} min (finished runs are reused, not retrained); "
+        f"training time summed over the runs: {train_s / 60:.1f} min.",
         "",
         "## What ran",
         "",

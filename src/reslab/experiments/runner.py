@@ -178,7 +178,7 @@ def run_all(
         return list(pool.map(_run_quiet, specs, [runs_root] * n, [threads] * n))
 
 
-def reproduce(
+def make_plan(
     name: str,
     *,
     budget: str,
@@ -190,16 +190,14 @@ def reproduce(
     jobs: int = 1,
     compile: bool = False,
     progress: bool = True,
-) -> Path:
-    """Run experiment `name` at `budget`; returns the path of its REPORT.md."""
+) -> tuple[Context, Any, Plan]:
+    """The experiment's context, module and runs, with data/device/compile filled in."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     if seeds < 1 or jobs < 1:
         raise ValueError(f"--seeds and --jobs must be at least 1, got {seeds} and {jobs}")
-    from reslab.experiments import report
-
     out = Path(out)
     runs_root = Path(runs) / budget if runs else out / "runs" / budget
     argv = ["reslab", "reproduce", name, "--budget", budget, "--out", str(out)]
@@ -214,10 +212,37 @@ def reproduce(
     plan = module.plan(ctx)
     for spec in plan.specs:
         spec.cfg.data, spec.cfg.device, spec.cfg.compile = ctx.data, ctx.device, compile
-    out.mkdir(parents=True, exist_ok=True)
+        spec.cfg.out = str(runs_root / spec.name)
+    return ctx, module, plan
+
+
+def describe_plan(ctx: Context, plan: Plan) -> str:
+    """What a call would do, run by run, without training anything."""
+    lines = [f"{ctx.command}", *(f"  {n}" for n in plan.notes)]
+    for spec in plan.specs:
+        d = Path(spec.cfg.out)
+        state = "new"
+        if (d / "final.json").is_file():
+            it = int(json.loads((d / "final.json").read_text()).get("iter", 0))
+            state = "finished" if it >= spec.cfg.iters else f"resume (stopped at {it})"
+        elif (d / "last.pt").is_file():
+            state = "resume"
+        opts = ", ".join(f"{k}={v}" for k, v in spec.cfg.model_options.items())
+        lines.append(f"{spec.name:<28} {spec.cfg.model:<14} {opts:<40} "
+                     f"{spec.cfg.iters:>6} its  {state}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def reproduce(name: str, **kwargs: Any) -> Path:
+    """Run experiment `name` (keyword arguments as make_plan: budget=, out=, seeds=, data=,
+    device=, runs=, jobs=, compile=, progress=); returns the path of its REPORT.md."""
+    from reslab.experiments import report
+
+    ctx, module, plan = make_plan(name, **kwargs)
+    ctx.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = run_all(plan.specs, runs_root=runs_root, jobs=jobs, progress=progress,
-                      tag=f"{name} {budget}")  # fmt: skip
+    results = run_all(plan.specs, runs_root=ctx.runs_root, jobs=kwargs.get("jobs", 1),
+                      progress=ctx.progress, tag=f"{name} {ctx.budget}")  # fmt: skip
     body = module.analyse(ctx, results)
     return report.write_report(ctx, module.TITLE, plan, results, body,
                                seconds=time.perf_counter() - t0)  # fmt: skip
