@@ -227,6 +227,11 @@ def describe_plan(ctx: Context, plan: Plan) -> str:
             state = "finished" if it >= spec.cfg.iters else f"resume (stopped at {it})"
         elif (d / "last.pt").is_file():
             state = "resume"
+        if (d / "config.yaml").is_file():
+            try:
+                _same_run(yaml.safe_load((d / "config.yaml").read_text()) or {}, spec.cfg, d)
+            except ConfigMismatch:
+                state = "REFUSED: made with another config"
         opts = ", ".join(f"{k}={v}" for k, v in spec.cfg.model_options.items())
         lines.append(f"{spec.name:<28} {spec.cfg.model:<14} {opts:<40} "
                      f"{spec.cfg.iters:>6} its  {state}")  # fmt: skip
