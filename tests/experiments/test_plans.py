@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,42 @@ def test_report_train_commands_rebuild_each_runs_config() -> None:
             assert argv[:2] == ["reslab", "train"]
             args = build_parser().parse_args(argv[1:])
             assert _train_config(args).to_dict() == spec.cfg.to_dict(), (name, spec.name)
+
+
+def _fake(spec, errors: list[float], every: int = 100):
+    from reslab.experiments.runner import RunResult
+
+    rows = [{"iter": every * (i + 1), "train_error": e} for i, e in enumerate(errors)]
+    return RunResult(spec, Path("/nonexistent"), rows[-1], rows, "skipped", 0.0)
+
+
+def test_relu_tanh_analysis_picks_the_fastest_lr_and_averages_seeds(tmp_path: Path) -> None:
+    """Synthetic curves: ReLU at its best lr reaches 25% at 200 and 400 (mean 300); tanh at its
+    best lr at 1200 and 1800 (mean 1500): ratio 5.0x."""
+    from reslab.experiments import relu_tanh
+
+    ctx = Context("relu-tanh", "full", tmp_path, tmp_path / "runs", 2, "data", "cpu", "")
+    curves = {
+        ("relu", 0.005): [[50, 30, 24], [50, 30, 26, 20]],
+        ("relu", 0.01): [[40, 24], [40, 30, 30, 20]],
+        ("relu", 0.02): [[90] * 4, [90] * 4],
+        ("tanh", 0.005): [[60] * 11 + [20], [60] * 17 + [20]],
+        ("tanh", 0.01): [[60] * 19 + [24], [60] * 19 + [24]],
+        ("tanh", 0.02): [[80] * 20, [80] * 20],
+    }
+    results = [
+        _fake(s, curves[(s.tags["activation"], s.tags["lr"])][s.tags["seed"]])
+        for s in relu_tanh.plan(ctx).specs
+    ]
+    body = relu_tanh.analyse(ctx, results)
+    assert "| 25% | 300 (0.8), lr 0.01 | 1,500 (3.8), lr 0.005 | 5.0x | 6x |" in body
+    assert "ReLU faster: **yes**" in body and "not reached by both" not in body
+    assert (tmp_path / "relu_tanh.png").is_file()
+    # Tanh never gets below 30%: the comparison moves to 30%, and says so.
+    results = [
+        _fake(r.spec, [max(e, 30.5) for e in (x["train_error"] for x in r.rows)])
+        if r.spec.tags["activation"] == "tanh" else r for r in results
+    ]  # fmt: skip
+    body = relu_tanh.analyse(ctx, results)
+    assert "not reached by both activations" in body and "| 25% |" in body
+    assert re.search(r"\| 35% \| [\d,]+ \(.*\| [\d.]+x \|  \|", body), body
