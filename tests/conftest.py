@@ -27,3 +27,17 @@ def cifar_root() -> Path:
             f"RESLAB_DATA={root} but {path / 'cifar-10-batches-py'} has no CIFAR-10 batches"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar_test_images(cifar_root: Path) -> tuple[torch.Tensor, list[int]]:
+    """The first 64 CIFAR-10 test images as uint8 [64, 3, 32, 32] and their labels, read straight
+    from the python pickle (no reslab code involved)."""
+    import pickle
+
+    import numpy as np
+
+    with (cifar_root / "cifar-10-batches-py" / "test_batch").open("rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"][:64], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return torch.from_numpy(data.copy()), list(batch[b"labels"][:64])
