@@ -43,6 +43,7 @@ def plan(ctx: Context) -> Plan:
     ]
     if ctx.budget == "cpu":
         notes.append("`cpu` budget: ResNet-32 only (`full` adds 56 and 110).")
+    notes += recipes.smoke_note(ctx.budget, "ResNet-32 only")
     return Plan(specs, notes)
 
 
