@@ -238,16 +238,33 @@ def describe_plan(ctx: Context, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def reproduce(name: str, **kwargs: Any) -> Path:
-    """Run experiment `name` (keyword arguments as make_plan: budget=, out=, seeds=, data=,
-    device=, runs=, jobs=, compile=, progress=); returns the path of its REPORT.md."""
+def reproduce(
+    name: str,
+    *,
+    budget: str,
+    out: str | Path,
+    seeds: int = 1,
+    data: str | None = None,
+    device: str = "auto",
+    runs: str | Path | None = None,
+    jobs: int = 1,
+    compile: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run experiment `name` at `budget` (smoke | cpu | full) and write OUT/REPORT.md, its path.
+
+    Runs live in RUNS/BUDGET/NAME (RUNS defaults to OUT/runs); finished ones are reused,
+    interrupted ones resumed. jobs > 1 trains that many at once in separate processes."""
     from reslab.experiments import report
 
-    ctx, module, plan = make_plan(name, **kwargs)
+    ctx, module, plan = make_plan(
+        name, budget=budget, out=out, seeds=seeds, data=data, device=device, runs=runs,
+        jobs=jobs, compile=compile, progress=progress,
+    )  # fmt: skip
     ctx.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = run_all(plan.specs, runs_root=ctx.runs_root, jobs=kwargs.get("jobs", 1),
-                      progress=ctx.progress, tag=f"{name} {ctx.budget}")  # fmt: skip
+    results = run_all(plan.specs, runs_root=ctx.runs_root, jobs=jobs, progress=progress,
+                      tag=f"{name} {budget}")  # fmt: skip
     body = module.analyse(ctx, results)
     return report.write_report(ctx, module.TITLE, plan, results, body,
                                seconds=time.perf_counter() - t0)  # fmt: skip
