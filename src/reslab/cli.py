@@ -328,6 +328,73 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_data)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """`reslab reproduce NAME`: train the experiment's runs, then write DIR/REPORT.md."""
+    from reslab.data.cifar import DataError
+    from reslab.experiments.runner import ConfigMismatch, reproduce
+
+    if args.threads:
+        import torch
+
+        # On a CPU shared with other jobs, 1 thread per process avoids OpenMP oversubscription.
+        torch.set_num_threads(args.threads)
+    opts = dict(
+        budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
+        runs=args.runs, jobs=args.jobs, compile=args.compile, progress=not args.quiet,
+    )  # fmt: skip
+    try:
+        if args.dry_run:
+            from reslab.experiments.runner import describe_plan, make_plan
+
+            ctx, _, plan = make_plan(args.name, **opts)
+            print(describe_plan(ctx, plan))
+            return 0
+        path = reproduce(args.name, **opts)
+    except (DataError, ConfigMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from reslab.experiments.runner import BUDGETS, EXPERIMENTS
+
+    p = sub.add_parser("reproduce", help="run one of the paper's tables/figures and write a report")
+    p.add_argument("name", choices=sorted(EXPERIMENTS))
+    p.add_argument("--budget", choices=BUDGETS, required=True,
+                   help="smoke: ~1 min check; cpu: ~45 min scaled-down schedule; full: the "
+                   "paper's schedule (GPU)")  # fmt: skip
+    p.add_argument("--out", required=True, help="directory for REPORT.md, figures and runs/")
+    p.add_argument(
+        "--seeds", type=_positive, default=1, help="runs per configuration (seeds 0..N-1)"
+    )
+    p.add_argument("--data", help="directory holding cifar-10-batches-py (default $RESLAB_DATA)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--runs", help="RUN_DIR root shared between experiments (default OUT/runs)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once (processes sharing the device; GPU: 4-8)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the runs and whether each is new, finished or to resume; train nothing",
+    )
+    p.set_defaults(func=cmd_reproduce)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate one checkpoint, or several as an ensemble (softmax scores averaged)."""
     from pathlib import Path
@@ -502,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_demo,
         _add_export,
         _add_predict,
+        _add_reproduce,
     ):
         add(sub)
     return parser

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from reslab.data.preprocess import Preprocess
+from reslab.data.transforms import PCALighting
 
 
 def _generator(device: torch.device, *words: int) -> torch.Generator:
@@ -105,6 +106,10 @@ class ShardedOrder:
 class TensorLoader(ShardedOrder):
     """Batches of a uint8 [N, 3, H, W] tensor that lives on the training device; augmentation
     (pad/crop/flip) is batched tensor ops there, drawn from (seed, epoch, step, rank).
+
+    lighting: AlexNet's PCA colour augmentation on training batches (None: off). It shifts each
+    image's colour before the pad/crop, so padded pixels stay at the mean, and draws from its own
+    (seed, epoch, step, rank) stream, so the crops and flips are the same with and without it.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class TensorLoader(ShardedOrder):
         world_size: int = 1,
         channels_last: bool = True,
         dtype: torch.dtype = torch.float32,
+        lighting: PCALighting | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
@@ -133,6 +139,7 @@ class TensorLoader(ShardedOrder):
         self.seed, self.pad, self.flip = seed, pad, flip
         self.rank, self.world_size = rank, world_size
         self.channels_last, self.dtype = channels_last, dtype
+        self.lighting = lighting
 
     @property
     def device(self) -> torch.device:
@@ -140,6 +147,12 @@ class TensorLoader(ShardedOrder):
 
     def _batch(self, idx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess.normalize(self.images[idx], dtype=self.dtype)  # [B, 3, H, W]
+        if self.train and self.lighting is not None:
+            # (x/255 + rgb - mean)/std = normalize(x) + rgb/std: one offset per image [B, 3].
+            gl = _generator(self.device, self.seed, self.epoch, step, self.rank, 0x11647)
+            rgb = self.lighting.shifts(len(idx), device=x.device, generator=gl)
+            std = self.preprocess.std.to(x.device).reshape(3)
+            x = x + (rgb / std).to(x.dtype)[:, :, None, None]
         if self.train:
             g = _generator(self.device, self.seed, self.epoch, step, self.rank)
             x = pad_crop_flip(x, pad=self.pad, flip=self.flip, generator=g)

@@ -48,6 +48,13 @@ def build_cifar(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDa
                            train.classes)  # fmt: skip
     pre = cifar_preprocess(cfg.normalization, train.images)
     dtype = torch.float32
+    lighting = None
+    if cfg.pca_lighting:
+        from reslab.data.stats import compute_stats
+
+        # The eigenvectors/values of the 3x3 RGB covariance of the images this run trains on.
+        chunks = (train.images[i : i + 5000] for i in range(0, len(train.images), 5000))
+        lighting = compute_stats(chunks, source=f"{cfg.dataset}:{train_split}").lighting()
 
     def loader(split: str, *, is_train: bool) -> TensorLoader:
         part = train if is_train else load_cifar(cfg.data, dataset=cfg.dataset, split=split)
@@ -58,7 +65,7 @@ def build_cifar(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDa
             part.images.to(device), part.labels.to(device), batch_size=cfg.batch_size if is_train
             else 500 * dist.world_size, preprocess=pre, train=is_train, seed=cfg.seed,
             pad=cfg.pad, flip=cfg.flip, rank=dist.rank, world_size=dist.world_size,
-            channels_last=cfg.channels_last, dtype=dtype,
+            channels_last=cfg.channels_last, dtype=dtype, lighting=lighting if is_train else None,
         )  # fmt: skip
 
     evals: dict[str, Iterable] = {}
