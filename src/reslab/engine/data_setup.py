@@ -55,6 +55,9 @@ def build_cifar(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDa
             if split == train_split
             else load_cifar(cfg.data, dataset=cfg.dataset, split=split)
         )
+        if not is_train and cfg.eval_subset:
+            n = cfg.eval_subset
+            part = CifarSplit(part.images[:n], part.labels[:n], part.classes)
         return TensorLoader(
             part.images.to(device), part.labels.to(device), batch_size=cfg.batch_size if is_train
             else 500 * dist.world_size, preprocess=pre, train=is_train, seed=cfg.seed,
