@@ -57,7 +57,12 @@ def init_from_env(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        # The store torchrun describes (MASTER_ADDR/PORT). Its agent keeps one store across
+        # restarts (--max-restarts): without a prefix per attempt, a restarted process could
+        # read the addresses that the killed processes published there and never connect.
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"reslab/attempt{restart_count()}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return DistInfo(rank=rank, world_size=world, local_rank=local)
 
 
