@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/reslab models
+	$(BIN)/reslab demo $(if $(RESLAB_DATA),,--download)
 
 test: venv
 	$(BIN)/ruff check src tests benchmarks

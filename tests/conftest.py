@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# One intra-op thread per test process (and per subprocess it starts): the test workloads are
+# tiny, and two OpenMP threads stall at every barrier whenever the other core is busy (measured
+# here: a 40-step ResNet-20 run took 38-88 s with 2 threads on a loaded machine, 5 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +27,17 @@ def cifar_root() -> Path:
             f"RESLAB_DATA={root} but {path / 'cifar-10-batches-py'} has no CIFAR-10 batches"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar_test_images(cifar_root: Path) -> tuple[torch.Tensor, list[int]]:
+    """The first 64 CIFAR-10 test images as uint8 [64, 3, 32, 32] and their labels, read straight
+    from the python pickle (no reslab code involved)."""
+    import pickle
+
+    import numpy as np
+
+    with (cifar_root / "cifar-10-batches-py" / "test_batch").open("rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"][:64], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return torch.from_numpy(data.copy()), list(batch[b"labels"][:64])

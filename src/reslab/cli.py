@@ -52,6 +52,129 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_models)
 
 
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="FILE", help="a reslab checkpoint or safetensors file")
+    src.add_argument(
+        "--weights", metavar="FILE", help="weights in any supported format (torchvision, "
+        "pytorch_resnet_cifar10 .th, safetensors, DataParallel state_dict, reslab)",
+    )  # fmt: skip
+    p.add_argument("--model", metavar="NAME", help="architecture for --weights (default: detected)")
+
+
+def _load_model_source(args: argparse.Namespace):
+    from reslab.models.weights import model_from_weights
+
+    if args.checkpoint is not None:
+        if args.model is not None:
+            raise ValueError("--model goes with --weights; a --checkpoint names its own model")
+        return model_from_weights(args.checkpoint)
+    return model_from_weights(args.weights, model_name=args.model)
+
+
+def _fail(cmd: str, err: BaseException) -> int:
+    print(f"reslab {cmd}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the model as ONNX or TorchScript with its preprocessing and classes inside."""
+    from reslab.export import export_model
+    from reslab.models import model_info
+
+    try:
+        model, info = _load_model_source(args)
+        pre = info.preprocess or {}
+        size = pre.get("input_size") or model_info(info.model_name).input_size
+        out = export_model(
+            model, args.out, format=args.format, input_size=size, model_name=info.model_name,
+            model_options=info.model_options, preprocess=info.preprocess, classes=info.classes,
+        )  # fmt: skip
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        return _fail("export", e)
+    print(f"wrote {out} ({args.format}, {info.model_name}, input [N, 3, {size}, {size}])")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX or TorchScript (dynamic batch)")
+    _add_model_source(p)
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k classes per image, using the preprocessing stored with the weights."""
+    import json
+
+    import torch
+
+    from reslab.inference import InferenceModel
+    from reslab.models import model_info
+    from reslab.predict import PredictError, collect_images, predict_files
+
+    try:
+        paths = collect_images(args.inputs)
+        model, info = _load_model_source(args)
+        pre = info.preprocess
+        if pre is None:
+            if args.normalize is None:
+                raise ValueError(
+                    f"{info.path} carries no preprocessing (a bare state_dict); say how its "
+                    "inputs were normalised with --normalize imagenet|cifar10"
+                )
+            pre = _named_preprocess(args.normalize, model_info(info.model_name).input_size)
+        runner = InferenceModel(
+            model, device=torch.device(args.device), precision=args.precision,
+            backend=args.backend, input_size=int(pre["input_size"]),
+        )  # fmt: skip
+        preds = predict_files(
+            runner, paths, preprocess=pre, classes=info.classes, topk=args.topk,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    except (ValueError, KeyError, FileNotFoundError, PredictError) as e:
+        return _fail("predict", e)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=1))
+    else:
+        for p in preds:
+            if p.error is not None:
+                print(f"{p.path}: ERROR {p.error}")
+            else:
+                print(f"{p.path}: " + ", ".join(f"{c} {v:.1%}" for c, v in p.top))
+    bad = sum(p.error is not None for p in preds)
+    if bad:
+        print(f"{bad} of {len(preds)} images could not be read", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _named_preprocess(name: str, size: int) -> dict:
+    from reslab.data.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet" else (CIFAR10_MEAN, CIFAR10_STD)
+    return {"kind": "imagenet" if size > 32 else "cifar", "input_size": size,
+            "resize": 256 if size == 224 else None, "mode": "per_channel",
+            "mean": list(mean), "std": list(std)}  # fmt: skip
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify images (files or directories)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR")
+    _add_model_source(p)
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where the hardware has native bf16")  # fmt: skip
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: export once, then run fp32 on the CPU")  # fmt: skip
+    p.add_argument("--normalize", choices=["imagenet", "cifar10"], default=None,
+                   help="only for weights that carry no preprocessing")  # fmt: skip
+    p.set_defaults(func=cmd_predict)
+
+
 def _train_config(args: argparse.Namespace):
     """Recipe, then --set assignments, then the explicit flags (which win)."""
     import os
@@ -218,13 +341,249 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_data)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """`reslab reproduce NAME`: train the experiment's runs, then write DIR/REPORT.md."""
+    from reslab.data.cifar import DataError
+    from reslab.experiments.runner import ConfigMismatch, reproduce
+
+    if args.threads:
+        import torch
+
+        # On a CPU shared with other jobs, 1 thread per process avoids OpenMP oversubscription.
+        torch.set_num_threads(args.threads)
+    opts = dict(
+        budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
+        runs=args.runs, jobs=args.jobs, compile=args.compile, progress=not args.quiet,
+    )  # fmt: skip
+    try:
+        if args.dry_run:
+            from reslab.experiments.runner import describe_plan, make_plan
+
+            ctx, _, plan = make_plan(args.name, **opts)
+            print(describe_plan(ctx, plan))
+            return 0
+        path = reproduce(args.name, **opts)
+    except (DataError, ConfigMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from reslab.experiments.runner import BUDGETS, EXPERIMENTS
+
+    p = sub.add_parser("reproduce", help="run one of the paper's tables/figures and write a report")
+    p.add_argument("name", choices=sorted(EXPERIMENTS))
+    p.add_argument("--budget", choices=BUDGETS, required=True,
+                   help="smoke: ~1 min check; cpu: ~45 min scaled-down schedule; full: the "
+                   "paper's schedule (GPU)")  # fmt: skip
+    p.add_argument("--out", required=True, help="directory for REPORT.md, figures and runs/")
+    p.add_argument(
+        "--seeds", type=_positive, default=1, help="runs per configuration (seeds 0..N-1)"
+    )
+    p.add_argument("--data", help="directory holding cifar-10-batches-py (default $RESLAB_DATA)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--runs", help="RUN_DIR root shared between experiments (default OUT/runs)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once (processes sharing the device; GPU: 4-8)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the runs and whether each is new, finished or to resume; train nothing",
+    )
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate one checkpoint, or several as an ensemble (softmax scores averaged)."""
+    from pathlib import Path
+
+    from reslab.data.cifar import DataError
+    from reslab.engine.eval_run import format_report, run_eval, write_outputs
+
+    try:
+        result, members, classes = run_eval(
+            checkpoints=args.checkpoint or (),
+            weights=args.weights,
+            model_name=args.model,
+            labels_file=args.labels,
+            workers=args.workers,
+            data=args.data,
+            dataset=args.dataset,
+            split=args.split,
+            views=args.views,
+            scales=args.scales,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            limit=args.limit,
+        )
+    except (DataError, ValueError, FileNotFoundError) as e:  # WeightsError is a ValueError
+        print(f"reslab eval: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.dataset} {args.split}, {args.views} view(s), {result.ensemble.num_samples} "
+        f"images, {args.precision}"
+    )
+    print(format_report(result, classes))
+    files = args.checkpoint or [args.weights]
+    out = Path(args.out) if args.out else Path(files[0]).parent / "eval"
+    meta = {
+        "checkpoints": [str(p) for p in files],
+        "models": [m.model_name for m in members],
+        "dataset": args.dataset,
+        "split": args.split,
+        "views": args.views,
+        "precision": args.precision,
+        "limit": args.limit,
+    }
+    written = write_outputs(
+        result, classes, out_dir=out, json_path=Path(args.json) if args.json else None, meta=meta
+    )
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 error, per-class accuracy, confusion matrix; "
+        "several checkpoints are evaluated as an ensemble",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint",
+        nargs="+",
+        metavar="FILE",
+        help="reslab checkpoint(s); several = an ensemble",
+    )
+    src.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="weights in another format (torchvision, "
+        "pytorch_resnet_cifar10 .th, safetensors); with --model",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="architecture for --weights (default: detected from the file)",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="directory holding the data set")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE",
+        help="label file of a flat folder (ImageNet val layout), --dataset folder",
+    )
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for folders")
+    p.add_argument("--split", choices=["test", "val5k"], default="test")
+    p.add_argument("--views", choices=["center", "ten-crop", "multi-scale"], default="center")
+    p.add_argument(
+        "--scales",
+        type=int,
+        nargs="+",
+        default=None,
+        help="input sides for --views multi-scale (default 32 40 48 for 32px "
+        "models, 224 256 384 480 640 for ImageNet ones)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default 500 for CIFAR, 32 for folders"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument(
+        "--json", default=None, metavar="OUT", help="JSON report path (default OUT_DIR/eval.json)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where confusion PNGs go (default: CHECKPOINT_DIR/eval)",
+    )
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Figure-6-style training curves of one or more RUN_DIRs on one PNG."""
+    from reslab.analysis.plots import load_runs, plot_curves
+
+    try:
+        runs = load_runs(args.run_dir)
+        out = plot_curves(runs, out=args.out, title=args.title, test_key=args.test_key)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"reslab plot: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="training curves (Figure 6 style) of RUN_DIRs to a PNG")
+    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="curves.png", metavar="PNG")
+    p.add_argument("--title", default=None)
+    p.add_argument(
+        "--test-key",
+        default="test_error",
+        help="metrics.jsonl field drawn bold (test_error or val_error)",
+    )
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from reslab.demo import run_demo
+
+    data = args.data or os.environ.get("RESLAB_DATA") or "data"
+    run_demo(data=data, out=args.out, minutes=args.minutes, download=args.download)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: a few minutes of ResNet-20 on CIFAR-10")
+    p.add_argument("--data", help="directory holding cifar-10-batches-py (default $RESLAB_DATA)")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time to plan for")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR-10 if it is missing")
+    p.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="reslab", description="Deep residual learning (He et al., 2015): models, training, "
-        "reproduction of the paper's tables and figures."
-    )  # fmt: skip
+        prog="reslab",
+        description="Deep residual learning (He et al., 2015): models, training, "
+        "reproduction of the paper's tables and figures.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_data, _add_train):
+    for add in (
+        _add_models,
+        _add_data,
+        _add_train,
+        _add_eval,
+        _add_plot,
+        _add_demo,
+        _add_export,
+        _add_predict,
+        _add_reproduce,
+    ):
         add(sub)
     return parser
 

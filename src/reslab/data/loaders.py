@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from reslab.data.preprocess import Preprocess
+from reslab.data.transforms import PCALighting
 
 
 def _generator(device: torch.device, *words: int) -> torch.Generator:
@@ -60,13 +61,68 @@ def pad_crop_flip(
     return out.permute(0, 3, 1, 2)  # [N, C, H, W] view with channels-last strides
 
 
-class TensorLoader:
-    """Batches of a uint8 [N, 3, H, W] tensor that lives on the training device.
+class ShardedOrder:
+    """The sample order shared by both loaders, and their whole resumable state.
 
     batch_size is the global batch; with world_size > 1 each rank takes its contiguous share of
     every global batch, so k ranks step in lockstep over the same sample order as one process.
-    train=True: reshuffle every epoch, drop the last partial batch, augment (pad/crop/flip).
-    train=False: fixed order, every sample once, no augmentation (ranks split the set).
+    train=True: a fresh permutation per epoch from (seed, epoch), last partial batch dropped.
+    train=False: fixed order, every sample once, ranks split the set into contiguous parts.
+    State: (epoch, step, seed) — the position after the last batch handed out.
+    """
+
+    batch_size: int
+    train: bool
+    seed: int
+    rank: int
+    world_size: int
+
+    def _init_order(self, n: int, batch_size: int, world_size: int) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must divide by world size {world_size}")
+        self._n = n
+        self.epoch, self.step = 0, 0
+
+    def _eval_range(self) -> tuple[int, int]:
+        per = -(-self._n // self.world_size)
+        return min(self._n, self.rank * per), min(self._n, (self.rank + 1) * per)
+
+    def __len__(self) -> int:
+        """Batches per epoch (train) or per pass over this rank's share (eval)."""
+        if self.train:
+            return self._n // self.batch_size
+        lo, hi = self._eval_range()
+        return -(-(hi - lo) // (self.batch_size // self.world_size))
+
+    def index_batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(step, this rank's sample indices) from the current position; CPU int64 tensors."""
+        share = self.batch_size // self.world_size
+        if self.train:
+            g = _generator(torch.device("cpu"), self.seed, self.epoch, 0xC1FA)
+            order = torch.randperm(self._n, generator=g)
+            for step in range(self.step, len(self)):
+                start = step * self.batch_size + self.rank * share
+                yield step, order[start : start + share]
+        else:
+            lo, hi = self._eval_range()
+            for step, start in enumerate(range(lo, hi, share)):
+                yield step, torch.arange(start, min(hi, start + share))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.seed = int(state["seed"])
+
+
+class TensorLoader(ShardedOrder):
+    """Batches of a uint8 [N, 3, H, W] tensor that lives on the training device; augmentation
+    (pad/crop/flip) is batched tensor ops there, drawn from (seed, epoch, step, rank).
+
+    lighting: AlexNet's PCA colour augmentation on training batches (None: off). It shifts each
+    image's colour before the pad/crop, so padded pixels stay at the mean, and draws from its own
+    (seed, epoch, step, rank) stream, so the crops and flips are the same with and without it.
     """
 
     def __init__(
@@ -84,45 +140,32 @@ class TensorLoader:
         world_size: int = 1,
         channels_last: bool = True,
         dtype: torch.dtype = torch.float32,
+        lighting: PCALighting | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
                 f"images must be uint8 [N, C, H, W], got {images.dtype} {images.shape}"
             )
-        if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} must divide by world size {world_size}")
+        self._init_order(len(labels), batch_size, world_size)
         self.images, self.labels = images, labels.to(images.device)
         self.batch_size, self.preprocess, self.train = batch_size, preprocess, train
         self.seed, self.pad, self.flip = seed, pad, flip
         self.rank, self.world_size = rank, world_size
         self.channels_last, self.dtype = channels_last, dtype
-        self.epoch, self.step = 0, 0
+        self.lighting = lighting
 
     @property
     def device(self) -> torch.device:
         return self.images.device
 
-    def __len__(self) -> int:
-        """Batches per epoch (train) or per pass over this rank's share (eval)."""
-        if self.train:
-            return len(self.labels) // self.batch_size
-        lo, hi = self._eval_range()
-        return -(-(hi - lo) // (self.batch_size // self.world_size))
-
-    def _eval_range(self) -> tuple[int, int]:
-        n = len(self.labels)
-        per = -(-n // self.world_size)
-        return min(n, self.rank * per), min(n, (self.rank + 1) * per)
-
-    def _order(self) -> torch.Tensor:
-        if not self.train:
-            lo, hi = self._eval_range()
-            return torch.arange(lo, hi, device=self.device)
-        g = _generator(torch.device("cpu"), self.seed, self.epoch, 0xC1FA)
-        return torch.randperm(len(self.labels), generator=g).to(self.device)
-
     def _batch(self, idx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess.normalize(self.images[idx], dtype=self.dtype)  # [B, 3, H, W]
+        if self.train and self.lighting is not None:
+            # (x/255 + rgb - mean)/std = normalize(x) + rgb/std: one offset per image [B, 3].
+            gl = _generator(self.device, self.seed, self.epoch, step, self.rank, 0x11647)
+            rgb = self.lighting.shifts(len(idx), device=x.device, generator=gl)
+            std = self.preprocess.std.to(x.device).reshape(3)
+            x = x + (rgb / std).to(x.dtype)[:, :, None, None]
         if self.train:
             # One random stream per global batch (no rank in the seed); each rank takes its
             # slice of the draws, so the augmentation does not depend on the world size.
@@ -137,25 +180,97 @@ class TensorLoader:
         return x, self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order()
-        if self.train:
-            share = self.batch_size // self.world_size
-            for step in range(self.step, len(self)):
-                start = step * self.batch_size + self.rank * share
+        for step, idx in self.index_batches():
+            if self.train:
                 self.step = step + 1  # position after this batch, for a checkpoint taken now
-                yield self._batch(order[start : start + share], step)
+            yield self._batch(idx.to(self.device), step)
+        if self.train:
             self.epoch, self.step = self.epoch + 1, 0
-        else:
-            share = self.batch_size // self.world_size
-            for start in range(0, len(order), share):
-                yield self._batch(order[start : start + share], 0)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.step, self.seed = (
-            int(state["epoch"]),
-            int(state["step"]),
-            int(state["seed"]),
+class _SeededSample(torch.utils.data.Dataset):
+    """Seeds torch's RNG from (seed, epoch, index) before each sample's random transform, so the
+    augmentation of every image is a pure function of the run's position, on any worker."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        torch.manual_seed(
+            int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         )
+        return self.dataset[index]
+
+
+class _GlobalBatches(torch.utils.data.Sampler):
+    """The loader's index batches as (epoch, index) keys for _SeededSample."""
+
+    def __init__(self, loader: FolderLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader) - (self.loader.step if self.loader.train else 0)
+
+    def __iter__(self):
+        epoch = self.loader.epoch
+        for _, idx in self.loader.index_batches():
+            yield [(epoch, i) for i in idx.tolist()]
+
+
+class FolderLoader(ShardedOrder):
+    """Image-folder batches with the TensorLoader interface: decoding and geometric transforms in
+    DataLoader workers on uint8 tensors, normalisation and PCA lighting batched on the device.
+
+    Same sample order and sharding as TensorLoader; state is (epoch, step, seed), and each
+    image's random crop is seeded from (seed, epoch, index), so resumed runs continue exactly.
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        batch_size: int,
+        preprocess: Preprocess,
+        train: bool,
+        device: torch.device,
+        seed: int = 0,
+        lighting: torch.nn.Module | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 4,
+        channels_last: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self._init_order(len(dataset), batch_size, world_size)  # type: ignore[arg-type]
+        self.dataset = dataset
+        self.batch_size, self.preprocess, self.train = batch_size, preprocess, train
+        self.device, self.seed, self.lighting = device, seed, lighting
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.channels_last, self.dtype = channels_last, dtype
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from reslab.data.transforms import prepare_batch
+
+        dl = torch.utils.data.DataLoader(
+            _SeededSample(self.dataset, self.seed), batch_sampler=_GlobalBatches(self),
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )  # fmt: skip
+        step = self.step
+        for x, y in dl:
+            g = _generator(self.device, self.seed, self.epoch, step, self.rank)
+            x = prepare_batch(
+                x, preprocess=self.preprocess, device=self.device,
+                lighting=self.lighting if self.train else None, generator=g,
+                channels_last=self.channels_last, dtype=self.dtype,
+            )  # fmt: skip
+            step += 1
+            if self.train:
+                self.step = step
+            yield x, y.to(self.device, non_blocking=True)
+        if self.train:
+            self.epoch, self.step = self.epoch + 1, 0

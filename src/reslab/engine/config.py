@@ -29,6 +29,13 @@ class TrainConfig:
     normalization: str = "per_pixel"  # section 4.2: per-pixel mean subtracted; or per_channel
     train_subset: int | None = None  # use only the first N training images (smoke runs, tests)
     eval_subset: int | None = None  # evaluate on the first N images of each split
+    folder_augment: str = (
+        "imagenet"  # folders: imagenet (section 3.4 scale aug) | alexnet (256x256)
+    )
+    image_size: int = 224  # folders: crop side (section 3.4)
+    resize: int = 256  # folders: shorter side before the centre crop at test time
+    pca_lighting: bool = False  # AlexNet's PCA colour augmentation (section 3.4 uses it)
+    stats: str | None = None  # `reslab data stats` file: mean image / mean+std / PCA eigen
     pad: int = 4  # section 4.2: 4 pixels padded on each side, random 32x32 crop
     flip: bool = True  # section 4.2: random horizontal flip
     # --- optimisation ---

@@ -1,39 +1,259 @@
-"""Top-1 / top-5 error of a model over a loader, batched and summed on the device."""
+"""Top-1/top-5 error, per-class accuracy and the confusion matrix, for one model or an ensemble.
+
+Counts accumulate in device tensors (no host sync per batch); under torch.distributed they are
+summed over ranks at the end, so any number of processes reports what one process would.
+Scores are softmax probabilities in fp32, averaged over views and over ensemble members.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from reslab.engine.distributed import all_reduce_sum
 from reslab.engine.precision import autocast
+from reslab.engine.views import Views, make_views
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+Normalize = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class EvalResult:
-    top1_error: float  # %
-    top5_error: float  # %
-    count: int
+    """Errors in %; confusion[i, j] counts samples of true class i predicted as j (CPU int64)."""
+
+    top1_error: float
+    top5_error: float
+    loss: float  # mean cross-entropy of the (view-averaged) probabilities
+    num_samples: int
+    per_class_accuracy: torch.Tensor  # float64 [C], %; NaN for a class with no samples
+    confusion: torch.Tensor  # int64 [C, C]
+    name: str = ""
+
+    @property
+    def count(self) -> int:
+        """Samples evaluated (the trainer's name for num_samples)."""
+        return self.num_samples
+
+    def to_dict(self, classes: Sequence[str] | None = None) -> dict[str, Any]:
+        names = list(classes) if classes else [str(i) for i in range(len(self.confusion))]
+        acc = self.per_class_accuracy.tolist()
+        return {
+            "name": self.name,
+            "top1_error": self.top1_error,
+            "top5_error": self.top5_error,
+            "loss": self.loss,
+            "num_samples": self.num_samples,
+            "per_class_accuracy": {n: (None if a != a else a) for n, a in zip(names, acc)},
+            "confusion": self.confusion.tolist(),
+        }
+
+
+@dataclass
+class EnsembleResult:
+    members: list[EvalResult]
+    ensemble: EvalResult
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Counts:
+    """Running sums on the device: confusion [C, C], top-5 hits, NLL sum, bad labels."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.c = num_classes
+        self.k = min(5, num_classes)
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        self.top5 = torch.zeros((), dtype=torch.int64, device=device)
+        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.bad = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, probs: torch.Tensor, y: torch.Tensor) -> None:
+        # probs: float32 [B, C]; y: int64 [B]. Out-of-range labels are counted, not indexed,
+        # so a bad label becomes a clear error at the end instead of a device-side assert.
+        valid = (y >= 0) & (y < self.c)
+        ys = torch.where(valid, y, torch.zeros_like(y))
+        pred = probs.argmax(1)
+        self.confusion.scatter_add_(0, ys * self.c + pred, valid.long())
+        hits = (probs.topk(self.k, 1).indices == ys[:, None]).any(1) & valid
+        self.top5 += hits.sum()
+        p_true = probs.gather(1, ys[:, None]).squeeze(1).clamp_min(1e-12)
+        self.nll -= torch.where(valid, p_true.log(), torch.zeros_like(p_true)).double().sum()
+        self.bad += (~valid).sum()
+
+    def reduce(self) -> None:
+        for t in (self.confusion, self.top5, self.nll, self.bad):
+            all_reduce_sum(t)
+
+    def result(self, name: str) -> EvalResult:
+        conf = self.confusion.view(self.c, self.c).cpu()
+        n = int(conf.sum())
+        if int(self.bad):
+            raise ValueError(
+                f"{int(self.bad)} labels lie outside 0..{self.c - 1}: the data set has more "
+                f"classes than the model's {self.c} outputs (pass the matching --dataset)"
+            )
+        if n == 0:
+            raise ValueError("the loader yielded no samples; check the data directory and split")
+        rows = conf.sum(1).double()
+        per_class = 100.0 * conf.diag().double() / rows  # NaN where a class has no samples
+        return EvalResult(
+            top1_error=100.0 * (1 - int(conf.diag().sum()) / n),
+            top5_error=100.0 * (1 - int(self.top5) / n),
+            loss=float(self.nll) / n,
+            num_samples=n,
+            per_class_accuracy=per_class,
+            confusion=conf,
+            name=name,
+        )
+
+
+def view_probs(
+    model: nn.Module, x: Views, *, num_classes: int | None, precision: str
+) -> torch.Tensor:
+    """Softmax scores averaged over views: x is [B, ...], [B, V, ...] or a list of such.
+    num_classes=None takes the model's output width."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    batches = x if isinstance(x, list) else [x]
+    total: torch.Tensor | None = None
+    count = 0
+    for v in batches:
+        multi = v.dim() == 5  # [B, V, 3, H, W] -> run the B*V crops as one batch
+        flat = v.flatten(0, 1) if multi else v
+        with autocast(precision, flat.device):
+            logits = model(flat)
+        num_classes = logits.shape[-1] if num_classes is None else num_classes
+        if logits.dim() != 2 or logits.shape[1] != num_classes:
+            raise ValueError(
+                f"the model outputs {tuple(logits.shape)} but the data set has {num_classes} "
+                "classes; pass the matching --dataset or a model built for it"
+            )
+        probs = logits.float().softmax(1)
+        if multi:
+            probs = probs.view(v.shape[0], v.shape[1], num_classes)
+            total = probs.sum(1) if total is None else total + probs.sum(1)
+            count += v.shape[1]
+        else:
+            total = probs if total is None else total + probs
+            count += 1
+    if total is None:
+        raise ValueError("a batch with no views")
+    return total / count
+
+
+def _to_device(x: Views, device: torch.device) -> Views:
+    if isinstance(x, (list, tuple)):
+        return [t.to(device, non_blocking=True) for t in x]
+    return x.to(device, non_blocking=True)
 
 
 @torch.no_grad()
+def evaluate_ensemble(
+    models: Sequence[nn.Module],
+    loader: Iterable[tuple[Views, torch.Tensor]],
+    *,
+    device: torch.device | str,
+    precision: str = "fp32",
+    num_classes: int | None = None,
+    views: str = "center",
+    scales: Sequence[int] | None = None,
+    crop: int | None = None,
+    normalizers: Sequence[Normalize | None] | None = None,
+    names: Sequence[str] | None = None,
+) -> EnsembleResult:
+    """Evaluate each member and the average of their softmax scores in one pass over `loader`.
+
+    loader yields (x, y). Without `normalizers`, x is the network input; with them, x is the raw
+    batch (e.g. uint8 [B, 3, H, W]) and member i sees normalizers[i](x), so members trained with
+    different preprocessing share one loader. Views are made after normalisation.
+    """
+    device = torch.device(device)
+    if not models:
+        raise ValueError("no models to evaluate")
+    norms = list(normalizers) if normalizers is not None else [None] * len(models)
+    labels = list(names) if names is not None else [f"model{i}" for i in range(len(models))]
+    if len(norms) != len(models) or len(labels) != len(models):
+        raise ValueError("normalizers and names must have one entry per model")
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    counts: list[_Counts] = []  # made at the first batch, once the class count is known
+    joint: _Counts | None = None
+    try:
+        for x, y in loader:
+            x, y = _to_device(x, device), y.to(device, non_blocking=True)
+            mean: torch.Tensor | None = None
+            for i, (model, norm) in enumerate(zip(models, norms)):
+                xi = x if norm is None else _apply(norm, x)
+                probs = view_probs(
+                    model,
+                    make_views(xi, views, size=crop, scales=scales),
+                    num_classes=num_classes,
+                    precision=precision,
+                )
+                if len(counts) < len(models):
+                    num_classes = probs.shape[1]
+                    counts.append(_Counts(num_classes, device))
+                counts[i].add(probs, y)
+                mean = probs if mean is None else mean + probs
+            if len(models) > 1 and mean is not None:
+                joint = joint or _Counts(mean.shape[1], device)
+                joint.add(mean / len(models), y)
+    finally:
+        for m, t in zip(models, was_training):
+            m.train(t)
+    if not counts:
+        # Every rank must join the all-reduces; a rank without batches cannot know the class
+        # count, so this needs it given.
+        if num_classes is None:
+            raise ValueError("the loader yielded no samples; check the data directory and split")
+        counts = [_Counts(num_classes, device) for _ in models]
+    if len(models) > 1 and joint is None:
+        joint = _Counts(counts[0].c, device)
+    for cnt in [*counts, *([joint] if joint is not None else [])]:
+        cnt.reduce()
+    members = [c.result(n) for c, n in zip(counts, labels)]
+    ensemble = joint.result("ensemble") if joint is not None else members[0]
+    return EnsembleResult(members=members, ensemble=ensemble)
+
+
+def _apply(norm: Normalize, x: Views) -> Views:
+    return [norm(t) for t in x] if isinstance(x, list) else norm(x)
+
+
 def evaluate(
-    model: nn.Module, loader: Iterable, *, device: torch.device, precision: str = "fp32"
+    model: nn.Module,
+    loader: Iterable[tuple[Views, torch.Tensor]],
+    *,
+    device: torch.device | str,
+    precision: str = "fp32",
+    num_classes: int | None = None,
+    views: str = "center",
+    scales: Sequence[int] | None = None,
+    crop: int | None = None,
+    normalize: Normalize | None = None,
 ) -> EvalResult:
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top1 right, top5 right, seen
-    for x, y in loader:
-        with autocast(precision, device):
-            logits = model(x)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top5 == y[:, None]
-        counts += torch.stack(
-            [hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=device)]
-        )
-    model.train(was_training)
-    c1, c5, n = all_reduce_sum(counts).tolist()
-    return EvalResult(100.0 * (1 - c1 / max(n, 1)), 100.0 * (1 - c5 / max(n, 1)), n)
+    """Top-1/top-5 error (%), per-class accuracy and confusion matrix of `model` on `loader`.
+
+    num_classes: the model's output width when None (give it under torch.distributed when a
+    rank may see no batch). views="center": x is [B, 3, H, W]. "ten-crop" / "multi-scale": x may already hold the views
+    ([B, V, 3, H, W] or a list of per-scale batches); a plain [B, 3, H, W] batch is turned into
+    them on the device (reslab.engine.views). Softmax scores are averaged over views.
+    """
+    return evaluate_ensemble(
+        [model],
+        loader,
+        device=device,
+        precision=precision,
+        num_classes=num_classes,
+        views=views,
+        scales=scales,
+        crop=crop,
+        normalizers=[normalize],
+        names=[getattr(model, "name", type(model).__name__)],
+    ).ensemble

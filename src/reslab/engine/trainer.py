@@ -80,16 +80,30 @@ def run_info() -> dict[str, Any]:
     return info
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    model = create_model(cfg.model, num_classes=num_classes, **cfg.model_options)
+def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and the options that rebuild it. With `cfg.weights`, the file's own options
+    (e.g. torchvision's stride_in_3x3=True) apply unless the config sets them, and the
+    classifier is re-initialised when the file has another number of classes (fine-tuning)."""
+    options = dict(cfg.model_options)
+    file_classes = None
+    if cfg.weights:
+        from reslab.models.weights import read_weights
+
+        _, meta = read_weights(cfg.weights)
+        file_opts = dict(meta.get("model_options") or {})
+        file_classes = file_opts.pop("num_classes", None)
+        options = {**file_opts, **options}
+    options["num_classes"] = num_classes
+    model = create_model(cfg.model, **options)
     if cfg.weights:
         from reslab.models.weights import load_weights
 
-        load_weights(model, cfg.weights, head="reinit")
+        head = "load" if file_classes == num_classes else "reinit"
+        load_weights(model, cfg.weights, head=head)
     if cfg.freeze_backbone:
         for name, p in model.named_parameters():
             p.requires_grad = name.split(".")[0] in ("fc", "fc8")
-    return model
+    return model, options
 
 
 class Trainer:
@@ -111,13 +125,13 @@ class Trainer:
         if cfg.epochs is not None:
             cfg.iters = max(1, round(cfg.epochs * self.data.train_size / cfg.batch_size))
         num_classes = cfg.num_classes or len(self.data.classes)
-        self.model = build_model(cfg, num_classes).to(self.device)
+        self.model, self.model_options = build_model(cfg, num_classes)
+        self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.sync_bn:
             # Before the optimizer is built, so that it holds the parameters of the layers used.
             self.model = D.convert_sync_batchnorm(self.model, self.device)
-        self.model_options = {**cfg.model_options, "num_classes": num_classes}
         self.optimizer = make_sgd(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
@@ -220,7 +234,8 @@ class Trainer:
             "train_error": 100.0 * wrong / max(seen, 1),
         }
         for split, loader in self.data.evals.items():
-            r = evaluate(self.model, loader, device=self.device, precision=self.precision)
+            r = evaluate(self.model, loader, device=self.device, precision=self.precision,
+                         num_classes=self.model_options["num_classes"])  # fmt: skip
             row[f"{split}_error"], row[f"{split}_top5"] = r.top1_error, r.top5_error
         row["images_per_s"] = images_per_s
         row["wall_time"] = s.wall

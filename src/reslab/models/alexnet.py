@@ -188,5 +188,5 @@ def alexnet_cifar(
     )  # fmt: skip
 
 
-register_model(ModelInfo("alexnet", alexnet, "alexnet", 8, 224))
+register_model(ModelInfo("alexnet", alexnet, "alexnet", 8, 224, paper_params=60e6))  # "60 million"
 register_model(ModelInfo("alexnet_cifar", alexnet_cifar, "alexnet", 4, 32))

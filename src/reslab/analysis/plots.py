@@ -1,0 +1,182 @@
+"""Training curves in the style of the paper's Figure 6, and confusion matrices, as PNG files.
+
+Uses matplotlib's object API with the Agg canvas directly (no pyplot), so importing or plotting
+never touches a display or global backend state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+@dataclass
+class Run:
+    """One training run's curves: metrics.jsonl rows (dicts) and a legend label."""
+
+    label: str
+    rows: list[dict]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """metrics.jsonl of a RUN_DIR, one dict per evaluation, in file order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl; is {run_dir} a reslab RUN_DIR?")
+    rows, lines = [], path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves a partial last line; anything else is damage.
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a JSON object; the file is damaged") from None
+    return rows
+
+
+def run_label(run_dir: str | Path) -> str:
+    """The model name from the run's config.yaml when there is one, else the directory name."""
+    cfg = Path(run_dir) / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(cfg.read_text()) or {}
+        except yaml.YAMLError:
+            data = {}
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, str) and model:
+            return model
+    return Path(run_dir).resolve().name
+
+
+def load_run(run_dir: str | Path, *, label: str | None = None) -> Run:
+    return Run(label or run_label(run_dir), read_metrics(run_dir))
+
+
+def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
+    """Several RUN_DIRs; labels that repeat (seeds of one model) get the directory name added."""
+    runs = [load_run(d) for d in run_dirs]
+    labels = [r.label for r in runs]
+    for run, d in zip(runs, run_dirs):
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} ({Path(d).resolve().name})"
+    return runs
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["iter"], r[key]) for r in rows if r.get(key) is not None and "iter" in r]
+    return [p[0] / 1e4 for p in pts], [float(p[1]) for p in pts]
+
+
+def draw_curves(
+    ax: Axes, runs: Sequence[Run], *, test_key: str = "test_error", title: str | None = None
+) -> None:
+    """Figure 6 style on one axes: thin dashed training error, bold test error, one colour per
+    run; x = iterations in units of 1e4, y = error %."""
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for run, color in zip(runs, colors):
+        tx, ty = _series(run.rows, "train_error")
+        vx, vy = _series(run.rows, test_key)
+        if not tx and not vx:
+            raise ValueError(f"run {run.label!r} has no train_error or {test_key} values to plot")
+        if tx:
+            ax.plot(tx, ty, color=color, linestyle="--", linewidth=0.8)
+        if vx:
+            ax.plot(vx, vy, color=color, linewidth=2.2, label=run.label)
+        else:
+            ax.plot([], [], color=color, linewidth=2.2, label=run.label)
+    ax.set_xlabel("iter. (1e4)")
+    ax.set_ylabel("error (%)")
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    ax.grid(True, linewidth=0.3, alpha=0.5)
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title)
+
+
+def save_figure(fig: Figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(out, dpi=120, format="png", bbox_inches="tight", pad_inches=0.1)
+    return out
+
+
+def plot_curves(
+    runs: Sequence[Run],
+    *,
+    out: str | Path,
+    title: str | None = None,
+    test_key: str = "test_error",
+) -> Path:
+    """Several runs on one Figure-6-style panel, written to a PNG."""
+    if not runs:
+        raise ValueError("no runs to plot")
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    draw_curves(fig.add_subplot(), runs, test_key=test_key, title=title)
+    return save_figure(fig, out)
+
+
+def plot_two_panel(
+    plain: Sequence[Run],
+    resnets: Sequence[Run],
+    *,
+    out: str | Path,
+    titles: tuple[str, str] = ("plain networks", "ResNets"),
+    test_key: str = "test_error",
+) -> Path:
+    """The paper's Figure 6 layout: plain nets left, ResNets right, shared y range."""
+    if not plain or not resnets:
+        raise ValueError("the two-panel figure needs plain runs and ResNet runs")
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    draw_curves(left, plain, test_key=test_key, title=titles[0])
+    draw_curves(right, resnets, test_key=test_key, title=titles[1])
+    right.yaxis.set_tick_params(labelleft=True)
+    return save_figure(fig, out)
+
+
+def plot_confusion(
+    confusion: torch.Tensor,
+    *,
+    classes: Sequence[str] | None,
+    out: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted) as a heat map;
+    counts are written in the cells for up to 20 classes."""
+    conf = confusion.detach().to(torch.float64).cpu()
+    c = conf.shape[0]
+    rates = conf / conf.sum(1, keepdim=True).clamp_min(1)
+    side = min(14.0, 3.0 + 0.45 * c)
+    fig = Figure(figsize=(side, side * 0.9), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    if c <= 20:
+        names = list(classes) if classes else [str(i) for i in range(c)]
+        ax.set_xticks(range(c), names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(c), names, fontsize=8)
+        for i in range(c):
+            for j in range(c):
+                color = "white" if rates[i, j] > 0.5 else "black"
+                ax.text(
+                    j, i, str(int(conf[i, j])), ha="center", va="center", fontsize=7, color=color
+                )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, out)

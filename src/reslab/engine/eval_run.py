@@ -1,0 +1,329 @@
+"""What `reslab eval` does: load reslab checkpoints, evaluate them (alone or as an ensemble) on a
+data set with each model's stored preprocessing, print a report, write JSON and confusion PNGs."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslab.data.preprocess import Preprocess
+from reslab.engine.evaluator import EnsembleResult, EvalResult, evaluate_ensemble
+
+REQUIRED_KEYS = ("model_name", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    name: str  # a label for reports: the file's stem
+    model_name: str
+    model: nn.Module
+    preprocess: Preprocess
+    classes: list[str]
+    step: int | None
+
+
+def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> LoadedModel:
+    """Rebuild the model of a reslab checkpoint (model_name + model_options) and load its weights.
+
+    Only torch.load(weights_only=True) is used: a file that needs arbitrary unpickling is refused.
+    """
+    from reslab.models import create_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, or a pickle that would need code to load
+        raise CheckpointError(
+            f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or not a reslab "
+            "checkpoint"
+        ) from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path}: not a reslab checkpoint (needs {list(REQUIRED_KEYS)}, found {keys}); "
+            "for other weight files use --model NAME --weights FILE"
+        )
+    options = dict(ckpt.get("model_options") or {})
+    try:
+        model = create_model(ckpt["model_name"], **options)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild {ckpt['model_name']!r}: {e}") from None
+    result = model.load_state_dict(ckpt["model"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: weights do not match {ckpt['model_name']} {options}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    pre = ckpt.get("preprocess")
+    if not pre:
+        raise CheckpointError(f"{path}: no 'preprocess' entry; cannot normalise inputs for it")
+    return LoadedModel(
+        name=path.stem,
+        model_name=ckpt["model_name"],
+        model=model.to(device),
+        preprocess=Preprocess.from_dict(pre),
+        classes=list(ckpt.get("classes") or []),
+        step=ckpt.get("step"),
+    )
+
+
+def member_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Short distinct labels: the file stem, or parent/stem when stems repeat (run_a/best.pt,
+    run_b/best.pt), with a counter as the last resort."""
+    paths = [Path(p) for p in paths]
+    labels = [p.stem for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [f"{p.parent.name}/{p.stem}" for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [f"{i}:{label}" for i, label in enumerate(labels, 1)]
+    return labels
+
+
+def load_weights_model(
+    path: str | Path, *, model_name: str | None, device: torch.device | str
+) -> LoadedModel:
+    """--model NAME --weights FILE: any format reslab.models.weights reads (torchvision,
+    pytorch_resnet_cifar10, safetensors, reslab), with the preprocessing the file implies."""
+    try:
+        from reslab.models.weights import model_from_weights
+    except ImportError:  # the weights loader lives in reslab.models.weights (branch `use`)
+        raise CheckpointError(
+            "--weights needs reslab.models.weights, which this build lacks; use --checkpoint "
+            "with a reslab checkpoint"
+        ) from None
+    model, info = model_from_weights(path, model_name=model_name)
+    if not info.preprocess:
+        raise CheckpointError(
+            f"{path}: the file does not say how its inputs were normalised; save it as a reslab "
+            "checkpoint with a preprocess entry"
+        )
+    return LoadedModel(
+        name=Path(path).stem,
+        model_name=str(info.model_name),
+        model=model.to(device),
+        preprocess=Preprocess.from_dict(info.preprocess),
+        classes=list(info.classes or []),
+        step=info.extra.get("step"),
+    )
+
+
+def normalizer(pre: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pre.normalize, made to accept any input size: a per-pixel mean image only fits inputs of
+    its own size, so other sizes (the multi-scale test) subtract its per-channel average."""
+    channel = Preprocess(kind=pre.kind, input_size=pre.input_size, resize=pre.resize,
+                         mode="per_channel", mean=pre.mean.mean((-2, -1)).flatten(),
+                         std=pre.std.flatten())  # fmt: skip
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        if pre.mode == "per_pixel" and tuple(x.shape[-2:]) != tuple(pre.mean.shape[-2:]):
+            # NOTE(paper): the paper does not say which mean the fully-convolutional
+            # multi-scale test subtracts; the mean image's channel means is our choice.
+            return channel.normalize(x)
+        return pre.normalize(x)
+
+    return norm
+
+
+def _raw_batches(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # uint8 [N, 3, H, W] on the device; each member normalises with its own preprocess.
+    for i in range(0, len(labels), batch_size):
+        yield images[i : i + batch_size], labels[i : i + batch_size]
+
+
+def cifar_batches(
+    data: str | Path, *, dataset: str, split: str, limit: int | None, batch_size: int,
+    device: torch.device,
+) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], list[str], int]:  # fmt: skip
+    """The whole split as one uint8 tensor on `device`, sliced into raw batches."""
+    from reslab.data.cifar import load_cifar
+
+    part = load_cifar(data, dataset=dataset, split=split)
+    images, labels = part.images[:limit], part.labels[:limit]
+    batches = _raw_batches(images.to(device), labels.to(device), batch_size)
+    return batches, part.classes, images.shape[-1]
+
+
+def folder_batches(
+    data: str | Path, *, pre: Preprocess, views: str, scales: Sequence[int] | None,
+    labels_file: str | Path | None, classes: Sequence[str] | None, limit: int | None,
+    batch_size: int, workers: int,
+) -> tuple[Iterable, list[str]]:  # fmt: skip
+    """An image folder through the data pipeline's evaluation transforms (uint8, in workers):
+    centre crop [B, 3, S, S], ten-crop [B, 10, 3, S, S], or the multi-scale views of one image
+    at a time (its aspect ratio kept: a list of [1, 2, 3, h, w], image and flip, per scale)."""
+    try:
+        from reslab.data import transforms as T
+        from reslab.data.folder import ImageFolder
+    except ImportError:  # the folder pipeline lives in reslab.data.folder (branch `data`)
+        raise ValueError(
+            "--dataset folder needs reslab.data.folder, which this build lacks"
+        ) from None
+    from torch.utils.data import DataLoader, Subset
+
+    resize, crop = pre.resize or round(pre.input_size * 256 / 224), pre.input_size
+    if views == "center":
+        tf = T.center_crop_transform(resize=resize, crop_size=crop)
+    elif views == "ten-crop":
+        tf = T.ten_crop_transform(resize=resize, crop_size=crop)
+    else:
+        sides = tuple(scales or T.MULTISCALE_SHORTER_SIDES)
+        tf = functools.partial(T.multiscale_views, shorter_sides=sides)
+        batch_size = 1  # every image has its own aspect ratio at every scale
+    ds = ImageFolder(data, transform=tf, labels_file=labels_file, classes=classes)
+    part = Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
+    loader = DataLoader(part, batch_size=batch_size, num_workers=workers)
+    return loader, list(ds.classes)
+
+
+def run_eval(
+    *,
+    checkpoints: Sequence[str | Path] = (),
+    weights: str | Path | None = None,
+    model_name: str | None = None,
+    data: str | Path,
+    dataset: str = "cifar10",
+    split: str = "test",
+    views: str = "center",
+    scales: Sequence[int] | None = None,
+    labels_file: str | Path | None = None,
+    batch_size: int | None = None,
+    workers: int = 2,
+    device: str = "auto",
+    precision: str = "fp32",
+    limit: int | None = None,
+) -> tuple[EnsembleResult, list[LoadedModel], list[str]]:
+    """Evaluate reslab checkpoints (several = an ensemble) or one --weights file.
+
+    batch_size: images per batch (each then gives 10 crops with ten-crop); default 500 for CIFAR,
+    32 for folders.
+    """
+    batch_size = batch_size or (32 if dataset == "folder" else 500)
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    )
+    if bool(checkpoints) == (weights is not None):
+        raise ValueError("give either --checkpoint FILE [FILE ...] or --model NAME --weights FILE")
+    if checkpoints:
+        members = [load_checkpoint_model(p, device=dev) for p in checkpoints]
+        for m, label in zip(members, member_labels(checkpoints)):
+            m.name = label
+    else:
+        members = [load_weights_model(weights, model_name=model_name, device=dev)]
+    if dataset == "folder":
+        first = members[0].preprocess
+        for m in members[1:]:
+            if (m.preprocess.input_size, m.preprocess.resize) != (first.input_size, first.resize):
+                raise CheckpointError(f"{m.name}: its input size/resize differ from "
+                                      f"{members[0].name}'s; folder ensembles share one crop")  # fmt: skip
+        batches, classes = folder_batches(
+            data, pre=first, views=views, scales=scales, labels_file=labels_file,
+            classes=members[0].classes or None, limit=limit, batch_size=batch_size,
+            workers=workers,
+        )  # fmt: skip
+        side = first.input_size
+    else:
+        batches, classes, side = cifar_batches(data, dataset=dataset, split=split, limit=limit,
+                                               batch_size=batch_size, device=dev)  # fmt: skip
+    for m in members:
+        if m.classes and m.classes != classes:
+            raise CheckpointError(
+                f"{m.name}: trained on classes {m.classes[:4]}... but the data has "
+                f"{classes[:4]}...; evaluate it on the data set it was trained on"
+            )
+        if m.preprocess.input_size != side:
+            raise CheckpointError(
+                f"{m.name}: expects {m.preprocess.input_size}px inputs, {dataset} has {side}px"
+            )
+    result = evaluate_ensemble(
+        [m.model for m in members],
+        batches,
+        device=dev,
+        precision=precision,
+        num_classes=len(classes),
+        views=views,
+        scales=scales,
+        normalizers=[normalizer(m.preprocess) for m in members],
+        names=[m.name for m in members],
+    )
+    return result, members, classes
+
+
+def format_report(result: EnsembleResult, classes: Sequence[str]) -> str:
+    """Members and the ensemble side by side, then the per-class accuracy of the final model."""
+    from reslab.analysis.tables import markdown_table
+
+    rows: list[EvalResult] = list(result.members)
+    if len(rows) > 1:
+        rows.append(result.ensemble)
+    table = markdown_table(
+        ["model", "top-1 err %", "top-5 err %", "loss", "images"],
+        [
+            [
+                r.name,
+                f"{r.top1_error:.2f}",
+                f"{r.top5_error:.2f}",
+                f"{r.loss:.4f}",
+                str(r.num_samples),
+            ]
+            for r in rows
+        ],
+    )
+    final = result.ensemble
+    acc = final.per_class_accuracy.tolist()
+    per_class = markdown_table(
+        ["class", f"accuracy % ({final.name})"],
+        [[c, "-" if a != a else f"{a:.2f}"] for c, a in zip(classes, acc)],
+    )
+    return f"{table}\n\n{per_class}"
+
+
+def write_outputs(
+    result: EnsembleResult,
+    classes: Sequence[str],
+    *,
+    out_dir: Path,
+    json_path: Path | None,
+    meta: dict[str, Any],
+) -> list[Path]:
+    """confusion-matrix PNG per member (and the ensemble) in out_dir, and the JSON report."""
+    from reslab.analysis.plots import plot_confusion
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    finals = list(result.members) + ([result.ensemble] if len(result.members) > 1 else [])
+    for r in finals:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in r.name)
+        png = out_dir / f"confusion-{safe}.png"
+        plot_confusion(
+            r.confusion,
+            classes=classes,
+            out=png,
+            title=f"{r.name}: top-1 error {r.top1_error:.2f}%",
+        )
+        written.append(png)
+    doc = {
+        **meta,
+        "members": [r.to_dict(classes) for r in result.members],
+        "ensemble": result.ensemble.to_dict(classes) if len(result.members) > 1 else None,
+    }
+    json_path = json_path or out_dir / "eval.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=1))
+    written.append(json_path)
+    return written

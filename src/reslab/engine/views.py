@@ -1,0 +1,76 @@
+"""Test-time views made from a batch already on the device, as batched tensor ops.
+
+A loader that already yields views (the folder pipeline's ten-crop [B, 10, 3, H, W], or a list of
+scales) passes straight through; these functions make them from a plain [B, 3, H, W] batch, which
+is what the on-device CIFAR loader yields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+VIEWS = ("center", "ten-crop", "multi-scale")
+# Section 3.4: the fully-convolutional test averages scores over these shorter sides.
+IMAGENET_SCALES = (224, 256, 384, 480, 640)
+# NOTE(paper): the paper tests CIFAR on the single original 32x32 image only; multi-scale on
+# CIFAR is a reslab extension (the fully-convolutional net accepts any size).
+CIFAR_SCALES = (32, 40, 48)
+
+Views = torch.Tensor | list[torch.Tensor]
+
+
+def ten_crop(x: torch.Tensor, *, size: int | None = None, pad: int = 4) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 10, C, size, size]: 4 corners + centre, then their mirror images.
+
+    When the image is no larger than the crop (CIFAR: 32x32 images, 32x32 crops), it is first
+    zero-padded by `pad` pixels per side, as in training (section 4.2), so the corners differ.
+    Zero in a normalised batch is the mean colour, the same fill training sees.
+    """
+    _, _, h, w = x.shape
+    size = min(h, w) if size is None else size
+    if size >= min(h, w):
+        # NOTE(paper): ten-crop of CIFAR images is a reslab extension (the paper uses 1 view).
+        x = F.pad(x, (pad, pad, pad, pad))
+        h, w = h + 2 * pad, w + 2 * pad
+    if size > min(h, w):
+        raise ValueError(f"crop {size} is larger than the {h}x{w} image")
+    top, left = (h - size) // 2, (w - size) // 2
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left)]
+    crops = torch.stack([x[:, :, i : i + size, j : j + size] for i, j in corners], 1)
+    return torch.cat([crops, crops.flip(-1)], 1)  # [B, 10, C, size, size]
+
+
+def multi_scale(x: torch.Tensor, *, scales: Sequence[int]) -> list[torch.Tensor]:
+    """[B, C, H, W] -> one [B, C, s, s] batch per scale, resized bilinearly.
+
+    NOTE(paper): the paper resizes the shorter side and keeps the aspect ratio; a batch of square
+    inputs (CIFAR, or centre crops) stays square here.
+    """
+    if not scales:
+        raise ValueError("multi-scale evaluation needs at least one scale")
+    out = []
+    for s in scales:
+        if x.shape[-2:] == (s, s):
+            out.append(x)
+        else:
+            down = s < min(x.shape[-2:])
+            out.append(F.interpolate(x, size=(s, s), mode="bilinear", antialias=down))
+    return out
+
+
+def make_views(
+    x: Views, views: str, *, size: int | None = None, scales: Sequence[int] | None = None
+) -> Views:
+    """Turn a loader batch into the requested views; batches that already hold views pass."""
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+    if isinstance(x, (list, tuple)) or x.dim() == 5 or views == "center":
+        return list(x) if isinstance(x, (list, tuple)) else x
+    if views == "ten-crop":
+        return ten_crop(x, size=size)
+    if scales is None:
+        scales = CIFAR_SCALES if min(x.shape[-2:]) <= 64 else IMAGENET_SCALES
+    return multi_scale(x, scales=scales)

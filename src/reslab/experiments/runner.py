@@ -1,0 +1,270 @@
+"""Run an experiment's training runs (skipping finished ones, resuming interrupted ones) and
+write its REPORT.md.
+
+An experiment module (table6.py, fig6.py, ...) provides
+  TITLE: str
+  plan(ctx: Context) -> Plan       the runs, with notes on how this budget differs from the paper
+  analyse(ctx, results) -> str     markdown body of the report; writes its PNGs into ctx.out
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reslab.engine.config import TrainConfig
+
+BUDGETS = ("smoke", "cpu", "full")
+EXPERIMENTS = {
+    "table6": "reslab.experiments.table6",
+    "fig6": "reslab.experiments.fig6",
+    "fig7": "reslab.experiments.fig7",
+    "shortcuts": "reslab.experiments.shortcuts",
+    "relu-tanh": "reslab.experiments.relu_tanh",
+    "alexnet-parts": "reslab.experiments.alexnet_parts",
+}
+# Fields that change how a run executes but not what it computes: a finished run made with
+# other values of these is still the same run.
+_EXECUTION_FIELDS = {
+    "out",
+    "data",
+    "device",
+    "precision",
+    "time_limit",
+    "compile",
+    "workers",
+    "download",
+    "log_every",
+    "save_every",
+}
+
+
+@dataclass
+class RunSpec:
+    name: str  # RUN_DIR name under the runs root, e.g. "resnet20-s0"
+    label: str  # legend / table label, e.g. "ResNet-20"
+    cfg: TrainConfig
+    tags: dict[str, Any] = field(default_factory=dict)  # e.g. {"depth": 20, "seed": 0}
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    run_dir: Path
+    final: dict[str, Any]  # final.json: the last evaluation row
+    rows: list[dict[str, Any]]  # metrics.jsonl
+    status: str  # "trained" | "resumed" | "skipped" (finished before) | "diverged" (NaN loss)
+    seconds: float  # wall time of this call for this run (0 when skipped)
+
+
+@dataclass
+class Plan:
+    specs: list[RunSpec]
+    notes: list[str] = field(default_factory=list)  # how this budget differs from the paper
+
+
+@dataclass
+class Context:
+    name: str
+    budget: str
+    out: Path  # REPORT.md and figures
+    runs_root: Path  # RUN_DIRs live in runs_root / spec.name
+    seeds: int
+    data: str
+    device: str
+    command: str  # the command line that makes this report
+    progress: bool = True
+
+
+class ConfigMismatch(RuntimeError):
+    """A RUN_DIR holds a run made with a different configuration."""
+
+
+def _same_run(old: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
+    new = cfg.to_dict()
+    diff = sorted(k for k in new if k not in _EXECUTION_FIELDS and k in old and old[k] != new[k])
+    if diff:
+        detail = ", ".join(f"{k}: {old[k]!r} there, {new[k]!r} now" for k in diff[:4])
+        raise ConfigMismatch(
+            f"{run_dir} holds a run with another configuration ({detail}); pass a different "
+            "--out (or --runs), or delete that directory to train it again"
+        )
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResult:
+    """Train one run in runs_root/spec.name; skip it if finished, resume it if interrupted."""
+    from reslab.engine.trainer import TrainingDiverged, train
+
+    run_dir = runs_root / spec.name
+    cfg = spec.cfg
+    cfg.out = str(run_dir)
+    cfg_file, final_file = run_dir / "config.yaml", run_dir / "final.json"
+    if cfg_file.is_file():
+        _same_run(yaml.safe_load(cfg_file.read_text()) or {}, cfg, run_dir)
+    if final_file.is_file():
+        final = json.loads(final_file.read_text())
+        if int(final.get("iter", 0)) >= cfg.iters:
+            return RunResult(spec, run_dir, final, read_rows(run_dir), "skipped", 0.0)
+    resume = (run_dir / "last.pt").is_file()
+    t0 = time.perf_counter()
+    try:
+        final = train(cfg, resume=resume, progress=progress)
+    except TrainingDiverged as e:
+        # One diverged net must not cost the other runs of a long unattended experiment: the
+        # report lists it as diverged (with its rows up to then), and a rerun tries it again.
+        print(f"{spec.name}: {e}", flush=True)
+        return RunResult(spec, run_dir, {}, read_rows(run_dir), "diverged",
+                         time.perf_counter() - t0)  # fmt: skip
+    return RunResult(
+        spec,
+        run_dir,
+        final,
+        read_rows(run_dir),
+        "resumed" if resume else "trained",
+        time.perf_counter() - t0,
+    )
+
+
+def default_data() -> str:
+    return os.environ.get("RESLAB_DATA", "data")
+
+
+def _run_quiet(spec: RunSpec, runs_root: Path, threads: int) -> RunResult:
+    """run_one in a worker process (no progress bar: several would interleave)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_one(spec, runs_root=runs_root, progress=False)
+
+
+def run_all(
+    specs: list[RunSpec], *, runs_root: Path, jobs: int = 1, progress: bool = True, tag: str = ""
+) -> list[RunResult]:
+    """Every spec's run, in order. jobs > 1 trains that many runs at once in spawned processes:
+    small CIFAR nets do not fill a GPU, so several share it (the issue's speed target)."""
+    if jobs <= 1:
+        results = []
+        for i, spec in enumerate(specs, 1):
+            if progress:
+                print(f"[{tag}] run {i}/{len(specs)}: {spec.name}", flush=True)
+            results.append(run_one(spec, runs_root=runs_root, progress=progress))
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if progress:
+        print(f"[{tag}] {len(specs)} runs, {jobs} at a time", flush=True)
+    import torch
+
+    n = len(specs)
+    threads = max(1, torch.get_num_threads() // jobs)  # the CPU's threads split between jobs
+    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+        return list(pool.map(_run_quiet, specs, [runs_root] * n, [threads] * n))
+
+
+def make_plan(
+    name: str,
+    *,
+    budget: str,
+    out: str | Path,
+    seeds: int = 1,
+    data: str | None = None,
+    device: str = "auto",
+    runs: str | Path | None = None,
+    jobs: int = 1,
+    compile: bool = False,
+    progress: bool = True,
+) -> tuple[Context, Any, Plan]:
+    """The experiment's context, module and runs, with data/device/compile filled in."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if seeds < 1 or jobs < 1:
+        raise ValueError(f"--seeds and --jobs must be at least 1, got {seeds} and {jobs}")
+    out = Path(out)
+    runs_root = Path(runs) / budget if runs else out / "runs" / budget
+    argv = ["reslab", "reproduce", name, "--budget", budget, "--out", str(out)]
+    argv += ["--seeds", str(seeds)] if seeds != 1 else []
+    argv += ["--runs", str(runs)] if runs else []
+    argv += ["--device", device] if device != "auto" else []
+    argv += ["--jobs", str(jobs)] if jobs != 1 else []
+    argv += ["--compile"] if compile else []
+    data = data or default_data()
+    ctx = Context(name, budget, out, runs_root, seeds, data, device, shlex.join(argv), progress)
+    module = importlib.import_module(EXPERIMENTS[name])
+    plan = module.plan(ctx)
+    for spec in plan.specs:
+        spec.cfg.data, spec.cfg.device, spec.cfg.compile = ctx.data, ctx.device, compile
+        spec.cfg.out = str(runs_root / spec.name)
+    return ctx, module, plan
+
+
+def describe_plan(ctx: Context, plan: Plan) -> str:
+    """What a call would do, run by run, without training anything."""
+    lines = [f"{ctx.command}", *(f"  {n}" for n in plan.notes)]
+    for spec in plan.specs:
+        d = Path(spec.cfg.out)
+        state = "new"
+        if (d / "final.json").is_file():
+            it = int(json.loads((d / "final.json").read_text()).get("iter", 0))
+            state = "finished" if it >= spec.cfg.iters else f"resume (stopped at {it})"
+        elif (d / "last.pt").is_file():
+            state = "resume"
+        if (d / "config.yaml").is_file():
+            try:
+                _same_run(yaml.safe_load((d / "config.yaml").read_text()) or {}, spec.cfg, d)
+            except ConfigMismatch:
+                state = "REFUSED: made with another config"
+        opts = ", ".join(f"{k}={v}" for k, v in spec.cfg.model_options.items())
+        lines.append(f"{spec.name:<28} {spec.cfg.model:<14} {opts:<40} "
+                     f"{spec.cfg.iters:>6} its  {state}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def reproduce(
+    name: str,
+    *,
+    budget: str,
+    out: str | Path,
+    seeds: int = 1,
+    data: str | None = None,
+    device: str = "auto",
+    runs: str | Path | None = None,
+    jobs: int = 1,
+    compile: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run experiment `name` at `budget` (smoke | cpu | full) and write OUT/REPORT.md, its path.
+
+    Runs live in RUNS/BUDGET/NAME (RUNS defaults to OUT/runs); finished ones are reused,
+    interrupted ones resumed. jobs > 1 trains that many at once in separate processes."""
+    from reslab.experiments import report
+
+    ctx, module, plan = make_plan(
+        name, budget=budget, out=out, seeds=seeds, data=data, device=device, runs=runs,
+        jobs=jobs, compile=compile, progress=progress,
+    )  # fmt: skip
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = run_all(plan.specs, runs_root=ctx.runs_root, jobs=jobs, progress=progress,
+                      tag=f"{name} {budget}")  # fmt: skip
+    body = module.analyse(ctx, results)
+    return report.write_report(ctx, module.TITLE, plan, results, body,
+                               seconds=time.perf_counter() - t0)  # fmt: skip

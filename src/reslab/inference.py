@@ -1,0 +1,109 @@
+"""reslab's default inference path: channels_last, bf16 autocast where the hardware has it.
+
+Seen on the shared 2-core AMD EPYC (Zen 4, AVX-512 BF16) used for development, ResNet-50 at
+224, batch 16, eager: channels_last + bf16 autocast ran about 3x torchvision's fp32 NCHW and
+onnxruntime fp32 about 2x (noisy machine; benchmarks/bench_infer.py measures all of them side by
+side, with top-1 agreement). So bf16 autocast is the default where the CPU/GPU has native bf16;
+onnxruntime is a backend option (exact fp32 numbers). torch.compile is not the default: its
+compile time (minutes for ResNet-50 on few cores) would dominate a `reslab predict` run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Native bf16 math: CUDA with bf16 support, or a CPU with AVX-512 BF16 / AMX (oneDNN)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    return precision
+
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+class InferenceModel:
+    """Wraps an eval-mode model for fast batched inference: float [N, 3, H, W] -> fp32 logits.
+
+    backend "torch" (default): the model moves to `device` in channels_last (in place); inputs
+    are made channels_last too. With precision "bf16" the forward runs under bf16 autocast
+    (weights stay fp32; autocast keeps accumulation-sensitive ops in fp32).
+    backend "onnxruntime": the model is exported to ONNX (fp32, CPU) once, then run by an
+    onnxruntime session with torch's thread count; `input_size` is needed for the export.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str = "cpu",
+        precision: str = "auto",
+        backend: str = "torch",
+        input_size: int | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.device, self.backend = torch.device(device), backend
+        if backend == "onnxruntime":
+            if self.device.type != "cpu" or precision == "bf16" or input_size is None:
+                raise ValueError(
+                    "the onnxruntime backend runs fp32 on the CPU and needs input_size"
+                )
+            self.precision = "fp32"
+            self._session = _ort_session(model, input_size)
+            self.model = model
+            return
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "onnxruntime":
+            (out,) = self._session.run(None, {"input": x.float().contiguous().numpy()})
+            return torch.from_numpy(out)
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        return out.float()
+
+    def __repr__(self) -> str:
+        layout = "onnxruntime" if self.backend == "onnxruntime" else "channels_last"
+        return (
+            f"InferenceModel({type(self.model).__name__}, device={self.device}, "
+            f"precision={self.precision}, {layout})"
+        )
+
+
+def _ort_session(model: nn.Module, input_size: int):
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from reslab.export import export_model
+
+    with tempfile.TemporaryDirectory() as d:
+        path = export_model(
+            copy.deepcopy(model), Path(d) / "model.onnx", format="onnx", input_size=input_size
+        )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

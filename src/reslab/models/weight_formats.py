@@ -1,0 +1,246 @@
+"""Weights file formats: detect what a file is and read it into reslab's parameter names.
+
+Every file is read without running code: safetensors directly, anything pickled only through
+``torch.load(weights_only=True, map_location="cpu")``. Used by reslab.models.weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reslab.models.arch import infer_architecture
+
+StateDict = dict[str, torch.Tensor]
+
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# pytorch_resnet_cifar10 normalises CIFAR-10 inputs with ImageNet's per-channel statistics.
+CIFAR10_PROJECT_PREPROCESS = {
+    "kind": "cifar", "input_size": 32, "resize": None, "mode": "per_channel",
+    "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+}  # fmt: skip
+TORCHVISION_PREPROCESS = {
+    "kind": "imagenet", "input_size": 224, "resize": 256, "mode": "per_channel",
+    "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+}  # fmt: skip
+_MEAN_TENSOR_KEY = "__reslab_preprocess_mean__"  # a per-pixel mean image inside safetensors
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used (unreadable, unknown layout, or not fitting)."""
+
+
+class UnsafeWeightsError(WeightsError):
+    """A pickled file that needs more than tensors and containers to load (it could run code)."""
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
+    """Read a weights file of any supported format -> (state_dict in reslab names, meta).
+
+    meta has keys format, model_name, model_options, preprocess, classes, extra, notes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (or is not a file)")
+    if _is_safetensors(path):
+        return _read_safetensors(path)
+    obj = _torch_load(path)
+    return _interpret(obj, path)
+
+
+def _is_safetensors(path: Path) -> bool:
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'.
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "weights only" in msg.lower() or "weights_only" in msg:
+            reason = _unsafe_reason(msg)
+            raise UnsafeWeightsError(
+                f"refusing to load {path}: unpickling it needs more than tensors and plain "
+                f"containers ({reason}), and a full unpickle could run arbitrary code. reslab "
+                "loads pickled files only with torch.load(weights_only=True). If you trust the "
+                "file, load it yourself and re-save just its state_dict (or save it as "
+                "safetensors)."
+            ) from None
+        raise WeightsError(f"{path} is not a readable weights file (corrupt?): {msg}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise WeightsError(
+            f"{path} is not a readable weights file (truncated or corrupt?): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+
+
+def _unsafe_reason(msg: str) -> str:
+    # torch's message spans many lines of advice; keep the line that names the offending global.
+    for line in msg.splitlines():
+        s = line.strip()
+        if "GLOBAL" in s or s.startswith(("WeightsUnpickler error", "Unsupported")):
+            return s.rstrip(".")
+    return msg.splitlines()[0].strip().rstrip(".")
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        tensors: StateDict = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensors[k] = f.get_tensor(k)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise WeightsError(
+            f"{path} looks like a safetensors file but cannot be read (truncated or corrupt?): {e}"
+        ) from None
+    mean_img = tensors.pop(_MEAN_TENSOR_KEY, None)
+    if header.get("format") != "reslab":
+        # Someone else's safetensors (e.g. a hub export): judge it by its tensors.
+        sd, meta = _interpret(tensors, path)
+        meta["format"] = "safetensors"
+        return sd, meta
+    try:
+        preprocess = json.loads(header.get("preprocess", "null"))
+        meta = {
+            "format": "safetensors",
+            "model_name": header.get("model_name") or None,
+            "model_options": json.loads(header.get("model_options", "{}")),
+            "preprocess": preprocess,
+            "classes": json.loads(header.get("classes", "null")),
+            "extra": {},
+            "notes": [],
+        }
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: reslab metadata is not valid JSON: {e}") from None
+    if preprocess is not None and mean_img is not None:
+        preprocess["mean"] = mean_img
+    sd, notes = _normalize_keys(tensors)
+    meta["notes"] += notes
+    return sd, meta
+
+
+def _interpret(obj: Any, path: Path) -> tuple[StateDict, dict[str, Any]]:
+    meta: dict[str, Any] = {
+        "format": "state_dict", "model_name": None, "model_options": {}, "preprocess": None,
+        "classes": None, "extra": {}, "notes": [],
+    }  # fmt: skip
+    if isinstance(obj, dict) and obj.get("format") == "reslab":
+        sd, meta["notes"] = _normalize_keys(_tensor_dict(obj.get("model"), path, "'model'"))
+        meta.update(
+            format="reslab",
+            model_name=obj.get("model_name"),
+            model_options=dict(obj.get("model_options") or {}),
+            preprocess=obj.get("preprocess"),
+            classes=obj.get("classes"),
+            extra={k: obj[k] for k in ("step", "epoch", "version") if k in obj},
+        )
+        return sd, meta
+    if isinstance(obj, dict) and "state_dict" in obj and "best_prec1" in obj:
+        # pytorch_resnet_cifar10: {'state_dict': {'module.conv1.weight', ..., 'module.linear.*'},
+        # 'best_prec1': top-1 %}. Its option-A shortcut has no parameters, like ours.
+        sd, notes = _normalize_keys(_tensor_dict(obj["state_dict"], path, "'state_dict'"))
+        sd = {_rename_cifar_project(k): v for k, v in sd.items()}
+        best = obj["best_prec1"]
+        meta.update(
+            format="pytorch_resnet_cifar10",
+            preprocess=dict(CIFAR10_PROJECT_PREPROCESS),
+            classes=list(CIFAR10_CLASSES),
+            extra={"best_prec1": float(best)},
+            notes=[*notes, "inputs normalised with ImageNet per-channel mean/std"],
+        )
+        _fill_architecture(meta, sd)
+        return sd, meta
+    if isinstance(obj, dict) and obj and not _is_tensor_dict(obj):
+        for key in ("state_dict", "model", "model_state_dict", "model_state"):
+            if _is_tensor_dict(obj.get(key)):
+                meta["notes"].append(f"weights taken from the file's {key!r} entry")
+                obj = obj[key]
+                break
+    sd, notes = _normalize_keys(_tensor_dict(obj, path, "file"))
+    meta["notes"] += notes
+    arch = _fill_architecture(meta, sd)
+    if arch is not None and arch[2] == "imagenet" and meta["model_name"].startswith("resnet"):
+        # A bare state_dict in torchvision's layout: assume torchvision's own (v1.5) weights.
+        meta["format"] = "torchvision"
+        meta["preprocess"] = dict(TORCHVISION_PREPROCESS)
+        if meta["model_options"].get("num_classes", 1000) == 1000:
+            meta["classes"] = _imagenet_classes()
+        if "stride_in_3x3" in meta["model_options"]:
+            meta["notes"].append(
+                "assumed torchvision v1.5 (stride in the bottleneck's 3x3); weights alone cannot "
+                "tell v1 from v1.5: build the model with stride_in_3x3=False for v1 weights"
+            )
+    return sd, meta
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _tensor_dict(obj: Any, path: Path, what: str) -> StateDict:
+    if _is_tensor_dict(obj):
+        return dict(obj)
+    if isinstance(obj, dict):
+        keys = ", ".join(repr(k) for k in list(obj)[:8])
+        raise WeightsError(
+            f"{path}: {what} is not a state_dict of named tensors (top-level keys: {keys}); "
+            "expected a reslab checkpoint, a state_dict, a pytorch_resnet_cifar10 .th file or "
+            "safetensors"
+        )
+    raise WeightsError(f"{path}: {what} holds a {type(obj).__name__}, not a state_dict")
+
+
+def _normalize_keys(sd: StateDict) -> tuple[StateDict, list[str]]:
+    """Strip wrappers' prefixes: DataParallel/DDP `module.`, torch.compile `_orig_mod.`."""
+    notes = []
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+            notes.append(f"stripped the {prefix!r} prefix")
+    return sd, notes
+
+
+def _rename_cifar_project(key: str) -> str:
+    if key.startswith("linear."):
+        return "fc." + key[len("linear.") :]
+    # Their option-B shortcut is a Sequential(conv, bn) named `shortcut`.
+    return key.replace(".shortcut.", ".downsample.")
+
+
+def _fill_architecture(meta: dict[str, Any], sd: StateDict) -> tuple[str, dict, str] | None:
+    arch = infer_architecture(sd)
+    if arch is not None:
+        meta["model_name"] = arch[0]
+        meta["model_options"] = {**arch[1], **meta["model_options"]}
+    return arch
+
+
+def _imagenet_classes() -> list[str] | None:
+    try:
+        from torchvision.models import ResNet50_Weights
+
+        return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    except (ImportError, AttributeError, KeyError):
+        return None

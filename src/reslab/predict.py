@@ -1,0 +1,104 @@
+"""Classify image files with a model and the preprocessing stored alongside its weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from reslab.data.images import IMAGE_EXTENSIONS, BadImageError, load_image
+from reslab.data.preprocess import Preprocess
+from reslab.inference import InferenceModel
+
+
+class PredictError(ValueError):
+    """Bad command-line input for predict (a path that does not exist, no images found)."""
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class name, probability)
+    error: str | None = None  # why the image could not be classified
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "top": [{"class": c, "prob": p} for c, p in self.top]}
+
+
+def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given (any extension) and image files found recursively in directories, sorted."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(
+                q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                raise PredictError(
+                    f"{p} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise PredictError(f"{p} does not exist")
+    return out
+
+
+def fit_to_input(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, S, S]: shorter side to `resize` (or S), centre S crop.
+
+    ImageNet nets: shorter side 256, centre 224 (the single-crop test). CIFAR nets: the
+    shorter side goes straight to 32, since they only ever saw 32x32 images.
+    """
+    size = pre.input_size
+    img = TF.resize(img, [pre.resize or size], antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+def _batches(xs: list[Path], n: int) -> Iterator[list[Path]]:
+    for i in range(0, len(xs), n):
+        yield xs[i : i + n]
+
+
+def predict_files(
+    runner: InferenceModel,
+    paths: Sequence[Path],
+    *,
+    preprocess: dict[str, Any],
+    classes: list[str] | None,
+    topk: int = 5,
+    batch_size: int = 64,
+) -> list[Prediction]:
+    """Top-k (class, probability) per file, in order; unreadable files get an `error` instead."""
+    pre = Preprocess.from_dict(preprocess)
+    results: list[Prediction] = []
+    for chunk in _batches(list(paths), batch_size):
+        good: list[torch.Tensor] = []
+        slots: list[Prediction] = []
+        for p in chunk:
+            pred = Prediction(str(p))
+            try:
+                good.append(fit_to_input(load_image(p), pre))
+            except BadImageError as e:
+                pred.error = e.reason
+            else:
+                slots.append(pred)
+            results.append(pred)
+        if not good:
+            continue
+        x = pre.normalize(torch.stack(good))  # [B, 3, S, S] float32
+        probs = runner(x).softmax(dim=1)
+        k = min(topk, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        for pred, vs, ix in zip(slots, values.tolist(), indices.tolist(), strict=True):
+            names = [classes[i] if classes and i < len(classes) else str(i) for i in ix]
+            pred.top = list(zip(names, vs, strict=True))
+    return results

@@ -1,0 +1,125 @@
+"""`reslab eval` end to end: a resnet20 trained a few steps on real CIFAR-10, saved as reslab
+checkpoints, evaluated by a real `python -m reslab eval` process, alone and as an ensemble."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reslab.cli import main
+from reslab.data.cifar import load_cifar, mean_image
+from reslab.data.loaders import TensorLoader
+from reslab.data.preprocess import Preprocess
+from reslab.engine.checkpoint import save_atomic
+from reslab.engine.eval_run import load_checkpoint_model
+from reslab.models import create_model
+
+LIMIT = 120
+
+
+@pytest.fixture(scope="module")
+def checkpoints(cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two reslab checkpoints of one short resnet20 run: after 2 and after 3 SGD steps (batch 16)."""
+    torch.manual_seed(0)
+    train = load_cifar(cifar_root, split="train45k")
+    images, labels = train.images[:512], train.labels[:512]
+    # Section 4.2's per-pixel mean: a [3, 32, 32] tensor that must survive the checkpoint.
+    pre = Preprocess(mode="per_pixel", mean=mean_image(images), std=(1.0, 1.0, 1.0))
+    model = create_model("resnet20")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    loader = TensorLoader(images, labels, batch_size=16, preprocess=pre, train=True, seed=0)
+    d, paths = tmp_path_factory.mktemp("ckpt"), []
+    for step, (x, y) in enumerate(loader, 1):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in (2, 3):
+            ckpt = {
+                "format": "reslab", "version": 1, "model_name": "resnet20", "model_options": {},
+                "model": model.state_dict(), "preprocess": pre.to_dict(),
+                "classes": train.classes, "step": step, "config": {"model": "resnet20"},
+            }  # fmt: skip
+            (d / f"run{step}").mkdir()
+            save_atomic(ckpt, d / f"run{step}" / "best.pt")  # as the trainer writes them
+            paths.append(d / f"run{step}" / "best.pt")
+        if step == 3:
+            return paths
+    raise AssertionError("the loader ended early")
+
+
+def _reslab(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"),
+           "OMP_NUM_THREADS": "2"}  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "reslab", *args], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+
+
+def test_eval_cli_single_and_ensemble(
+    checkpoints: list[Path], cifar_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    proc = _reslab("eval", "--checkpoint", *map(str, checkpoints), "--data", str(cifar_root),
+                   "--limit", str(LIMIT), "--out", str(out), "--batch-size", "100")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "eval.json").read_text())
+    assert [m["name"] for m in doc["members"]] == ["run2/best", "run3/best"]
+    assert "| ensemble |" in proc.stdout and "| run2/best |" in proc.stdout
+    for png in ("confusion-run2_best.png", "confusion-run3_best.png", "confusion-ensemble.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+    # The CLI's numbers equal a hand computation: normalise, forward, argmax / top-5 / counts.
+    test = load_cifar(cifar_root, split="test")
+    y = test.labels[:LIMIT]
+    probs = []
+    for path, member in zip(checkpoints, doc["members"]):
+        loaded = load_checkpoint_model(path, device="cpu")
+        assert loaded.preprocess.mean.shape == (3, 32, 32)  # per-pixel mean came back
+        with torch.no_grad():
+            p = loaded.model.eval()(loaded.preprocess.normalize(test.images[:LIMIT])).softmax(1)
+        probs.append(p)
+        top1 = (p.argmax(1) == y).double().mean().item()
+        top5 = (p.topk(5, 1).indices == y[:, None]).any(1).double().mean().item()
+        assert member["top1_error"] == pytest.approx(100 * (1 - top1))
+        assert member["top5_error"] == pytest.approx(100 * (1 - top5))
+        conf = torch.bincount(y * 10 + p.argmax(1), minlength=100).view(10, 10)
+        assert member["confusion"] == conf.tolist()
+    ens = doc["ensemble"]
+    want = (probs[0] + probs[1]).argmax(1) == y
+    assert ens["top1_error"] == pytest.approx(100.0 * (1 - want.double().mean().item()))
+    assert ens["num_samples"] == LIMIT and sum(map(sum, ens["confusion"])) == LIMIT
+
+
+def test_eval_cli_views_and_bad_files(
+    checkpoints: list[Path], cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    json_out = tmp_path / "ten.json"
+    code = main(["eval", "--checkpoint", str(checkpoints[0]), "--data", str(cifar_root),
+                 "--limit", "30", "--views", "ten-crop", "--json", str(json_out),
+                 "--out", str(tmp_path / "o"), "--precision", "bf16"])  # fmt: skip
+    assert code == 0
+    doc = json.loads(json_out.read_text())
+    assert doc["views"] == "ten-crop" and doc["members"][0]["num_samples"] == 30
+    assert doc["ensemble"] is None and (tmp_path / "o" / "confusion-best.png").is_file()
+
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(checkpoints[0].read_bytes()[:5000])
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(bad), "--data", str(cifar_root)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    other = tmp_path / "plain.pt"
+    torch.save({"state_dict": {}}, other)
+    assert main(["eval", "--checkpoint", str(other), "--data", str(cifar_root)]) == 2
+    assert "not a reslab checkpoint" in capsys.readouterr().err
+    wrong = tmp_path / "c100"
+    assert main(["eval", "--checkpoint", str(checkpoints[0]), "--data", str(wrong),
+                 "--dataset", "cifar100"]) == 2  # fmt: skip
+    assert "cifar-100-python" in capsys.readouterr().err

@@ -1,0 +1,183 @@
+"""Evaluator: exact counts on hand-made scores, view and ensemble averaging, distributed sums."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from reslab.data.loaders import TensorLoader
+from reslab.data.preprocess import Preprocess
+from reslab.engine.evaluator import evaluate, evaluate_ensemble
+from reslab.engine.views import make_views, multi_scale, ten_crop
+
+
+class Logits(nn.Module):
+    """Returns its input as the logits: [B, C] or [B, C, 1, 1] -> [B, C]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+def test_exact_top1_top5_confusion_loss() -> None:
+    # 6 classes; each row ranks the classes; the label sits at a chosen rank.
+    logits = torch.tensor(
+        [
+            [6.0, 5, 4, 3, 2, 1],  # label 0: rank 1 -> top-1 and top-5 hit
+            [1.0, 6, 5, 4, 3, 2],  # label 3: rank 4 -> top-5 hit only, predicted 1
+            [6.0, 5, 4, 3, 2, 1],  # label 5: rank 6 -> miss both, predicted 0
+            [1.0, 2, 3, 4, 5, 6],  # label 5: rank 1 -> hit
+            [1.0, 2, 6, 4, 5, 3],  # label 0: rank 6 -> miss both, predicted 2
+        ]
+    )
+    labels = torch.tensor([0, 3, 5, 5, 0])
+    r = evaluate(Logits(), _batches(logits, labels, 2), device="cpu", num_classes=6)
+    assert r.num_samples == 5
+    assert r.top1_error == pytest.approx(60.0)
+    assert r.top5_error == pytest.approx(40.0)
+    expected = torch.zeros(6, 6, dtype=torch.int64)
+    for t, p in [(0, 0), (3, 1), (5, 0), (5, 5), (0, 2)]:
+        expected[t, p] += 1
+    assert torch.equal(r.confusion, expected)
+    acc = r.per_class_accuracy
+    assert acc[0] == 50 and acc[3] == 0 and acc[5] == 50
+    assert all(math.isnan(acc[c]) for c in (1, 2, 4))  # no samples of classes 1, 2, 4
+    nll = [-math.log(math.exp(row[t]) / sum(math.exp(v) for v in row))
+           for row, t in zip(logits.tolist(), labels.tolist())]  # fmt: skip
+    assert r.loss == pytest.approx(sum(nll) / 5, rel=1e-6)
+    d = r.to_dict(["a", "b", "c", "d", "e", "f"])
+    assert d["per_class_accuracy"]["b"] is None and d["confusion"][5] == [1, 0, 0, 0, 0, 1]
+
+
+# Softmax averaging and logit averaging disagree here: view A is sure of class 0, view B leans to
+# 1; mean probs [0.455, 0.275, 0.27] -> 0, mean log-probs -> 1.
+VIEW_A, VIEW_B = [0.9, 0.05, 0.05], [0.01, 0.5, 0.49]
+
+
+def test_views_average_softmax_not_logits() -> None:
+    a, b = torch.tensor([VIEW_A]).log(), torch.tensor([VIEW_B]).log()
+    y = torch.tensor([0])
+    stacked = torch.stack([a, b], 1)[..., None, None]  # [B=1, V=2, C=3, 1, 1]
+    for views, x in [("ten-crop", stacked), ("multi-scale", [a, b])]:
+        r = evaluate(Logits(), [(x, y)], device="cpu", num_classes=3, views=views)
+        assert r.top1_error == 0.0 and r.confusion[0, 0] == 1
+        expected = -math.log((VIEW_A[0] + VIEW_B[0]) / 2)
+        assert r.loss == pytest.approx(expected, rel=1e-6)
+    assert (a + b).argmax() == 1  # the logit mean would have been wrong
+
+
+def test_ensemble_is_mean_of_member_softmax() -> None:
+    # raw x [B, 2, C]: member i sees x[:, i] through its normaliser.
+    x = torch.stack([torch.tensor([VIEW_A, VIEW_A]), torch.tensor([VIEW_B, VIEW_A])], 1).log()
+    y = torch.tensor([0, 1])
+    res = evaluate_ensemble(
+        [Logits(), Logits()],
+        [(x, y)],
+        device="cpu",
+        num_classes=3,
+        normalizers=[lambda t: t[:, 0], lambda t: t[:, 1]],
+        names=["a", "b"],
+    )
+    # member a predicts 0, 0; member b predicts 1, 0; ensemble: sample 0 -> 0, sample 1 -> 0.
+    assert [m.top1_error for m in res.members] == [50.0, 100.0]
+    assert res.ensemble.top1_error == 50.0 and res.ensemble.name == "ensemble"
+    assert res.ensemble.confusion.tolist() == [[1, 0, 0], [1, 0, 0], [0, 0, 0]]
+    p0 = [(u + v) / 2 for u, v in zip(VIEW_A, VIEW_B)]
+    p1 = VIEW_A  # both members gave VIEW_A to sample 1
+    assert res.ensemble.loss == pytest.approx(-(math.log(p0[0]) + math.log(p1[1])) / 2, rel=1e-6)
+
+
+def test_ten_crop_and_multi_scale_views_exact() -> None:
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    v = ten_crop(x, size=4)
+    assert v.shape == (2, 10, 3, 4, 4)
+    starts = [(0, 0), (0, 2), (2, 0), (2, 2), (1, 1)]
+    for k, (i, j) in enumerate(starts):
+        assert torch.equal(v[:, k], x[:, :, i : i + 4, j : j + 4])
+        assert torch.equal(v[:, k + 5], x[:, :, i : i + 4, j : j + 4].flip(-1))
+    # CIFAR case: 32px crops of a 32px image come from the 4-pixel zero padding.
+    c = ten_crop(torch.ones(1, 3, 32, 32))
+    assert c.shape == (1, 10, 3, 32, 32)
+    assert torch.equal(c[0, 4], torch.ones(3, 32, 32))  # the centre crop is the image
+    assert c[0, 0, :, :4, :].abs().sum() == 0 and c[0, 0, :, 4:, 4:].min() == 1
+    scales = multi_scale(x, scales=[6, 8, 3])
+    assert [tuple(s.shape) for s in scales] == [(2, 3, 6, 6), (2, 3, 8, 8), (2, 3, 3, 3)]
+    assert scales[0] is x
+    assert make_views(x, "center") is x and isinstance(make_views(x, "multi-scale"), list)
+    with pytest.raises(ValueError, match="views must be one of"):
+        make_views(x, "five-crop")
+
+
+def test_bf16_matches_fp32_on_clear_margins() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10) * 0.1
+    labels = torch.randint(0, 10, (64,))
+    logits[torch.arange(64), (labels + torch.arange(64) % 2) % 10] += 5.0  # half right
+    f = evaluate(Logits(), _batches(logits, labels, 16), device="cpu", num_classes=10)
+    b = evaluate(
+        Logits(), _batches(logits, labels, 16), device="cpu", num_classes=10, precision="bf16"
+    )
+    assert f.top1_error == b.top1_error == 50.0 and torch.equal(f.confusion, b.confusion)
+
+
+def test_bad_labels_and_wrong_class_count_are_clear_errors() -> None:
+    x, y = torch.zeros(3, 4), torch.tensor([0, 4, 1])
+    with pytest.raises(ValueError, match=r"1 labels lie outside 0\.\.3"):
+        evaluate(Logits(), [(x, y)], device="cpu", num_classes=4)
+    with pytest.raises(ValueError, match=r"outputs .* 10 classes"):
+        evaluate(Logits(), [(x, torch.tensor([0, 1, 2]))], device="cpu", num_classes=10)
+    with pytest.raises(ValueError, match="no samples"):
+        evaluate(Logits(), [], device="cpu", num_classes=4)
+
+
+def _tiny_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 5),
+    )  # fmt: skip
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (101, 3, 8, 8), generator=g, dtype=torch.uint8)
+    return images, torch.randint(0, 5, (101,), generator=g)
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        images, labels = _data()
+        loader = TensorLoader(images, labels, batch_size=20, preprocess=Preprocess(),
+                              train=False, rank=rank, world_size=world, channels_last=False)  # fmt: skip
+        r = evaluate(_tiny_net(), loader, device="cpu", num_classes=5)
+        torch.save({"top1": r.top1_error, "top5": r.top5_error, "n": r.num_samples,
+                    "confusion": r.confusion, "loss": r.loss}, f"{out}.{rank}")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_processes_report_what_one_does(tmp_path: Path) -> None:
+    images, labels = _data()
+    loader = TensorLoader(images, labels, batch_size=20, preprocess=Preprocess(), train=False,
+                          channels_last=False)  # fmt: skip
+    one = evaluate(_tiny_net(), loader, device="cpu", num_classes=5)
+    out = str(tmp_path / "res")
+    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        assert got["n"] == 101  # 51 + 50 samples, summed over ranks
+        assert torch.equal(got["confusion"], one.confusion)
+        assert got["top1"] == one.top1_error and got["top5"] == one.top5_error
+        assert got["loss"] == pytest.approx(one.loss, rel=1e-9)

@@ -1,0 +1,139 @@
+"""What each experiment trains at each budget (no training): `full` is the paper's schedule."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+from reslab.experiments.relu_tanh import iterations_to
+from reslab.experiments.runner import EXPERIMENTS, Context, reproduce
+
+
+def _plan(name: str, budget: str, seeds: int = 1):
+    ctx = Context(name, budget, Path("out"), Path("out/runs"), seeds, "data", "cpu", "")
+    return importlib.import_module(EXPERIMENTS[name]).plan(ctx)
+
+
+def test_full_budget_is_the_papers_section_4_2_schedule() -> None:
+    specs = _plan("table6", "full", seeds=5).specs
+    assert len(specs) == 6 * 5 and len({s.name for s in specs}) == 30
+    for s in specs:
+        c = s.cfg
+        assert (c.iters, c.milestones, c.batch_size, c.lr) == (64000, [32000, 48000], 128, 0.1)
+        assert (c.weight_decay, c.momentum, c.val_split, c.pad, c.flip) == (
+            1e-4,
+            0.9,
+            True,
+            4,
+            True,
+        )
+        assert c.normalization == "per_pixel" and c.train_subset is None and c.eval_subset is None
+        assert c.eval_splits == ["val", "test"]
+        assert c.warmup_lr == (0.01 if s.tags["depth"] >= 110 else None)
+    assert sorted({s.tags["depth"] for s in specs}) == [20, 32, 44, 56, 110, 1202]
+
+
+@pytest.mark.parametrize("budget", ["smoke", "cpu", "full"])
+def test_table6_fig6_fig7_runs_are_the_same_runs(budget: str) -> None:
+    cfgs = {}
+    for name in ("table6", "fig6", "fig7"):
+        for s in _plan(name, budget).specs:
+            if s.name in cfgs:
+                assert cfgs[s.name] == s.cfg.to_dict(), (name, s.name)
+            cfgs[s.name] = s.cfg.to_dict()
+
+
+def test_cpu_budgets_scale_the_length_only() -> None:
+    for name in EXPERIMENTS:
+        for s in _plan(name, "cpu").specs:
+            c = s.cfg
+            assert c.batch_size == 128 and c.train_subset is None
+            assert all(m < c.iters for m in c.milestones)
+    t6 = _plan("table6", "cpu").specs
+    assert [s.tags["depth"] for s in t6] == [20, 32, 44, 56, 110]
+    assert {s.cfg.iters for s in t6} == {300}
+    assert [s.cfg.model_options["shortcut"] for s in _plan("shortcuts", "cpu").specs] == list("ABC")
+
+
+def test_alexnet_parts_turns_off_one_part_each() -> None:
+    specs = {s.tags["variant"]: s.cfg for s in _plan("alexnet-parts", "cpu").specs}
+    assert specs["all"].pca_lighting and not specs["no-pca"].pca_lighting
+    assert specs["all"].model_options == {"lrn": True, "overlap_pool": True, "dropout": 0.5}
+    assert specs["no-lrn"].model_options["lrn"] is False
+    assert specs["no-overlap"].model_options["overlap_pool"] is False
+    assert specs["no-dropout"].model_options["dropout"] == 0.0
+
+
+def test_relu_tanh_counts_iterations_to_a_threshold() -> None:
+    rows = [{"iter": 100, "train_error": 60.0}, {"iter": 200, "train_error": 24.0},
+            {"iter": 300, "train_error": 26.0}, {"iter": 400, "train_error": 10.0}]  # fmt: skip
+    assert iterations_to(rows, 25.0) == 200 and iterations_to(rows, 5.0) is None
+    full = _plan("relu-tanh", "full").specs
+    assert len(full) == 6 and {s.cfg.model_options["activation"] for s in full} == {"relu", "tanh"}
+    assert all(s.cfg.weight_decay == 0 and s.cfg.pad == 0 and not s.cfg.flip for s in full)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown experiment 'table7'"):
+        reproduce("table7", budget="smoke", out=tmp_path)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        reproduce("table6", budget="tiny", out=tmp_path)
+    with pytest.raises(ValueError, match="--seeds and --jobs must be at least 1"):
+        reproduce("table6", budget="smoke", out=tmp_path, seeds=0)
+
+
+def test_report_train_commands_rebuild_each_runs_config() -> None:
+    import shlex
+
+    from reslab.cli import _train_config, build_parser
+    from reslab.experiments.report import train_command
+
+    for name in EXPERIMENTS:
+        for spec in _plan(name, "cpu").specs:
+            spec.cfg.data, spec.cfg.out, spec.cfg.device = "/data", f"/runs/{spec.name}", "cpu"
+            argv = shlex.split(train_command(spec.cfg))
+            assert argv[:2] == ["reslab", "train"]
+            args = build_parser().parse_args(argv[1:])
+            assert _train_config(args).to_dict() == spec.cfg.to_dict(), (name, spec.name)
+
+
+def _fake(spec, errors: list[float], every: int = 100):
+    from reslab.experiments.runner import RunResult
+
+    rows = [{"iter": every * (i + 1), "train_error": e} for i, e in enumerate(errors)]
+    return RunResult(spec, Path("/nonexistent"), rows[-1], rows, "skipped", 0.0)
+
+
+def test_relu_tanh_analysis_picks_the_fastest_lr_and_averages_seeds(tmp_path: Path) -> None:
+    """Synthetic curves: ReLU at its best lr reaches 25% at 200 and 400 (mean 300); tanh at its
+    best lr at 1200 and 1800 (mean 1500): ratio 5.0x."""
+    from reslab.experiments import relu_tanh
+
+    ctx = Context("relu-tanh", "full", tmp_path, tmp_path / "runs", 2, "data", "cpu", "")
+    curves = {
+        ("relu", 0.005): [[50, 30, 24], [50, 30, 26, 20]],
+        ("relu", 0.01): [[40, 24], [40, 30, 30, 20]],
+        ("relu", 0.02): [[90] * 4, [90] * 4],
+        ("tanh", 0.005): [[60] * 11 + [20], [60] * 17 + [20]],
+        ("tanh", 0.01): [[60] * 19 + [24], [60] * 19 + [24]],
+        ("tanh", 0.02): [[80] * 20, [80] * 20],
+    }
+    results = [
+        _fake(s, curves[(s.tags["activation"], s.tags["lr"])][s.tags["seed"]])
+        for s in relu_tanh.plan(ctx).specs
+    ]
+    body = relu_tanh.analyse(ctx, results)
+    assert "| 25% | 300 (0.8), lr 0.01 | 1,500 (3.8), lr 0.005 | 5.0x | 6x |" in body
+    assert "ReLU faster: **yes**" in body and "not reached by both" not in body
+    assert (tmp_path / "relu_tanh.png").is_file()
+    # Tanh never gets below 30%: the comparison moves to 30%, and says so.
+    results = [
+        _fake(r.spec, [max(e, 30.5) for e in (x["train_error"] for x in r.rows)])
+        if r.spec.tags["activation"] == "tanh" else r for r in results
+    ]  # fmt: skip
+    body = relu_tanh.analyse(ctx, results)
+    assert "not reached by both activations" in body and "| 25% |" in body
+    assert re.search(r"\| 35% \| [\d,]+ \(.*\| [\d.]+x \|  \|", body), body

@@ -1,0 +1,164 @@
+"""`reslab reproduce` at the smoke budget on real CIFAR-10: reports, figures, tables, reruns."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from reslab.cli import main
+from reslab.experiments import reproduce
+from reslab.experiments.runner import ConfigMismatch, Context, read_rows, run_one
+
+
+def _png(path: Path) -> None:
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 300 and im.height > 200
+
+
+def _table_rows(report: str, first_cells: list[str]) -> list[list[str]]:
+    """The markdown table rows whose first cell is one of `first_cells`, in report order."""
+    rows = []
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in first_cells:
+            rows.append(cells)
+    return rows
+
+
+def _statuses(report: str) -> dict[str, str]:
+    """run name -> this call's status, from the Runs table."""
+    return {m[1]: m[2] for m in re.finditer(r"^\| \[([^\]]+)\]\(.*\| (\w+) \|$", report, re.M)}
+
+
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """table6, fig6 and fig7 use the same ResNet runs at a budget: they share one --runs root."""
+    return tmp_path_factory.mktemp("runs")
+
+
+def _go(name: str, root: Path, out: Path, runs: Path | None = None) -> str:
+    path = reproduce(name, budget="smoke", out=out, data=str(root), device="cpu", runs=runs,
+                     progress=False)  # fmt: skip
+    assert path == out / "REPORT.md"
+    return path.read_text()
+
+
+def test_table6_report_and_rerun_skips(cifar_root: Path, tmp_path: Path, shared_runs: Path):
+    report = _go("table6", cifar_root, tmp_path / "t6", shared_runs)
+    rows = _table_rows(report, ["ResNet-20", "ResNet-32", "ResNet-44"])
+    assert [r[0] for r in rows] == ["ResNet-20", "ResNet-32"] * 2  # errors, then parameters
+    assert rows[0][4] == "8.75" and rows[1][4] == "7.51"  # the paper's column
+    assert "0.270M" in report and "## Hardware and versions" in report
+    assert "reslab reproduce table6 --budget smoke" in report
+    for run in ("resnet20-s0", "resnet32-s0"):
+        final = json.loads((shared_runs / "smoke" / run / "final.json").read_text())
+        assert final["iter"] == 12 and 0 <= final["test_error"] <= 100
+        assert (shared_runs / "smoke" / run / "last.pt").is_file()
+    stamp = (shared_runs / "smoke" / "resnet20-s0" / "final.json").stat().st_mtime_ns
+    again = _go("table6", cifar_root, tmp_path / "t6", shared_runs)
+    assert set(_statuses(again).values()) == {"skipped"}
+    assert (shared_runs / "smoke" / "resnet20-s0" / "final.json").stat().st_mtime_ns == stamp
+
+
+def test_fig6_and_fig7_share_runs(cifar_root: Path, tmp_path: Path, shared_runs: Path) -> None:
+    report = _go("fig6", cifar_root, tmp_path / "f6", shared_runs)
+    _png(tmp_path / "f6" / "fig6.png")
+    names = ["plain-20", "plain-32", "ResNet-20", "ResNet-32"]
+    assert [r[0] for r in _table_rows(report, names)] == names
+    assert "deeper plain nets have HIGHER training error" in report
+    report7 = _go("fig7", cifar_root, tmp_path / "f7", shared_runs)
+    _png(tmp_path / "f7" / "fig7.png")
+    assert set(_statuses(report7).values()) == {"skipped"}  # fig6 trained all four
+    rows = {r[0]: r for r in _table_rows(report7, names)}
+    assert rows["ResNet-20"][1] == "19" and rows["plain-32"][1] == "31"  # 3x3 layers: 6n+1
+
+
+def test_shortcuts(cifar_root: Path, tmp_path: Path) -> None:
+    report = _go("shortcuts", cifar_root, tmp_path / "sc")
+    _png(tmp_path / "sc" / "shortcuts.png")
+    rows = _table_rows(report, ["ResNet-32"])
+    assert [r[1] for r in rows[:3]] == ["A", "B", "C"] and len(rows) == 4  # + the ordering row
+    assert rows[3][2] in ("**yes**", "**no**")
+
+
+def test_alexnet_parts(cifar_root: Path, tmp_path: Path) -> None:
+    report = _go("alexnet-parts", cifar_root, tmp_path / "ap")
+    _png(tmp_path / "ap" / "alexnet_parts.png")
+    variants = ["all", "no-lrn", "no-overlap", "no-dropout", "no-pca"]
+    assert [r[0] for r in _table_rows(report, variants)] == variants
+    runs = tmp_path / "ap" / "runs" / "smoke"
+    assert "pca_lighting: true" in (runs / "alexnet-all-s0" / "config.yaml").read_text()
+    assert "pca_lighting: false" in (runs / "alexnet-no-pca-s0" / "config.yaml").read_text()
+
+
+def test_relu_tanh_resumes_an_interrupted_run_via_the_cli(
+    cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reslab.experiments import relu_tanh
+
+    out = tmp_path / "rt"
+    ctx = Context("relu-tanh", "smoke", out, out / "runs" / "smoke", 1, str(cifar_root), "cpu",
+                  "", progress=False)  # fmt: skip
+    spec = relu_tanh.plan(ctx).specs[0]
+    spec.cfg.data, spec.cfg.device = str(cifar_root), "cpu"
+    spec.cfg.time_limit = 1e-9  # stops after the first iteration, as a killed run would
+    cut = run_one(spec, runs_root=ctx.runs_root, progress=False)
+    assert cut.final["iter"] == 1
+    argv = ["reproduce", "relu-tanh", "--budget", "smoke", "--out", str(out),
+            "--data", str(cifar_root), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    report = (out / "REPORT.md").read_text()
+    assert _statuses(report) == {"relu-lr0.01-s0": "resumed", "tanh-lr0.01-s0": "trained"}
+    assert [r["iter"] for r in read_rows(ctx.runs_root / "relu-lr0.01-s0")] == [1, 4, 8, 12]
+    assert [r[0] for r in _table_rows(report, ["25%"])] == ["25%"]
+    assert "AlexNet" in report and "6x" in report
+    _png(out / "relu_tanh.png")
+    assert main(argv) == 0
+    assert set(_statuses((out / "REPORT.md").read_text()).values()) == {"skipped"}
+    capsys.readouterr()
+    assert main([*argv, "--dry-run", "--seeds", "2"]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(r"^relu-lr0\.01-s0 .* finished$", listing, re.M)
+    assert re.search(r"^tanh-lr0\.01-s1 .* new$", listing, re.M)
+    assert not (out / "runs" / "smoke" / "tanh-lr0.01-s1").exists()
+
+
+def test_a_run_dir_with_another_config_is_refused(cifar_root: Path, tmp_path: Path) -> None:
+    from reslab.experiments import relu_tanh
+
+    ctx = Context("relu-tanh", "smoke", tmp_path, tmp_path / "runs", 1, str(cifar_root), "cpu",
+                  "", progress=False)  # fmt: skip
+    spec = relu_tanh.plan(ctx).specs[0]
+    spec.cfg.data, spec.cfg.device, spec.cfg.time_limit = str(cifar_root), "cpu", 1e-9
+    run_one(spec, runs_root=ctx.runs_root, progress=False)
+    spec.cfg.lr = 0.02
+    with pytest.raises(ConfigMismatch, match=r"lr: 0\.01 there, 0\.02 now"):
+        run_one(spec, runs_root=ctx.runs_root, progress=False)
+
+
+def test_a_diverged_run_is_reported_not_fatal(cifar_root: Path, tmp_path: Path) -> None:
+    from reslab.experiments import relu_tanh
+
+    ctx = Context("relu-tanh", "smoke", tmp_path, tmp_path / "runs", 1, str(cifar_root), "cpu",
+                  "", progress=False)  # fmt: skip
+    spec = relu_tanh.plan(ctx).specs[0]
+    spec.cfg.data, spec.cfg.device, spec.cfg.lr = str(cifar_root), "cpu", 1e30
+    res = run_one(spec, runs_root=ctx.runs_root, progress=False)
+    assert res.status == "diverged" and res.final == {}
+    assert not (ctx.runs_root / spec.name / "final.json").exists()
+
+
+def test_jobs_train_runs_in_parallel_processes(cifar_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rt"
+    path = reproduce("relu-tanh", budget="smoke", out=out, data=str(cifar_root), device="cpu",
+                     jobs=2, progress=False)  # fmt: skip
+    report = path.read_text()
+    assert _statuses(report) == {"relu-lr0.01-s0": "trained", "tanh-lr0.01-s0": "trained"}
+    assert "--jobs 2" in report
+    for run in ("relu-lr0.01-s0", "tanh-lr0.01-s0"):
+        assert [r["iter"] for r in read_rows(out / "runs" / "smoke" / run)] == [4, 8, 12]

@@ -1,0 +1,92 @@
+"""ONNX / TorchScript export: dynamic batch, metadata inside the file, same numbers as PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import reslab
+from reslab.export import export_model, read_export_metadata
+from reslab.models.weights import CIFAR10_CLASSES, CIFAR10_PROJECT_PREPROCESS
+
+PRE = CIFAR10_PROJECT_PREPROCESS
+
+
+def _real_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    # [N, 3, 32, 32] uint8 CIFAR-10 test images -> normalised float, upsampled for 224 nets.
+    mean, std = (
+        torch.tensor(PRE["mean"]).view(1, 3, 1, 1),
+        torch.tensor(PRE["std"]).view(1, 3, 1, 1),
+    )
+    x = (images.float() / 255 - mean) / std
+    return x if size == 32 else F.interpolate(x, size=size, mode="bilinear", antialias=False)
+
+
+def _calibrated(name: str, x: torch.Tensor) -> nn.Module:
+    # BN statistics from real images, so activations have realistic scale (as in a trained net).
+    torch.manual_seed(0)
+    model = reslab.create_model(name)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batch
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("name", "size"), [("resnet20", 32), ("resnet18", 224)])
+def test_onnx_matches_pytorch_on_real_images(
+    tmp_path: Path, cifar_test_images, name: str, size: int
+) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    images, _ = cifar_test_images
+    x = _real_batch(images[:8], size)
+    model = _calibrated(name, x)
+    path = export_model(
+        model, tmp_path / f"{name}.onnx", format="onnx", input_size=size, model_name=name,
+        model_options={}, preprocess=PRE, classes=CIFAR10_CLASSES,
+    )  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert isinstance(inp.shape[0], str)  # symbolic (dynamic) batch dimension
+    for batch in (1, 3):
+        xb = x[:batch]
+        (got,) = session.run(None, {inp.name: xb.numpy()})
+        with torch.no_grad():
+            want = model(xb).numpy()
+        assert got.shape == (batch, want.shape[1])
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    meta = read_export_metadata(path)
+    assert meta["preprocess"] == PRE and meta["classes"] == CIFAR10_CLASSES
+    assert meta["model_name"] == name and meta["input_size"] == size
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_torchscript_dynamic_batch_and_per_pixel_mean(tmp_path: Path) -> None:
+    model = reslab.create_model("resnet20").eval()
+    mean_img = torch.rand(3, 32, 32)
+    pre = {**PRE, "mode": "per_pixel", "mean": mean_img, "std": [1.0, 1.0, 1.0]}
+    path = export_model(
+        model, tmp_path / "r20.pt", format="torchscript", input_size=32, model_name="resnet20",
+        preprocess=pre, classes=CIFAR10_CLASSES,
+    )  # fmt: skip
+    loaded = torch.jit.load(str(path))
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+    meta = read_export_metadata(path)
+    torch.testing.assert_close(torch.tensor(meta["preprocess"]["mean"]), mean_img)
+
+
+def test_bad_format_and_missing_dir(tmp_path: Path) -> None:
+    model = reslab.create_model("resnet20")
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_model(model, tmp_path / "m.x", format="tflite", input_size=32)
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        export_model(model, tmp_path / "no_such_dir" / "m.onnx", format="onnx", input_size=32)

@@ -1,0 +1,52 @@
+"""InferenceModel: the fast path gives the model's numbers (fp32 exactly, bf16 closely)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import reslab
+from reslab.inference import InferenceModel, resolve_precision
+
+
+def _calibrated_resnet20(images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = reslab.create_model("resnet20")
+    x = images.float() / 255 - 0.5
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval(), x
+
+
+def test_backends_and_precisions_match_eager_fp32(cifar_test_images) -> None:
+    pytest.importorskip("onnxruntime")
+    images, _ = cifar_test_images
+    model, x = _calibrated_resnet20(images)
+    with torch.no_grad():
+        want = model(x)
+    fp32 = InferenceModel(copy.deepcopy(model), precision="fp32")
+    torch.testing.assert_close(fp32(x), want, atol=1e-4, rtol=1e-4)
+    ort = InferenceModel(copy.deepcopy(model), backend="onnxruntime", input_size=32)
+    torch.testing.assert_close(ort(x[:5]), want[:5], atol=1e-4, rtol=1e-4)
+    bf16 = InferenceModel(copy.deepcopy(model), precision="bf16")
+    got = bf16(x)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() < 0.05  # bf16 keeps ~3 significant digits
+
+
+def test_precision_and_backend_validation() -> None:
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", torch.device("cpu"))
+    model = reslab.create_model("resnet20")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        InferenceModel(model, backend="tensorrt")
+    with pytest.raises(ValueError, match="needs input_size"):
+        InferenceModel(model, backend="onnxruntime")

@@ -1,0 +1,118 @@
+"""`reslab predict` and `reslab export` end to end on real image files written with PIL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import reslab
+from reslab.cli import main
+from reslab.models.weights import CIFAR10_CLASSES, CIFAR10_PROJECT_PREPROCESS, save_safetensors
+
+PRE = CIFAR10_PROJECT_PREPROCESS
+SRC = str(Path(reslab.__file__).resolve().parents[1])
+
+
+@pytest.fixture
+def model_file(tmp_path: Path, cifar_test_images) -> tuple[Path, nn.Module]:
+    images, _ = cifar_test_images
+    torch.manual_seed(0)
+    model = reslab.create_model("resnet20")
+    for m in model.modules():  # BN statistics from real images: realistic activations
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    mean, std = (
+        torch.tensor(PRE["mean"]).view(1, 3, 1, 1),
+        torch.tensor(PRE["std"]).view(1, 3, 1, 1),
+    )
+    with torch.no_grad():
+        model.train()((images.float() / 255 - mean) / std)
+    path = save_safetensors(
+        model.eval(), tmp_path / "r20.safetensors", model_name="resnet20", model_options={},
+        preprocess=PRE, classes=CIFAR10_CLASSES,
+    )  # fmt: skip
+    return path, model
+
+
+def _write_images(folder: Path, images: torch.Tensor) -> list[Path]:
+    folder.mkdir()
+    paths = []
+    for i, img in enumerate(images):
+        p = folder / f"img{i:02d}.png"  # lossless, so the pixels are exactly the CIFAR ones
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_predict_process_json_matches_model(tmp_path: Path, model_file, cifar_test_images) -> None:
+    path, model = model_file
+    images, _ = cifar_test_images
+    imgs = images[:6]
+    files = _write_images(tmp_path / "imgs", imgs)
+    (tmp_path / "imgs" / "empty.png").write_bytes(b"")
+    (tmp_path / "imgs" / "notes.jpg").write_text("not a jpeg")
+    jpg = tmp_path / "imgs" / "cut.jpg"
+    Image.fromarray(imgs[0].permute(1, 2, 0).numpy()).resize((64, 64)).save(jpg, quality=90)
+    jpg.write_bytes(jpg.read_bytes()[:200])
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "reslab", "predict", str(tmp_path / "imgs"), "--weights", str(path),
+         "--topk", "3", "--json", "--precision", "fp32", "--batch-size", "4"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr  # 1: some images were unreadable
+    assert "3 of 9 images could not be read" in proc.stderr
+    out = {Path(r["path"]).name: r for r in json.loads(proc.stdout)}
+    assert "zero-byte" in out["empty.png"]["error"]
+    assert "not an image" in out["notes.jpg"]["error"]
+    assert "truncated" in out["cut.jpg"]["error"].lower()
+    mean, std = (
+        torch.tensor(PRE["mean"]).view(1, 3, 1, 1),
+        torch.tensor(PRE["std"]).view(1, 3, 1, 1),
+    )
+    with torch.no_grad():
+        probs = model((imgs.float() / 255 - mean) / std).softmax(1)
+    for f, p in zip(files, probs, strict=True):
+        top = out[f.name]["top"]
+        assert len(top) == 3
+        assert [t["class"] for t in top] == [CIFAR10_CLASSES[i] for i in p.topk(3).indices]
+        np.testing.assert_allclose([t["prob"] for t in top], p.topk(3).values, atol=1e-5)
+
+
+def test_predict_text_default_precision_and_bad_paths(tmp_path: Path, model_file, capsys) -> None:
+    path, _ = model_file
+    img = tmp_path / "one.png"
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(img)  # not 32x32: resized, cropped
+    assert main(["predict", str(img), "--checkpoint", str(path), "--topk", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{img}: ") and line.count("%") == 2
+    assert main(["predict", str(tmp_path / "missing.png"), "--checkpoint", str(path)]) == 2
+    assert "missing.png does not exist" in capsys.readouterr().err
+    bare = tmp_path / "bare.pt"
+    torch.save(reslab.create_model("resnet20").state_dict(), bare)
+    assert main(["predict", str(img), "--weights", str(bare)]) == 2
+    assert "--normalize" in capsys.readouterr().err
+    assert main(["predict", str(img), "--weights", str(bare), "--normalize", "cifar10"]) == 0
+
+
+def test_export_cli_onnx_carries_metadata(tmp_path: Path, model_file, capsys) -> None:
+    onnx = pytest.importorskip("onnx")
+    path, _ = model_file
+    out = tmp_path / "r20.onnx"
+    assert main(["export", "--checkpoint", str(path), "--format", "onnx", "--out", str(out)]) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["reslab.classes"]) == CIFAR10_CLASSES
+    assert json.loads(props["reslab.preprocess"])["mean"] == PRE["mean"]
+    bad = ["export", "--model", "resnet32", "--weights", str(path), "--format", "onnx"]
+    assert main([*bad, "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "r20.safetensors" in err
