@@ -19,6 +19,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    forced: bool = False  # RESLAB_FORCE_DDP=1: process group and DDP even for one process
 
     @property
     def is_main(self) -> bool:
@@ -26,7 +27,7 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.forced
 
 
 def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
@@ -48,9 +49,14 @@ def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
 
 
 def init_from_env(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), or run alone."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1), or run alone.
+
+    RESLAB_FORCE_DDP=1 under `torchrun --nproc-per-node 1` joins a one-process group and wraps
+    the model in DDP anyway: benchmarks use it to measure what the wrapper costs.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    forced = os.environ.get("RESLAB_FORCE_DDP") == "1" and "RANK" in os.environ
+    if world <= 1 and not forced:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
@@ -63,7 +69,7 @@ def init_from_env(device: torch.device) -> DistInfo:
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"reslab/attempt{restart_count()}", store)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, forced=forced)
 
 
 def restart_count() -> int:
