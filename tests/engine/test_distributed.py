@@ -145,7 +145,8 @@ def sync_run(cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """2 processes x batch 8 with --sync-bn, 3 iterations, evaluated by both ranks at the end."""
     out = tmp_path_factory.mktemp("dist") / "sync2"
     args = [*_args(cifar_root, out), "--iters", "3", "--eval-every", "3", "--no-channels-last"]
-    _run(_torchrun(2, [*args, "--sync-bn"]))
+    # Through `reslab train --nproc 2`, the one-machine wrapper around torchrun.
+    _run([sys.executable, "-m", "reslab", "train", "--nproc", "2", *args, "--sync-bn"])
     return out
 
 
