@@ -170,18 +170,19 @@ def test_two_processes_with_sync_bn_equal_one_process_with_double_batch(
     r1, r2 = _rows(one), _rows(sync_run)
     assert [r["iter"] for r in r2] == [3]
     assert r2[0]["train_loss"] == pytest.approx(r1[0]["train_loss"], rel=1e-3)
+    # BN per device: rank 1's running statistics differ from rank 0's; the evaluation uses
+    # rank 0's on both ranks, i.e. exactly the checkpointed model.
+    _check_eval_matches_one_process(per_dev, cifar_root)
     # Only rank 0 wrote: one row, one final.json, no stray temporary files.
     assert sorted(p.name for p in sync_run.iterdir()) == [
         "config.yaml", "final.json", "last.pt", "metrics.jsonl"
     ]  # fmt: skip
 
 
-def test_evaluation_on_two_processes_reports_the_error_of_one(
-    sync_run: Path, cifar_root: Path
-) -> None:
-    """The 2-process evaluation (ranks hold 51 and 50 of the 101 images) scores the saved
-    model exactly as one process evaluating all 101 does."""
-    ckpt = load_checkpoint(sync_run / "last.pt")
+def _check_eval_matches_one_process(run: Path, cifar_root: Path) -> None:
+    """The run's last 2-process evaluation (ranks hold 51 and 50 of the 101 test images) equals
+    one process evaluating its saved model on all 101."""
+    ckpt = load_checkpoint(run / "last.pt")
     model = create_model("resnet20", **ckpt["model_options"])
     model.load_state_dict(ckpt["model"])
     pre = Preprocess.from_dict(ckpt["preprocess"])
@@ -190,12 +191,18 @@ def test_evaluation_on_two_processes_reports_the_error_of_one(
                           preprocess=pre, train=False, channels_last=False)  # fmt: skip
     one = evaluate(model, loader, device=torch.device("cpu"), precision="fp32")
     assert one.count == 101
-    two = _rows(sync_run)[-1]
+    two = _rows(run)[-1]
     assert two["test_error"] == pytest.approx(one.top1_error, abs=1e-9)
     assert two["test_top5"] == pytest.approx(one.top5_error, abs=1e-9)
     # Counts, not averages of per-rank averages: the error is a multiple of 1/101.
     wrong = two["test_error"] * 101 / 100
     assert abs(wrong - round(wrong)) < 1e-6
+
+
+def test_evaluation_on_two_processes_reports_the_error_of_one(
+    sync_run: Path, cifar_root: Path
+) -> None:
+    _check_eval_matches_one_process(sync_run, cifar_root)
 
 
 def test_checkpoints_resume_across_world_sizes_both_ways(cifar_root: Path, tmp_path: Path) -> None:
@@ -320,3 +327,26 @@ def test_gloo_sync_batchnorm_gives_the_gradients_of_one_process(tmp_path: Path) 
            str(script)]  # fmt: skip
     out = _run(cmd)
     assert "rank 0 grad" in out and "rank 1 grad" in out, out[-2000:]
+
+
+def test_image_folder_on_two_processes_then_resumed_on_one(tmp_path: Path) -> None:
+    """A real JPEG/PNG folder: 2 processes (3 of every 6 images each, validation split 3/2),
+    then the run continues on 1 process from the 2-process checkpoint."""
+    from test_folder_training import make_folder
+
+    data = make_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    args = ["--model", "resnet18", "--dataset", "folder", "--data", str(data), "--out", str(out),
+            "--device", "cpu", "--precision", "fp32", "--eval-every", "2", "--save-every", "2",
+            "--set", "image_size=64", "--set", "resize=72", "--set", "batch_size=6",
+            "--set", "workers=0", "--set", "eval_splits=[val]", "--set", "eval_subset=5",
+            "--set", "milestones=[]", "--set", "lr=0.01", "--set", "log_every=1"]  # fmt: skip
+    _run(_torchrun(2, [*args, "--iters", "2"]))
+    assert load_checkpoint(out / "last.pt")["world_size"] == 2
+    _one_process([*args, "--iters", "4", "--resume"])
+    rows = _rows(out)
+    assert [r["iter"] for r in rows] == [2, 4]
+    for r in rows:  # counts over the 5 validation images, whichever rank held them
+        assert abs(r["val_error"] * 5 / 100 - round(r["val_error"] * 5 / 100)) < 1e-6
+    pos = load_checkpoint(out / "last.pt")["data_state"]
+    assert pos["epoch"] * 3 + pos["step"] == 4  # 18 good images / batch 6 = 3 steps an epoch
