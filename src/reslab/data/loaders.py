@@ -162,8 +162,11 @@ class TensorLoader(ShardedOrder):
         x = self.preprocess.normalize(self.images[idx], dtype=self.dtype)  # [B, 3, H, W]
         if self.train and self.lighting is not None:
             # (x/255 + rgb - mean)/std = normalize(x) + rgb/std: one offset per image [B, 3].
-            gl = _generator(self.device, self.seed, self.epoch, step, self.rank, 0x11647)
-            rgb = self.lighting.shifts(len(idx), device=x.device, generator=gl)
+            # Drawn for the whole global batch, this rank's slice taken (world-size independent).
+            gl = _generator(self.device, self.seed, self.epoch, step, 0, 0x11647)
+            share = self.batch_size // self.world_size
+            rgb = self.lighting.shifts(self.batch_size, device=x.device, generator=gl)
+            rgb = rgb[self.rank * share : self.rank * share + len(idx)]
             std = self.preprocess.std.to(x.device).reshape(3)
             x = x + (rgb / std).to(x.dtype)[:, :, None, None]
         if self.train:
@@ -262,11 +265,14 @@ class FolderLoader(ShardedOrder):
         )  # fmt: skip
         step = self.step
         for x, y in dl:
-            g = _generator(self.device, self.seed, self.epoch, step, self.rank)
+            # One lighting stream per global batch; this rank takes its slice of the draws.
+            g = _generator(self.device, self.seed, self.epoch, step, 0)
+            share = self.batch_size // self.world_size
             x = prepare_batch(
                 x, preprocess=self.preprocess, device=self.device,
                 lighting=self.lighting if self.train else None, generator=g,
                 channels_last=self.channels_last, dtype=self.dtype,
+                first=self.rank * share, total=self.batch_size,
             )  # fmt: skip
             step += 1
             if self.train:
