@@ -201,13 +201,16 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     if args.nproc and args.nproc > 1:
-        return _relaunch_torchrun(args.nproc)
+        return _relaunch_torchrun(args)
     from reslab.engine.trainer import train
 
     cfg = _train_config(args)
     final = train(cfg, resume=args.resume)
-    print(_summary(final, cfg.out))
+    if os.environ.get("RANK", "0") == "0":
+        print(_summary(final, cfg.out))
     return 0
 
 
@@ -219,15 +222,22 @@ def _summary(final: dict, out: str) -> str:
     return f"done: {final.get('iter', 0)} iterations, {errs}; run in {out}"
 
 
-def _relaunch_torchrun(nproc: int) -> int:
-    """`reslab train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m reslab train ...`"""
+def _relaunch_torchrun(args: argparse.Namespace) -> int:
+    """`reslab train --nproc N [--max-restarts K] ...` = `torchrun --standalone
+    --nproc-per-node N --max-restarts K -m reslab train ...` (one machine)."""
     import subprocess
 
-    argv = list(sys.argv[1:])
-    i = argv.index("--nproc")
-    del argv[i : i + 2]
+    argv, skip = [], False
+    for a in args.argv:  # the command line without the launcher's own options
+        if skip:
+            skip = False
+        elif a in ("--nproc", "--max-restarts"):
+            skip = True
+        elif not a.startswith(("--nproc=", "--max-restarts=")):
+            argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "reslab", *argv]  # fmt: skip
+           f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
+           "-m", "reslab", *argv]  # fmt: skip
     return subprocess.call(cmd)
 
 
@@ -255,6 +265,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true", help="fetch CIFAR if it is missing")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
     p.add_argument("--nproc", type=int, help="processes on this machine (wraps torchrun)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc: restart the processes this often after a failure; "
+                   "they resume from RUN_DIR/last.pt")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
 
@@ -576,7 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

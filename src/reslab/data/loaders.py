@@ -22,22 +22,35 @@ def _generator(device: torch.device, *words: int) -> torch.Generator:
 
 
 def pad_crop_flip(
-    x: torch.Tensor, *, pad: int, flip: bool, generator: torch.Generator
+    x: torch.Tensor,
+    *,
+    pad: int,
+    flip: bool,
+    generator: torch.Generator,
+    first: int = 0,
+    total: int | None = None,
 ) -> torch.Tensor:
     """Section 4.2 augmentation of a batch [N, C, H, W]: zero-pad `pad` pixels on each side, take
-    a random HxW crop, mirror half the images. One gather for crop and flip together."""
+    a random HxW crop, mirror half the images. One gather for crop and flip together.
+
+    `x` may be the slice [first, first + N) of a batch of `total` images: the random draws are
+    made for all `total` and sliced, so k ranks holding the k shares of a global batch augment
+    it exactly as one process holding all of it would.
+    """
     n, _, h, w = x.shape
     dev = x.device
     if pad == 0 and not flip:
         return x
+    total = n if total is None else total
+    part = slice(first, first + n)
     xp = F.pad(x, (pad, pad, pad, pad)) if pad else x  # [N, C, H+2p, W+2p]
-    oy = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
+    oy = torch.randint(0, 2 * pad + 1, (total, 1), device=dev, generator=generator)[part]
+    ox = torch.randint(0, 2 * pad + 1, (total, 1), device=dev, generator=generator)[part]
     ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
     rows = oy + ar_h  # [N, H]
     cols = ox + ar_w  # [N, W]
     if flip:
-        mirror = torch.rand(n, 1, device=dev, generator=generator) < 0.5
+        mirror = torch.rand(total, 1, device=dev, generator=generator)[part] < 0.5
         cols = torch.where(mirror, ox + (w - 1) - ar_w, cols)
     # One torch.gather over each image's flattened NHWC pixels: 2-5x faster on CPU than
     # advanced indexing, same values. idx [N, H*W] = source pixel of every output pixel.
@@ -149,13 +162,20 @@ class TensorLoader(ShardedOrder):
         x = self.preprocess.normalize(self.images[idx], dtype=self.dtype)  # [B, 3, H, W]
         if self.train and self.lighting is not None:
             # (x/255 + rgb - mean)/std = normalize(x) + rgb/std: one offset per image [B, 3].
-            gl = _generator(self.device, self.seed, self.epoch, step, self.rank, 0x11647)
-            rgb = self.lighting.shifts(len(idx), device=x.device, generator=gl)
+            # Drawn for the whole global batch, this rank's slice taken (world-size independent).
+            gl = _generator(self.device, self.seed, self.epoch, step, 0, 0x11647)
+            share = self.batch_size // self.world_size
+            rgb = self.lighting.shifts(self.batch_size, device=x.device, generator=gl)
+            rgb = rgb[self.rank * share : self.rank * share + len(idx)]
             std = self.preprocess.std.to(x.device).reshape(3)
             x = x + (rgb / std).to(x.dtype)[:, :, None, None]
         if self.train:
-            g = _generator(self.device, self.seed, self.epoch, step, self.rank)
-            x = pad_crop_flip(x, pad=self.pad, flip=self.flip, generator=g)
+            # One random stream per global batch (no rank in the seed); each rank takes its
+            # slice of the draws, so the augmentation does not depend on the world size.
+            g = _generator(self.device, self.seed, self.epoch, step, 0)
+            share = self.batch_size // self.world_size
+            x = pad_crop_flip(x, pad=self.pad, flip=self.flip, generator=g,
+                              first=self.rank * share, total=self.batch_size)  # fmt: skip
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         else:
@@ -245,11 +265,14 @@ class FolderLoader(ShardedOrder):
         )  # fmt: skip
         step = self.step
         for x, y in dl:
-            g = _generator(self.device, self.seed, self.epoch, step, self.rank)
+            # One lighting stream per global batch; this rank takes its slice of the draws.
+            g = _generator(self.device, self.seed, self.epoch, step, 0)
+            share = self.batch_size // self.world_size
             x = prepare_batch(
                 x, preprocess=self.preprocess, device=self.device,
                 lighting=self.lighting if self.train else None, generator=g,
                 channels_last=self.channels_last, dtype=self.dtype,
+                first=self.rank * share, total=self.batch_size,
             )  # fmt: skip
             step += 1
             if self.train:

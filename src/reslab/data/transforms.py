@@ -265,20 +265,26 @@ def prepare_batch(
     generator: torch.Generator | None = None,
     channels_last: bool = True,
     dtype: torch.dtype = torch.float32,
+    first: int = 0,
+    total: int | None = None,
 ) -> Tensor:
     """A uint8 batch [N, 3, H, W] from the DataLoader -> network input on `device`: copy
     (non-blocking from pinned memory), channels-last while still uint8 (4x less to move), one
     fused normalisation pass, then PCA lighting as a per-image offset. All batched; no host sync.
 
     Lighting adds rgb to x/255 before normalisation; (x/255 + rgb - mean)/std equals
-    normalize(x) + rgb/std, so it is folded in after the fused pass.
+    normalize(x) + rgb/std, so it is folded in after the fused pass. `x` may be the slice
+    [first, first + N) of a global batch of `total` images (one rank's share): the lighting
+    draws are made for all `total` and sliced, so they do not depend on the world size.
     """
     x = x.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = preprocess.normalize(x, dtype=dtype)
     if lighting is not None:
-        rgb = lighting.shifts(x.shape[0], device=y.device, generator=generator)  # [N, 3]
+        n = x.shape[0]
+        rgb = lighting.shifts(n if total is None else total, device=y.device,
+                              generator=generator)[first : first + n]  # [N, 3]  # fmt: skip
         std = preprocess.std.to(y.device).reshape(3)
         y = y.add_((rgb / std).to(dtype)[:, :, None, None])
     return y if channels_last else y.contiguous()

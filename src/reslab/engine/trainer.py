@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,7 @@ class Trainer:
         self.dist = D.init_from_env(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         last = self.out / "last.pt"
+        resume = resume or self._elastic_restart(last)
         if last.exists() and not resume:
             raise FileExistsError(
                 f"{self.out} already holds a run ({last}); pass --resume to continue it, "
@@ -127,6 +129,9 @@ class Trainer:
         self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.dist.enabled and cfg.sync_bn:
+            # Before the optimizer is built, so that it holds the parameters of the layers used.
+            self.model = D.convert_sync_batchnorm(self.model, self.device)
         self.optimizer = make_sgd(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
@@ -136,12 +141,35 @@ class Trainer:
             self._restore(load_checkpoint(last, map_location=self.device))
         self.net: nn.Module = self.model
         if self.dist.enabled:
-            if cfg.sync_bn:
-                self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         if cfg.compile:
             self.net = torch.compile(self.net)
+
+    def _elastic_restart(self, last: Path) -> bool:
+        """Under `torchrun --max-restarts K`, a restarted worker group resumes from the last
+        checkpoint that this same torchrun job wrote (never from an unrelated run in --out)."""
+        if D.restart_count() == 0 or not last.exists():
+            return False
+        ckpt = load_checkpoint(last)
+        if ckpt.get("elastic_run_id") != D.elastic_run_id():
+            return False
+        if self.dist.is_main:
+            print(
+                f"torchrun restart {D.restart_count()}: resuming {last} at iteration "
+                f"{ckpt['step']}", file=sys.stderr, flush=True,
+            )  # fmt: skip
+        return True
+
+    def _out_of_time(self) -> bool:
+        limit, s = self.cfg.time_limit, self.state
+        if limit is None:
+            return False
+        if not self.dist.enabled:
+            return s.wall >= limit
+        # Each rank has its own clock: they agree (one collective, at log steps only) so that
+        # none starts the final evaluation while the others still train.
+        return s.step % self.cfg.log_every == 0 and D.any_rank(s.wall >= limit, self.device)
 
     # --- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self) -> dict[str, Any]:
@@ -169,6 +197,7 @@ class Trainer:
                 "history": s.history,
             },
             "world_size": self.dist.world_size,
+            "elastic_run_id": D.elastic_run_id(),
         }
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -194,9 +223,9 @@ class Trainer:
     # --- evaluation and logging --------------------------------------------------------------
     def _evaluate_all(self, lr: float, images_per_s: float) -> dict[str, Any]:
         s = self.state
-        stats = torch.tensor([s.loss_sum, s.wrong, s.seen], dtype=torch.float64)
-        D.all_reduce_sum(stats.to(self.device)).cpu()
-        loss_sum, wrong, seen = stats.tolist()
+        loss_sum, wrong, seen = s.loss_sum, s.wrong, s.seen  # already summed over ranks
+        if self.dist.enabled:
+            D.broadcast_buffers(self.model)
         row: dict[str, Any] = {
             "iter": s.step,
             "epoch": round(s.step * self.cfg.batch_size / self.data.train_size, 3),
@@ -278,12 +307,16 @@ class Trainer:
                             s.warmup_ended_at = s.step
                 at_eval = s.step % cfg.eval_every == 0 or s.step >= cfg.iters
                 s.wall = wall0 + time.perf_counter() - t0
-                out_of_time = cfg.time_limit is not None and s.wall >= cfg.time_limit
+                out_of_time = self._out_of_time()
                 saving = s.step % cfg.save_every == 0
                 if s.step % cfg.log_every == 0 or at_eval or out_of_time or saving:
-                    s.loss_sum += float(loss_acc)  # the host sync of this interval
-                    s.wrong += float(wrong_acc)
-                    s.seen += seen_acc
+                    # The host sync of this interval; sums over all ranks, so every rank holds
+                    # (and checkpoints) the same global statistics.
+                    acc = torch.stack([loss_acc, wrong_acc.double(), loss_acc.new_tensor(seen_acc)])
+                    loss_sum, wrong_sum, seen_sum = D.all_reduce_sum(acc).tolist()
+                    s.loss_sum += loss_sum
+                    s.wrong += wrong_sum
+                    s.seen += seen_sum
                     loss_acc.zero_()
                     wrong_acc.zero_()
                     seen_acc = 0
@@ -344,4 +377,6 @@ class Trainer:
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train per `cfg`; returns the final evaluation row (also in RUN_DIR/final.json)."""
-    return Trainer(cfg, resume=resume, progress=progress).fit()
+    final = Trainer(cfg, resume=resume, progress=progress).fit()
+    D.shutdown()  # leave the process group (torchrun runs) so that the process exits cleanly
+    return final
