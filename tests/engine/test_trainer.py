@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -108,3 +109,16 @@ def test_resume_after_sigkill_is_bit_identical(cifar_root: Path, tmp_path: Path)
     got_rows = (out / "metrics.jsonl").read_text().splitlines()
     strip = lambda rows: [r.split('"images_per_s"')[0] for r in rows]  # noqa: E731
     assert strip(got_rows) == strip(ref_rows)
+
+
+def test_resnet110_style_warmup_returns_to_base_lr(cifar_root: Path, tmp_path: Path) -> None:
+    """lr 0.01 until the training error (checked every 20 iterations) is below the threshold,
+    then the main schedule from 0.1 — the real loop, not just the schedule function."""
+    cfg = _cfg(cifar_root, tmp_path / "run", iters=40, eval_every=20, save_every=20,
+               batch_size=16, warmup_lr=0.01, warmup_until_error=99.0, milestones=[],
+               precision="auto")  # fmt: skip
+    train(cfg, progress=False)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [0.01, 0.1]
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["train_state"]["warmup_ended_at"] == 20

@@ -43,6 +43,9 @@ class TrainState:
     wrong: float = 0.0
     seen: float = 0.0
     wall: float = 0.0  # training seconds before this process started (resumed runs)
+    # ResNet-110 warm-up: this rank's wrong/seen since the last 20-step check.
+    warm_wrong: int = 0
+    warm_seen: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -195,6 +198,8 @@ class Trainer:
                 "seen": s.seen,
                 "wall": s.wall,
                 "history": s.history,
+                "warm_wrong": int(self._warm_wrong),  # one host sync per checkpoint
+                "warm_seen": self._warm_seen,
             },
             "world_size": self.dist.world_size,
             "elastic_run_id": D.elastic_run_id(),
@@ -263,8 +268,8 @@ class Trainer:
         loss_acc = torch.zeros((), device=dev, dtype=torch.float64)
         wrong_acc = torch.zeros((), device=dev, dtype=torch.int64)
         seen_acc = 0
-        warm_wrong = torch.zeros((), device=dev, dtype=torch.int64)
-        warm_seen = 0
+        self._warm_wrong = torch.full((), s.warm_wrong, device=dev, dtype=torch.int64)
+        self._warm_seen = s.warm_seen
         bar = tqdm(
             total=cfg.iters, initial=s.step, disable=not (self.progress and self.dist.is_main),
             dynamic_ncols=True, desc=cfg.model, unit="it",
@@ -293,16 +298,16 @@ class Trainer:
                 seen_acc += n
                 n_int += n * self.dist.world_size
                 if cfg.warmup_lr is not None and s.warmup_ended_at is None:
-                    warm_wrong += wrong
-                    warm_seen += n
+                    self._warm_wrong += wrong
+                    self._warm_seen += n
                     if s.step % 20 == 0:  # one host sync per 20 steps, during warm-up only
                         err = (
                             100.0
-                            * float(D.all_reduce_sum(warm_wrong.clone()))
-                            / (warm_seen * self.dist.world_size)
+                            * float(D.all_reduce_sum(self._warm_wrong.clone()))
+                            / (self._warm_seen * self.dist.world_size)
                         )
-                        warm_wrong.zero_()
-                        warm_seen = 0
+                        self._warm_wrong.zero_()
+                        self._warm_seen = 0
                         if err < cfg.warmup_until_error:
                             s.warmup_ended_at = s.step
                 at_eval = s.step % cfg.eval_every == 0 or s.step >= cfg.iters
