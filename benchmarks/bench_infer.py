@@ -32,7 +32,8 @@ from torch import nn
 
 import reslab
 from reslab.data.cifar import load_cifar
-from reslab.inference import InferenceModel, bf16_is_fast
+from reslab.engine.precision import bf16_is_fast
+from reslab.inference import InferenceModel
 from reslab.models.weights import IMAGENET_MEAN, IMAGENET_STD, load_weights
 
 Fn = Callable[[torch.Tensor], torch.Tensor]

@@ -13,16 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reslab.engine.precision import bf16_is_fast
+
 PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Native bf16 math: CUDA with bf16 support, or a CPU with AVX-512 BF16 / AMX (oneDNN)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

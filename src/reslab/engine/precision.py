@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where oneDNN runs bf16
-    convolutions faster than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def bf16_is_fast(device: torch.device) -> bool:
+    """Native bf16 math: CUDA with bf16 support, or a CPU with AVX-512 BF16 / AMX, where oneDNN
+    runs bf16 convolutions faster than fp32 (measured: benchmarks/bench_train.py)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def resolve_precision(spec: str, device: torch.device) -> str:
@@ -25,9 +22,9 @@ def resolve_precision(spec: str, device: torch.device) -> str:
         if spec not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {spec!r}")
         return spec
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16" if bf16_is_fast(device) else "fp32"
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
