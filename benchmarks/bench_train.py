@@ -95,6 +95,10 @@ def main() -> None:
     ours = time_steps(ours_model, (b for _ in range(100) for b in loader), args.steps,
                       args.warmup, precision)  # fmt: skip
 
+    compiled_model = torch.compile(create_model(args.model).to(memory_format=torch.channels_last))
+    compiled = time_steps(compiled_model, (b for _ in range(100) for b in loader), args.steps,
+                          args.warmup + 3, precision)  # fmt: skip
+
     macs = count_macs(create_model(args.model), 32)
     peak_bf16 = matmul_peak(torch.bfloat16)
     peak_fp32 = matmul_peak(torch.float32)
@@ -104,6 +108,7 @@ def main() -> None:
     rows = [
         ("reference: eager fp32 NCHW, PIL/torchvision DataLoader", ref),
         (f"reslab: {precision} autocast, channels_last, on-device data", ours),
+        ("reslab --compile: the same + torch.compile (after compiling)", compiled),
     ]
     for name, ips in rows:
         tf_s = ips * flops_per_img
