@@ -7,9 +7,10 @@ and 3/4 of training as 32k/48k of 64k do. `smoke` proves the machinery in second
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from reslab.engine.config import TrainConfig
+from reslab.engine.config import TrainConfig, load_recipe
 
 
 @dataclass(frozen=True)
@@ -62,19 +63,11 @@ PAPER_RESNET_SCHEDULE = (
 
 def cifar_resnet_cfg(model: str, sched: Schedule, *, seed: int, **options: object) -> TrainConfig:
     """The section 4.2 recipe (configs/cifar10-paper.yaml) with `sched` and model options."""
-    cfg = TrainConfig(
+    cfg = dataclasses.replace(
+        load_recipe("cifar10-paper"),
         model=model,
         model_options=dict(options),
-        dataset="cifar10",
-        val_split=True,
-        normalization="per_pixel",
-        pad=4,
-        flip=True,
         batch_size=sched.batch_size,
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=1e-4,
-        schedule="step",
         milestones=list(sched.milestones),
         iters=sched.iters,
         eval_every=sched.eval_every,
