@@ -61,12 +61,9 @@ PAPER_RESNET_SCHEDULE = (
 )
 
 
-def cifar_resnet_cfg(model: str, sched: Schedule, *, seed: int, **options: object) -> TrainConfig:
-    """The section 4.2 recipe (configs/cifar10-paper.yaml) with `sched` and model options."""
-    cfg = dataclasses.replace(
-        load_recipe("cifar10-paper"),
-        model=model,
-        model_options=dict(options),
+def schedule_fields(sched: Schedule, seed: int) -> dict[str, object]:
+    """The TrainConfig fields a budget's schedule sets (length, milestones, evaluation, data)."""
+    return dict(
         batch_size=sched.batch_size,
         milestones=list(sched.milestones),
         iters=sched.iters,
@@ -76,6 +73,16 @@ def cifar_resnet_cfg(model: str, sched: Schedule, *, seed: int, **options: objec
         eval_subset=sched.eval_subset,
         eval_splits=list(sched.eval_splits),
         seed=seed,
+    )
+
+
+def cifar_resnet_cfg(model: str, sched: Schedule, *, seed: int, **options: object) -> TrainConfig:
+    """The section 4.2 recipe (configs/cifar10-paper.yaml) with `sched` and model options."""
+    cfg = dataclasses.replace(
+        load_recipe("cifar10-paper"),
+        model=model,
+        model_options=dict(options),
+        **schedule_fields(sched, seed),
     )
     depth = int("".join(c for c in model if c.isdigit()) or 0)
     if depth >= 110:
@@ -105,19 +112,11 @@ def alexnet_cifar_cfg(
         pad=4 if augment else 0,
         flip=augment,
         pca_lighting=pca_lighting,
-        batch_size=sched.batch_size,
         lr=lr,
         momentum=0.9,
         weight_decay=weight_decay,
         schedule="step",
-        milestones=list(sched.milestones),
-        iters=sched.iters,
-        eval_every=sched.eval_every,
-        save_every=sched.eval_every,
-        train_subset=sched.train_subset,
-        eval_subset=sched.eval_subset,
-        eval_splits=list(sched.eval_splits),
-        seed=seed,
+        **schedule_fields(sched, seed),
     )
 
 
