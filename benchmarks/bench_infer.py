@@ -5,8 +5,9 @@
 
 Rows: ResNet-50 at 224 (reference: torchvision's resnet50, eager fp32 NCHW) and ResNet-20 at 32
 (reference: reslab's resnet20, eager fp32 NCHW), batch 1 and 64. "reslab" is
-reslab.inference.InferenceModel (channels_last, bf16 autocast where the CPU has native bf16),
-the path `reslab predict` uses, and its onnxruntime fp32 backend (`--backend onnxruntime`).
+reslab.inference.InferenceModel (channels_last, BatchNorm folded into the convolutions, bf16
+autocast where the CPU has native bf16), the path `reslab predict` uses; the same unfolded and
+in fp32; and its onnxruntime fp32 backend (`--backend onnxruntime`).
 --extra adds a torch.compile row. The last lines name, per row, the fastest path that keeps
 >= 99.5% top-1 agreement.
 
@@ -133,7 +134,7 @@ def main() -> None:
           f"torch {torch.__version__} | native bf16: {bf16_is_fast(torch.device('cpu'))}")  # fmt: skip
     print(f"timing: median of {args.iters} iterations after {args.warmup} warm-up\n")
     head = (
-        f"{'model':9} {'size':>4} {'batch':>5}  {'path':22} {'img/s':>9} {'ratio':>6}  top-1 agree"
+        f"{'model':9} {'size':>4} {'batch':>5}  {'path':26} {'img/s':>9} {'ratio':>6}  top-1 agree"
     )
     print(head + "\n" + "-" * len(head))
     verdicts: list[str] = []
@@ -143,7 +144,13 @@ def main() -> None:
         ref, ours = build(name, getattr(args, f"weights_{name}", None), x_all[:256])
         runner = InferenceModel(copy.deepcopy(ours), device="cpu", precision="auto")
         paths: dict[str, Fn] = {
-            f"reslab ({runner.precision}, CL)": runner,
+            f"reslab ({runner.precision}, CL, BN fold)": runner,
+            "  same, BN unfolded": InferenceModel(
+                copy.deepcopy(ours), device="cpu", precision="auto", fold_bn=False
+            ),
+            "reslab fp32 CL BN fold": InferenceModel(
+                copy.deepcopy(ours), device="cpu", precision="fp32"
+            ),
             "reslab onnxruntime fp32": InferenceModel(
                 copy.deepcopy(ours), backend="onnxruntime", input_size=size
             ),
@@ -157,12 +164,12 @@ def main() -> None:
             xb = x_all[:batch] if batch <= len(x_all) else x_all[:1].expand(batch, -1, -1, -1)
             xb = xb.contiguous()
             base = images_per_s(ref, xb, iters=args.iters, warmup=args.warmup)
-            print(f"{name:9} {size:>4} {batch:>5}  {'eager fp32 NCHW (ref)':22} {base:9.1f} "
+            print(f"{name:9} {size:>4} {batch:>5}  {'eager fp32 NCHW (ref)':26} {base:9.1f} "
                   f"{1.0:6.2f}  ({tag}, {len(x_all)} imgs)")  # fmt: skip
             best: tuple[float, str] | None = None
             for k, fn in paths.items():
                 ips = images_per_s(fn, xb, iters=args.iters, warmup=args.warmup)
-                print(f"{'':9} {'':>4} {'':>5}  {k:22} {ips:9.1f} {ips / base:6.2f}  "
+                print(f"{'':9} {'':>4} {'':>5}  {k:26} {ips:9.1f} {ips / base:6.2f}  "
                       f"{agree[k]:.2%}")  # fmt: skip
                 if agree[k] >= 0.995 and (best is None or ips / base > best[0]):
                     best = (ips / base, k)

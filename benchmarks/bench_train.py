@@ -4,10 +4,10 @@ reference: ResNet-20 in eager fp32 NCHW, fed by torchvision transforms on PIL im
 with padding 4, RandomHorizontalFlip, ToTensor, Normalize) per sample through a DataLoader.
 reslab: the same net in channels_last with bf16 autocast (where the CPU has native bf16), fed by
 the on-device TensorLoader (whole split as one uint8 tensor, batched pad/crop/flip).
-Same model, optimizer, batch (128) and real CIFAR-10 images; prints img/s, the ratio, and the
+Same model, optimizer, batch (--batch, 128 by default) and real CIFAR-10 images; prints img/s, the ratio, and the
 fraction of the machine's measured bf16 matmul peak that the training step reaches.
 
-    python benchmarks/bench_train.py --data ../shared/data [--steps 30]
+    python benchmarks/bench_train.py --data ../shared/data [--steps 30] [--batch 256]
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=128, help="128: section 4.2; 256: cifar10-fast")
     args = p.parse_args()
     print(hardware())
     if load_average() > 1.5:
@@ -80,7 +81,7 @@ def main() -> None:
     tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                     T.Normalize(mean, std)])  # fmt: skip
     ref_loader = torch.utils.data.DataLoader(
-        PILCifar(train.images, train.labels, tf), batch_size=128, shuffle=True,
+        PILCifar(train.images, train.labels, tf), batch_size=args.batch, shuffle=True,
         num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0,
     )  # fmt: skip
     ref_model = create_model(args.model)
@@ -89,7 +90,7 @@ def main() -> None:
     dev = torch.device("cpu")
     precision = resolve_precision("auto", dev)
     pre = cifar_preprocess("per_pixel", train.images)
-    loader = TensorLoader(train.images, train.labels, batch_size=128, preprocess=pre,
+    loader = TensorLoader(train.images, train.labels, batch_size=args.batch, preprocess=pre,
                           train=True, channels_last=True)  # fmt: skip
     ours_model = create_model(args.model).to(memory_format=torch.channels_last)
     ours = time_steps(ours_model, (b for _ in range(100) for b in loader), args.steps,
@@ -103,7 +104,9 @@ def main() -> None:
     peak_bf16 = matmul_peak(torch.bfloat16)
     peak_fp32 = matmul_peak(torch.float32)
     flops_per_img = 3 * 2 * macs  # forward + backward (2x forward), 2 FLOPs per multiply-add
-    print(f"\n{args.model} training, batch 128, {args.steps} timed steps after {args.warmup}")
+    print(
+        f"\n{args.model} training, batch {args.batch}, {args.steps} timed steps after {args.warmup}"
+    )
     print(f"{'path':<58}{'img/s':>9}{'ratio':>8}{'TFLOP/s':>9}{'of bf16 peak':>14}")
     rows = [
         ("reference: eager fp32 NCHW, PIL/torchvision DataLoader", ref),

@@ -50,3 +50,36 @@ def test_precision_and_backend_validation() -> None:
         InferenceModel(model, backend="tensorrt")
     with pytest.raises(ValueError, match="needs input_size"):
         InferenceModel(model, backend="onnxruntime")
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "size"),
+    [("resnet20", {}, 32), ("plain20", {}, 32), ("resnet32", {"shortcut": "B"}, 32),
+     ("resnet18", {"shortcut": "C"}, 64), ("resnet50", {}, 64)],
+)  # fmt: skip
+def test_folded_batchnorm_gives_the_same_logits(name: str, options: dict, size: int) -> None:
+    """Folding BN into the convolutions (the default fast path) changes no logit beyond float
+    rounding, for every block type and shortcut option, and leaves no BatchNorm behind."""
+    from reslab.inference import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = reslab.create_model(name, **options)
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    model.eval()
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        want = model(x)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is intact
+    with torch.no_grad():
+        got = folded(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        InferenceModel(model, precision="fp32")(x), want, atol=1e-4, rtol=1e-4
+    )

@@ -58,3 +58,19 @@ def test_sgd_groups_head_lr_and_set_lr() -> None:
     lrs = sorted(g["lr"] for g in opt.param_groups)
     assert lrs == pytest.approx([0.01, 0.1])
     assert all(g["momentum"] == 0.9 and g["weight_decay"] == 1e-4 for g in opt.param_groups)
+
+
+def test_step_lr_linear_warmup_then_paper_steps() -> None:
+    """The cpu budget's ramp: 1/100 of the lr at iteration 0, full lr from `warmup` on, and the
+    milestones unchanged."""
+    kw = dict(base=0.1, milestones=[500, 750], warmup=100)
+    assert step_lr(0, **kw) == pytest.approx(0.001)
+    assert step_lr(49, **kw) == pytest.approx(0.05)
+    assert step_lr(99, **kw) == pytest.approx(0.1)
+    assert step_lr(100, **kw) == pytest.approx(0.1)
+    assert step_lr(500, **kw) == pytest.approx(0.01)
+    assert step_lr(750, **kw) == pytest.approx(0.001)
+    # with the ResNet-110 rule on top: 0.01 until the error rule fires, then the ramp resumes
+    rule = dict(PAPER, milestones=[500, 750], warmup_iters=100, warmup_lr=0.01)
+    assert lr_at(30, **rule, warmup_ended_at=None) == 0.01
+    assert lr_at(60, **rule, warmup_ended_at=40) == pytest.approx(0.061)

@@ -54,8 +54,14 @@ def test_cpu_budgets_scale_the_length_only() -> None:
             assert all(m < c.iters for m in c.milestones)
     t6 = _plan("table6", "cpu").specs
     assert [s.tags["depth"] for s in t6] == [20, 32, 44, 56, 110]
-    assert {s.cfg.iters for s in t6} == {300}
-    assert [s.cfg.model_options["shortcut"] for s in _plan("shortcuts", "cpu").specs] == list("ABC")
+    assert {(s.cfg.iters, s.cfg.warmup_iters, tuple(s.cfg.milestones)) for s in t6} == {
+        (1000, 100, (500, 750))
+    }
+    sc = _plan("shortcuts", "cpu").specs
+    assert [s.cfg.model_options.get("shortcut", "A") for s in sc] == list("ABC")
+    # option A is the CIFAR default: its run is table6's ResNet-32 run, trained once
+    t6_r32 = next(s for s in t6 if s.name == "resnet32-s0")
+    assert sc[0].name == "resnet32-s0" and sc[0].cfg.to_dict() == t6_r32.cfg.to_dict()
 
 
 def test_alexnet_parts_turns_off_one_part_each() -> None:

@@ -50,7 +50,7 @@ class TrainConfig:
     gamma: float = 0.1  # section 4.2: divided by 10
     iters: int = 64000  # section 4.2: terminate at 64k iterations
     epochs: float | None = None  # if set, overrides iters: epochs * train images / batch_size
-    warmup_iters: int = 0  # linear warm-up length for the cosine schedule (fast recipe)
+    warmup_iters: int = 0  # linear lr warm-up length, either schedule (not the paper's)
     warmup_lr: float | None = None  # ResNet-110 (section 4.2): 0.01 until train error < 80%
     warmup_until_error: float = 80.0  # section 4.2: then back to lr 0.1
     head_lr_mult: float = 1.0  # fine-tuning: the new classifier's lr relative to the rest

@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 
-def step_lr(it: int, *, base: float, milestones: Sequence[int], gamma: float = 0.1) -> float:
-    """base * gamma ** (number of milestones passed): lr 0.1, /10 at 32k and 48k (section 4.2)."""
+def step_lr(
+    it: int, *, base: float, milestones: Sequence[int], gamma: float = 0.1, warmup: int = 0
+) -> float:
+    """base * gamma ** (number of milestones passed): lr 0.1, /10 at 32k and 48k (section 4.2);
+    with `warmup`, a linear ramp to `base` over the first `warmup` iterations."""
+    if it < warmup:
+        return base * (it + 1) / warmup
     return base * gamma ** sum(it >= m for m in milestones)
 
 
@@ -43,7 +48,7 @@ def lr_at(
     if warmup_lr is not None and (warmup_ended_at is None or it < warmup_ended_at):
         return warmup_lr
     if schedule == "step":
-        return step_lr(it, base=base, milestones=milestones, gamma=gamma)
+        return step_lr(it, base=base, milestones=milestones, gamma=gamma, warmup=warmup_iters)
     if schedule == "cosine":
         return cosine_lr(it, base=base, total=total, warmup=warmup_iters)
     raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
