@@ -15,8 +15,12 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from reslab.engine.precision import bf16_is_fast
+from reslab.models.blocks import BasicBlock, Bottleneck
+from reslab.models.cifar import CifarResNet
+from reslab.models.resnet import ResNet
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -98,12 +102,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     scaled weights and a bias. Pairs are found by reslab's naming (convK -> bnK in residual
     blocks and stems) and by (Conv2d, BatchNorm2d) neighbours in nn.Sequential (shortcuts B/C).
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    from reslab.models.blocks import BasicBlock, Bottleneck
-    from reslab.models.cifar import CifarResNet
-    from reslab.models.resnet import ResNet
-
     model = copy.deepcopy(model).eval()
     for module in model.modules():
         if isinstance(module, (BasicBlock, Bottleneck, CifarResNet, ResNet)):
