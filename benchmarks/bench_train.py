@@ -4,8 +4,9 @@ reference: ResNet-20 in eager fp32 NCHW, fed by torchvision transforms on PIL im
 with padding 4, RandomHorizontalFlip, ToTensor, Normalize) per sample through a DataLoader.
 reslab: the same net in channels_last with bf16 autocast (where the CPU has native bf16), fed by
 the on-device TensorLoader (whole split as one uint8 tensor, batched pad/crop/flip).
-Same model, optimizer, batch (--batch, 128 by default) and real CIFAR-10 images; prints img/s, the ratio, and the
-fraction of the machine's measured bf16 matmul peak that the training step reaches.
+Same model, optimizer, batch (--batch, 128 by default) and real CIFAR-10 images; prints img/s,
+the ratio, and the fraction of the machine's measured bf16 matmul peak that the training step
+reaches.
 
     python benchmarks/bench_train.py --data ../shared/data [--steps 30] [--batch 256]
 """
