@@ -363,7 +363,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(describe_plan(ctx, plan))
             return 0
         path = reproduce(args.name, **opts)
-    except (DataError, ConfigMismatch) as e:
+    except (DataError, ConfigMismatch, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"report: {path}")
@@ -382,8 +382,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="run one of the paper's tables/figures and write a report")
     p.add_argument("name", choices=sorted(EXPERIMENTS))
     p.add_argument("--budget", choices=BUDGETS, required=True,
-                   help="smoke: ~1 min check; cpu: ~45 min scaled-down schedule; full: the "
-                   "paper's schedule (GPU)")  # fmt: skip
+                   help="smoke: ~1 min check; cpu: ~45 min scaled-down schedule; cpu-long: "
+                   "table6/fig6/fig7 at 20 and 56 layers, 4x longer (~80 min with --jobs 2); "
+                   "full: the paper's schedule (GPU)")  # fmt: skip
     p.add_argument("--out", required=True, help="directory for REPORT.md, figures and runs/")
     p.add_argument(
         "--seeds", type=_positive, default=1, help="runs per configuration (seeds 0..N-1)"

@@ -36,7 +36,7 @@ def test_full_budget_is_the_papers_section_4_2_schedule() -> None:
     assert sorted({s.tags["depth"] for s in specs}) == [20, 32, 44, 56, 110, 1202]
 
 
-@pytest.mark.parametrize("budget", ["smoke", "cpu", "full"])
+@pytest.mark.parametrize("budget", ["smoke", "cpu", "cpu-long", "full"])
 def test_table6_fig6_fig7_runs_are_the_same_runs(budget: str) -> None:
     cfgs = {}
     for name in ("table6", "fig6", "fig7"):
@@ -62,6 +62,36 @@ def test_cpu_budgets_scale_the_length_only() -> None:
     # option A is the CIFAR default: its run is table6's ResNet-32 run, trained once
     t6_r32 = next(s for s in t6 if s.name == "resnet32-s0")
     assert sc[0].name == "resnet32-s0" and sc[0].cfg.to_dict() == t6_r32.cfg.to_dict()
+
+
+def test_cpu_long_budget_is_the_depth_comparison_at_4x_the_cpu_length(tmp_path: Path) -> None:
+    fig6 = _plan("fig6", "cpu-long").specs
+    assert [s.name for s in fig6] == ["plain20-s0", "plain56-s0", "resnet20-s0", "resnet56-s0"]
+    assert [s.name for s in _plan("table6", "cpu-long").specs] == ["resnet20-s0", "resnet56-s0"]
+    assert {s.name for s in _plan("fig7", "cpu-long").specs} == {s.name for s in fig6}
+    for s in fig6:
+        c = s.cfg
+        assert (c.iters, c.milestones, c.warmup_iters, c.batch_size) == (
+            4000,
+            [2000, 3000],
+            100,
+            128,
+        )
+        assert c.eval_subset is None and c.eval_splits == ["test"]
+    for name in ("shortcuts", "relu-tanh", "alexnet-parts"):
+        with pytest.raises(ValueError, match="is for table6, fig6, fig7"):
+            reproduce(name, budget="cpu-long", out=tmp_path)
+
+
+def test_parallel_runs_are_handed_out_longest_first() -> None:
+    from reslab.experiments.runner import _cost
+
+    costs = {s.name: _cost(s.cfg) for s in _plan("fig6", "cpu-long").specs}
+    # 56 layers cost ~2.9x 20 layers; option A shortcuts add no multiply-adds to the plain twin
+    assert 2.5 < costs["resnet56-s0"] / costs["resnet20-s0"] < 3.2
+    assert (
+        costs["resnet56-s0"] == costs["plain56-s0"] and costs["resnet20-s0"] == costs["plain20-s0"]
+    )
 
 
 def test_alexnet_parts_turns_off_one_part_each() -> None:
@@ -143,3 +173,52 @@ def test_relu_tanh_analysis_picks_the_fastest_lr_and_averages_seeds(tmp_path: Pa
     body = relu_tanh.analyse(ctx, results)
     assert "not reached by both activations" in body and "| 25% |" in body
     assert re.search(r"\| 35% \| [\d,]+ \(.*\| [\d.]+x \|  \|", body), body
+
+
+@pytest.mark.parametrize(
+    ("r56", "holds"),
+    [((20.0, 11.0), "**yes**"), ((20.0, 13.0), "**no**"), ((26.0, 11.0), "**no**")],
+)
+def test_fig6_analysis_checks_both_claims(tmp_path: Path, r56, holds: str) -> None:
+    """Synthetic final errors (train, test): plain nets degrade; ResNet-56 counts as better only
+    when both its training and its test error are below ResNet-20's (25.0, 12.0)."""
+    from reslab.experiments import fig6
+    from reslab.experiments.runner import RunResult
+
+    ctx = Context("fig6", "cpu-long", tmp_path, tmp_path / "runs", 1, "data", "cpu", "")
+    final = {"plain20-s0": (25.0, 14.0), "plain56-s0": (40.0, 30.0), "resnet20-s0": (25.0, 12.0)}
+    final["resnet56-s0"] = r56
+    results = []
+    for s in fig6.plan(ctx).specs:
+        tr, te = final[s.name]
+        rows = [{"iter": 2000, "train_error": tr + 10, "test_error": te + 10},
+                {"iter": 4000, "train_error": tr, "test_error": te}]  # fmt: skip
+        results.append(RunResult(s, tmp_path, rows[-1], rows, "skipped", 0.0))
+    body = fig6.analyse(ctx, results)
+    assert "| deeper plain nets have HIGHER training error (degradation) | 20 layers 25.00% -> " \
+        "56 layers 40.00% | **yes** |" in body  # fmt: skip
+    assert body.count(holds) >= 1 and f"test 20 layers 12.00% -> 56 layers {r56[1]:.2f}%" in body
+    line = next(ln for ln in body.splitlines() if "deeper ResNets have LOWER" in ln)
+    assert line.endswith(f"| {holds} |")
+    assert ("even so the deepest ResNet ends below" in body) == (holds == "**yes**")
+    assert (tmp_path / "fig6.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("r20", "r56", "ordered"), [(12.0, 11.0, True), (11.0, 12.0, False)])
+def test_table6_analysis_says_whether_depth_pays_off(
+    tmp_path: Path, r20: float, r56: float, ordered: bool
+) -> None:
+    from reslab.experiments import table6
+    from reslab.experiments.runner import RunResult
+
+    ctx = Context("table6", "cpu-long", tmp_path, tmp_path / "runs", 1, "data", "cpu", "")
+    err = {"resnet20-s0": r20, "resnet56-s0": r56}
+    results = [
+        RunResult(s, tmp_path, {"iter": 4000, "test_error": err[s.name]}, [], "skipped", 0.0)
+        for s in table6.plan(ctx).specs
+    ]
+    body = table6.analyse(ctx, results)
+    assert f"Ours (mean over seeds, by depth): 20: {r20:.2f}, 56: {r56:.2f}." in body
+    assert f"Monotonically falling with depth: **{'yes' if ordered else 'no'}**" in body
+    assert ("The order by depth is the paper's" in body) == ordered
+    assert ("not yet better." in body) == (not ordered) and "ResNet-110 spends" not in body

@@ -12,6 +12,7 @@ from reslab.experiments.recipes import Schedule
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 
 TITLE = "AlexNet's parts, one at a time (small CIFAR-10 net)"
+BUDGETS = ("smoke", "cpu", "full")
 BASE = {"lrn": True, "overlap_pool": True, "dropout": 0.5, "pca_lighting": True}
 # variant name -> (what changes, the paper's claimed effect of the component)
 VARIANTS: dict[str, tuple[dict, str]] = {

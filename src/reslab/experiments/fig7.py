@@ -18,10 +18,11 @@ from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 from reslab.models import create_model
 
 TITLE = "Figure 7: layer responses of plain nets and ResNets (CIFAR-10)"
-PLAIN = {"full": (20, 56), "cpu": (20, 56), "smoke": (20, 32)}
-RESNET = {"full": (20, 56, 110), "cpu": (20, 56), "smoke": (20, 32)}
+PLAIN = {"full": (20, 56), "cpu": (20, 56), "cpu-long": (20, 56), "smoke": (20, 32)}
+RESNET = {"full": (20, 56, 110), "cpu": (20, 56), "cpu-long": (20, 56), "smoke": (20, 32)}
+BUDGETS = tuple(RESNET)
 # Test images the responses are measured on (eval mode, BN with its running statistics).
-IMAGES = {"full": 10000, "cpu": 1000, "smoke": 256}
+IMAGES = {"full": 10000, "cpu": 1000, "cpu-long": 1000, "smoke": 256}
 
 
 def plan(ctx: Context) -> Plan:
@@ -38,9 +39,10 @@ def plan(ctx: Context) -> Plan:
         f"responses measured on the first {IMAGES[ctx.budget]:,} test images, seed 0 only; "
         "the std pools all N x C x H x W values of a layer's output.",
     ]
-    if ctx.budget == "cpu":
+    if ctx.budget in ("cpu", "cpu-long"):
         notes.append(
-            "`cpu` budget: ResNet-110 left out (the paper's Figure 7 includes it; `full` does)."
+            f"`{ctx.budget}` budget: ResNet-110 left out (the paper's Figure 7 includes it; "
+            "`full` does)."
         )
     notes += recipes.smoke_note(ctx.budget, "depths 20 and 32")
     return Plan(specs, notes)

@@ -15,6 +15,7 @@ from reslab.experiments.recipes import Schedule
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 
 TITLE = "ReLU versus tanh: iterations to 25% training error (AlexNet, CIFAR-10)"
+BUDGETS = ("smoke", "cpu", "full")
 THRESHOLD = 25.0  # % training error (AlexNet, Figure 1)
 PAPER_RATIO = 6.0  # "six times faster"
 ACTIVATIONS = ("relu", "tanh")

@@ -10,6 +10,7 @@ from reslab.experiments import recipes
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 
 TITLE = "Shortcut options A / B / C on CIFAR-10 ResNets"
+BUDGETS = ("smoke", "cpu", "full")
 DEPTHS = {"full": (32, 56, 110), "cpu": (32,), "smoke": (32,)}
 OPTIONS = ("A", "B", "C")
 # Table 3, ImageNet ResNet-34, 10-crop top-1 / top-5 error %.
