@@ -383,7 +383,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=sorted(EXPERIMENTS))
     p.add_argument("--budget", choices=BUDGETS, required=True,
                    help="smoke: ~1 min check; cpu: ~45 min scaled-down schedule; cpu-long: "
-                   "table6/fig6/fig7 at 20 and 56 layers, 4x longer (~80 min with --jobs 2); "
+                   "table6/fig6/fig7 at 20 and 56 layers, 4x longer (~75 min with --jobs 2); "
                    "full: the paper's schedule (GPU)")  # fmt: skip
     p.add_argument("--out", required=True, help="directory for REPORT.md, figures and runs/")
     p.add_argument(
