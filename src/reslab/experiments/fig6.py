@@ -46,8 +46,8 @@ def plan(ctx: Context) -> Plan:
     ]
     if ctx.budget == "cpu-long":
         notes.append(
-            "`cpu-long` budget: 20 and 56 layers only, 4x the `cpu` length, so that depth can pay "
-            "off for the ResNets."
+            "`cpu-long` budget: 20 and 56 layers only, 4x the `cpu` length, so that depth has "
+            "longer to pay off for the ResNets."
         )
     notes += recipes.smoke_note(ctx.budget, "depths shrunk to 20 and 32")
     return Plan(specs, notes)
