@@ -226,14 +226,14 @@ def make_plan(
     argv += ["--device", device] if device != "auto" else []
     argv += ["--jobs", str(jobs)] if jobs != 1 else []
     argv += ["--compile"] if compile else []
-    module = importlib.import_module(EXPERIMENTS[name])
-    if budget not in module.BUDGETS:
+    if budget not in _budgets(name):
         raise ValueError(
-            f"{name} has no {budget!r} budget (it has {', '.join(module.BUDGETS)}); "
+            f"{name} has no {budget!r} budget (it has {', '.join(_budgets(name))}); "
             f"`{budget}` is for {', '.join(n for n in EXPERIMENTS if budget in _budgets(n))}"
         )
     data = data or default_data()
     ctx = Context(name, budget, out, runs_root, seeds, data, device, shlex.join(argv), progress)
+    module = importlib.import_module(EXPERIMENTS[name])
     plan = module.plan(ctx)
     for spec in plan.specs:
         spec.cfg.data, spec.cfg.device, spec.cfg.compile = ctx.data, ctx.device, compile
