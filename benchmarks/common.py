@@ -26,15 +26,22 @@ def load_average() -> float:
         return 0.0
 
 
-def matmul_peak(dtype: torch.dtype, *, n: int = 2048, seconds: float = 2.0) -> float:
-    """Measured FLOP/s of a large square matmul in `dtype` on the CPU (the machine's practical
-    peak for that dtype, as the benchmarks' denominator)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    for _ in range(2):
+def matmul_peak(
+    dtype: torch.dtype, *, n: int = 2048, seconds: float = 2.0, device: torch.device | None = None
+) -> float:
+    """Measured FLOP/s of a large square matmul in `dtype` on `device` (default the CPU): the
+    machine's practical peak for that dtype, as the benchmarks' denominator."""
+    device = device or torch.device("cpu")
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
         a @ b
+    sync()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
+        for _ in range(10 if device.type == "cuda" else 1):  # keep the GPU's queue full
+            a @ b
+            reps += 1
+        sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0)

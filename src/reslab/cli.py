@@ -6,6 +6,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+# torch.compile's modes (torch.compile(mode=...)); reduce-overhead adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -189,7 +192,8 @@ def _train_config(args: argparse.Namespace):
         "precision": args.precision, "seed": args.seed, "weights": args.weights,
         "num_classes": args.num_classes, "save_every": args.save_every,
         "eval_every": args.eval_every, "time_limit": args.time_limit,
-        "channels_last": args.channels_last, "compile": args.compile or None,
+        "channels_last": args.channels_last, "compile_mode": args.compile_mode,
+        "compile": True if (args.compile or args.compile_mode) else None,
         "download": args.download or None, "sync_bn": args.sync_bn or None,
     }  # fmt: skip
     for key, value in flags.items():
@@ -255,6 +259,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        help="torch.compile mode (implies --compile); reduce-overhead: CUDA graphs",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--weights", help="initial weights (torchvision, reslab, safetensors, .th)")
@@ -353,7 +362,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     opts = dict(
         budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
-        runs=args.runs, jobs=args.jobs, compile=args.compile, progress=not args.quiet,
+        runs=args.runs, jobs=args.jobs, compile=args.compile or args.compile_mode or False,
+        progress=not args.quiet, only=args.only, time_limit=args.time_limit,
     )  # fmt: skip
     try:
         if args.dry_run:
@@ -370,6 +380,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one run name, e.g. resnet20-s0")
+    return names
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
@@ -384,6 +401,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", choices=BUDGETS, required=True,
                    help="smoke: ~1 min check; cpu: ~45 min scaled-down schedule; cpu-long: "
                    "table6/fig6/fig7 at 20 and 56 layers, 4x longer (~75 min with --jobs 2); "
+                   "cpu-xl: table6 at 20 and 56 layers, 8x longer (~85 min); "
                    "full: the paper's schedule (GPU)")  # fmt: skip
     p.add_argument("--out", required=True, help="directory for REPORT.md, figures and runs/")
     p.add_argument(
@@ -400,6 +418,22 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="runs trained at once (processes sharing the device; GPU: 4-8)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile each model (GPU)")
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        help="torch.compile mode (implies --compile); reduce-overhead: CUDA graphs",
+    )
+    p.add_argument(
+        "--only",
+        type=_names,
+        help="comma-separated run names (see --dry-run): train and report these only",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="seconds of training per run in this call; a run stopped by it gets a final "
+        "evaluation, is marked STOPPED in the report, and resumes on the next call",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--dry-run",

@@ -36,10 +36,12 @@ def test_full_budget_is_the_papers_section_4_2_schedule() -> None:
     assert sorted({s.tags["depth"] for s in specs}) == [20, 32, 44, 56, 110, 1202]
 
 
-@pytest.mark.parametrize("budget", ["smoke", "cpu", "cpu-long", "full"])
+@pytest.mark.parametrize("budget", ["smoke", "cpu", "cpu-long", "cpu-xl", "full"])
 def test_table6_fig6_fig7_runs_are_the_same_runs(budget: str) -> None:
     cfgs = {}
     for name in ("table6", "fig6", "fig7"):
+        if budget not in importlib.import_module(EXPERIMENTS[name]).BUDGETS:
+            continue  # cpu-xl: table6 only
         for s in _plan(name, budget).specs:
             if s.name in cfgs:
                 assert cfgs[s.name] == s.cfg.to_dict(), (name, s.name)
@@ -81,6 +83,66 @@ def test_cpu_long_budget_is_the_depth_comparison_at_4x_the_cpu_length(tmp_path: 
     for name in ("shortcuts", "relu-tanh", "alexnet-parts"):
         with pytest.raises(ValueError, match="is for table6, fig6, fig7"):
             reproduce(name, budget="cpu-long", out=tmp_path)
+
+
+def test_cpu_xl_budget_is_table6_at_20_and_56_layers_at_8x_the_cpu_length(tmp_path: Path) -> None:
+    specs = _plan("table6", "cpu-xl").specs
+    assert [s.name for s in specs] == ["resnet20-s0", "resnet56-s0"]
+    for s in specs:
+        c = s.cfg
+        assert (c.iters, c.milestones, c.warmup_iters, c.eval_every) == (
+            8000,
+            [4000, 6000],
+            100,
+            800,
+        )
+        assert c.eval_subset is None and c.eval_splits == ["test"] and c.batch_size == 128
+    for name in ("fig6", "fig7", "shortcuts"):
+        with pytest.raises(ValueError, match=r"`cpu-xl` is for table6$"):
+            reproduce(name, budget="cpu-xl", out=tmp_path)
+
+
+def test_only_compile_mode_and_time_limit_reach_every_run() -> None:
+    from reslab.experiments.runner import make_plan
+
+    ctx, _, plan = make_plan("table6", budget="full", out="o", only=["resnet110-s0", "resnet20-s0"],
+                             compile="reduce-overhead", time_limit=420)  # fmt: skip
+    assert [s.name for s in plan.specs] == ["resnet20-s0", "resnet110-s0"]  # the plan's order
+    for s in plan.specs:
+        assert (s.cfg.compile, s.cfg.compile_mode, s.cfg.time_limit) == (
+            True,
+            "reduce-overhead",
+            420,
+        )
+    assert ctx.command.endswith(
+        "--compile-mode reduce-overhead --only resnet110-s0,resnet20-s0 --time-limit 420"
+    )
+    assert "only these runs of the plan: resnet20-s0, resnet110-s0." in plan.notes
+    _, _, plan = make_plan("table6", budget="smoke", out="o", compile=True)
+    assert {(s.cfg.compile, s.cfg.compile_mode, s.cfg.time_limit) for s in plan.specs} == {
+        (True, "default", None)
+    }
+    with pytest.raises(ValueError, match=r"resnet21-s0, not a run of table6 at full; its runs "
+                       r"are resnet20-s0, .*, resnet1202-s0$"):  # fmt: skip
+        make_plan("table6", budget="full", out="o", only=["resnet21-s0"])
+
+
+def test_cli_compile_mode_implies_compile(capsys: pytest.CaptureFixture[str]) -> None:
+    from reslab.cli import _train_config, build_parser, main
+
+    cfg = _train_config(build_parser().parse_args(["train", "--compile-mode", "reduce-overhead"]))
+    assert (cfg.compile, cfg.compile_mode) == (True, "reduce-overhead")
+    cfg = _train_config(build_parser().parse_args(["train"]))
+    assert (cfg.compile, cfg.compile_mode) == (False, "default")
+    argv = ["reproduce", "table6", "--budget", "full", "--out", "o", "--only", "resnet56-s0",
+            "--compile-mode", "max-autotune", "--time-limit", "90", "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--compile-mode max-autotune --only resnet56-s0 --time-limit 90" in out
+    assert re.findall(r"^resnet\S+", out, re.M) == ["resnet56-s0"]
+    with pytest.raises(SystemExit):
+        main(["reproduce", "table6", "--budget", "full", "--out", "o", "--only", ","])
+    assert "give at least one run name" in capsys.readouterr().err
 
 
 def test_parallel_runs_are_handed_out_longest_first() -> None:

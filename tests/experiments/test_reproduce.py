@@ -162,3 +162,13 @@ def test_jobs_train_runs_in_parallel_processes(cifar_root: Path, tmp_path: Path)
     assert "--jobs 2" in report
     for run in ("relu-lr0.01-s0", "tanh-lr0.01-s0"):
         assert [r["iter"] for r in read_rows(out / "runs" / "smoke" / run)] == [4, 8, 12]
+
+
+def test_a_time_limited_run_is_marked_stopped_then_resumed(cifar_root: Path, tmp_path: Path):
+    opts = dict(budget="smoke", out=tmp_path, data=str(cifar_root), device="cpu", progress=False)
+    report = reproduce("relu-tanh", time_limit=1e-9, **opts).read_text()  # one iteration each
+    assert report.count("STOPPED at 1 of 12 iterations (time limit)") == 2
+    assert "--time-limit 1e-09" in report
+    report = reproduce("relu-tanh", **opts).read_text()
+    assert "STOPPED" not in report
+    assert _statuses(report) == {"relu-lr0.01-s0": "resumed", "tanh-lr0.01-s0": "resumed"}

@@ -67,6 +67,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where supported) | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
+    # torch.compile mode: "default"; "reduce-overhead" replays each step as a CUDA graph (small
+    # CIFAR nets on a GPU are launch-bound: ~1,000 kernels a step for ResNet-110); or
+    # "max-autotune" / "max-autotune-no-cudagraphs". Only read when compile is on.
+    compile_mode: str = "default"
     workers: int = 4  # DataLoader workers for image folders
     sync_bn: bool = False  # distributed: SyncBatchNorm (the paper keeps BN per device)
     time_limit: float | None = None  # seconds of training, then stop with a final evaluation

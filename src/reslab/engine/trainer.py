@@ -147,7 +147,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         if cfg.compile:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=cfg.compile_mode)
 
     def _elastic_restart(self, last: Path) -> bool:
         """Under `torchrun --max-restarts K`, a restarted worker group resumes from the last

@@ -51,6 +51,13 @@ def trained_on(run_dir: Path) -> str:
     return " ".join(str(x) for x in (chip, info.get("precision")) if x)
 
 
+def _stopped_early(r: RunResult) -> str:
+    it = r.final.get("iter")
+    if it is None or int(it) >= r.spec.cfg.iters:
+        return ""
+    return f"; STOPPED at {int(it):,} of {r.spec.cfg.iters:,} iterations (time limit)"
+
+
 def runs_table(ctx: Context, results: Sequence[RunResult]) -> str:
     rows = []
     for r in results:
@@ -69,7 +76,7 @@ def runs_table(ctx: Context, results: Sequence[RunResult]) -> str:
                 fmt(r.final.get("wall_time"), 0),
                 "" if ips is None else f"{ips:.0f}",
                 trained_on(r.run_dir),
-                r.status,
+                r.status + _stopped_early(r),
             ]
         )
     head = [

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ import yaml
 
 from reslab.engine.config import TrainConfig
 
-# cpu-long: the depth comparisons only (table6, fig6, fig7), each module's BUDGETS says.
-BUDGETS = ("smoke", "cpu", "cpu-long", "full")
+# cpu-long: the depth comparisons only (table6, fig6, fig7); cpu-xl: table6 only. Each
+# module's BUDGETS says which it has.
+BUDGETS = ("smoke", "cpu", "cpu-long", "cpu-xl", "full")
 EXPERIMENTS = {
     "table6": "reslab.experiments.table6",
     "fig6": "reslab.experiments.fig6",
@@ -41,6 +43,7 @@ _EXECUTION_FIELDS = {
     "precision",
     "time_limit",
     "compile",
+    "compile_mode",
     "workers",
     "download",
     "log_every",
@@ -208,10 +211,16 @@ def make_plan(
     device: str = "auto",
     runs: str | Path | None = None,
     jobs: int = 1,
-    compile: bool = False,
+    compile: bool | str = False,
     progress: bool = True,
+    only: Sequence[str] | None = None,
+    time_limit: float | None = None,
 ) -> tuple[Context, Any, Plan]:
-    """The experiment's context, module and runs, with data/device/compile filled in."""
+    """The experiment's context, module and runs, with data/device/compile filled in.
+
+    compile: True for torch.compile's default mode, or a mode name ("reduce-overhead").
+    only: run names to keep (the rest of the plan is left out of training and report).
+    time_limit: seconds of training per run (this call); a run stopped by it resumes next call."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     if budget not in BUDGETS:
@@ -225,7 +234,12 @@ def make_plan(
     argv += ["--runs", str(runs)] if runs else []
     argv += ["--device", device] if device != "auto" else []
     argv += ["--jobs", str(jobs)] if jobs != 1 else []
-    argv += ["--compile"] if compile else []
+    if isinstance(compile, str):
+        argv += ["--compile-mode", compile]
+    elif compile:
+        argv += ["--compile"]
+    argv += ["--only", ",".join(only)] if only else []
+    argv += ["--time-limit", f"{time_limit:g}"] if time_limit else []
     if budget not in _budgets(name):
         raise ValueError(
             f"{name} has no {budget!r} budget (it has {', '.join(_budgets(name))}); "
@@ -235,8 +249,21 @@ def make_plan(
     ctx = Context(name, budget, out, runs_root, seeds, data, device, shlex.join(argv), progress)
     module = importlib.import_module(EXPERIMENTS[name])
     plan = module.plan(ctx)
+    if only:
+        names = [s.name for s in plan.specs]
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ValueError(
+                f"--only names {', '.join(unknown)}, not a run of {name} at {budget}; "
+                f"its runs are {', '.join(names)}"
+            )
+        plan.specs = [s for s in plan.specs if s.name in only]
+        plan.notes.append(f"only these runs of the plan: {', '.join(s.name for s in plan.specs)}.")
     for spec in plan.specs:
-        spec.cfg.data, spec.cfg.device, spec.cfg.compile = ctx.data, ctx.device, compile
+        spec.cfg.data, spec.cfg.device = ctx.data, ctx.device
+        spec.cfg.compile = bool(compile)
+        spec.cfg.compile_mode = compile if isinstance(compile, str) else "default"
+        spec.cfg.time_limit = time_limit
         spec.cfg.out = str(runs_root / spec.name)
     return ctx, module, plan
 
@@ -273,8 +300,10 @@ def reproduce(
     device: str = "auto",
     runs: str | Path | None = None,
     jobs: int = 1,
-    compile: bool = False,
+    compile: bool | str = False,
     progress: bool = True,
+    only: Sequence[str] | None = None,
+    time_limit: float | None = None,
 ) -> Path:
     """Run experiment `name` at `budget` (smoke | cpu | full) and write OUT/REPORT.md, its path.
 
@@ -284,7 +313,7 @@ def reproduce(
 
     ctx, module, plan = make_plan(
         name, budget=budget, out=out, seeds=seeds, data=data, device=device, runs=runs,
-        jobs=jobs, compile=compile, progress=progress,
+        jobs=jobs, compile=compile, progress=progress, only=only, time_limit=time_limit,
     )  # fmt: skip
     ctx.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ DEPTHS = {
     "full": (20, 32, 44, 56, 110, 1202),
     "cpu": (20, 32, 44, 56, 110),
     "cpu-long": (20, 56),
+    "cpu-xl": (20, 56),
     "smoke": (20, 32),
 }
 BUDGETS = tuple(DEPTHS)
@@ -40,6 +41,8 @@ def plan(ctx: Context) -> Plan:
         notes.append("`cpu` budget: ResNet-1202 left out (19.4M parameters; `full` only).")
     if ctx.budget == "cpu-long":
         notes.append("`cpu-long` budget: ResNet-20 and ResNet-56 only, 4x the `cpu` length.")
+    if ctx.budget == "cpu-xl":
+        notes.append("`cpu-xl` budget: ResNet-20 and ResNet-56 only, 8x the `cpu` length.")
     notes += recipes.smoke_note(ctx.budget, "depths shrunk to 20 and 32")
     return Plan(specs, notes)
 

@@ -1,0 +1,246 @@
+"""Table 6 on a GPU: time per training step of ResNet-20..110 at section 4.2's batch, by path.
+
+Each path trains the same net on the same on-device CIFAR-10 batches (section 4.2's pad/crop/flip
+done on the device per batch, as reslab's trainer does) with the same fused SGD:
+
+  reference  eager fp32, NCHW: the plain loop a user writes first
+  eager      bf16 autocast, channels_last (reslab's default path)
+  compile    the same + torch.compile (reslab train --compile)
+  cudagraph  the same + torch.compile(mode="reduce-overhead") (--compile-mode reduce-overhead)
+  graph      the whole step (forward, backward, SGD) captured by hand in one torch.cuda.CUDAGraph
+             and replayed: the ceiling on removing launch overhead (CUDA only; not in the trainer)
+
+Small CIFAR nets are launch-bound on a big GPU (ResNet-110's step is ~1,000 kernels of a few
+microseconds each), so the gap between `eager` and `graph` is the overhead to remove. Timing:
+CUDA events around --steps steps after --warmup steps (perf_counter on a CPU). Prints ms/step,
+img/s, the ratio to `reference`, TFLOP/s, the fraction of the device's measured bf16 matmul peak,
+and the 64k-iteration time that each step time projects. --concurrent K also trains the depths K
+at a time in separate processes (as `reslab reproduce --jobs K` does) and reports the wall time
+that sharing the GPU projects for the whole table.
+
+    python benchmarks/bench_gpu.py --data DIR [--depths 20,110] [--paths eager,graph]
+    python benchmarks/bench_gpu.py --synthetic --device cpu --depths 20 --steps 3  # a CPU check
+
+--synthetic uses random uint8 images of CIFAR's shape: a step's time does not depend on pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from common import hardware, matmul_peak
+from reslab.analysis.complexity import count_macs
+from reslab.data.cifar import load_cifar
+from reslab.data.loaders import TensorLoader
+from reslab.engine.data_setup import cifar_preprocess
+from reslab.engine.schedules import make_sgd
+from reslab.models import create_model
+
+PATHS = ("reference", "eager", "compile", "cudagraph", "graph")
+ITERS = 64000  # section 4.2
+BATCH = 128  # section 4.2
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, *, channels_last: bool) -> Iterator:
+    pre = cifar_preprocess("per_pixel", images.cpu())
+    loader = TensorLoader(images, labels, batch_size=BATCH, preprocess=pre, train=True,
+                          channels_last=channels_last)  # fmt: skip
+    while True:
+        yield from loader
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(step: Callable[[], None], dev: torch.device, steps: int, warmup: int) -> float:
+    """Seconds per step over `steps` steps after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    _sync(dev)
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def make_step(path: str, depth: int, data: tuple[torch.Tensor, torch.Tensor],
+              dev: torch.device) -> Callable[[], None]:  # fmt: skip
+    """One training step of ResNet-`depth` along `path`, as a closure over its own state."""
+    fp32 = path == "reference"
+    model = create_model(f"resnet{depth}").to(dev)
+    if not fp32:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    it = batches(*data, channels_last=not fp32)
+    # cache_enabled=False: autocast's weight-cast cache cannot live across CUDA graph replays.
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=not fp32, cache_enabled=False)
+    net = model
+    if path == "compile":
+        net = torch.compile(model)
+    elif path == "cudagraph":
+        net = torch.compile(model, mode="reduce-overhead")
+
+    def eager_step() -> None:
+        x, y = next(it)
+        with torch.autocast(**amp):
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    if path != "graph":
+        return eager_step
+    if dev.type != "cuda":
+        raise RuntimeError("the graph path needs CUDA")
+    # Whole-step capture (PyTorch's CUDA-graphs recipe): warm up on a side stream so that the
+    # momentum buffers and cuDNN's choices exist, then capture one step; each replay reads the
+    # batch from the static tensors the capture saw.
+    static_x, static_y = (t.clone() for t in next(it))
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            with torch.autocast(**amp):
+                loss = F.cross_entropy(model(static_x), static_y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        with torch.autocast(**amp):
+            loss = F.cross_entropy(model(static_x), static_y)
+        loss.backward()
+        opt.step()
+
+    def graph_step() -> None:
+        x, y = next(it)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+
+    return graph_step
+
+
+def _load(args: argparse.Namespace, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if args.synthetic:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (50000,), generator=g)
+    else:
+        split = load_cifar(args.data, split="train")
+        images, labels = split.images, split.labels
+    return images.to(dev), labels.to(dev)
+
+
+def _concurrent_worker(depth: int, path: str, dev: str, args: argparse.Namespace, q) -> None:
+    torch.set_num_threads(1)
+    d = torch.device(dev)
+    q.put((depth, _timed(make_step(path, depth, _load(args, d), d), d, args.steps, args.warmup)))
+
+
+def concurrent(depths: list[int], path: str, dev: torch.device, k: int,
+               args: argparse.Namespace) -> list[dict[int, float]]:  # fmt: skip
+    """Seconds per step of each depth while k of them train at once in separate processes,
+    one dict per wave of k (the deepest first, as the runner hands them out)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    order = sorted(depths, reverse=True)
+    waves: list[dict[int, float]] = []
+    for i in range(0, len(order), k):
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_concurrent_worker, args=(d, path, str(dev), args, q))
+                 for d in order[i : i + k]]  # fmt: skip
+        for p in procs:
+            p.start()
+        wave = dict(q.get() for _ in procs)
+        for p in procs:
+            p.join()
+        waves.append(wave)
+    return waves
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", help="directory holding cifar-10-batches-py")
+    p.add_argument("--synthetic", action="store_true", help="random images of CIFAR's shape")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--depths", default="20,32,44,56,110")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"some of {','.join(PATHS)}")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--concurrent", type=int, default=0, help="also time K depths at once")
+    p.add_argument("--concurrent-path", default="eager", choices=PATHS[1:4])
+    args = p.parse_args()
+    if not args.synthetic and not args.data:
+        p.error("give --data DIR (holding cifar-10-batches-py) or --synthetic")
+    dev = torch.device(args.device)
+    depths = [int(d) for d in args.depths.split(",")]
+    paths = [s for s in args.paths.split(",") if s]
+    if bad := [s for s in paths if s not in PATHS]:
+        p.error(f"unknown path(s) {bad}; choose from {PATHS}")
+    print(hardware())
+    if dev.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(dev)}")
+    peak = matmul_peak(torch.bfloat16, device=dev, n=8192 if dev.type == "cuda" else 2048)
+    print(f"measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s")
+    data = _load(args, dev)
+    print(f"batch {BATCH}, {args.steps} timed steps after {args.warmup}; "
+          f"projected: {ITERS:,} iterations at that step time\n")  # fmt: skip
+    print(f"{'net':<11}{'path':<11}{'ms/step':>9}{'img/s':>9}{'vs ref':>8}{'TFLOP/s':>9}"
+          f"{'of peak':>9}{'64k its':>9}")  # fmt: skip
+    best: dict[int, float] = {}
+    for depth in depths:
+        flops = 3 * 2 * count_macs(create_model(f"resnet{depth}"), 32) * BATCH  # fwd + 2x bwd
+        ref = None
+        for path in paths:
+            t_build = time.perf_counter()
+            try:
+                sec = _timed(make_step(path, depth, data, dev), dev, args.steps, args.warmup)
+            except Exception as e:  # one failing path must not hide the others
+                print(f"ResNet-{depth:<4}{path:<11}failed: {type(e).__name__}: {e}"[:200])
+                continue
+            ref = sec if path == "reference" else ref
+            best[depth] = min(best.get(depth, sec), sec)
+            ratio = f"{ref / sec:.2f}x" if ref else "-"
+            print(f"ResNet-{depth:<4}{path:<11}{sec * 1e3:>9.2f}{BATCH / sec:>9.0f}{ratio:>8}"
+                  f"{flops / sec / 1e12:>9.2f}{100 * flops / sec / peak:>8.1f}%"
+                  f"{ITERS * sec / 60:>7.1f}min  (built+timed in "
+                  f"{time.perf_counter() - t_build:.0f} s)")  # fmt: skip
+    if best:
+        total = sum(ITERS * s for s in best.values())
+        print(f"\none after another, each at its fastest path: {total / 60:.1f} min for "
+              f"{', '.join(f'ResNet-{d}' for d in best)}")  # fmt: skip
+    if args.concurrent > 1:
+        waves = concurrent(depths, args.concurrent_path, dev, args.concurrent, args)
+        print(f"\n{args.concurrent} at a time ({args.concurrent_path} path, one process each):")
+        for wave in waves:
+            for d, sec in wave.items():
+                print(f"ResNet-{d:<4} {sec * 1e3:8.2f} ms/step while sharing the device "
+                      f"({BATCH / sec:.0f} img/s)")  # fmt: skip
+        # Each net's 64k iterations at its shared-device step time: the longest of a wave bounds
+        # that wave's wall time from above (the nets left speed up as the others finish).
+        bound = sum(max(ITERS * s for s in w.values()) for w in waves)
+        print(f"table at most {bound / 60:.1f} min wall ({args.concurrent} at a time, "
+              f"{sum(map(len, waves))} nets)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
