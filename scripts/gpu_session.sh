@@ -10,16 +10,19 @@
 #   device 2: carry [".gpudata/p2"]  bash scripts/gpu_session.sh compile   # ~3 min
 #   device 3: carry [".gpudata/p3"]  bash scripts/gpu_session.sh table6    # <= TL + ~2 min
 #
-# probe: the card, its bf16 matmul peak, a one-minute GPU smoke of the trainer (reduce-overhead
-#   compile included), and benchmarks/bench_gpu.py's eager/graph step times for ResNet-20..110
-#   plus all five at once (no data needed: synthetic images time the same).
+# probe: the card, its bf16 matmul peak, and benchmarks/bench_gpu.py's eager/graph step times
+#   for ResNet-20..110, plus all five at once with and without CUDA MPS (no data needed:
+#   synthetic images time the same; the trainer itself first meets the GPU in `table6`).
 # compile: bench_gpu.py's torch.compile paths for ResNet-20 and ResNet-110.
 # table6: assembles and checks the data, then `reslab reproduce table6 --budget full` on
 #   ResNet-20..110 (1202 left out), JOBS at a time, each run stopped after TL seconds of
-#   training if not done (marked STOPPED in the report; it resumes on a later call), and packs
+#   training if not done (marked STOPPED in the report; the next call on the same warm machine
+#   resumes it from its checkpoint), and packs
 #   the report, figures and run logs (no checkpoints) into $OUT/table6-full.tgz.
 # Settings by environment: MODE (compile mode, default reduce-overhead; "none": eager), JOBS (5),
-# TL (seconds per run, 420), BUDGET (full; smoke to try this on a CPU), DEVICE (cuda).
+# TL (seconds per run, 420), BUDGET (full; smoke to try this on a CPU), DEVICE (cuda), MPS (1:
+# run the jobs under CUDA MPS; probe measures the five at once with and without it); GPUDATA
+# (.gpudata), RESULTS (results), RUNS (runs/gpu): where the data parts, report and runs live.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PHASE=${1:?usage: scripts/gpu_session.sh pack DATA_DIR | probe | compile | table6}
@@ -27,8 +30,17 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+GPUDATA=${GPUDATA:-.gpudata} RESULTS=${RESULTS:-results} RUNS=${RUNS:-runs/gpu}
 DEVICE=${DEVICE:-cuda}
 FILES="data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_batch batches.meta"
+
+# CUDA MPS lets the kernels of several processes (the --jobs runs) run at once instead of
+# time-slicing the GPU between their contexts.
+mps_on() {
+    command -v nvidia-cuda-mps-control >/dev/null || { echo "no nvidia-cuda-mps-control"; return 1; }
+    nvidia-cuda-mps-control -d && echo "CUDA MPS started" && trap mps_off EXIT
+}
+mps_off() { echo quit | nvidia-cuda-mps-control || true; }
 
 card() {
     if command -v nvidia-smi >/dev/null; then
@@ -43,50 +55,56 @@ case "$PHASE" in
 pack)
     src=${2:?give the directory holding cifar-10-batches-py}/cifar-10-batches-py
     for f in $FILES; do [ -f "$src/$f" ] || { echo "missing $src/$f" >&2; exit 1; }; done
-    exclude=$(git rev-parse --git-path info/exclude)
-    mkdir -p "$(dirname "$exclude")"
-    grep -qx '/.gpudata/' "$exclude" 2>/dev/null || echo '/.gpudata/' >>"$exclude"
-    rm -rf .gpudata && mkdir -p .gpudata/p1 .gpudata/p2 .gpudata/p3
-    cp "$src"/data_batch_1 "$src"/data_batch_2 .gpudata/p1/
-    cp "$src"/data_batch_3 "$src"/data_batch_4 .gpudata/p2/
-    cp "$src"/data_batch_5 "$src"/test_batch "$src"/batches.meta .gpudata/p3/
-    (cd "$src" && sha256sum $FILES) >.gpudata/p3/SHA256SUMS
-    du -sh .gpudata/p1 .gpudata/p2 .gpudata/p3
+    if [ "$GPUDATA" = .gpudata ]; then  # ignored by git, so it travels only when carried
+        exclude=$(git rev-parse --git-path info/exclude)
+        mkdir -p "$(dirname "$exclude")"
+        grep -qx '/.gpudata/' "$exclude" 2>/dev/null || echo '/.gpudata/' >>"$exclude"
+    fi
+    rm -rf "$GPUDATA" && mkdir -p "$GPUDATA"/p1 "$GPUDATA"/p2 "$GPUDATA"/p3
+    cp "$src"/data_batch_1 "$src"/data_batch_2 "$GPUDATA"/p1/
+    cp "$src"/data_batch_3 "$src"/data_batch_4 "$GPUDATA"/p2/
+    cp "$src"/data_batch_5 "$src"/test_batch "$src"/batches.meta "$GPUDATA"/p3/
+    (cd "$src" && sha256sum $FILES) >"$GPUDATA"/p3/SHA256SUMS
+    du -sh "$GPUDATA"/p1 "$GPUDATA"/p2 "$GPUDATA"/p3
     ;;
 probe)
-    { card; "$PY" -m reslab reproduce table6 --budget smoke --device "$DEVICE" \
-        --compile-mode reduce-overhead --out "$OUT/smoke" --quiet 2>&1 | tail -25
+    { card
       (cd benchmarks && "$PY" bench_gpu.py --synthetic --device "$DEVICE" \
-        --paths reference,eager,graph --concurrent 5 --concurrent-path eager); } 2>&1 |
-        tee "$OUT/probe.txt"
+        --paths reference,eager,graph --concurrent 5 --concurrent-path eager)
+      if mps_on; then
+          (cd benchmarks && "$PY" bench_gpu.py --synthetic --device "$DEVICE" --paths "" \
+            --concurrent 5 --concurrent-path eager)
+      fi; } 2>&1 | tee "$OUT/probe.txt"
     ;;
 compile)
     (cd benchmarks && "$PY" bench_gpu.py --synthetic --device "$DEVICE" --depths 20,110 \
         --paths eager,compile,cudagraph) 2>&1 | tee "$OUT/compile.txt"
     ;;
 table6)
-    data=.gpudata/cifar-10-batches-py
+    data=$GPUDATA/cifar-10-batches-py
     mkdir -p "$data"
     for f in $FILES; do
         part=
-        for p in p1 p2 p3; do [ -f ".gpudata/$p/$f" ] && part=".gpudata/$p/$f"; done
-        [ -n "$part" ] || { echo "missing $f: carry .gpudata/p1, p2, p3 in turn" >&2; exit 1; }
-        ln -sf "$PWD/$part" "$data/$f"
+        for p in p1 p2 p3; do [ -f "$GPUDATA/$p/$f" ] && part=$(realpath "$GPUDATA/$p/$f"); done
+        [ -n "$part" ] || { echo "missing $f: carry $GPUDATA/p1, p2, p3 in turn" >&2; exit 1; }
+        ln -sf "$part" "$data/$f"
     done
-    sums="$PWD/.gpudata/p3/SHA256SUMS"
+    sums=$(realpath "$GPUDATA/p3/SHA256SUMS")
     (cd "$data" && sha256sum -c --quiet "$sums") || {
-        echo "CIFAR-10 parts do not match .gpudata/p3/SHA256SUMS: pack and carry them again" >&2
+        echo "CIFAR-10 parts do not match $GPUDATA/p3/SHA256SUMS: pack and carry them again" >&2
         exit 1; }
     MODE=${MODE:-reduce-overhead} JOBS=${JOBS:-5} TL=${TL:-420} BUDGET=${BUDGET:-full}
     compile=(--compile-mode "$MODE"); [ "$MODE" = none ] && compile=()
     only=resnet20-s0,resnet32-s0,resnet44-s0,resnet56-s0,resnet110-s0
     [ "$BUDGET" = full ] || only=resnet20-s0,resnet32-s0
-    res=results/table6-$BUDGET
-    { card; time "$PY" -m reslab reproduce table6 --budget "$BUDGET" --only "$only" \
-        --jobs "$JOBS" "${compile[@]}" --time-limit "$TL" --device "$DEVICE" \
-        --data .gpudata --out "$res" --runs runs/gpu --quiet; } 2>&1 | tee "$OUT/table6.log"
+    res=$RESULTS/table6-$BUDGET
+    [ "${MPS:-0}" = 1 ] && mps_on
+    cmd=(reproduce table6 --budget "$BUDGET" --only "$only" --jobs "$JOBS" "${compile[@]}"
+         --time-limit "$TL" --device "$DEVICE" --data "$GPUDATA" --out "$res" --runs "$RUNS")
+    { card; echo "+ reslab ${cmd[*]}"; time "$PY" -m reslab "${cmd[@]}" --quiet; } 2>&1 |
+        tee "$OUT/table6.log"
     # The report, figures, configs and logs come back; checkpoints (*.pt) stay.
-    tar czf "$OUT/table6-$BUDGET.tgz" --exclude='*.pt' $(ls -d "$res" runs/gpu 2>/dev/null)
+    tar czf "$OUT/table6-$BUDGET.tgz" --exclude='*.pt' $(ls -d "$res" "$RUNS" 2>/dev/null)
     ls -la "$OUT"
     ;;
 *)

@@ -54,6 +54,8 @@ def test_table6_report_and_rerun_skips(cifar_root: Path, tmp_path: Path, shared_
     assert [r[0] for r in rows] == ["ResNet-20", "ResNet-32"] * 2  # errors, then parameters
     assert rows[0][4] == "8.75" and rows[1][4] == "7.51"  # the paper's column
     assert "0.270M" in report and "## Hardware and versions" in report
+    assert "![training curves](table6.png)" in report
+    _png(tmp_path / "t6" / "table6.png")
     assert "reslab reproduce table6 --budget smoke" in report
     for run in ("resnet20-s0", "resnet32-s0"):
         final = json.loads((shared_runs / "smoke" / run / "final.json").read_text())
@@ -76,6 +78,14 @@ def test_fig6_and_fig7_share_runs(cifar_root: Path, tmp_path: Path, shared_runs:
     assert set(_statuses(report7).values()) == {"skipped"}  # fig6 trained all four
     rows = {r[0]: r for r in _table_rows(report7, names)}
     assert rows["ResNet-20"][1] == "19" and rows["plain-32"][1] == "31"  # 3x3 layers: 6n+1
+    # --only one kind: the runs are reused, the figure is one panel
+    path = reproduce("fig6", budget="smoke", out=tmp_path / "f6r", data=str(cifar_root),
+                     device="cpu", runs=shared_runs, progress=False,
+                     only=["resnet20-s0", "resnet32-s0"])  # fmt: skip
+    report = path.read_text()
+    assert set(_statuses(report).values()) == {"skipped"}
+    assert [r[0] for r in _table_rows(report, names)] == ["ResNet-20", "ResNet-32"]
+    _png(tmp_path / "f6r" / "fig6.png")
 
 
 def test_shortcuts(cifar_root: Path, tmp_path: Path) -> None:

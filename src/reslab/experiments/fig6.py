@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from reslab.analysis.plots import Run, plot_two_panel
+from reslab.analysis.plots import Run, plot_curves, plot_two_panel
 from reslab.analysis.tables import markdown_table, mean_std
 from reslab.experiments import recipes
 from reslab.experiments.report import fmt, last
@@ -77,12 +77,11 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
     seed0 = [r for r in results if r.spec.tags["seed"] == 0 and r.rows]
     plain = [Run(r.spec.label, r.rows) for r in seed0 if r.spec.tags["kind"] == "plain"]
     res = [Run(r.spec.label, r.rows) for r in seed0 if r.spec.tags["kind"] == "resnet"]
-    plot_two_panel(
-        plain,
-        res,
-        out=ctx.out / "fig6.png",
-        titles=("plain networks (CIFAR-10)", "ResNets (CIFAR-10)"),
-    )
+    titles = ("plain networks (CIFAR-10)", "ResNets (CIFAR-10)")
+    if plain and res:
+        plot_two_panel(plain, res, out=ctx.out / "fig6.png", titles=titles)
+    elif plain or res:  # --only kept one kind
+        plot_curves(plain or res, out=ctx.out / "fig6.png", title=titles[0 if plain else 1])
     errs = _final_errors(results)
     rows = [
         [

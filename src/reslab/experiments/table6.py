@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Sequence
 
 from reslab.analysis.complexity import count_params
+from reslab.analysis.plots import Run, plot_curves
 from reslab.analysis.tables import compare_table, markdown_table, mean_std
 from reslab.experiments import recipes
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
@@ -78,7 +79,18 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         return table + "\n\nNo run finished; see the Runs table."
     depths = sorted(means)
     ordered = all(means[a] >= means[b] for a, b in itertools.pairwise(depths))
-    lines = [
+    curves = [Run(r.spec.label, r.rows) for r in results if r.spec.tags["seed"] == 0 and r.rows]
+    lines = []
+    if curves:
+        plot_curves(curves, out=ctx.out / "table6.png", title="ResNets on CIFAR-10 (seed 0)")
+        lines += [
+            "![training curves](table6.png)",
+            "",
+            "Dashed: training error (running mean over each evaluation interval, on augmented "
+            "images); bold: test error; seed 0. x axis in units of 10^4 iterations.",
+            "",
+        ]
+    lines += [
         table,
         "",
         "Paper: ResNet-110 best of 5 runs 6.43, mean 6.61 ± 0.16 "
