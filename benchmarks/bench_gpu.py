@@ -11,11 +11,12 @@ done on the device per batch, as reslab's trainer does) with the same fused SGD:
              and replayed: the ceiling on removing launch overhead (CUDA only; not in the trainer)
 
 Small CIFAR nets are launch-bound on a big GPU (ResNet-110's step is ~1,000 kernels of a few
-microseconds each), so the gap between `eager` and `graph` is the overhead to remove. Timing:
-CUDA events around --steps steps after --warmup steps (perf_counter on a CPU). Prints ms/step,
-img/s, the ratio to `reference`, TFLOP/s, the fraction of the device's measured bf16 matmul peak,
-and the 64k-iteration time that each step time projects. --concurrent K also trains the depths K
-at a time in separate processes (as `reslab reproduce --jobs K` does) and reports the wall time
+microseconds each), so the gap between `eager` and `graph` is the overhead to remove.
+Timing: CUDA events around three blocks of --steps/3 steps after --warmup steps, the median
+block kept (perf_counter after a sync on a CPU). Prints ms/step, img/s, the ratio to
+`reference`, TFLOP/s, the fraction of the device's measured bf16 matmul peak, and the
+64k-iteration time that each step time projects. --concurrent K also trains the depths K at a
+time in separate processes (as `reslab reproduce --jobs K` does) and reports the wall time
 that sharing the GPU projects for the whole table.
 
     python benchmarks/bench_gpu.py --data DIR [--depths 20,110] [--paths eager,graph]
@@ -59,23 +60,31 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _timed(step: Callable[[], None], dev: torch.device, steps: int, warmup: int) -> float:
-    """Seconds per step over `steps` steps after `warmup` untimed ones."""
+def _timed(step: Callable[[], None], dev: torch.device, steps: int, warmup: int,
+           repeats: int = 3) -> float:  # fmt: skip
+    """Seconds per step: the median over `repeats` blocks of `steps // repeats` steps, after
+    `warmup` untimed ones (CUDA events on a GPU, the host clock after a sync elsewhere)."""
     for _ in range(warmup):
         step()
     _sync(dev)
-    if dev.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / steps
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
+    n = max(1, steps // repeats)
+    times = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / n)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            times.append((time.perf_counter() - t0) / n)
+    return sorted(times)[len(times) // 2]
 
 
 def make_step(path: str, depth: int, data: tuple[torch.Tensor, torch.Tensor],
