@@ -55,6 +55,8 @@ def test_table6_report_and_rerun_skips(cifar_root: Path, tmp_path: Path, shared_
     assert rows[0][4] == "8.75" and rows[1][4] == "7.51"  # the paper's column
     assert "0.270M" in report and "## Hardware and versions" in report
     assert "![training curves](table6.png)" in report
+    (pair,) = _table_rows(report, ["ResNet-20 vs ResNet-32"])  # McNemar on the 256 test images
+    assert int(pair[2]) >= 0 and int(pair[3]) >= 0 and 0 < float(pair[4]) <= 1
     _png(tmp_path / "t6" / "table6.png")
     assert "reslab reproduce table6 --budget smoke" in report
     for run in ("resnet20-s0", "resnet32-s0"):
