@@ -12,9 +12,8 @@ from reslab.analysis.plots import Run, plot_curves
 from reslab.analysis.significance import mcnemar
 from reslab.analysis.tables import compare_table, markdown_table, mean_std
 from reslab.data.cifar import load_cifar
-from reslab.data.preprocess import Preprocess
-from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.distributed import resolve_device
+from reslab.engine.eval_run import load_checkpoint_model
 from reslab.experiments import recipes
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 from reslab.models import create_model
@@ -64,13 +63,12 @@ def _by_depth(results: Sequence[RunResult]) -> dict[int, list[float]]:
     return out
 
 
-def test_right(res: RunResult, *, images: torch.Tensor, labels: torch.Tensor,
-               device: torch.device) -> torch.Tensor:  # fmt: skip
+def test_right(
+    res: RunResult, *, images: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """Per-image correctness [N] of the run's final checkpoint, re-evaluated in fp32."""
-    ckpt = load_checkpoint(res.run_dir / "last.pt", map_location=device)
-    model = create_model(ckpt["model_name"], **ckpt["model_options"]).to(device).eval()
-    model.load_state_dict(ckpt["model"])
-    pre = Preprocess.from_dict(ckpt["preprocess"])
+    loaded = load_checkpoint_model(res.run_dir / "last.pt", device=device)
+    model, pre = loaded.model.eval(), loaded.preprocess
     with torch.inference_mode():
         pred = [model(pre.normalize(images[i : i + 500].to(device))).argmax(1).cpu()
                 for i in range(0, len(images), 500)]  # fmt: skip
