@@ -10,8 +10,9 @@ done on the device per batch, as reslab's trainer does) with the same fused SGD:
   graph      the whole step (forward, backward, SGD) captured by hand in one torch.cuda.CUDAGraph
              and replayed: the ceiling on removing launch overhead (CUDA only; not in the trainer)
 
-Small CIFAR nets are launch-bound on a big GPU (ResNet-110's step is ~1,000 kernels of a few
-microseconds each), so the gap between `eager` and `graph` is the overhead to remove.
+Small CIFAR nets are expected to be launch-bound on a big GPU (ResNet-110's forward alone is 109
+convolutions, 109 BNs and the ReLUs and additions, each a small kernel at batch 128, and the
+backward pass about twice that), so the gap between `eager` and `graph` is the overhead to remove.
 Timing: CUDA events around three blocks of --steps/3 steps after --warmup steps, the median
 block kept (perf_counter after a sync on a CPU). Prints ms/step, img/s, the ratio to
 `reference`, TFLOP/s, the fraction of the device's measured bf16 matmul peak, and the

@@ -6,9 +6,10 @@
 # back-to-back calls (the machine keeps carried paths while warm, ~30 s after a call):
 #
 #   here:     bash scripts/gpu_session.sh pack ../shared/data    # .gpudata/p1, p2, p3 + sums
-#   device 1: carry [".gpudata/p1"]  bash scripts/gpu_session.sh probe     # ~3 min
-#   device 2: carry [".gpudata/p2"]  bash scripts/gpu_session.sh compile   # ~3 min
-#   device 3: carry [".gpudata/p3"]  bash scripts/gpu_session.sh table6    # <= TL + ~2 min
+#   device 1: carry [".gpudata/p1"]  bash scripts/gpu_session.sh probe
+#   device 2: carry [".gpudata/p2"]  bash scripts/gpu_session.sh compile
+#   device 3: carry [".gpudata/p3"]  bash scripts/gpu_session.sh table6    # runs <= TL s each
+# (Never run on a GPU yet: time the first call and give the later ones a timeout_s from it.)
 #
 # probe: the card, its bf16 matmul peak, and benchmarks/bench_gpu.py's eager/graph step times
 #   for ResNet-20..110, plus all five at once with and without CUDA MPS (no data needed:

@@ -66,40 +66,30 @@ def test_cpu_budgets_scale_the_length_only() -> None:
     assert sc[0].name == "resnet32-s0" and sc[0].cfg.to_dict() == t6_r32.cfg.to_dict()
 
 
-def test_cpu_long_budget_is_the_depth_comparison_at_4x_the_cpu_length(tmp_path: Path) -> None:
-    fig6 = _plan("fig6", "cpu-long").specs
-    assert [s.name for s in fig6] == ["plain20-s0", "plain56-s0", "resnet20-s0", "resnet56-s0"]
-    assert [s.name for s in _plan("table6", "cpu-long").specs] == ["resnet20-s0", "resnet56-s0"]
-    assert {s.name for s in _plan("fig7", "cpu-long").specs} == {s.name for s in fig6}
-    for s in fig6:
-        c = s.cfg
-        assert (c.iters, c.milestones, c.warmup_iters, c.batch_size) == (
-            4000,
-            [2000, 3000],
-            100,
-            128,
-        )
-        assert c.eval_subset is None and c.eval_splits == ["test"]
-    for name in ("shortcuts", "relu-tanh", "alexnet-parts"):
-        with pytest.raises(ValueError, match="is for table6, fig6, fig7"):
-            reproduce(name, budget="cpu-long", out=tmp_path)
-
-
-def test_cpu_xl_budget_is_table6_at_20_and_56_layers_at_8x_the_cpu_length(tmp_path: Path) -> None:
-    specs = _plan("table6", "cpu-xl").specs
-    assert [s.name for s in specs] == ["resnet20-s0", "resnet56-s0"]
-    for s in specs:
-        c = s.cfg
-        assert (c.iters, c.milestones, c.warmup_iters, c.eval_every) == (
-            8000,
-            [4000, 6000],
-            100,
-            800,
-        )
-        assert c.eval_subset is None and c.eval_splits == ["test"] and c.batch_size == 128
-    for name in ("fig6", "fig7", "shortcuts"):
-        with pytest.raises(ValueError, match=r"`cpu-xl` is for table6$"):
-            reproduce(name, budget="cpu-xl", out=tmp_path)
+@pytest.mark.parametrize(
+    ("budget", "has", "schedule"),
+    [
+        ("cpu-long", ("table6", "fig6", "fig7"), (4000, [2000, 3000], 100, 400)),
+        ("cpu-xl", ("table6",), (8000, [4000, 6000], 100, 800)),
+    ],
+)
+def test_long_cpu_budgets_compare_20_and_56_layers(
+    budget: str, has: tuple[str, ...], schedule: tuple, tmp_path: Path
+) -> None:
+    """cpu-long (4x the cpu length) and cpu-xl (8x): 20 vs 56 layers, all 10k test images."""
+    assert [s.name for s in _plan("table6", budget).specs] == ["resnet20-s0", "resnet56-s0"]
+    if "fig6" in has:
+        fig6 = _plan("fig6", budget).specs
+        assert [s.name for s in fig6] == ["plain20-s0", "plain56-s0", "resnet20-s0", "resnet56-s0"]
+        assert {s.name for s in _plan("fig7", budget).specs} == {s.name for s in fig6}
+    for name in has:
+        for s in _plan(name, budget).specs:
+            c = s.cfg
+            assert (c.iters, c.milestones, c.warmup_iters, c.eval_every) == schedule
+            assert c.eval_subset is None and c.eval_splits == ["test"] and c.batch_size == 128
+    for name in sorted(set(EXPERIMENTS) - set(has)):
+        with pytest.raises(ValueError, match=rf"`{budget}` is for {', '.join(has)}$"):
+            reproduce(name, budget=budget, out=tmp_path)
 
 
 def test_only_compile_mode_and_time_limit_reach_every_run() -> None:

@@ -63,7 +63,7 @@ def _by_depth(results: Sequence[RunResult]) -> dict[int, list[float]]:
     return out
 
 
-def test_right(
+def correct_per_image(
     res: RunResult, *, images: torch.Tensor, labels: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """Per-image correctness [N] of the run's final checkpoint, re-evaluated in fp32."""
@@ -79,16 +79,16 @@ def paired_lines(ctx: Context, results: Sequence[RunResult]) -> list[str]:
     """McNemar's test between each pair of consecutive depths (seed 0) on the same test images:
     is the deeper net's lead (or lag) more than the test set's sampling noise?"""
     runs = sorted(
-        (r.spec.tags["depth"], r)
-        for r in results
-        if r.spec.tags["seed"] == 0 and (r.run_dir / "last.pt").is_file()
-    )
+        ((r.spec.tags["depth"], r) for r in results
+         if r.spec.tags["seed"] == 0 and (r.run_dir / "last.pt").is_file()),
+        key=lambda dr: dr[0],
+    )  # fmt: skip
     if len(runs) < 2:
         return []
     test = load_cifar(ctx.data, split="test")
     n = runs[0][1].spec.cfg.eval_subset or len(test.labels)
     device = resolve_device(ctx.device)
-    right = {d: test_right(r, images=test.images[:n], labels=test.labels[:n], device=device)
+    right = {d: correct_per_image(r, images=test.images[:n], labels=test.labels[:n], device=device)
              for d, r in runs}  # fmt: skip
     rows = []
     for (d0, _), (d1, _) in itertools.pairwise(runs):
