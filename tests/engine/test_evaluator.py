@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from reslab.data import transforms as T
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import Preprocess
 from reslab.engine.evaluator import evaluate, evaluate_ensemble
@@ -109,6 +110,10 @@ def test_ten_crop_and_multi_scale_views_exact() -> None:
     assert c.shape == (1, 10, 3, 32, 32)
     assert torch.equal(c[0, 4], torch.ones(3, 32, 32))  # the centre crop is the image
     assert c[0, 0, :, :4, :].abs().sum() == 0 and c[0, 0, :, 4:, 4:].min() == 1
+    # Odd margins: the device views and the folder transform pick the same centre (rounded).
+    odd = torch.arange(3 * 7 * 7, dtype=torch.float32).view(1, 3, 7, 7)
+    assert torch.equal(ten_crop(odd, size=4), T.ten_crop(odd, size=4))
+    assert torch.equal(ten_crop(odd, size=4)[0, 4], odd[0, :, 2:6, 2:6])
     scales = multi_scale(x, scales=[6, 8, 3])
     assert [tuple(s.shape) for s in scales] == [(2, 3, 6, 6), (2, 3, 8, 8), (2, 3, 3, 3)]
     assert scales[0] is x

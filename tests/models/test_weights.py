@@ -52,7 +52,7 @@ def test_torchvision_state_dict_detected_and_identical(tmp_path: Path, depth: in
     torch.save(ref.state_dict(), path)
     model, info = model_from_weights(path)
     assert info.format == "torchvision" and info.model_name == f"resnet{depth}"
-    assert info.preprocess["mean"] == IMAGENET_MEAN and info.preprocess["input_size"] == 224
+    assert info.preprocess["mean"] == list(IMAGENET_MEAN) and info.preprocess["input_size"] == 224
     assert len(info.classes) == 1000
     if depth == 50:
         assert info.model_options == {"stride_in_3x3": True}

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from reslab.data import transforms as T
+
 VIEWS = ("center", "ten-crop", "multi-scale")
 # Section 3.4: the fully-convolutional test averages scores over these shorter sides.
 IMAGENET_SCALES = (224, 256, 384, 480, 640)
@@ -34,13 +36,8 @@ def ten_crop(x: torch.Tensor, *, size: int | None = None, pad: int = 4) -> torch
     if size >= min(h, w):
         # NOTE(paper): ten-crop of CIFAR images is a reslab extension (the paper uses 1 view).
         x = F.pad(x, (pad, pad, pad, pad))
-        h, w = h + 2 * pad, w + 2 * pad
-    if size > min(h, w):
-        raise ValueError(f"crop {size} is larger than the {h}x{w} image")
-    top, left = (h - size) // 2, (w - size) // 2
-    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left)]
-    crops = torch.stack([x[:, :, i : i + size, j : j + size] for i, j in corners], 1)
-    return torch.cat([crops, crops.flip(-1)], 1)  # [B, 10, C, size, size]
+    # One definition of the ten views (order, centre rounding) for folders and device batches.
+    return T.ten_crop(x, size=size)  # [B, 10, C, size, size]
 
 
 def multi_scale(x: torch.Tensor, *, scales: Sequence[int]) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from reslab.models.arch import infer_architecture
 
 StateDict = dict[str, torch.Tensor]
@@ -21,15 +22,14 @@ StateDict = dict[str, torch.Tensor]
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ]  # fmt: skip
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # pytorch_resnet_cifar10 normalises CIFAR-10 inputs with ImageNet's per-channel statistics.
 CIFAR10_PROJECT_PREPROCESS = {
     "kind": "cifar", "input_size": 32, "resize": None, "mode": "per_channel",
-    "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
 }  # fmt: skip
 TORCHVISION_PREPROCESS = {
     "kind": "imagenet", "input_size": 224, "resize": 256, "mode": "per_channel",
-    "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
 }  # fmt: skip
 _MEAN_TENSOR_KEY = "__reslab_preprocess_mean__"  # a per-pixel mean image inside safetensors
 
