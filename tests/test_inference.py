@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import reslab
+from reslab.engine.precision import bf16_is_fast
 from reslab.inference import InferenceModel, resolve_precision
 
 
@@ -42,7 +43,8 @@ def test_backends_and_precisions_match_eager_fp32(cifar_test_images) -> None:
 
 def test_precision_and_backend_validation() -> None:
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if bf16_is_fast(cpu) else "fp32")
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("fp8", torch.device("cpu"))
     model = reslab.create_model("resnet20")

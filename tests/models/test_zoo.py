@@ -107,8 +107,14 @@ def test_plain_block_output_differs_from_residual_with_same_weights() -> None:
     res = reslab.create_model("resnet20").eval()
     plain = reslab.create_model("resnet20", residual=False).eval()
     plain.load_state_dict(res.state_dict())
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
     assert not torch.allclose(res(x), plain(x))
+    # Block by block: H(x) = relu(F(x) + x) with the shortcut, relu(F(x)) without (section 3.1).
+    h = torch.randn(2, 16, 32, 32)
+    rb, pb = res.layer1[0], plain.layer1[0]
+    f = rb.bn2(rb.conv2(torch.relu(rb.bn1(rb.conv1(h)))))  # F(x) [2, 16, 32, 32]
+    torch.testing.assert_close(rb(h), torch.relu(f + h), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pb(h), torch.relu(f), rtol=0, atol=1e-6)
 
 
 def test_option_a_shortcut_is_subsample_and_zero_pad() -> None:
