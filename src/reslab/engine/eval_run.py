@@ -98,13 +98,8 @@ def load_weights_model(
 ) -> LoadedModel:
     """--model NAME --weights FILE: any format reslab.models.weights reads (torchvision,
     pytorch_resnet_cifar10, safetensors, reslab), with the preprocessing the file implies."""
-    try:
-        from reslab.models.weights import model_from_weights
-    except ImportError:  # the weights loader lives in reslab.models.weights (branch `use`)
-        raise CheckpointError(
-            "--weights needs reslab.models.weights, which this build lacks; use --checkpoint "
-            "with a reslab checkpoint"
-        ) from None
+    from reslab.models.weights import model_from_weights
+
     model, info = model_from_weights(path, model_name=model_name)
     if not info.preprocess:
         raise CheckpointError(
@@ -167,14 +162,10 @@ def folder_batches(
     """An image folder through the data pipeline's evaluation transforms (uint8, in workers):
     centre crop [B, 3, S, S], ten-crop [B, 10, 3, S, S], or the multi-scale views of one image
     at a time (its aspect ratio kept: a list of [1, 2, 3, h, w], image and flip, per scale)."""
-    try:
-        from reslab.data import transforms as T
-        from reslab.data.folder import ImageFolder
-    except ImportError:  # the folder pipeline lives in reslab.data.folder (branch `data`)
-        raise ValueError(
-            "--dataset folder needs reslab.data.folder, which this build lacks"
-        ) from None
     from torch.utils.data import DataLoader, Subset
+
+    from reslab.data import transforms as T
+    from reslab.data.folder import ImageFolder
 
     resize, crop = pre.resize or round(pre.input_size * 256 / 224), pre.input_size
     if views == "center":
