@@ -15,11 +15,12 @@ from torch import nn
 
 from reslab.data.preprocess import Preprocess
 from reslab.engine.evaluator import EnsembleResult, EvalResult, evaluate_ensemble
+from reslab.errors import UserError, torch_load_failure
 
 REQUIRED_KEYS = ("model_name", "model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
@@ -47,9 +48,8 @@ def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> Lo
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, or a pickle that would need code to load
         raise CheckpointError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or not a reslab "
-            "checkpoint"
+            f"{path}: cannot be loaded with torch.load(weights_only=True) "
+            f"({torch_load_failure(e)}); it is damaged or not a reslab checkpoint"
         ) from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__

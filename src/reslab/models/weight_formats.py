@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from reslab.errors import UserError, torch_load_failure
 from reslab.models.arch import infer_architecture
 
 StateDict = dict[str, torch.Tensor]
@@ -34,7 +35,7 @@ TORCHVISION_PREPROCESS = {
 _MEAN_TENSOR_KEY = "__reslab_preprocess_mean__"  # a per-pixel mean image inside safetensors
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file that cannot be used (unreadable, unknown layout, or not fitting)."""
 
 
@@ -72,8 +73,8 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "weights only" in msg.lower() or "weights_only" in msg:
-            reason = _unsafe_reason(msg)
+        reason = _unsafe_reason(msg)
+        if ("weights only" in msg.lower() or "weights_only" in msg) and "GLOBAL" in reason:
             raise UnsafeWeightsError(
                 f"refusing to load {path}: unpickling it needs more than tensors and plain "
                 f"containers ({reason}), and a full unpickle could run arbitrary code. reslab "
@@ -81,11 +82,12 @@ def _torch_load(path: Path) -> Any:
                 "file, load it yourself and re-save just its state_dict (or save it as "
                 "safetensors)."
             ) from None
-        raise WeightsError(f"{path} is not a readable weights file (corrupt?): {msg}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise WeightsError(
-            f"{path} is not a readable weights file (truncated or corrupt?): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"{path} is not a readable weights file (corrupt?): {torch_load_failure(e)}"
+        ) from None
+    except Exception as e:  # truncated zip, safetensors header errors, random bytes, ...
+        raise WeightsError(
+            f"{path} is not a readable weights file ({torch_load_failure(e)})"
         ) from None
 
 
