@@ -75,7 +75,11 @@ def _load_model_source(args: argparse.Namespace):
     return model_from_weights(args.weights, model_name=args.model)
 
 
-def _fail(cmd: str, err: BaseException) -> int:
+def _fail(cmd: str, err: BaseException | str) -> int:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line first
+        bar.close()
     print(f"reslab {cmd}: error: {err}", file=sys.stderr)
     return 2
 
@@ -217,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         final = train(cfg, resume=args.resume)
     except (UserError, TrainingDiverged) as e:
         return _fail("train", _one_line(e))
-    except OSError as e:  # e.g. no space left, permission denied: name the file
+    except OSError as e:  # e.g. permission denied: name the file
         where = f" ({e.filename})" if e.filename else ""
         return _fail("train", f"{e.strerror or e}{where}")
     if os.environ.get("RANK", "0") == "0":

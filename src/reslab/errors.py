@@ -25,9 +25,9 @@ def torch_load_failure(e: BaseException) -> str:
             if "GLOBAL" in s:
                 return f"{s.rstrip('.')}; reslab never unpickles code"
             if s.startswith("Unsupported operand"):  # random bytes, or a damaged pickle
-                return f"damaged, or not a torch file ({s.rstrip('.')})"
+                return s.rstrip(".")
         return "it needs more than tensors and containers to unpickle; reslab never runs code"
-    line = first_line(msg)
+    line = first_line(msg).split(". ")[0]  # torch's first sentence; its advice follows
     if "weights_only" in line:
         line = ""
-    return f"truncated, or not a torch file: {type(e).__name__}" + (f": {line}" if line else "")
+    return type(e).__name__ + (f": {line}" if line else "")

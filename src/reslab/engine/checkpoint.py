@@ -21,11 +21,8 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
-class DiskFullError(UserError, OSError):
+class DiskFullError(UserError):
     """No space left while writing a file; the previous version of the file is unchanged."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -47,9 +44,9 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         if _is_disk_full(e):
             old = "the previous version is unchanged" if path.exists() else "nothing was written"
             raise DiskFullError(
-                errno.ENOSPC, f"no space left on device while writing {path} ({old}); free "
-                f"space on {path.parent} or choose another --out", str(path),
-            ) from None  # fmt: skip
+                f"no space left on device while writing {path} ({old}); free space on "
+                f"{path.parent} or choose another --out"
+            ) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -58,11 +55,16 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         os.close(dir_fd)
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    # torch.save reports a full disk as a RuntimeError from its zip writer ("file write failed").
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(e, RuntimeError) and "write failed" in str(e)
+def _is_disk_full(e: BaseException | None) -> bool:
+    # torch.save's zip writer may raise its own RuntimeError while the ENOSPC OSError that
+    # caused it rides along as __context__: look down the chain.
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and "write failed" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -91,7 +93,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"{path}: cannot be loaded safely ({torch_load_failure(e)})"
+            f"{path}: cannot be loaded safely; truncated, or not a reslab checkpoint "
+            f"({torch_load_failure(e)})"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "reslab":
         raise CheckpointError(f"{path}: not a reslab checkpoint (no 'format': 'reslab' entry)")

@@ -74,7 +74,12 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         msg = str(e)
         reason = _unsafe_reason(msg)
-        if ("weights only" in msg.lower() or "weights_only" in msg) and "GLOBAL" in reason:
+        # A pickle (protocol >= 2 starts with 0x80) that the weights-only unpickler stops: it
+        # asks for a global, or for an opcode beyond tensors and containers. Random bytes also
+        # hit "Unsupported operand" but are no pickle: those are reported as corrupt below.
+        with path.open("rb") as f:
+            pickled = "GLOBAL" in reason or f.read(1) == b"\x80"
+        if ("weights only" in msg.lower() or "weights_only" in msg) and pickled:
             raise UnsafeWeightsError(
                 f"refusing to load {path}: unpickling it needs more than tensors and plain "
                 f"containers ({reason}), and a full unpickle could run arbitrary code. reslab "
@@ -83,11 +88,13 @@ def _torch_load(path: Path) -> Any:
                 "safetensors)."
             ) from None
         raise WeightsError(
-            f"{path} is not a readable weights file (corrupt?): {torch_load_failure(e)}"
+            f"{path} is not a readable weights file (truncated or corrupt?): "
+            f"{torch_load_failure(e)}"
         ) from None
     except Exception as e:  # truncated zip, safetensors header errors, random bytes, ...
         raise WeightsError(
-            f"{path} is not a readable weights file ({torch_load_failure(e)})"
+            f"{path} is not a readable weights file (truncated or corrupt?): "
+            f"{torch_load_failure(e)}"
         ) from None
 
 
