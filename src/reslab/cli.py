@@ -205,6 +205,7 @@ def _train_config(args: argparse.Namespace):
             setattr(cfg, key, value)
     if args.data is None and cfg.data == "data" and os.environ.get("RESLAB_DATA"):
         cfg.data = os.environ["RESLAB_DATA"]
+    cfg.validate(source="reslab train")
     return cfg
 
 

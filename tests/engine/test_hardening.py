@@ -212,6 +212,8 @@ def test_checkpoint_from_another_version_refuses(cifar_root: Path, run_copy: Pat
     ckpt = load_checkpoint(run_copy / "last.pt")
     save_atomic({**ckpt, "version": 99}, run_copy / "last.pt")
     fails_cleanly(train_args(cifar_root, run_copy, "--resume"), capsys, "format version 99")
+    argv = ["eval", "--checkpoint", str(run_copy / "last.pt"), "--data", str(cifar_root)]
+    fails_cleanly([*argv, "--limit", "8"], capsys, "format version 99")
 
 
 def test_resume_may_extend_iters_and_keeps_provenance(

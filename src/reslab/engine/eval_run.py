@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from reslab.data.preprocess import Preprocess
+from reslab.engine.checkpoint import CHECKPOINT_VERSION
 from reslab.engine.evaluator import EnsembleResult, EvalResult, evaluate_ensemble
 from reslab.errors import UserError, torch_load_failure
 
@@ -56,6 +57,11 @@ def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> Lo
         raise CheckpointError(
             f"{path}: not a reslab checkpoint (needs {list(REQUIRED_KEYS)}, found {keys}); "
             "for other weight files use --model NAME --weights FILE"
+        )
+    if ckpt.get("format") == "reslab" and ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {ckpt.get('version')!r}, but this reslab reads "
+            f"version {CHECKPOINT_VERSION}; use the reslab version that wrote it"
         )
     options = dict(ckpt.get("model_options") or {})
     try:
