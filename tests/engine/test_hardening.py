@@ -362,3 +362,15 @@ def test_random_bytes_weights_never_suggest_unsafe_loading(tmp_path: Path, capsy
     fails_cleanly(["export", "--checkpoint", str(tmp_path / "e.pt"), "--format", "onnx",
                    "--out", str(tmp_path / "m.onnx")], capsys, "posix.system")  # fmt: skip
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_resume_config_compares_only_fields_both_know() -> None:
+    from reslab.engine.rundir import config_differences
+
+    # A field added to TrainConfig after the checkpoint was written must not block its resume.
+    assert (
+        config_differences({"model": "a", "iters": 1}, {"model": "a", "iters": 5, "new": 1}) == []
+    )
+    assert config_differences({"model": "a", "lr": 0.1}, {"model": "b", "lr": 0.1}) == [
+        "model: 'a' -> 'b'"
+    ]

@@ -109,7 +109,9 @@ def check_start(out: Path, *, resume: bool) -> None:
 def config_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     """Fields (outside RESUME_MAY_CHANGE) whose values differ, as 'field: old -> new'."""
     diffs = []
-    for key in sorted(set(stored) | set(requested)):
+    # Only fields both know: a field added to TrainConfig after the checkpoint was written
+    # takes its default, and must not make every older run unresumable.
+    for key in sorted(set(stored) & set(requested)):
         if key in RESUME_MAY_CHANGE:
             continue
         old, new = stored.get(key), requested.get(key)
