@@ -75,7 +75,11 @@ def _load_model_source(args: argparse.Namespace):
     return model_from_weights(args.weights, model_name=args.model)
 
 
-def _fail(cmd: str, err: BaseException) -> int:
+def _fail(cmd: str, err: BaseException | str) -> int:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line first
+        bar.close()
     print(f"reslab {cmd}: error: {err}", file=sys.stderr)
     return 2
 
@@ -201,6 +205,7 @@ def _train_config(args: argparse.Namespace):
             setattr(cfg, key, value)
     if args.data is None and cfg.data == "data" and os.environ.get("RESLAB_DATA"):
         cfg.data = os.environ["RESLAB_DATA"]
+    cfg.validate(source="reslab train")
     return cfg
 
 
@@ -209,13 +214,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc and args.nproc > 1:
         return _relaunch_torchrun(args)
-    from reslab.engine.trainer import train
+    from reslab.engine.trainer import TrainingDiverged, train
+    from reslab.errors import UserError
 
-    cfg = _train_config(args)
-    final = train(cfg, resume=args.resume)
+    try:
+        cfg = _train_config(args)
+        final = train(cfg, resume=args.resume)
+    except (UserError, TrainingDiverged) as e:
+        return _fail("train", _one_line(e))
+    except OSError as e:  # e.g. permission denied: name the file
+        where = f" ({e.filename})" if e.filename else ""
+        return _fail("train", f"{e.strerror or e}{where}")
     if os.environ.get("RANK", "0") == "0":
         print(_summary(final, cfg.out))
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    # Some library messages (a weights file that does not fit) list details on further lines.
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines) if len(lines) <= 4 else "; ".join(lines[:4]) + "; ..."
 
 
 def _summary(final: dict, out: str) -> str:

@@ -173,9 +173,10 @@ def test_two_processes_with_sync_bn_equal_one_process_with_double_batch(
     # BN per device: rank 1's running statistics differ from rank 0's; the evaluation uses
     # rank 0's on both ranks, i.e. exactly the checkpointed model.
     _check_eval_matches_one_process(per_dev, cifar_root)
-    # Only rank 0 wrote: one row, one final.json, no stray temporary files.
+    # Only rank 0 wrote: one row, one final.json, no stray temporary files (.reslab.lock is the
+    # run directory's writer lock, taken by rank 0).
     assert sorted(p.name for p in sync_run.iterdir()) == [
-        "config.yaml", "final.json", "last.pt", "metrics.jsonl"
+        ".reslab.lock", "config.yaml", "final.json", "last.pt", "metrics.jsonl"
     ]  # fmt: skip
 
 

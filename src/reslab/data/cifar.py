@@ -7,12 +7,15 @@ common, and a wrong file is caught by its shape and label range instead.
 from __future__ import annotations
 
 import functools
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from reslab.errors import UserError, first_line
 
 DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _FILES = {
@@ -25,8 +28,43 @@ VAL_SIZE = 5000  # section 4.2: 45k/5k train/validation split
 SPLIT_SEED = 0  # fixed, so every run sees the same validation images
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data set that cannot be used; the message names the file and the fix."""
+
+
+class UnsafeDataError(DataError):
+    """A batch file whose pickle asks for something the CIFAR format never holds (it could run
+    code when unpickled)."""
+
+
+def _checked_dtype(*args: object) -> np.dtype:
+    dt = np.dtype(*args)  # type: ignore[call-overload]
+    if dt.hasobject:  # an object array unpickles arbitrary objects
+        raise pickle.UnpicklingError(f"object dtype {dt} is not allowed")
+    return dt
+
+
+# Everything a CIFAR batch pickle holds besides plain dicts, lists, str, bytes and ints: numpy
+# arrays (ndarray + its reconstructor, named numpy.core or numpy._core by the numpy that wrote the
+# file; taken from ndarray.__reduce__ so that no deprecated module is imported) and their
+# (non-object) dtypes.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _checked_dtype,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Refuses every global outside _ALLOWED, so a crafted batch file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed") from None
 
 
 @dataclass
@@ -53,13 +91,33 @@ def _missing_message(root: Path, dataset: str) -> str:
 
 
 def _unpickle(path: Path) -> dict:
+    """Read a batch with the restricted unpickler: only what the CIFAR format holds."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, expected a CIFAR batch file; re-extract it")
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); check the file") from None
+    try:
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        if "not allowed" in str(e):
+            raise UnsafeDataError(
+                f"{path}: refusing to read it: its pickle asks for {first_line(e)}, which a "
+                "CIFAR batch never holds (it could run code); replace the file with the "
+                "official one"
+            ) from None
+        raise DataError(f"{path}: cannot be read as a CIFAR pickle ({e}); re-extract it") from None
     except Exception as e:  # truncated or not a pickle at all
-        raise DataError(f"{path}: cannot be read as a CIFAR pickle ({e}); re-extract it") from e
+        raise DataError(
+            f"{path}: cannot be read as a CIFAR pickle ({type(e).__name__}: {first_line(e)}); "
+            "re-extract it"
+        ) from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: holds a {type(d).__name__}, not a CIFAR batch dict")
+    return d
 
 
 def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +125,13 @@ def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     key = "labels" if "labels" in d else "fine_labels"
     if "data" not in d or key not in d:
         raise DataError(f"{path}: no 'data'/'{key}' entries; this is not a CIFAR batch file")
-    data = np.asarray(d["data"])
-    labels = np.asarray(d[key], dtype=np.int64)
+    try:
+        data = np.asarray(d["data"])
+        labels = np.asarray(d[key], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise DataError(
+            f"{path}: data/labels are not arrays of numbers ({e}); re-extract it"
+        ) from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(
             f"{path}: data has shape {data.shape} and dtype {data.dtype}, expected uint8 "
@@ -91,7 +154,12 @@ def _load_cached(root: str, dataset: str, part: str) -> CifarSplit:
     try:
         batches = [_read_batch(base / n, _NUM_CLASSES[dataset]) for n in names]
         meta = _unpickle(base / meta_name)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if base.is_dir():  # the directory is there but one file is not: name it
+            raise DataError(
+                f"{e.filename} is missing ({dataset} needs {', '.join([*train, *test, meta_name])}"
+                f" in {base}); re-extract the archive there, or pass --download"
+            ) from None
         raise DataError(_missing_message(Path(root), dataset)) from None
     data = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])

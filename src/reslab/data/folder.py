@@ -230,7 +230,16 @@ def list_samples(
         if name in missing:
             continue
         n0 = len(samples)
+        seen: set[tuple[int, int]] = set()  # (device, inode) of each real directory walked
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                # A symlink back into the tree (a loop) or a second link to one directory: its
+                # images are already listed once; walking it again would count them again.
+                log.warning("not following %s: it leads to a directory already read", dirpath)
+                dirnames.clear()
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames.sort()
             for f in sorted(filenames):
                 if _is_image(f):

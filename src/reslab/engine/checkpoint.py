@@ -2,34 +2,51 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
+from reslab.errors import UserError, torch_load_failure
 
-class CheckpointError(RuntimeError):
+# The layout of what Trainer._checkpoint writes; a file with another version is refused on load.
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, rename over `path`.
+class DiskFullError(UserError):
+    """No space left while writing a file; the previous version of the file is unchanged."""
 
-    A reader (or a resumed run) sees either the old file or the new one, never half of one.
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """write() into a temporary file in the same directory, fsync, rename over `path`.
+
+    A reader (or a resumed run) sees either the old file or the new one, never half of one; the
+    temporary file is removed on any failure (and by rundir.clean_stale_temps after a kill).
     """
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _is_disk_full(e):
+            old = "the previous version is unchanged" if path.exists() else "nothing was written"
+            raise DiskFullError(
+                f"no space left on device while writing {path} ({old}); free space on "
+                f"{path.parent} or choose another --out"
+            ) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -38,20 +55,54 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def _is_disk_full(e: BaseException | None) -> bool:
+    # torch.save's zip writer may raise its own RuntimeError while the ENOSPC OSError that
+    # caused it rides along as __context__: look down the chain.
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and "write failed" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to `path` atomically (see _write_atomic)."""
+    _write_atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace a text file atomically: a kill leaves the old or the new content, never half."""
+    _write_atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    """Copy a file atomically (best.pt from the last.pt written at the same step)."""
+    _write_atomic(Path(dst), lambda f: f.write(Path(src).read_bytes()))
+
+
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
     """Load a reslab checkpoint with weights_only=True: tensors and plain containers only."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), not a checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"{path}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "It may be truncated, or need code to unpickle, which reslab refuses to run."
-        ) from e
+            f"{path}: cannot be loaded safely; truncated, or not a reslab checkpoint "
+            f"({torch_load_failure(e)})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "reslab":
         raise CheckpointError(f"{path}: not a reslab checkpoint (no 'format': 'reslab' entry)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {ckpt.get('version')!r}, but this reslab reads "
+            f"version {CHECKPOINT_VERSION}; use the reslab version that wrote it"
+        )
     return ckpt
 
 

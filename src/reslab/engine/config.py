@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from reslab.errors import UserError
+from reslab.models.registry import MAX_CLASSES
+
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+class ConfigError(UserError):
+    """A config value of the wrong type or out of range; the message names the field."""
+
+
+class RecipeNotFound(ConfigError, FileNotFoundError):
+    """--recipe names neither a file nor a recipe in configs/."""
 
 
 @dataclass
@@ -80,12 +93,62 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from plain values, each converted to its field's declared type (YAML reads
+        `1e-3` as a string; `lr: 1e-3` must still be the float 0.001) and range-checked."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+            raise ConfigError(
+                f"{source}: unknown config field(s) {unknown}; known: {sorted(known)}"
+            )
+        hints = typing.get_type_hints(cls)
+        cfg = cls(**{k: _coerce(k, v, hints[k], source) for k, v in d.items()})
+        cfg.validate(source=source)
+        return cfg
+
+    def validate(self, *, source: str = "config") -> None:
+        """Refuse values no run can use, naming the field (before any data is read)."""
+        at_least_1 = ("batch_size", "iters", "eval_every", "save_every", "log_every", "image_size",
+                      "resize", "train_subset", "eval_subset")  # fmt: skip
+        for name in at_least_1:
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{source}: {name} must be a whole number >= 1, got {v!r}")
+        for name in ("pad", "workers", "warmup_iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{source}: {name} must be a whole number >= 0, got {v!r}")
+        positive = ("lr", "gamma", "epochs", "time_limit", "warmup_lr")
+        for name in positive:
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{source}: {name} must be a number > 0, got {v!r}")
+        for name in ("weight_decay", "head_lr_mult"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{source}: {name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("momentum", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{source}: {name} must be in [0, 1), got {getattr(self, name)}")
+        n = self.num_classes
+        if n is not None and not 2 <= n <= MAX_CLASSES:
+            raise ConfigError(f"{source}: num_classes must be 2..{MAX_CLASSES}, got {n}")
+        choices = {
+            "dataset": ("cifar10", "cifar100", "folder"),
+            "normalization": ("per_pixel", "per_channel"),
+            "schedule": ("step", "cosine"),
+            "precision": ("auto", "fp32", "bf16", "fp16"),
+            "folder_augment": ("imagenet", "alexnet"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{source}: {name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
+        if any(m < 1 for m in self.milestones):
+            raise ConfigError(
+                f"{source}: milestones must be iterations >= 1, got {self.milestones}"
+            )
 
     def override(self, assignments: list[str]) -> TrainConfig:
         """Apply `key=value` strings (values parsed as YAML: 0.1, [1, 2], true, {a: b})."""
@@ -95,12 +158,81 @@ class TrainConfig:
                 raise ValueError(f"--set expects key=value, got {a!r}")
             key, value = a.split("=", 1)
             if key.startswith("model_options."):
-                d["model_options"][key.split(".", 1)[1]] = yaml.safe_load(value)
+                d["model_options"][key.split(".", 1)[1]] = _yaml_value(value)
                 continue
             if key not in d:
-                raise ValueError(f"unknown config field {key!r}; known: {sorted(d)}")
-            d[key] = yaml.safe_load(value)
-        return TrainConfig.from_dict(d)
+                raise ConfigError(f"--set {a}: unknown config field {key!r}; known: {sorted(d)}")
+            d[key] = _yaml_value(value)
+        return TrainConfig.from_dict(d, source="--set")
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # e.g. an unbalanced bracket: kept as a string, then type-checked
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """`value` as the type `hint` declares, or a ConfigError naming the field and the type."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    bad = ConfigError(f"{source}: {name} expects {_type_name(hint)}, got {value!r}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e4 -> 10000
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except ValueError:
+                raise bad from None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # e.g. --set out=2024
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{name}[{i}]", v, item, source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    if hint in names:
+        return names[hint]
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).removeprefix('a ')}s"
+    return "a mapping" if typing.get_origin(hint) is dict else str(hint)
 
 
 def list_recipes() -> list[str]:
@@ -113,12 +245,17 @@ def load_recipe(name_or_path: str) -> TrainConfig:
     if not path.is_file():
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise RecipeNotFound(
             f"no recipe {name_or_path!r}: not a file, and not one of {list_recipes()} in {CONFIG_DIR}"
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of config fields")
     data.pop("description", None)
-    return TrainConfig.from_dict(data)
+    return TrainConfig.from_dict(data, source=f"recipe {path}")
 
 
 def save_config(cfg: TrainConfig, path: Path, extra: dict[str, Any]) -> None:

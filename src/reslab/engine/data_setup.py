@@ -127,6 +127,16 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
     train_ds = ImageFolder(train_dir, transform=train_tf, min_size=cfg.image_size,
                            num_workers=workers)  # fmt: skip
     classes = list(train_ds.classes)
+    with_images = [c for c, n in zip(classes, train_ds.report.per_class(), strict=True) if n]
+    if len(with_images) < 2:
+        from reslab.data.cifar import DataError
+
+        # One class trains to loss 0 at once and teaches nothing.
+        raise DataError(
+            f"{train_dir} has images in {len(with_images)} class folder(s) "
+            f"({', '.join(with_images) or 'none'}); a classifier needs at least two (one "
+            "subfolder of images per class)"
+        )
     pre, lighting = folder_preprocess(cfg)
     if cfg.train_subset:
         train_ds = torch.utils.data.Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))
@@ -153,6 +163,16 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
 
 
 def build_data(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunData:
+    from pathlib import Path
+
+    from reslab.data.cifar import DataError
+
+    root = Path(cfg.data)
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"--data {root} is a file; give the directory that holds "
+            + ("the class folders" if cfg.dataset == "folder" else "cifar-10-batches-py")
+        )
     if cfg.dataset in ("cifar10", "cifar100"):
         return build_cifar(cfg, device, dist)
     if cfg.dataset == "folder":

@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from reslab.data.preprocess import Preprocess
+from reslab.engine.checkpoint import CHECKPOINT_VERSION
 from reslab.engine.evaluator import EnsembleResult, EvalResult, evaluate_ensemble
+from reslab.errors import UserError, torch_load_failure
 
 REQUIRED_KEYS = ("model_name", "model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
@@ -47,15 +49,19 @@ def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> Lo
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, or a pickle that would need code to load
         raise CheckpointError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or not a reslab "
-            "checkpoint"
+            f"{path}: cannot be loaded with torch.load(weights_only=True) "
+            f"({torch_load_failure(e)}); it is damaged or not a reslab checkpoint"
         ) from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
             f"{path}: not a reslab checkpoint (needs {list(REQUIRED_KEYS)}, found {keys}); "
             "for other weight files use --model NAME --weights FILE"
+        )
+    if ckpt.get("format") == "reslab" and ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {ckpt.get('version')!r}, but this reslab reads "
+            f"version {CHECKPOINT_VERSION}; use the reslab version that wrote it"
         )
     options = dict(ckpt.get("model_options") or {})
     try:

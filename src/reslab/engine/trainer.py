@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import os
@@ -18,8 +19,18 @@ from torch import nn
 from tqdm import tqdm
 
 from reslab.engine import distributed as D
-from reslab.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from reslab.engine.config import TrainConfig, save_config
+from reslab.engine import rundir
+from reslab.engine.checkpoint import (
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    copy_atomic,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    write_text_atomic,
+)
+from reslab.engine.config import TrainConfig
 from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
 from reslab.engine.precision import autocast, resolve_precision
@@ -38,6 +49,7 @@ class TrainState:
     step: int = 0
     warmup_ended_at: int | None = None
     best_val_error: float = math.inf
+    best_step: int | None = None  # the step of best_val_error: best.pt holds that step's state
     # Running training statistics since the last evaluation (for metrics.jsonl).
     loss_sum: float = 0.0
     wrong: float = 0.0
@@ -117,14 +129,25 @@ class Trainer:
         self.dist = D.init_from_env(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         last = self.out / "last.pt"
+        cfg.validate()
+        rundir.check_out_path(self.out)
+        if self.dist.is_main:
+            rundir.acquire_lock(self.out)  # before anything in the directory is read or written
         resume = resume or self._elastic_restart(last)
-        if last.exists() and not resume:
-            raise FileExistsError(
-                f"{self.out} already holds a run ({last}); pass --resume to continue it, "
-                "or choose another --out"
-            )
+        rundir.check_start(self.out, resume=resume)
+        ckpt = load_checkpoint(last, map_location=self.device) if resume and last.exists() else None
+        if ckpt is not None:
+            rundir.check_resume_config(last, ckpt.get("config") or {}, cfg.to_dict())
+        if self.dist.is_main:
+            rundir.clean_stale_temps(self.out)
+        self._saved_step = None if ckpt is None else int(ckpt["step"])
         torch.manual_seed(cfg.seed)
         self.data: RunData = build_data(cfg, self.device, self.dist)
+        if self.data.train_size < cfg.batch_size:  # no full batch: the loop would never step
+            raise rundir.RunDirError(
+                f"the training set has {self.data.train_size} images but one batch needs "
+                f"{cfg.batch_size} (batch_size); lower --set batch_size=N or add images"
+            )
         if cfg.epochs is not None:
             cfg.iters = max(1, round(cfg.epochs * self.data.train_size / cfg.batch_size))
         num_classes = cfg.num_classes or len(self.data.classes)
@@ -140,8 +163,10 @@ class Trainer:
             nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
         )  # fmt: skip
         self.state = TrainState()
-        if resume and last.exists():
-            self._restore(load_checkpoint(last, map_location=self.device))
+        if ckpt is not None:
+            self._restore(ckpt)
+            del ckpt
+            self._finish_best()
         self.net: nn.Module = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -179,7 +204,7 @@ class Trainer:
         s = self.state
         return {
             "format": "reslab",
-            "version": 1,
+            "version": CHECKPOINT_VERSION,
             "model_name": self.cfg.model,
             "model_options": self.model_options,
             "model": self.model.state_dict(),
@@ -193,6 +218,7 @@ class Trainer:
             "train_state": {
                 "warmup_ended_at": s.warmup_ended_at,
                 "best_val_error": s.best_val_error,
+                "best_step": s.best_step,
                 "loss_sum": s.loss_sum,
                 "wrong": s.wrong,
                 "seen": s.seen,
@@ -206,8 +232,14 @@ class Trainer:
         }
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"{self.out / 'last.pt'} does not fit {self.cfg.model} "
+                f"({str(e).splitlines()[0][:300]}); resume with the model it was trained with"
+            ) from None
         set_rng_state(ckpt["rng"])
         self.data.train.load_state_dict(ckpt["data_state"])
         ts = ckpt["train_state"]
@@ -218,12 +250,36 @@ class Trainer:
         # `last.pt` always holds a good state.
         finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()])
         if not bool(finite.all()):
-            raise TrainingDiverged(
-                f"weights became NaN/Inf at iteration {self.state.step}; "
-                f"{self.out / name} still holds the last good state. Lower --set lr=..."
-            )
+            raise self._diverged(f"weights became NaN/Inf at iteration {self.state.step}")
         if self.dist.is_main:
             save_atomic(self._checkpoint(), self.out / name)
+        self._saved_step = self.state.step
+
+    def _save_best(self) -> None:
+        """best.pt = the last.pt just written (whose state.best_step already names this step)."""
+        if self.dist.is_main:
+            copy_atomic(self.out / "last.pt", self.out / "best.pt")
+
+    def _finish_best(self) -> None:
+        """A kill between the last.pt and best.pt writes of a new best evaluation leaves best.pt
+        behind; last.pt already says that its step is the best, so a resumed run finishes it."""
+        s, last, best = self.state, self.out / "last.pt", self.out / "best.pt"
+        if s.best_step is None or s.best_step != s.step or not self.dist.is_main:
+            return
+        if not (best.is_file() and filecmp.cmp(last, best, shallow=False)):
+            copy_atomic(last, best)
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The NaN message, true to what is on disk and to the precision in use."""
+        last = self.out / "last.pt"
+        if self._saved_step is not None:
+            kept = f"{last} still holds the last good state (iteration {self._saved_step})"
+        else:
+            kept = "no checkpoint was written yet, so there is nothing to resume"
+        fix = "lower the learning rate (--set lr=...)"
+        if self.precision != "fp32":
+            fix += f", or use --precision fp32 (this run used {self.precision})"
+        return TrainingDiverged(f"{what}; {kept}. Fix: {fix}")
 
     # --- evaluation and logging --------------------------------------------------------------
     def _evaluate_all(self, lr: float, images_per_s: float) -> dict[str, Any]:
@@ -256,13 +312,13 @@ class Trainer:
         cfg, s, dev = self.cfg, self.state, self.device
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml", {
+            rundir.write_run_config(self.out / "config.yaml", cfg.to_dict(), {
                 **run_info(), "precision": self.precision, "world_size": self.dist.world_size,
                 "device": str(dev),
             })  # fmt: skip
             # A resumed run rewrites the log from its checkpoint, dropping rows written after it.
-            with open(self.out / "metrics.jsonl", "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in s.history)
+            write_text_atomic(self.out / "metrics.jsonl",
+                              "".join(json.dumps(row) + "\n" for row in s.history))  # fmt: skip
         self.net.train()
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         loss_acc = torch.zeros((), device=dev, dtype=torch.float64)
@@ -326,11 +382,8 @@ class Trainer:
                     wrong_acc.zero_()
                     seen_acc = 0
                     if not math.isfinite(s.loss_sum):
-                        raise TrainingDiverged(
-                            f"loss became {s.loss_sum} by iteration {s.step} (lr {lr:g}); "
-                            f"{self.out / 'last.pt'} still holds the last good state. Lower "
-                            "--set lr=..., or use --precision fp32."
-                        )
+                        raise self._diverged(f"loss became {s.loss_sum} by iteration {s.step} "
+                                             f"(lr {lr:g})")  # fmt: skip
                     now = time.perf_counter()
                     ips = n_int / max(now - t_int, 1e-9)
                     bar.set_postfix(
@@ -343,11 +396,13 @@ class Trainer:
                     row = self._evaluate_all(lr, ips)
                     self.net.train()
                     t_int, n_int = time.perf_counter(), 0
-                    self._save("last.pt")
                     val = row.get("val_error")
-                    if val is not None and val < s.best_val_error:
-                        s.best_val_error = val
-                        self._save("best.pt")
+                    new_best = val is not None and val < s.best_val_error
+                    if new_best:  # recorded in last.pt first, so a kill cannot lose best.pt
+                        s.best_val_error, s.best_step = val, s.step
+                    self._save("last.pt")
+                    if new_best:
+                        self._save_best()
                     if self.dist.is_main:
                         bar.write(self._format_row(row))
                 elif saving:
@@ -359,7 +414,7 @@ class Trainer:
         D.barrier()
         final = row or (s.history[-1] if s.history else {})
         if self.dist.is_main:
-            (self.out / "final.json").write_text(json.dumps(final, indent=2))
+            write_text_atomic(self.out / "final.json", json.dumps(final, indent=2))
         return final
 
     def _lr(self, it: int) -> float:
@@ -382,6 +437,9 @@ class Trainer:
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train per `cfg`; returns the final evaluation row (also in RUN_DIR/final.json)."""
-    final = Trainer(cfg, resume=resume, progress=progress).fit()
+    try:
+        final = Trainer(cfg, resume=resume, progress=progress).fit()
+    finally:
+        rundir.release_lock(Path(cfg.out))
     D.shutdown()  # leave the process group (torchrun runs) so that the process exits cleanly
     return final

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+from reslab.errors import UserError
+
+MAX_CLASSES = 100_000  # far above ImageNet-21k's 21,841: refused before a classifier is allocated
+
+
+class UnknownModelError(UserError, KeyError):
+    """A model name that is not registered (still a KeyError, for callers that catch that)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ModelOptionError(UserError):
+    """Model options (e.g. from a weights file's metadata) that the builder does not take."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +55,7 @@ def model_info(name: str) -> ModelInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(
+        raise UnknownModelError(
             f"unknown model {name!r}; `reslab models` lists them: {', '.join(list_models())}"
         ) from None
 
@@ -55,7 +71,31 @@ def create_model(name: str, **options: Any) -> nn.Module:
     >>> create_model("resnet34", shortcut="A", residual=False)  # doctest: +SKIP
     """
     info = model_info(name)
-    return info.builder(**{**info.defaults, **options})
+    check_options(info, options)
+    try:
+        return info.builder(**{**info.defaults, **options})
+    except (TypeError, ValueError) as e:  # an option of the wrong type or value
+        raise ModelOptionError(f"model {name!r} with options {options}: {e}") from None
+
+
+def check_options(info: ModelInfo, options: dict[str, Any]) -> None:
+    """Refuse options the builder does not take, and a class count no memory could hold."""
+    params = inspect.signature(info.builder).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            known = sorted(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY or p.default
+                           is not p.empty)  # fmt: skip
+            raise ModelOptionError(
+                f"unknown option(s) {unknown} for model {info.name!r}; it takes {known}"
+            )
+    n = options.get("num_classes")
+    if n is not None and (
+        not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CLASSES
+    ):
+        raise ModelOptionError(
+            f"num_classes must be a whole number in 1..{MAX_CLASSES}, got {n!r} (model {info.name})"
+        )
 
 
 def _ensure_loaded() -> None:

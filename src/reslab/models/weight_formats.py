@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from reslab.errors import UserError, torch_load_failure
 from reslab.models.arch import infer_architecture
 
 StateDict = dict[str, torch.Tensor]
@@ -34,7 +35,7 @@ TORCHVISION_PREPROCESS = {
 _MEAN_TENSOR_KEY = "__reslab_preprocess_mean__"  # a per-pixel mean image inside safetensors
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file that cannot be used (unreadable, unknown layout, or not fitting)."""
 
 
@@ -72,8 +73,13 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "weights only" in msg.lower() or "weights_only" in msg:
-            reason = _unsafe_reason(msg)
+        reason = _unsafe_reason(msg)
+        # A pickle (protocol >= 2 starts with 0x80) that the weights-only unpickler stops: it
+        # asks for a global, or for an opcode beyond tensors and containers. Random bytes also
+        # hit "Unsupported operand" but are no pickle: those are reported as corrupt below.
+        with path.open("rb") as f:
+            pickled = "GLOBAL" in reason or f.read(1) == b"\x80"
+        if ("weights only" in msg.lower() or "weights_only" in msg) and pickled:
             raise UnsafeWeightsError(
                 f"refusing to load {path}: unpickling it needs more than tensors and plain "
                 f"containers ({reason}), and a full unpickle could run arbitrary code. reslab "
@@ -81,11 +87,14 @@ def _torch_load(path: Path) -> Any:
                 "file, load it yourself and re-save just its state_dict (or save it as "
                 "safetensors)."
             ) from None
-        raise WeightsError(f"{path} is not a readable weights file (corrupt?): {msg}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise WeightsError(
             f"{path} is not a readable weights file (truncated or corrupt?): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"{torch_load_failure(e)}"
+        ) from None
+    except Exception as e:  # truncated zip, safetensors header errors, random bytes, ...
+        raise WeightsError(
+            f"{path} is not a readable weights file (truncated or corrupt?): "
+            f"{torch_load_failure(e)}"
         ) from None
 
 

@@ -1,0 +1,151 @@
+"""Who owns a run directory, and what a run may find in it when it starts.
+
+One writer at a time (an flock that the kernel drops when the process dies, however it dies), a
+resume only with the configuration the run was started with, and no temporary files left over
+from a killed write.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reslab.engine.checkpoint import write_text_atomic
+from reslab.errors import UserError
+
+LOCK_NAME = ".reslab.lock"
+# Fields a resumed run may change: how long it runs and how often it reports or saves, and where
+# and how it executes (the same set that `reslab reproduce` lets differ between calls). Anything
+# else (model, data set, normalisation, optimiser, schedule, seed...) would mix two runs in one.
+RESUME_MAY_CHANGE = frozenset({
+    "iters", "epochs", "time_limit", "eval_every", "save_every", "log_every",
+    "out", "data", "download", "device", "precision", "compile", "compile_mode", "workers",
+})  # fmt: skip
+# Files whose presence means the directory holds a run worth keeping.
+RUN_FILES = ("last.pt", "best.pt", "final.json", "metrics.jsonl")
+
+_held: dict[str, int] = {}  # resolved run dir -> lock file descriptor held by this process
+
+
+class RunDirError(UserError):
+    """A run directory that this run may not use as asked; the message says why and the fix."""
+
+
+class RunExistsError(RunDirError, FileExistsError):
+    """A fresh run was asked for in a directory that holds a run."""
+
+
+def check_out_path(out: Path) -> None:
+    """--out must be a directory (or not exist yet)."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise RunDirError(f"--out {out}: {p} is a file, not a directory; choose another --out")
+
+
+def acquire_lock(out: Path) -> None:
+    """Take an exclusive lock on `out` for this process, or refuse naming the holder.
+
+    flock locks belong to the open file: the kernel releases them when the process exits or is
+    killed, so a crashed run never leaves the directory locked.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    key = str(out.resolve())
+    if key in _held:  # this process already owns it (a library user retrying after an error)
+        return
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(
+            f"{out} is in use by another reslab run (pid {holder}); wait for it to finish, or "
+            "choose another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = fd
+
+
+def release_lock(out: Path) -> None:
+    fd = _held.pop(str(out.resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor of the open file drops the flock
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove the temporary files of writes a kill interrupted (`.NAME.XXXX.tmp`, see
+    checkpoint._write_atomic). Only call with the lock held: a live writer's are not stale."""
+    removed = []
+    for p in out.glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def check_start(out: Path, *, resume: bool) -> None:
+    """A fresh run never overwrites a run's results; a resume needs a checkpoint to resume from."""
+    last = out / "last.pt"
+    present = [n for n in RUN_FILES if (out / n).exists()]
+    if resume and not last.exists() and present:
+        raise RunDirError(
+            f"--resume: {out} holds {', '.join(present)} but no last.pt to resume from; restore "
+            "last.pt, or move those files away (or choose another --out) to start again"
+        )
+    if not resume and any(n != "metrics.jsonl" for n in present):
+        # metrics.jsonl alone: a run killed before its first checkpoint; starting over is safe.
+        raise RunExistsError(
+            f"{out} already holds a run ({', '.join(present)}); pass --resume to continue it, "
+            "or choose another --out"
+        )
+
+
+def config_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Fields (outside RESUME_MAY_CHANGE) whose values differ, as 'field: old -> new'."""
+    diffs = []
+    # Only fields both know: a field added to TrainConfig after the checkpoint was written
+    # takes its default, and must not make every older run unresumable.
+    for key in sorted(set(stored) & set(requested)):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        old, new = stored.get(key), requested.get(key)
+        if old != new:
+            diffs.append(f"{key}: {old!r} -> {new!r}")
+    return diffs
+
+
+def check_resume_config(path: Path, stored: dict[str, Any], requested: dict[str, Any]) -> None:
+    diffs = config_differences(stored, requested)
+    if diffs:
+        raise RunDirError(
+            f"--resume: {path} was trained with another configuration ({'; '.join(diffs[:6])}"
+            f"{'; ...' if len(diffs) > 6 else ''}); resume with the same settings (only "
+            f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change), or choose another --out"
+        )
+
+
+def write_run_config(path: Path, config: dict[str, Any], run: dict[str, Any]) -> None:
+    """config.yaml: the configuration and this process's provenance (`_run`); on a resume the
+    earlier processes' provenance is kept in `_earlier_runs`, so it is never overwritten."""
+    earlier: list[Any] = []
+    if path.is_file():
+        try:
+            old = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            old = {}
+        if isinstance(old, dict):
+            earlier = list(old.get("_earlier_runs") or [])
+            if old.get("_run"):
+                earlier.append(old["_run"])
+    doc = {**config, "_run": run, **({"_earlier_runs": earlier} if earlier else {})}
+    write_text_atomic(path, yaml.safe_dump(doc, sort_keys=False))
+
+
+def warn(msg: str) -> None:
+    print(f"reslab: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,33 @@
+"""The one base class for mistakes a user can fix (a path, a flag, a file), so that every command
+can print them as one line with exit code 2 instead of a traceback."""
+
+from __future__ import annotations
+
+import pickle
+
+
+class UserError(ValueError):
+    """Bad input: the message names the file or flag and says how to fix it."""
+
+
+def first_line(text: object) -> str:
+    """The first non-empty line of a message ('' for none): library errors can span many lines."""
+    return next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+
+
+def torch_load_failure(e: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, in one line and without torch's advice to load
+    with weights_only=False (which would run whatever code the file holds)."""
+    msg = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "weights only" in msg.lower():
+        for line in msg.splitlines():
+            s = line.strip()
+            if "GLOBAL" in s:
+                return f"{s.rstrip('.')}; reslab never unpickles code"
+            if s.startswith("Unsupported operand"):  # random bytes, or a damaged pickle
+                return s.rstrip(".")
+        return "it needs more than tensors and containers to unpickle; reslab never runs code"
+    line = first_line(msg).split(". ")[0]  # torch's first sentence; its advice follows
+    if "weights_only" in line:
+        line = ""
+    return type(e).__name__ + (f": {line}" if line else "")

@@ -1,0 +1,60 @@
+"""Image folders that mislead: a symlink loop (images counted many times) and a single class
+(trains to loss 0 and learns nothing). Real PNG files made with PIL."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reslab.cli import main
+from reslab.data.folder import list_samples
+
+
+def _pngs(d: Path, n: int) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(d)))
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_symlink_loop_counts_each_image_once(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "train"
+    _pngs(root / "cat" / "sub", 3)
+    _pngs(root / "dog", 2)
+    (root / "cat" / "sub" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    (root / "dog" / "again").symlink_to(root / "dog", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="reslab.data"):
+        classes, samples, *_ = list_samples(root)
+    assert classes == ["cat", "dog"]
+    assert sorted(lab for _, lab in samples) == [0, 0, 0, 1, 1]  # os.walk alone: 3 x ~40 + ...
+    assert any("already read" in r.getMessage() for r in caplog.records)
+
+
+def test_symlinked_directory_outside_the_tree_is_followed(tmp_path: Path) -> None:
+    _pngs(tmp_path / "elsewhere", 2)
+    root = tmp_path / "train"
+    _pngs(root / "a", 1)
+    (root / "b").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    _, samples, *_ = list_samples(root)
+    assert sorted(lab for _, lab in samples) == [0, 1, 1]
+
+
+@pytest.mark.parametrize("layout", ["one_class", "one_class_with_images"])
+def test_fewer_than_two_classes_refused(tmp_path: Path, capsys, layout: str) -> None:
+    root = tmp_path / "imgs"
+    _pngs(root / "only", 6)
+    if layout == "one_class_with_images":
+        (root / "empty").mkdir()
+    rc = main([
+        "train", "--model", "resnet18", "--dataset", "folder", "--data", str(root), "--out",
+        str(tmp_path / "run"), "--device", "cpu", "--iters", "2", "--set", "batch_size=4",
+        "--set", "image_size=32", "--set", "resize=36", "--set", "workers=0",
+        "--set", "eval_splits=[]",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "images in 1 class folder(s) (only); a classifier needs at least two" in err

@@ -1,0 +1,376 @@
+"""`reslab train` under bad input: each case one line naming the file or flag, exit code 2, no
+traceback, nothing on disk changed and no code from a file run (issue 13's campaign)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reslab.cli import main
+from reslab.engine.checkpoint import load_checkpoint, save_atomic
+from reslab.models import create_model
+
+
+def train_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--model", "resnet20", "--data", str(root), "--out", str(out), "--device",
+        "cpu", "--precision", "fp32", "--iters", "2", "--eval-every", "2", "--no-channels-last",
+        "--set", "train_subset=64", "--set", "eval_subset=32", "--set", "batch_size=32",
+        "--set", "eval_splits=[test]", "--set", "val_split=false", *extra,
+    ]  # fmt: skip
+
+
+def fails_cleanly(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:
+    """Run the CLI in-process; expect exit 2 and exactly one error line holding `needles`."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert rc == 2 and len(lines) == 1, (rc, err[-2000:])
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "weights_only=False" not in lines[0]
+    return lines[0]
+
+
+def digest(run: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "done"
+    assert main(train_args(cifar_root, out)) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(finished_run, dst)
+    return dst
+
+
+class Evil:
+    """Unpickling this creates a marker file: the code a crafted file would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def cifar_copy(root: Path, dst: Path, *, drop: str | None = None) -> Path:
+    """A CIFAR-10 directory of symlinks to the real batches (minus `drop`)."""
+    src, d = root / "cifar-10-batches-py", dst / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != drop:
+            (d / f.name).symlink_to(f)
+    return d
+
+
+# --- the config and the command line --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--set", "batch_size=0"], "batch_size must be a whole number >= 1, got 0"),
+        (["--iters", "-5"], "iters must be a whole number >= 1, got -5"),
+        (["--set", "eval_every=ten"], "eval_every expects a whole number, got 'ten'"),
+        (["--set", "no_such_field=1"], "unknown config field 'no_such_field'"),
+        (["--set", "lr=fast"], "lr expects a number"),
+        (["--model", "resnet21"], "unknown model 'resnet21'"),
+        (["--recipe", "no-such-recipe"], "no recipe 'no-such-recipe'"),
+    ],
+)
+def test_bad_flags_one_line(
+    cifar_root: Path, tmp_path: Path, capsys, extra: list[str], needle: str
+) -> None:
+    fails_cleanly(train_args(cifar_root, tmp_path / "run", *extra), capsys, needle)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_set_parses_numbers_as_the_fields_type() -> None:
+    from reslab.engine.config import TrainConfig
+
+    cfg = TrainConfig().override(["lr=1e-3", "iters=1e4", "time_limit=60", "out=2024"])
+    assert cfg.lr == 0.001 and isinstance(cfg.lr, float)  # YAML alone gives the string '1e-3'
+    assert cfg.iters == 10000 and isinstance(cfg.iters, int)
+    assert cfg.time_limit == 60.0 and cfg.out == "2024"
+
+
+def test_data_and_out_pointing_at_files(cifar_root: Path, tmp_path: Path, capsys) -> None:
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    fails_cleanly(train_args(f, tmp_path / "run"), capsys, f"--data {f} is a file")
+    fails_cleanly(train_args(cifar_root, f), capsys, f"--out {f}", "is a file")
+    assert f.read_text() == "x"
+
+
+def test_training_set_smaller_than_a_batch_is_refused(
+    cifar_root: Path, tmp_path: Path, capsys
+) -> None:
+    argv = train_args(cifar_root, tmp_path / "run", "--set", "train_subset=6", "--set",
+                      "batch_size=8")  # fmt: skip
+    fails_cleanly(argv, capsys, "has 6 images but one batch needs 8")
+
+
+def test_nan_before_any_checkpoint_is_worded_truthfully(
+    cifar_root: Path, tmp_path: Path, capsys
+) -> None:
+    argv = train_args(cifar_root, tmp_path / "run", "--set", "lr=1e30", "--set", "log_every=1",
+                      "--iters", "20", "--eval-every", "20")  # fmt: skip
+    line = fails_cleanly(argv, capsys, "no checkpoint was written yet")
+    assert "still holds" not in line and "--precision fp32" not in line  # fp32 is in use
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# --- CIFAR files ---------------------------------------------------------------------------
+
+
+def test_cifar_batch_with_code_never_runs(cifar_root: Path, tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "PWNED"
+    d = cifar_copy(cifar_root, tmp_path / "data", drop="test_batch")
+    with (d / "test_batch").open("wb") as f:
+        pickle.dump({"data": Evil(marker), "labels": [0]}, f)
+    fails_cleanly(train_args(tmp_path / "data", tmp_path / "run"), capsys,
+                  str(d / "test_batch"), "posix.system is not allowed")  # fmt: skip
+    assert main(["data", "check", str(tmp_path / "data")]) != 0
+    assert not marker.exists()
+
+
+def test_cifar_object_arrays_are_refused(tmp_path: Path) -> None:
+    from reslab.data.cifar import UnsafeDataError, _unpickle
+
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({"data": np.array([object()], dtype=object), "labels": [0]}))
+    with pytest.raises(UnsafeDataError, match="object dtype"):
+        _unpickle(path)
+
+
+def test_cifar_missing_and_truncated_batches_named(
+    cifar_root: Path, tmp_path: Path, capsys
+) -> None:
+    cifar_copy(cifar_root, tmp_path / "a", drop="data_batch_3")
+    fails_cleanly(train_args(tmp_path / "a", tmp_path / "run"), capsys, "data_batch_3 is missing")
+    d = cifar_copy(cifar_root, tmp_path / "b", drop="data_batch_2")
+    raw = (cifar_root / "cifar-10-batches-py" / "data_batch_2").read_bytes()
+    (d / "data_batch_2").write_bytes(raw[: len(raw) // 3])
+    fails_cleanly(train_args(tmp_path / "b", tmp_path / "run"), capsys, str(d / "data_batch_2"))
+
+
+# --- resuming ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["empty", "random"])
+def test_damaged_last_pt(cifar_root: Path, run_copy: Path, capsys, content: str) -> None:
+    data = b"" if content == "empty" else np.random.default_rng(0).bytes(4096)
+    (run_copy / "last.pt").write_bytes(data)
+    before = digest(run_copy)
+    fails_cleanly(train_args(cifar_root, run_copy, "--resume"), capsys,
+                  str(run_copy / "last.pt"))  # fmt: skip
+    assert digest(run_copy) == before
+
+
+def test_resume_without_last_pt_refuses(cifar_root: Path, run_copy: Path, capsys) -> None:
+    (run_copy / "last.pt").unlink()
+    before = digest(run_copy)
+    fails_cleanly(train_args(cifar_root, run_copy, "--resume"), capsys, "no last.pt to resume")
+    assert digest(run_copy) == before  # metrics, best/final and config kept
+
+
+def test_resume_with_another_model_or_recipe_refuses(
+    cifar_root: Path, run_copy: Path, capsys
+) -> None:
+    before = digest(run_copy)
+    argv = train_args(cifar_root, run_copy, "--resume", "--iters", "4")
+    argv[argv.index("resnet20")] = "resnet32"
+    fails_cleanly(argv, capsys, "model: 'resnet20' -> 'resnet32'")
+    other = [*train_args(cifar_root, run_copy, "--resume"), "--set", "normalization=per_channel"]
+    fails_cleanly(other, capsys, "normalization: 'per_pixel' -> 'per_channel'")
+    assert digest(run_copy) == before
+
+
+def test_checkpoint_from_another_version_refuses(cifar_root: Path, run_copy: Path, capsys) -> None:
+    ckpt = load_checkpoint(run_copy / "last.pt")
+    save_atomic({**ckpt, "version": 99}, run_copy / "last.pt")
+    fails_cleanly(train_args(cifar_root, run_copy, "--resume"), capsys, "format version 99")
+    argv = ["eval", "--checkpoint", str(run_copy / "last.pt"), "--data", str(cifar_root)]
+    fails_cleanly([*argv, "--limit", "8"], capsys, "format version 99")
+
+
+def test_resume_may_extend_iters_and_keeps_provenance(
+    cifar_root: Path, run_copy: Path, capsys
+) -> None:
+    import yaml
+
+    assert main(train_args(cifar_root, run_copy, "--resume", "--iters", "4")) == 0
+    assert load_checkpoint(run_copy / "last.pt")["step"] == 4
+    doc = yaml.safe_load((run_copy / "config.yaml").read_text())
+    assert doc["iters"] == 4 and len(doc["_earlier_runs"]) == 1 and "git" in doc["_run"]
+
+
+def test_stale_temp_files_are_cleaned(cifar_root: Path, run_copy: Path) -> None:
+    stale = run_copy / ".last.pt.k9x2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert main(train_args(cifar_root, run_copy, "--resume", "--iters", "4")) == 0
+    assert not stale.exists()
+
+
+def test_second_writer_refused_and_lock_dies_with_its_process(
+    cifar_root: Path, tmp_path: Path, capsys
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; "
+         f"fd = os.open({str(out / '.reslab.lock')!r}, os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); "
+         "time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        fails_cleanly(train_args(cifar_root, out), capsys, "in use by another reslab run")
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
+        holder.wait()
+    assert main(train_args(cifar_root, out)) == 0
+
+
+def test_best_pt_survives_a_kill_between_the_two_writes(
+    cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reslab.engine.config import TrainConfig
+    from reslab.engine.trainer import Trainer, train
+
+    cfg = dict(model="resnet20", data=str(cifar_root), out=str(tmp_path / "run"), device="cpu",
+               precision="fp32", train_subset=64, eval_subset=32, batch_size=32, iters=4,
+               eval_every=2, save_every=2, log_every=1, eval_splits=["val"],
+               channels_last=False)  # fmt: skip
+
+    class Killed(BaseException):
+        pass
+
+    def die(self) -> None:  # the process dies right after last.pt is renamed into place
+        raise Killed
+
+    monkeypatch.setattr(Trainer, "_save_best", die)
+    with pytest.raises(Killed):
+        train(TrainConfig(**cfg), progress=False)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert not (run / "best.pt").exists()
+    assert load_checkpoint(run / "last.pt")["train_state"]["best_step"] == 2
+    train(TrainConfig(**{**cfg, "iters": 2}), resume=True, progress=False)
+    best = load_checkpoint(run / "best.pt")
+    assert best["step"] == 2
+    assert (run / "best.pt").read_bytes() == (run / "last.pt").read_bytes()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_full_during_save(cifar_root: Path, tmp_path: Path, capsys) -> None:
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    # ResNet-20's checkpoint is ~2.2 MB: one fits in 3 MB, a second (temporary) copy does not.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = mnt / "run"
+        argv = train_args(cifar_root, out, "--iters", "4", "--save-every", "2", "--eval-every",
+                          "100")  # fmt: skip
+        fails_cleanly(argv, capsys, "no space left on device", str(out / "last.pt"),
+                      "previous version is unchanged")  # fmt: skip
+        assert load_checkpoint(out / "last.pt")["step"] == 2
+        assert not list(out.glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+# --- weights files -------------------------------------------------------------------------
+
+
+def _reslab_safetensors(path: Path, options: dict) -> Path:
+    sd = {k: v.contiguous() for k, v in create_model("resnet20").state_dict().items()}
+    meta = {"format": "reslab", "model_name": "resnet20", "model_options": json.dumps(options),
+            "preprocess": "null", "classes": "null"}  # fmt: skip
+    save_file(sd, str(path), metadata=meta)
+    return path
+
+
+def _huge_header(path: Path) -> Path:
+    head = json.dumps({"w": {"dtype": "F32", "shape": [10**9, 1000],
+                             "data_offsets": [0, 4 * 10**12]}}).encode()  # fmt: skip
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"\0" * 64)
+    return path
+
+
+@pytest.mark.parametrize("case", ["huge_header", "num_classes_1e9", "unknown_option"])
+def test_bad_weights_files(cifar_root: Path, tmp_path: Path, capsys, case: str) -> None:
+    if case == "huge_header":
+        f, needle = _huge_header(tmp_path / "w.safetensors"), "cannot be read"
+    elif case == "num_classes_1e9":
+        f = _reslab_safetensors(tmp_path / "w.safetensors", {"num_classes": 10**9})
+        needle = "num_classes must be a whole number in 1..100000"
+    else:
+        f = _reslab_safetensors(tmp_path / "w.safetensors", {"bogus": 1})
+        needle = "unknown option(s) ['bogus']"
+    out = tmp_path / "m.onnx"
+    fails_cleanly(["export", "--weights", str(f), "--format", "onnx", "--out", str(out)], capsys,
+                  needle)  # fmt: skip
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    fails_cleanly(["predict", str(img), "--weights", str(f), "--normalize", "cifar10"], capsys,
+                  needle)  # fmt: skip
+    if case != "num_classes_1e9":  # train re-sizes the head to the data set's 10 classes
+        fails_cleanly(train_args(cifar_root, tmp_path / "run", "--weights", str(f)), capsys,
+                      needle)  # fmt: skip
+    assert not out.exists()
+
+
+def test_random_bytes_weights_never_suggest_unsafe_loading(tmp_path: Path, capsys) -> None:
+    f = tmp_path / "w.pt"
+    f.write_bytes(np.random.default_rng(1).bytes(5000))
+    line = fails_cleanly(["export", "--weights", str(f), "--format", "onnx", "--out",
+                          str(tmp_path / "m.onnx")], capsys, str(f))  # fmt: skip
+    assert "trust" not in line
+    torch.save({"format": "reslab", "version": 1, "x": Evil(tmp_path / "PWNED")}, tmp_path / "e.pt")
+    fails_cleanly(["export", "--checkpoint", str(tmp_path / "e.pt"), "--format", "onnx",
+                   "--out", str(tmp_path / "m.onnx")], capsys, "posix.system")  # fmt: skip
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_resume_config_compares_only_fields_both_know() -> None:
+    from reslab.engine.rundir import config_differences
+
+    # A field added to TrainConfig after the checkpoint was written must not block its resume.
+    assert (
+        config_differences({"model": "a", "iters": 1}, {"model": "a", "iters": 5, "new": 1}) == []
+    )
+    assert config_differences({"model": "a", "lr": 0.1}, {"model": "b", "lr": 0.1}) == [
+        "model: 'a' -> 'b'"
+    ]
