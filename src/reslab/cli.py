@@ -18,27 +18,24 @@ def _fmt_count(x: float) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the model zoo with our parameter and multiply-add counts beside the paper's."""
-    from reslab.analysis.complexity import count_macs, count_params
-    from reslab.models import create_model, list_models, model_info
+    from reslab.analysis.zoo import PAPER_SHORTCUT, zoo_rows
 
-    rows = []
-    for name in list_models(args.family):
-        info = model_info(name)
-        model = create_model(name)
-        params, macs = count_params(model), count_macs(model, info.input_size)
-        opts = {**info.defaults}
-        shortcut = (
-            "-"
-            if info.family == "alexnet"
-            else opts.get("shortcut", "A" if info.family == "cifar" else "B")
-        )
-        if opts.get("residual") is False:
-            shortcut = "none"
+    rows, notes = [], []
+    for r in zoo_rows():
+        if args.family is not None and r["family"] != args.family:
+            continue
+        err = "" if r["paper_error"] is None else f"{r['paper_error']:.2f}"
+        paper_sc = PAPER_SHORTCUT.get(r["name"])
+        if err and paper_sc is not None and paper_sc != r["shortcut"]:
+            err += f" ({paper_sc})"
+            notes.append(f"({paper_sc}): {r['name']}'s paper error is for shortcut option "
+                         f"{paper_sc} (Table 2); ours is built with {r['shortcut']}.")  # fmt: skip
         rows.append([
-            name, info.family, str(info.depth), f"{info.input_size}px", shortcut,
-            _fmt_count(params), "" if info.paper_params is None else _fmt_count(info.paper_params),
-            _fmt_count(macs), "" if info.paper_macs is None else _fmt_count(info.paper_macs),
-            "" if info.paper_error is None else f"{info.paper_error:.2f}",
+            r["name"], r["family"], str(r["depth"]), f"{r['input_size']}px", r["shortcut"],
+            _fmt_count(r["params"]),
+            "" if r["paper_params"] is None else _fmt_count(r["paper_params"]),
+            _fmt_count(r["macs"]), "" if r["paper_macs"] is None else _fmt_count(r["paper_macs"]),
+            err,
         ])  # fmt: skip
     head = ["model", "family", "depth", "input", "shortcut", "params", "paper",
             "mult-adds", "paper", "paper top-1 err %"]  # fmt: skip
@@ -46,6 +43,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for r in [head, ["-" * w for w in widths], *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     print("\nImageNet mult-adds are for the paper's v1 (stride on the bottleneck's first 1x1).")
+    for n in notes:
+        print(n)
     return 0
 
 
@@ -607,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deep residual learning (He et al., 2015): models, training, "
         "reproduction of the paper's tables and figures.",
     )
+    from reslab import __version__
+
+    parser.add_argument("--version", action="version", version=f"reslab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         _add_models,
