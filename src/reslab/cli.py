@@ -177,16 +177,38 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _is_image_folder(path: str | None) -> bool:
+    """A directory of class subfolders (or train/ and val/), not a CIFAR download."""
+    from pathlib import Path
+
+    if not path or not Path(path).is_dir():
+        return False
+    root = Path(path)
+    if any((root / d).is_dir() for d in ("cifar-10-batches-py", "cifar-100-python")):
+        return False
+    return any(p.is_dir() for p in root.iterdir())
+
+
 def _train_config(args: argparse.Namespace):
-    """Recipe, then --set assignments, then the explicit flags (which win)."""
+    """Recipe, then --set assignments, then the explicit flags (which win). Without --recipe an
+    image folder gets the finetune recipe; without --model, --weights name the architecture."""
     import os
 
     from reslab.engine.config import TrainConfig, load_recipe
 
-    cfg = load_recipe(args.recipe) if args.recipe else TrainConfig()
+    recipe = args.recipe
+    if recipe is None and (args.dataset == "folder" or _is_image_folder(args.data)):
+        recipe = "finetune"
+        _notice(f"--data {args.data} is an image folder: recipe finetune (see train --help)")
+    cfg = load_recipe(recipe) if recipe else TrainConfig()
     cfg = cfg.override(args.set or [])
+    if args.model is None and args.weights is not None:
+        from reslab.models.weights import read_weights
+
+        named = read_weights(args.weights)[1].get("model_name")
+        cfg.model = named or cfg.model
     flags = {
-        "model": args.model, "data": args.data, "dataset": args.dataset, "iters": args.iters,
+        "model": args.model, "data": args.data, "dataset": args.dataset,
         "epochs": args.epochs, "out": args.out, "device": args.device,
         "precision": args.precision, "seed": args.seed, "weights": args.weights,
         "num_classes": args.num_classes, "save_every": args.save_every,
@@ -194,13 +216,25 @@ def _train_config(args: argparse.Namespace):
         "channels_last": args.channels_last, "compile_mode": args.compile_mode,
         "compile": True if (args.compile or args.compile_mode) else None,
         "download": args.download or None, "sync_bn": args.sync_bn or None,
+        "lr": args.lr, "batch_size": args.batch_size, "workers": args.workers,
     }  # fmt: skip
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)
+    if args.iters is not None:
+        from reslab.engine.run_length import scale_milestones
+
+        cfg.epochs = None  # an explicit --iters wins over a recipe's epochs
+        note = scale_milestones(cfg, args.iters)
+        if note and os.environ.get("RANK", "0") == "0":
+            _notice(note)
     if args.data is None and cfg.data == "data" and os.environ.get("RESLAB_DATA"):
         cfg.data = os.environ["RESLAB_DATA"]
     return cfg
+
+
+def _notice(text: str) -> None:
+    print(f"reslab train: {text}", file=sys.stderr, flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -210,6 +244,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _relaunch_torchrun(args)
     from reslab.engine.trainer import train
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = _train_config(args)
     final = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
@@ -245,14 +283,26 @@ def _relaunch_torchrun(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model with one of the paper's recipes")
-    p.add_argument("--recipe", help="recipe name in configs/ (e.g. cifar10-paper) or a YAML path")
+    p = sub.add_parser(
+        "train", help="train a model with one of the paper's recipes, or fine-tune on a folder",
+        description="Train with a recipe; fine-tune on an image folder with just "
+        "`reslab train --data DIR --weights FILE --out RUN_DIR`.",
+        epilog=_recipes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--recipe", help="a recipe below, or a YAML path (default: finetune for an "
+                   "image folder, else the paper's CIFAR-10 settings)")  # fmt: skip
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--model")
+    p.add_argument("--model", type=_model_name, help="architecture (`reslab models`); default: "
+                   "the one --weights name, else the recipe's")  # fmt: skip
     p.add_argument("--data", help="data directory (default $RESLAB_DATA)")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"])
-    p.add_argument("--iters", type=int)
-    p.add_argument("--epochs", type=float)
+    p.add_argument("--iters", type=_positive, help="iterations; a step schedule's milestones "
+                   "scale with it")  # fmt: skip
+    p.add_argument("--epochs", type=float, help="passes over the training set (sets --iters)")
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--batch-size", type=_positive, help="mini-batch, over all processes")
+    p.add_argument("--workers", type=int, help="image-folder loader processes (default: auto)")
+    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's)")
     p.add_argument("--out", help="run directory (config, metrics.jsonl, checkpoints)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
@@ -277,6 +327,32 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="with --nproc: restart the processes this often after a failure; "
                    "they resume from RUN_DIR/last.pt")  # fmt: skip
     p.set_defaults(func=cmd_train)
+
+
+def _recipes_epilog() -> str:
+    import textwrap
+
+    import yaml
+
+    from reslab.engine.config import CONFIG_DIR, list_recipes
+
+    lines = ["recipes (--recipe NAME):"]
+    for name in list_recipes():
+        desc = (yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}).get("description")
+        text = textwrap.fill(desc or "", width=96, initial_indent="      ",
+                             subsequent_indent="      ")  # fmt: skip
+        lines += [f"  {name}", text]
+    return "\n".join(lines)
+
+
+def _model_name(text: str) -> str:
+    from reslab.models import list_models
+
+    if text not in list_models():
+        raise argparse.ArgumentTypeError(
+            f"unknown model {text!r}; the zoo (`reslab models`): {', '.join(list_models())}"
+        )
+    return text
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -126,7 +126,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.data: RunData = build_data(cfg, self.device, self.dist)
         if cfg.epochs is not None:
-            cfg.iters = max(1, round(cfg.epochs * self.data.train_size / cfg.batch_size))
+            from reslab.engine.run_length import scale_milestones
+
+            note = scale_milestones(cfg, max(1, round(cfg.epochs * self.data.train_size
+                                                      / cfg.batch_size)))  # fmt: skip
+            self.data.notes += [note] if note else []
         num_classes = cfg.num_classes or len(self.data.classes)
         self.model, self.model_options = build_model(cfg, num_classes)
         self.model = self.model.to(self.device)
