@@ -109,6 +109,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k classes per image, using the preprocessing stored with the weights."""
     import json
+    import os
+    import time
 
     import torch
 
@@ -117,6 +119,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from reslab.predict import PredictError, collect_images, predict_files
 
     try:
+        if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
+            raise PredictError(f"--csv {args.csv}: its folder does not exist; create it first")
         paths = collect_images(args.inputs)
         model, info = _load_model_source(args)
         pre = info.preprocess
@@ -131,12 +135,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
             model, device=torch.device(args.device), precision=args.precision,
             backend=args.backend, input_size=int(pre["input_size"]),
         )  # fmt: skip
+        t0 = time.perf_counter()
         preds = predict_files(
             runner, paths, preprocess=pre, classes=info.classes, topk=args.topk,
             batch_size=args.batch_size,
         )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        if args.csv:
+            from reslab.predict import write_csv
+
+            write_csv(preds, args.csv, topk=args.topk)
     except (ValueError, KeyError, FileNotFoundError, PredictError) as e:
         return _fail("predict", e)
+    except OSError as e:  # --csv into a folder that does not exist or is not writable
+        return _fail("predict", f"--csv {args.csv}: {e.strerror}")
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=1))
     else:
@@ -146,6 +158,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             else:
                 print(f"{p.path}: " + ", ".join(f"{c} {v:.1%}" for c, v in p.top))
     bad = sum(p.error is not None for p in preds)
+    # The rate covers reading, decoding and resizing as well as the network: what a user gets.
+    print(f"{len(preds)} images in {seconds:.2f} s ({len(preds) / max(seconds, 1e-9):.1f} "
+          f"images/s, decoding included)" + (f"; wrote {args.csv}" if args.csv else ""),
+          file=sys.stderr)  # fmt: skip
     if bad:
         print(f"{bad} of {len(preds)} images could not be read", file=sys.stderr)
     return 1 if bad else 0
@@ -166,6 +182,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add_model_source(p)
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    p.add_argument("--csv", metavar="FILE", help="also write path, top-k classes and "
+                   "probabilities (or the error) per image to a CSV file")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
