@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,62 @@ def test_folder_loader_keeps_its_workers_across_epochs() -> None:
     pids = [{int(p) for _, y in loader for p in y} for _ in range(3)]
     assert len(pids[0]) == 1 and pids[0] != {os.getpid()}
     assert pids[0] == pids[1] == pids[2]  # the same worker process served every epoch
+
+
+def test_watched_run_banner_timed_progress_loss_warning_and_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = colour_folder(tmp_path / "imgs")
+    weights = cifar_weights(tmp_path / "w.safetensors")
+    out = tmp_path / "run"
+    # lr 3 blows the loss up within a few steps; no log/eval/save step falls inside the run, so
+    # every steps.jsonl row but the last comes from the once-a-second clock.
+    argv = ["train", "--data", str(data), "--weights", str(weights), "--out", str(out),
+            "--device", "cpu", "--precision", "fp32", "--iters", "40", "--lr", "3",
+            "--set", "schedule=step", "--set", "log_every=1000000",
+            "--set", "eval_every=1000000", "--set", "save_every=1000000"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    for text in ("recipe finetune, new run", "66 training images, 3 classes; evaluated: val 6",
+                 "40 iterations = 19.4 epochs at batch 32", "cpu, fp32", f"output     {out}"):  # fmt: skip
+        assert text in err, err
+    assert "warning: loss" in err and "running mean" in err
+    rows = [json.loads(ln) for ln in (out / "steps.jsonl").read_text().splitlines()]
+    assert len(rows) >= 3 and rows[-1]["iter"] == 40
+    assert [r["iter"] for r in rows] == sorted({r["iter"] for r in rows})
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [r["iter"] for r in rows]
+    assert [e.value for e in acc.Scalars("eval/val_error")] == pytest.approx(
+        [json.loads((out / "final.json").read_text())["val_error"]]
+    )
+
+
+def test_run_without_tensorboard_says_so_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    from reslab.engine.run_log import RunLog
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    log = RunLog(tmp_path, resume_step=0)
+    log.step({"iter": 1, "loss": 2.0})
+    log.close()
+    assert log.tb is None and "TensorBoard logging off" in capsys.readouterr().err
+    (tmp_path / "steps.jsonl").write_text('{"iter": 1}\n{"iter": 5}\n{"it')  # torn by a kill
+    RunLog(tmp_path, resume_step=3, tensorboard=False).close()
+    assert (tmp_path / "steps.jsonl").read_text() == '{"iter": 1}\n'
+
+
+def test_loss_watch_warns_once_per_tenfold_jump_and_clock_ticks_on_time() -> None:
+    import time
+
+    from reslab.engine.progress import Clock, LossWatch
+
+    w = LossWatch()
+    out = [w.update(v, step=i, lr=0.1) for i, v in enumerate([2.0, 1.5, 1.2, 1.0, 25.0, 30.0])]
+    assert out[:4] == [None] * 4 and "25 at iteration 4" in out[4] and out[5] is None
+    assert w.update(400.0, step=6, lr=0.1) is not None
+    clock = Clock(0.05)
+    assert not clock.due()
+    time.sleep(0.06)
+    assert clock.due() and not clock.due()

@@ -207,6 +207,10 @@ def _is_image_folder(path: str | None) -> bool:
     return any(p.is_dir() for p in root.iterdir())
 
 
+def _auto_recipe(args: argparse.Namespace) -> str | None:
+    return "finetune" if args.dataset == "folder" or _is_image_folder(args.data) else None
+
+
 def _train_config(args: argparse.Namespace):
     """Recipe, then --set assignments, then the explicit flags (which win). Without --recipe an
     image folder gets the finetune recipe; without --model, --weights name the architecture."""
@@ -214,9 +218,8 @@ def _train_config(args: argparse.Namespace):
 
     from reslab.engine.config import TrainConfig, load_recipe
 
-    recipe = args.recipe
-    if recipe is None and (args.dataset == "folder" or _is_image_folder(args.data)):
-        recipe = "finetune"
+    recipe = args.recipe or _auto_recipe(args)
+    if recipe is not None and args.recipe is None:
         _notice(f"--data {args.data} is an image folder: recipe finetune (see train --help)")
     cfg = load_recipe(recipe) if recipe else TrainConfig()
     cfg = cfg.override(args.set or [])
@@ -267,7 +270,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     cfg = _train_config(args)
-    final = train(cfg, resume=args.resume)
+    final = train(cfg, resume=args.resume, recipe=args.recipe or _auto_recipe(args))
     if os.environ.get("RANK", "0") == "0":
         print(_summary(final, cfg.out))
     return 0

@@ -23,6 +23,8 @@ from reslab.engine.config import TrainConfig, save_config
 from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
 from reslab.engine.precision import autocast, resolve_precision
+from reslab.engine.progress import Clock, LossWatch, banner
+from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
 from reslab.models import create_model
 
@@ -110,8 +112,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
-        self.cfg, self.progress = cfg, progress
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+        recipe: str | None = None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.progress, self.recipe = cfg, progress, recipe
         self.out = Path(cfg.out)
         self.device = D.resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         self.dist = D.init_from_env(self.device)
@@ -144,6 +149,7 @@ class Trainer:
             nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
         )  # fmt: skip
         self.state = TrainState()
+        self._log: RunLog | None = None  # main process only, opened by fit()
         if resume and last.exists():
             self._restore(load_checkpoint(last, map_location=self.device))
         self.net: nn.Module = self.model
@@ -243,7 +249,9 @@ class Trainer:
             "train_error": 100.0 * wrong / max(seen, 1),
         }
         for split, loader in self.data.evals.items():
-            r = evaluate(self.model, loader, device=self.device, precision=self.precision,
+            shown = tqdm(loader, desc=f"eval {split}", unit="batch", leave=False,
+                         disable=not (self.progress and self.dist.is_main))  # fmt: skip
+            r = evaluate(self.model, shown, device=self.device, precision=self.precision,
                          num_classes=self.model_options["num_classes"])  # fmt: skip
             row[f"{split}_error"], row[f"{split}_top5"] = r.top1_error, r.top5_error
         row["images_per_s"] = images_per_s
@@ -253,6 +261,8 @@ class Trainer:
         if self.dist.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self._log is not None:
+                self._log.evaluation(row)
         return row
 
     # --- the loop ----------------------------------------------------------------------------
@@ -267,6 +277,9 @@ class Trainer:
             # A resumed run rewrites the log from its checkpoint, dropping rows written after it.
             with open(self.out / "metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in s.history)
+            self._log = RunLog(self.out, resume_step=s.step)
+            if self.progress:
+                print(self._banner(), file=sys.stderr, flush=True)
         self.net.train()
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         loss_acc = torch.zeros((), device=dev, dtype=torch.float64)
@@ -279,6 +292,9 @@ class Trainer:
             dynamic_ncols=True, desc=cfg.model, unit="it",
         )  # fmt: skip
         t0, t_int, n_int = time.perf_counter(), time.perf_counter(), 0
+        # Progress about once a second (one host sync each); on one process only, since under
+        # torch.distributed the sync is a collective that every rank must enter at the same step.
+        clock, watch = Clock(1.0), LossWatch()
         wall0 = s.wall
         lr = cfg.lr
         row: dict[str, Any] = {}
@@ -318,7 +334,8 @@ class Trainer:
                 s.wall = wall0 + time.perf_counter() - t0
                 out_of_time = self._out_of_time()
                 saving = s.step % cfg.save_every == 0
-                if s.step % cfg.log_every == 0 or at_eval or out_of_time or saving:
+                timed = not self.dist.enabled and clock.due()
+                if s.step % cfg.log_every == 0 or at_eval or out_of_time or saving or timed:
                     # The host sync of this interval; sums over all ranks, so every rank holds
                     # (and checkpoints) the same global statistics.
                     acc = torch.stack([loss_acc, wrong_acc.double(), loss_acc.new_tensor(seen_acc)])
@@ -337,6 +354,9 @@ class Trainer:
                         )
                     now = time.perf_counter()
                     ips = n_int / max(now - t_int, 1e-9)
+                    if self.dist.is_main and seen_sum:
+                        self._log_step(watch, bar, loss_sum / seen_sum,
+                                       100 * wrong_sum / seen_sum, lr, ips)  # fmt: skip
                     bar.set_postfix(
                         loss=f"{s.loss_sum / max(s.seen, 1):.3f}",
                         err=f"{100 * s.wrong / max(s.seen, 1):.1f}%", lr=f"{lr:.3g}",
@@ -360,11 +380,39 @@ class Trainer:
                     done = True
                     break
         bar.close()
+        if self._log is not None:
+            self._log.close()
         D.barrier()
         final = row or (s.history[-1] if s.history else {})
         if self.dist.is_main:
             (self.out / "final.json").write_text(json.dumps(final, indent=2))
         return final
+
+    def _log_step(
+        self, watch: LossWatch, bar: tqdm, loss: float, error: float, lr: float, ips: float
+    ) -> None:
+        """steps.jsonl/TensorBoard row of the interval since the last one; loss-jump warning."""
+        s = self.state
+        warn = watch.update(loss, step=s.step, lr=lr)
+        if warn:
+            bar.write(warn, file=sys.stderr)
+        if self._log is not None:
+            self._log.step({
+                "iter": s.step, "epoch": round(s.step * self.cfg.batch_size / self.data.train_size, 3),
+                "loss": loss, "error": error, "lr": lr, "images_per_s": ips, "wall_time": s.wall,
+            })  # fmt: skip
+
+    def _banner(self) -> str:
+        cfg = self.cfg
+        # Eval loaders are ShardedOrder objects: _n is the split's size over all ranks.
+        evals = {k: int(getattr(v, "_n", 0)) for k, v in self.data.evals.items()}
+        resumed = f"resuming at iteration {self.state.step}" if self.state.step else "new run"
+        return banner(
+            cfg, recipe_note=f"recipe {self.recipe or 'defaults (no --recipe)'}, {resumed}",
+            train_size=self.data.train_size, classes=len(self.data.classes), evals=evals,
+            device=self.device, precision=self.precision, world_size=self.dist.world_size,
+            notes=self.data.notes,
+        )  # fmt: skip
 
     def _lr(self, it: int) -> float:
         c = self.cfg
@@ -384,8 +432,10 @@ class Trainer:
         return " | ".join(parts)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, recipe: str | None = None
+) -> dict[str, Any]:
     """Train per `cfg`; returns the final evaluation row (also in RUN_DIR/final.json)."""
-    final = Trainer(cfg, resume=resume, progress=progress).fit()
+    final = Trainer(cfg, resume=resume, progress=progress, recipe=recipe).fit()
     D.shutdown()  # leave the process group (torchrun runs) so that the process exits cleanly
     return final
