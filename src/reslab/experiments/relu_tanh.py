@@ -55,7 +55,7 @@ def plan(ctx: Context) -> Plan:
         for s in range(ctx.seeds)
     ]
     notes = [
-        f"schedule: {sched.describe()}; constant lr {', '.join(map(str, LRS[ctx.budget]))} "
+        f"schedule: {sched.describe(val_split=False)}; constant lr {', '.join(map(str, LRS[ctx.budget]))} "
         "(momentum 0.9), no weight decay, no augmentation, no LRN, no dropout (AlexNet: "
         "'no regularization of any kind').",
         "net: `alexnet_cifar` (conv5x5/64, pool, conv5x5/64, pool, FC 384, FC 10); AlexNet does "
@@ -164,7 +164,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         lines.append(
             f"At {used:.0f}%, tanh needs {ratios[used]:.1f}x the iterations of ReLU "
             f"(AlexNet: 6x at 25% with its own net and tuned lrs). ReLU faster: "
-            f"**{'yes' if ratios[used] > 1 else 'no'}**."
+            f"{recipes.verdict(ratios[used] > 1, ctx.budget)}."
         )
     return "\n".join(lines)
 
