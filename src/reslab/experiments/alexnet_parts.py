@@ -100,7 +100,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
     plot_curves(
         [Run(r.spec.label, r.rows) for r in seed0],
         out=ctx.out / "alexnet_parts.png",
-        title="AlexNet parts on CIFAR-10 (train dashed, test bold)",
+        title="AlexNet parts on CIFAR-10",
     )
     n = results[0].spec.cfg.eval_subset or 10000
     noise = (
