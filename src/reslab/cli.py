@@ -208,6 +208,8 @@ def _is_image_folder(path: str | None) -> bool:
 
 
 def _auto_recipe(args: argparse.Namespace) -> str | None:
+    if args.dataset in ("cifar10", "cifar100"):
+        return None
     return "finetune" if args.dataset == "folder" or _is_image_folder(args.data) else None
 
 
