@@ -67,6 +67,9 @@ def test_finetune_on_a_plain_folder_reaches_low_validation_error(
     assert cfg["model"] == "resnet20"  # named by the weights
     assert cfg["image_size"] == 32 and cfg["resize"] == 37  # from the weights' 32 px
     assert cfg["normalization"] == "per_channel" and cfg["head_lr_mult"] == 10.0
+    # The statistics the weights were trained with, recorded as used (CIFAR-10's, not ImageNet's).
+    assert cfg["_run"]["preprocess"]["mean"] == pytest.approx(CIFAR10_MEAN)
+    assert cfg["_run"]["preprocess"]["std"] == pytest.approx(CIFAR10_STD)
     assert cfg["batch_size"] == 32 <= 72 - 6
     assert cfg["iters"] == round(20 * 66 / 32)  # epochs over the 66 training images
     ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
@@ -158,3 +161,36 @@ def test_loss_watch_warns_once_per_tenfold_jump_and_clock_ticks_on_time() -> Non
     assert not clock.due()
     time.sleep(0.06)
     assert clock.due() and not clock.due()
+
+
+class _IndexData(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.zeros(3, 4, 4, dtype=torch.uint8), i
+
+
+def test_persistent_workers_keep_the_order_resumable() -> None:
+    from reslab.data.loaders import FolderLoader
+    from reslab.data.preprocess import Preprocess
+
+    def make() -> FolderLoader:
+        pre = Preprocess(kind="imagenet", input_size=4, mode="per_channel")
+        return FolderLoader(_IndexData(), batch_size=3, preprocess=pre, train=True, seed=5,
+                            device=torch.device("cpu"), workers=1, channels_last=False)  # fmt: skip
+
+    a = make()
+    whole = [y.tolist() for _ in range(3) for _, y in a]  # 3 epochs of 3 batches
+    b = make()
+    seen = []
+    for _, y in b:  # epoch 0, then stop after the second batch of epoch 1
+        seen.append(y.tolist())
+    it = iter(b)
+    seen += [next(it)[1].tolist(), next(it)[1].tolist()]
+    state = b.state_dict()
+    c = make()
+    c.load_state_dict(state)
+    rest = [y.tolist() for _ in range(2) for _, y in c]
+    assert seen + rest == whole
+    assert whole[0] != whole[3]  # each epoch reshuffled

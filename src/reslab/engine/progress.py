@@ -33,6 +33,18 @@ def banner(
     return "\n".join(lines)
 
 
+def preprocess_record(pre: Any) -> dict[str, Any]:
+    """The normalisation the run applies, for config.yaml (plain YAML values): per-channel
+    mean/std as numbers; a per-pixel mean image is named, not dumped (checkpoints carry it)."""
+    d = pre.to_dict()
+    if d["mode"] == "per_pixel":
+        d["mean"] = f"per-pixel mean image {list(pre.mean.shape)} (stored in the checkpoints)"
+    d["std"] = [round(float(v), 6) for v in d["std"]]
+    if isinstance(d["mean"], list):
+        d["mean"] = [round(float(v), 6) for v in d["mean"]]
+    return d
+
+
 class Clock:
     """True once `every` seconds have passed since the last tick: lets the loop read its loss
     (a host sync) about once a second, however long or short an iteration is."""

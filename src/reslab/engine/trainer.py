@@ -23,7 +23,7 @@ from reslab.engine.config import TrainConfig, save_config
 from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
 from reslab.engine.precision import autocast, resolve_precision
-from reslab.engine.progress import Clock, LossWatch, banner
+from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
 from reslab.models import create_model
@@ -272,7 +272,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml", {
                 **run_info(), "precision": self.precision, "world_size": self.dist.world_size,
-                "device": str(dev),
+                "device": str(dev), "preprocess": preprocess_record(self.data.preprocess),
             })  # fmt: skip
             # A resumed run rewrites the log from its checkpoint, dropping rows written after it.
             with open(self.out / "metrics.jsonl", "w") as f:
