@@ -194,3 +194,16 @@ def test_persistent_workers_keep_the_order_resumable() -> None:
     rest = [y.tolist() for _ in range(2) for _, y in c]
     assert seen + rest == whole
     assert whole[0] != whole[3]  # each epoch reshuffled
+
+
+def test_head_lr_multiplier_finds_each_architectures_classifier(tmp_path: Path) -> None:
+    from reslab.engine.schedules import make_sgd
+    from reslab.engine.trainer import classifier_name
+
+    for name, head in (("resnet20", "fc"), ("alexnet_cifar", "fc4"), ("alexnet", "fc8")):
+        model = create_model(name)
+        assert classifier_name(model) == head
+        opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=0.0, head_lr_mult=10.0,
+                       head=classifier_name(model))  # fmt: skip
+        fast = {id(p) for g in opt.param_groups if g["lr_mult"] == 10.0 for p in g["params"]}
+        assert fast == {id(p) for p in getattr(model, head).parameters()}

@@ -111,6 +111,13 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str
     return model, options
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The top-level name of the last nn.Linear (fc, fc4, fc8): the head that fine-tuning's
+    head_lr_mult applies to, whatever the architecture calls it."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1].split(".")[0] if linears else "fc"
+
+
 class Trainer:
     def __init__(
         self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -146,7 +153,7 @@ class Trainer:
             self.model = D.convert_sync_batchnorm(self.model, self.device)
         self.optimizer = make_sgd(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
+            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult, head=classifier_name(self.model),
         )  # fmt: skip
         self.state = TrainState()
         self._log: RunLog | None = None  # main process only, opened by fit()
