@@ -4,6 +4,7 @@ process, resume across world sizes, a SIGKILLed worker under --max-restarts, dis
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -174,8 +175,9 @@ def test_two_processes_with_sync_bn_equal_one_process_with_double_batch(
     # rank 0's on both ranks, i.e. exactly the checkpointed model.
     _check_eval_matches_one_process(per_dev, cifar_root)
     # Only rank 0 wrote: one row, one final.json, no stray temporary files.
+    tb = ["tb"] if importlib.util.find_spec("tensorboard") else []  # the optional TensorBoard log
     assert sorted(p.name for p in sync_run.iterdir()) == [
-        "config.yaml", "final.json", "last.pt", "metrics.jsonl"
+        "config.yaml", "final.json", "last.pt", "metrics.jsonl", "steps.jsonl", *tb
     ]  # fmt: skip
 
 
