@@ -674,8 +674,9 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--title", default=None)
     p.add_argument(
         "--test-key",
-        default="test_error",
-        help="metrics.jsonl field drawn bold (test_error or val_error)",
+        default=None,
+        help="metrics.jsonl field drawn bold (default: test_error, or val_error for runs "
+        "without a test set)",
     )
     p.set_defaults(func=cmd_plot)
 

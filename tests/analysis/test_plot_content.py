@@ -50,3 +50,12 @@ def test_two_panel_png_is_written(tmp_path: Path) -> None:
                          [Run("ResNet-20", _rows([100, 200], 30.0))], out=tmp_path / "f.png")  # fmt: skip
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > im.height > 200
+
+
+def test_runs_without_a_test_set_are_drawn_against_validation() -> None:
+    ax = Figure().add_subplot()
+    rows = [{"iter": i, "train_error": 9.0, "val_error": 4.0} for i in (50, 62)]
+    draw_curves(ax, [Run("resnet20", rows)])  # a fine-tuning run: val only
+    bold = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-" and len(ln.get_xdata())]
+    assert len(bold) == 1 and list(bold[0].get_ydata()) == [4.0, 4.0]
+    assert ax.get_legend().get_texts()[-1].get_text() == "bold: validation error"

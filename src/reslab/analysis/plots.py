@@ -90,12 +90,16 @@ def _series(rows: list[dict], key: str, scale: float) -> tuple[list[float], list
 
 
 def draw_curves(
-    ax: Axes, runs: Sequence[Run], *, test_key: str = "test_error", title: str | None = None
+    ax: Axes, runs: Sequence[Run], *, test_key: str | None = None, title: str | None = None
 ) -> None:
     """Figure 6 style on one axes: thin dashed training error, bold test error, one colour per
     run; x = iterations in units that suit the longest run, y = error %. A series with a single
     point is drawn as a marker (a line needs two). The legend sits outside the axes, so it never
     covers a curve, and ends with two black entries that say which line style is which."""
+    if test_key is None:
+        # Runs without a test set (fine-tuning on a folder) are drawn against validation.
+        has_test = any(r.get("test_error") is not None for run in runs for r in run.rows)
+        test_key = "test_error" if has_test else "val_error"
     colors = [f"C{i % 10}" for i in range(len(runs))]
     last_iter = max((r.get("iter", 0) for run in runs for r in run.rows), default=0)
     scale, xlabel = x_unit(last_iter)
@@ -105,9 +109,10 @@ def draw_curves(
         if not tx and not vx:
             raise ValueError(f"run {run.label!r} has no train_error or {test_key} values to plot")
         if tx:
-            ax.plot(tx, ty, color=color, linestyle="--", linewidth=0.8,
+            ax.plot(tx, ty, color=color, linestyle="--", linewidth=0.8, clip_on=len(tx) > 1,
                     marker="o" if len(tx) == 1 else None, markersize=4, fillstyle="none")  # fmt: skip
-        ax.plot(vx, vy, color=color, linewidth=2.2, label=run.label,
+        # A lone marker at 0% error would be cut in half by the axis: drawn unclipped.
+        ax.plot(vx, vy, color=color, linewidth=2.2, label=run.label, clip_on=len(vx) > 1,
                 marker="o" if len(vx) == 1 else None, markersize=6)  # fmt: skip
     split = "validation" if test_key.startswith("val") else "test"
     ax.plot([], [], color="black", linestyle="--", linewidth=0.8, label="dashed: training error")
@@ -135,7 +140,7 @@ def plot_curves(
     *,
     out: str | Path,
     title: str | None = None,
-    test_key: str = "test_error",
+    test_key: str | None = None,
 ) -> Path:
     """Several runs on one Figure-6-style panel, written to a PNG."""
     if not runs:
@@ -151,7 +156,7 @@ def plot_two_panel(
     *,
     out: str | Path,
     titles: tuple[str, str] = ("plain networks", "ResNets"),
-    test_key: str = "test_error",
+    test_key: str | None = None,
 ) -> Path:
     """The paper's Figure 6 layout: plain nets left, ResNets right, shared y range."""
     if not plain or not resnets:
