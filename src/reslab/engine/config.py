@@ -59,7 +59,8 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 2000  # iterations between evaluations (and checkpoints)
     save_every: int = 1000  # iterations between checkpoints
-    log_every: int = 50  # iterations between progress-bar updates (one host sync each)
+    log_every: int = 50  # iterations between progress updates (one host sync each); one process
+    # also updates once a second of wall time, whichever comes first
     eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
     out: str = "runs/run"  # RUN_DIR
     seed: int = 0
