@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 from reslab.cli import main
@@ -47,6 +48,11 @@ def test_finetune_folder_from_torchvision_weights_then_predict(
     assert main(argv) == 0, capsys.readouterr().err
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["classes"] == ["airplane", "automobile"]
+    # torchvision weights: ImageNet's per-channel statistics, and config.yaml says so.
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["normalization"] == "per_channel"
+    assert cfg["_run"]["preprocess"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert ckpt["preprocess"]["std"] == pytest.approx([0.229, 0.224, 0.225])
     sd = ckpt["model"]
     assert sd["fc.weight"].shape == (2, 512)  # a new head for the folder's classes
     # Frozen backbone: the convolutions are exactly the file's.

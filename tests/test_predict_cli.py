@@ -116,3 +116,33 @@ def test_export_cli_onnx_carries_metadata(tmp_path: Path, model_file, capsys) ->
     assert main([*bad, "--out", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "r20.safetensors" in err
+
+
+def test_predict_csv_rows_match_json_and_rate_is_reported(
+    tmp_path: Path, model_file, cifar_test_images, capsys
+) -> None:
+    import csv
+
+    path, _ = model_file
+    files = _write_images(tmp_path / "imgs", cifar_test_images[0][:5])
+    (tmp_path / "imgs" / "bad.png").write_text("not a png")
+    out_csv = tmp_path / "preds.csv"
+    argv = ["predict", str(tmp_path / "imgs"), "--weights", str(path), "--topk", "2",
+            "--precision", "fp32", "--json", "--csv", str(out_csv)]  # fmt: skip
+    assert main(argv) == 1  # one unreadable image
+    captured = capsys.readouterr()
+    assert "6 images in " in captured.err and "images/s" in captured.err
+    preds = {Path(r["path"]).name: r for r in json.loads(captured.out)}
+    with out_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["path"]).name for r in rows) == sorted([*preds])
+    assert len(rows) == 6 and {f.name for f in files} < set(preds)
+    for r in rows:
+        p = preds[Path(r["path"]).name]
+        if "error" in p:
+            assert r["error"] == p["error"] and r["class_1"] == ""
+        else:
+            assert (r["class_1"], r["class_2"]) == tuple(t["class"] for t in p["top"])
+            assert float(r["prob_1"]) == pytest.approx(p["top"][0]["prob"], abs=1e-6)
+    assert main([*argv[:-1], str(tmp_path / "no" / "dir.csv")]) == 2
+    assert "--csv" in capsys.readouterr().err

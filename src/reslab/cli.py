@@ -18,27 +18,24 @@ def _fmt_count(x: float) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the model zoo with our parameter and multiply-add counts beside the paper's."""
-    from reslab.analysis.complexity import count_macs, count_params
-    from reslab.models import create_model, list_models, model_info
+    from reslab.analysis.zoo import PAPER_SHORTCUT, zoo_rows
 
-    rows = []
-    for name in list_models(args.family):
-        info = model_info(name)
-        model = create_model(name)
-        params, macs = count_params(model), count_macs(model, info.input_size)
-        opts = {**info.defaults}
-        shortcut = (
-            "-"
-            if info.family == "alexnet"
-            else opts.get("shortcut", "A" if info.family == "cifar" else "B")
-        )
-        if opts.get("residual") is False:
-            shortcut = "none"
+    rows, notes = [], []
+    for r in zoo_rows():
+        if args.family is not None and r["family"] != args.family:
+            continue
+        err = "" if r["paper_error"] is None else f"{r['paper_error']:.2f}"
+        paper_sc = PAPER_SHORTCUT.get(r["name"])
+        if err and paper_sc is not None and paper_sc != r["shortcut"]:
+            err += f" ({paper_sc})"
+            notes.append(f"({paper_sc}): {r['name']}'s paper error is for shortcut option "
+                         f"{paper_sc} (Table 2); ours is built with {r['shortcut']}.")  # fmt: skip
         rows.append([
-            name, info.family, str(info.depth), f"{info.input_size}px", shortcut,
-            _fmt_count(params), "" if info.paper_params is None else _fmt_count(info.paper_params),
-            _fmt_count(macs), "" if info.paper_macs is None else _fmt_count(info.paper_macs),
-            "" if info.paper_error is None else f"{info.paper_error:.2f}",
+            r["name"], r["family"], str(r["depth"]), f"{r['input_size']}px", r["shortcut"],
+            _fmt_count(r["params"]),
+            "" if r["paper_params"] is None else _fmt_count(r["paper_params"]),
+            _fmt_count(r["macs"]), "" if r["paper_macs"] is None else _fmt_count(r["paper_macs"]),
+            err,
         ])  # fmt: skip
     head = ["model", "family", "depth", "input", "shortcut", "params", "paper",
             "mult-adds", "paper", "paper top-1 err %"]  # fmt: skip
@@ -46,6 +43,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for r in [head, ["-" * w for w in widths], *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     print("\nImageNet mult-adds are for the paper's v1 (stride on the bottleneck's first 1x1).")
+    for n in notes:
+        print(n)
     return 0
 
 
@@ -114,6 +113,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k classes per image, using the preprocessing stored with the weights."""
     import json
+    import os
+    import time
 
     import torch
 
@@ -122,6 +123,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from reslab.predict import PredictError, collect_images, predict_files
 
     try:
+        if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
+            raise PredictError(f"--csv {args.csv}: its folder does not exist; create it first")
         paths = collect_images(args.inputs)
         model, info = _load_model_source(args)
         pre = info.preprocess
@@ -136,12 +139,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
             model, device=torch.device(args.device), precision=args.precision,
             backend=args.backend, input_size=int(pre["input_size"]),
         )  # fmt: skip
+        t0 = time.perf_counter()
         preds = predict_files(
             runner, paths, preprocess=pre, classes=info.classes, topk=args.topk,
             batch_size=args.batch_size,
         )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        if args.csv:
+            from reslab.predict import write_csv
+
+            write_csv(preds, args.csv, topk=args.topk)
     except (ValueError, KeyError, FileNotFoundError, PredictError) as e:
         return _fail("predict", e)
+    except OSError as e:  # --csv into a folder that does not exist or is not writable
+        return _fail("predict", f"--csv {args.csv}: {e.strerror}")
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=1))
     else:
@@ -151,6 +162,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             else:
                 print(f"{p.path}: " + ", ".join(f"{c} {v:.1%}" for c, v in p.top))
     bad = sum(p.error is not None for p in preds)
+    # The rate covers reading, decoding and resizing as well as the network: what a user gets.
+    print(f"{len(preds)} images in {seconds:.2f} s ({len(preds) / max(seconds, 1e-9):.1f} "
+          f"images/s, decoding included)" + (f"; wrote {args.csv}" if args.csv else ""),
+          file=sys.stderr)  # fmt: skip
     if bad:
         print(f"{bad} of {len(preds)} images could not be read", file=sys.stderr)
     return 1 if bad else 0
@@ -171,6 +186,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add_model_source(p)
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    p.add_argument("--csv", metavar="FILE", help="also write path, top-k classes and "
+                   "probabilities (or the error) per image to a CSV file")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -182,16 +199,43 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _is_image_folder(path: str | None) -> bool:
+    """A directory of class subfolders (or train/ and val/), not a CIFAR download."""
+    from pathlib import Path
+
+    if not path or not Path(path).is_dir():
+        return False
+    root = Path(path)
+    if any((root / d).is_dir() for d in ("cifar-10-batches-py", "cifar-100-python")):
+        return False
+    return any(p.is_dir() for p in root.iterdir())
+
+
+def _auto_recipe(args: argparse.Namespace) -> str | None:
+    if args.dataset in ("cifar10", "cifar100"):
+        return None
+    return "finetune" if args.dataset == "folder" or _is_image_folder(args.data) else None
+
+
 def _train_config(args: argparse.Namespace):
-    """Recipe, then --set assignments, then the explicit flags (which win)."""
+    """Recipe, then --set assignments, then the explicit flags (which win). Without --recipe an
+    image folder gets the finetune recipe; without --model, --weights name the architecture."""
     import os
 
     from reslab.engine.config import TrainConfig, load_recipe
 
-    cfg = load_recipe(args.recipe) if args.recipe else TrainConfig()
+    recipe = args.recipe or _auto_recipe(args)
+    if recipe is not None and args.recipe is None:
+        _notice(f"--data {args.data} is an image folder: recipe finetune (see train --help)")
+    cfg = load_recipe(recipe) if recipe else TrainConfig()
     cfg = cfg.override(args.set or [])
+    if args.model is None and args.weights is not None:
+        from reslab.models.weights import read_weights
+
+        named = read_weights(args.weights)[1].get("model_name")
+        cfg.model = named or cfg.model
     flags = {
-        "model": args.model, "data": args.data, "dataset": args.dataset, "iters": args.iters,
+        "model": args.model, "data": args.data, "dataset": args.dataset,
         "epochs": args.epochs, "out": args.out, "device": args.device,
         "precision": args.precision, "seed": args.seed, "weights": args.weights,
         "num_classes": args.num_classes, "save_every": args.save_every,
@@ -199,14 +243,26 @@ def _train_config(args: argparse.Namespace):
         "channels_last": args.channels_last, "compile_mode": args.compile_mode,
         "compile": True if (args.compile or args.compile_mode) else None,
         "download": args.download or None, "sync_bn": args.sync_bn or None,
+        "lr": args.lr, "batch_size": args.batch_size, "workers": args.workers,
     }  # fmt: skip
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)
+    if args.iters is not None:
+        from reslab.engine.run_length import scale_milestones
+
+        cfg.epochs = None  # an explicit --iters wins over a recipe's epochs
+        note = scale_milestones(cfg, args.iters)
+        if note and os.environ.get("RANK", "0") == "0":
+            _notice(note)
     if args.data is None and cfg.data == "data" and os.environ.get("RESLAB_DATA"):
         cfg.data = os.environ["RESLAB_DATA"]
     cfg.validate(source="reslab train")
     return cfg
+
+
+def _notice(text: str) -> None:
+    print(f"reslab train: {text}", file=sys.stderr, flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -217,9 +273,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from reslab.engine.trainer import TrainingDiverged, train
     from reslab.errors import UserError
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         cfg = _train_config(args)
-        final = train(cfg, resume=args.resume)
+        final = train(cfg, resume=args.resume, recipe=args.recipe or _auto_recipe(args))
     except (UserError, TrainingDiverged) as e:
         return _fail("train", _one_line(e))
     except OSError as e:  # e.g. permission denied: name the file
@@ -264,14 +324,26 @@ def _relaunch_torchrun(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model with one of the paper's recipes")
-    p.add_argument("--recipe", help="recipe name in configs/ (e.g. cifar10-paper) or a YAML path")
+    p = sub.add_parser(
+        "train", help="train a model with one of the paper's recipes, or fine-tune on a folder",
+        description="Train with a recipe; fine-tune on an image folder with just "
+        "`reslab train --data DIR --weights FILE --out RUN_DIR`.",
+        epilog=_recipes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--recipe", help="a recipe below, or a YAML path (default: finetune for an "
+                   "image folder, else the paper's CIFAR-10 settings)")  # fmt: skip
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--model")
+    p.add_argument("--model", type=_model_name, help="architecture (`reslab models`); default: "
+                   "the one --weights name, else the recipe's")  # fmt: skip
     p.add_argument("--data", help="data directory (default $RESLAB_DATA)")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"])
-    p.add_argument("--iters", type=int)
-    p.add_argument("--epochs", type=float)
+    p.add_argument("--iters", type=_positive, help="iterations; a step schedule's milestones "
+                   "scale with it")  # fmt: skip
+    p.add_argument("--epochs", type=float, help="passes over the training set (sets --iters)")
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--batch-size", type=_positive, help="mini-batch, over all processes")
+    p.add_argument("--workers", type=int, help="image-folder loader processes (default: auto)")
+    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's)")
     p.add_argument("--out", help="run directory (config, metrics.jsonl, checkpoints)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
@@ -296,6 +368,32 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="with --nproc: restart the processes this often after a failure; "
                    "they resume from RUN_DIR/last.pt")  # fmt: skip
     p.set_defaults(func=cmd_train)
+
+
+def _recipes_epilog() -> str:
+    import textwrap
+
+    import yaml
+
+    from reslab.engine.config import CONFIG_DIR, list_recipes
+
+    lines = ["recipes (--recipe NAME):"]
+    for name in list_recipes():
+        desc = (yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}).get("description")
+        text = textwrap.fill(desc or "", width=96, initial_indent="      ",
+                             subsequent_indent="      ")  # fmt: skip
+        lines += [f"  {name}", text]
+    return "\n".join(lines)
+
+
+def _model_name(text: str) -> str:
+    from reslab.models import list_models
+
+    if text not in list_models():
+        raise argparse.ArgumentTypeError(
+            f"unknown model {text!r}; the zoo (`reslab models`): {', '.join(list_models())}"
+        )
+    return text
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -594,8 +692,9 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--title", default=None)
     p.add_argument(
         "--test-key",
-        default="test_error",
-        help="metrics.jsonl field drawn bold (test_error or val_error)",
+        default=None,
+        help="metrics.jsonl field drawn bold (default: test_error, or val_error for runs "
+        "without a test set)",
     )
     p.set_defaults(func=cmd_plot)
 
@@ -625,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deep residual learning (He et al., 2015): models, training, "
         "reproduction of the paper's tables and figures.",
     )
+    from reslab import __version__
+
+    parser.add_argument("--version", action="version", version=f"reslab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         _add_models,

@@ -102,3 +102,26 @@ def predict_files(
             names = [classes[i] if classes and i < len(classes) else str(i) for i in ix]
             pred.top = list(zip(names, vs, strict=True))
     return results
+
+
+def write_csv(preds: Sequence[Prediction], path: str | os.PathLike, *, topk: int) -> Path:
+    """One row per image: path, class_1, prob_1, ... class_k, prob_k, error. Written to a
+    temporary file and renamed, so a killed run never leaves half a table."""
+    import csv
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    head = ["path"] + [f"{c}_{i}" for i in range(1, topk + 1) for c in ("class", "prob")]
+    try:
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([*head, "error"])
+            for p in preds:
+                cells: list[Any] = [p.path]
+                for i in range(topk):
+                    cells += [p.top[i][0], f"{p.top[i][1]:.6f}"] if i < len(p.top) else ["", ""]
+                w.writerow([*cells, p.error or ""])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -4,6 +4,7 @@ process, resume across world sizes, a SIGKILLed worker under --max-restarts, dis
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -175,8 +176,9 @@ def test_two_processes_with_sync_bn_equal_one_process_with_double_batch(
     _check_eval_matches_one_process(per_dev, cifar_root)
     # Only rank 0 wrote: one row, one final.json, no stray temporary files (.reslab.lock is the
     # run directory's writer lock, taken by rank 0).
+    tb = ["tb"] if importlib.util.find_spec("tensorboard") else []  # the optional TensorBoard log
     assert sorted(p.name for p in sync_run.iterdir()) == [
-        ".reslab.lock", "config.yaml", "final.json", "last.pt", "metrics.jsonl"
+        ".reslab.lock", "config.yaml", "final.json", "last.pt", "metrics.jsonl", "steps.jsonl", *tb
     ]  # fmt: skip
 
 

@@ -70,9 +70,13 @@ def test_eval_cli_single_and_ensemble(
                    "--limit", str(LIMIT), "--out", str(out), "--batch-size", "100")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((out / "eval.json").read_text())
-    assert [m["name"] for m in doc["members"]] == ["run2/best", "run3/best"]
-    assert "| ensemble |" in proc.stdout and "| run2/best |" in proc.stdout
-    for png in ("confusion-run2_best.png", "confusion-run3_best.png", "confusion-ensemble.png"):
+    assert [m["name"] for m in doc["members"]] == ["resnet20 (run2/best)", "resnet20 (run3/best)"]
+    assert "| ensemble |" in proc.stdout and "| resnet20 (run2/best) |" in proc.stdout
+    for png in (
+        "confusion-resnet20_run2_best.png",
+        "confusion-resnet20_run3_best.png",
+        "confusion-ensemble.png",
+    ):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
@@ -108,7 +112,7 @@ def test_eval_cli_views_and_bad_files(
     assert code == 0
     doc = json.loads(json_out.read_text())
     assert doc["views"] == "ten-crop" and doc["members"][0]["num_samples"] == 30
-    assert doc["ensemble"] is None and (tmp_path / "o" / "confusion-best.png").is_file()
+    assert doc["ensemble"] is None and (tmp_path / "o" / "confusion-resnet20_best.png").is_file()
 
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(checkpoints[0].read_bytes()[:5000])

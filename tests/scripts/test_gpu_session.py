@@ -36,7 +36,9 @@ def test_pack_then_table6_on_cpu(cifar_root: Path, tmp_path: Path) -> None:
         names = tar.getnames()
     assert any(n.endswith("results/table6-smoke/REPORT.md") for n in names)
     assert any(n.endswith("results/table6-smoke/table6.png") for n in names)
-    assert sum(n.endswith("/metrics.jsonl") for n in names) == 2
+    # Each run's metrics: in its RUN_DIR and as the report's committed copy in records/.
+    assert sum(n.endswith("/metrics.jsonl") and "/records/" not in n for n in names) == 2
+    assert sum(n.endswith("/metrics.jsonl") and "/records/" in n for n in names) == 2
     assert not any(n.endswith(".pt") for n in names)  # checkpoints stay on the machine
     # A part damaged in transfer is refused before anything trains.
     sums = gd / "p3" / "SHA256SUMS"

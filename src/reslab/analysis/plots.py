@@ -74,34 +74,55 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
     return runs
 
 
-def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+def x_unit(max_iter: float) -> tuple[float, str]:
+    """(divisor, axis label) for iterations: the paper's 1e4 for paper-length runs, 1e3 or plain
+    iterations for short ones (a 300-iteration run would otherwise span 0 to 0.03)."""
+    if max_iter >= 20_000:
+        return 1e4, "iterations (1e4, as in the paper)"
+    if max_iter >= 2_000:
+        return 1e3, "iterations (thousands)"
+    return 1.0, "iterations"
+
+
+def _series(rows: list[dict], key: str, scale: float) -> tuple[list[float], list[float]]:
     pts = [(r["iter"], r[key]) for r in rows if r.get(key) is not None and "iter" in r]
-    return [p[0] / 1e4 for p in pts], [float(p[1]) for p in pts]
+    return [p[0] / scale for p in pts], [float(p[1]) for p in pts]
 
 
 def draw_curves(
-    ax: Axes, runs: Sequence[Run], *, test_key: str = "test_error", title: str | None = None
+    ax: Axes, runs: Sequence[Run], *, test_key: str | None = None, title: str | None = None
 ) -> None:
     """Figure 6 style on one axes: thin dashed training error, bold test error, one colour per
-    run; x = iterations in units of 1e4, y = error %."""
+    run; x = iterations in units that suit the longest run, y = error %. A series with a single
+    point is drawn as a marker (a line needs two). The legend sits outside the axes, so it never
+    covers a curve, and ends with two black entries that say which line style is which."""
+    if test_key is None:
+        # Runs without a test set (fine-tuning on a folder) are drawn against validation.
+        has_test = any(r.get("test_error") is not None for run in runs for r in run.rows)
+        test_key = "test_error" if has_test else "val_error"
     colors = [f"C{i % 10}" for i in range(len(runs))]
+    last_iter = max((r.get("iter", 0) for run in runs for r in run.rows), default=0)
+    scale, xlabel = x_unit(last_iter)
     for run, color in zip(runs, colors):
-        tx, ty = _series(run.rows, "train_error")
-        vx, vy = _series(run.rows, test_key)
+        tx, ty = _series(run.rows, "train_error", scale)
+        vx, vy = _series(run.rows, test_key, scale)
         if not tx and not vx:
             raise ValueError(f"run {run.label!r} has no train_error or {test_key} values to plot")
         if tx:
-            ax.plot(tx, ty, color=color, linestyle="--", linewidth=0.8)
-        if vx:
-            ax.plot(vx, vy, color=color, linewidth=2.2, label=run.label)
-        else:
-            ax.plot([], [], color=color, linewidth=2.2, label=run.label)
-    ax.set_xlabel("iter. (1e4)")
+            ax.plot(tx, ty, color=color, linestyle="--", linewidth=0.8, clip_on=len(tx) > 1,
+                    marker="o" if len(tx) == 1 else None, markersize=4, fillstyle="none")  # fmt: skip
+        # A lone marker at 0% error would be cut in half by the axis: drawn unclipped.
+        ax.plot(vx, vy, color=color, linewidth=2.2, label=run.label, clip_on=len(vx) > 1,
+                marker="o" if len(vx) == 1 else None, markersize=6)  # fmt: skip
+    split = "validation" if test_key.startswith("val") else "test"
+    ax.plot([], [], color="black", linestyle="--", linewidth=0.8, label="dashed: training error")
+    ax.plot([], [], color="black", linewidth=2.2, label=f"bold: {split} error")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("error (%)")
     ax.set_ylim(bottom=0)
     ax.set_xlim(left=0)
     ax.grid(True, linewidth=0.3, alpha=0.5)
-    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     if title:
         ax.set_title(title)
 
@@ -119,12 +140,12 @@ def plot_curves(
     *,
     out: str | Path,
     title: str | None = None,
-    test_key: str = "test_error",
+    test_key: str | None = None,
 ) -> Path:
     """Several runs on one Figure-6-style panel, written to a PNG."""
     if not runs:
         raise ValueError("no runs to plot")
-    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     draw_curves(fig.add_subplot(), runs, test_key=test_key, title=title)
     return save_figure(fig, out)
 
@@ -135,12 +156,12 @@ def plot_two_panel(
     *,
     out: str | Path,
     titles: tuple[str, str] = ("plain networks", "ResNets"),
-    test_key: str = "test_error",
+    test_key: str | None = None,
 ) -> Path:
     """The paper's Figure 6 layout: plain nets left, ResNets right, shared y range."""
     if not plain or not resnets:
         raise ValueError("the two-panel figure needs plain runs and ResNet runs")
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(13, 4.2), layout="constrained")
     left, right = fig.subplots(1, 2, sharey=True)
     draw_curves(left, plain, test_key=test_key, title=titles[0])
     draw_curves(right, resnets, test_key=test_key, title=titles[1])

@@ -125,7 +125,7 @@ def plot_responses(
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
         ax.grid(True, linewidth=0.3, alpha=0.5)
-        ax.legend(fontsize=8, frameon=False)
+        ax.legend(fontsize=8, frameon=False, loc="best")  # where it covers the fewest points
     if title:
         fig.suptitle(title)
     return save_figure(fig, out)

@@ -45,8 +45,9 @@ class TrainConfig:
     folder_augment: str = (
         "imagenet"  # folders: imagenet (section 3.4 scale aug) | alexnet (256x256)
     )
-    image_size: int = 224  # folders: crop side (section 3.4)
-    resize: int = 256  # folders: shorter side before the centre crop at test time
+    image_size: int | None = 224  # folders: crop side (section 3.4); None: the weights' own
+    resize: int | None = 256  # folders: test-time shorter side; None: the weights' or size*256/224
+    val_fraction: float = 0.1  # folders without val/: held-out share (stratified, seeded)
     pca_lighting: bool = False  # AlexNet's PCA colour augmentation (section 3.4 uses it)
     stats: str | None = None  # `reslab data stats` file: mean image / mean+std / PCA eigen
     pad: int = 4  # section 4.2: 4 pixels padded on each side, random 32x32 crop
@@ -71,7 +72,8 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 2000  # iterations between evaluations (and checkpoints)
     save_every: int = 1000  # iterations between checkpoints
-    log_every: int = 50  # iterations between progress-bar updates (one host sync each)
+    log_every: int = 50  # iterations between progress updates (one host sync each); one process
+    # also updates once a second of wall time, whichever comes first
     eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
     out: str = "runs/run"  # RUN_DIR
     seed: int = 0
@@ -85,7 +87,7 @@ class TrainConfig:
     # ReLU/add ops, each a kernel of a few microseconds at batch 128); or
     # "max-autotune" / "max-autotune-no-cudagraphs". Only read when compile is on.
     compile_mode: str = "default"
-    workers: int = 4  # DataLoader workers for image folders
+    workers: int | None = None  # DataLoader workers for image folders; None: from cores and size
     sync_bn: bool = False  # distributed: SyncBatchNorm (the paper keeps BN per device)
     time_limit: float | None = None  # seconds of training, then stop with a final evaluation
 

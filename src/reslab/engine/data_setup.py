@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ class RunData:
     classes: list[str]
     preprocess: Preprocess
     train_size: int  # images per training epoch
+    notes: list[str] = field(default_factory=list)  # choices made for the user (start banner)
 
 
 def cifar_preprocess(mode: str, train_images: torch.Tensor) -> Preprocess:
@@ -78,24 +79,33 @@ def build_cifar(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDa
 
 
 def folder_preprocess(cfg: TrainConfig) -> tuple[Preprocess, torch.nn.Module | None]:
-    """Normalisation and PCA lighting for image folders, from a `reslab data stats` file if given.
+    """Normalisation and PCA lighting for image folders: from a `reslab data stats` file if given,
+    else as the initial weights' network was trained (fine-tuning), else ImageNet's statistics.
 
     NOTE(paper): without a stats file the ImageNet per-channel mean/std stand in for the paper's
     per-pixel mean (for random crops of varying position the two are nearly the same offset).
     """
     from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
     from reslab.data.transforms import PCALighting
+    from reslab.engine.folder_defaults import weights_normalization, weights_preprocess
 
     geometry = dict(kind="imagenet", input_size=cfg.image_size, resize=cfg.resize)
+    wpre = None if cfg.stats else weights_preprocess(cfg.weights)
     if cfg.stats:
         from reslab.data.stats import load_stats
 
         stats = load_stats(cfg.stats)
         pre = stats.preprocess(mode=cfg.normalization, **geometry)
         lighting = stats.lighting() if cfg.pca_lighting else None
+    elif wpre is not None and wpre.get("mean") is not None:
+        mode, mean, std = weights_normalization(wpre, image_size=int(cfg.image_size or 0))
+        pre = Preprocess(**geometry, mode=mode, mean=mean, std=std)
+        lighting = PCALighting.imagenet() if cfg.pca_lighting else None
     else:
         pre = Preprocess(**geometry, mode="per_channel", mean=IMAGENET_MEAN, std=IMAGENET_STD)
         lighting = PCALighting.imagenet() if cfg.pca_lighting else None
+    # config.yaml records what the run really does, not the recipe's default.
+    cfg.normalization = pre.mode
     return pre, lighting
 
 
@@ -111,10 +121,17 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
         center_crop_transform,
         imagenet_train_transform,
     )
+    from reslab.engine.folder_defaults import (
+        choose_workers,
+        fit_batch,
+        resolve_geometry,
+        weights_preprocess,
+    )
 
     root = Path(cfg.data)
     train_dir = root / "train" if (root / "train").is_dir() else root
     val_dir = root / "val" if (root / "val").is_dir() else None
+    notes = resolve_geometry(cfg, weights_preprocess(cfg.weights))
     if cfg.folder_augment == "imagenet":
         # Section 3.4: shorter side in [256, 480] for 224 crops; scaled with `resize` elsewhere.
         scale = (cfg.resize, round(cfg.resize * 480 / 256))
@@ -123,9 +140,9 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
         train_tf = alexnet_train_transform(resize=cfg.resize, crop_size=cfg.image_size)
     else:
         raise ValueError(f"folder_augment must be imagenet or alexnet, got {cfg.folder_augment!r}")
-    workers = min(cfg.workers, os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
     train_ds = ImageFolder(train_dir, transform=train_tf, min_size=cfg.image_size,
-                           num_workers=workers)  # fmt: skip
+                           num_workers=min(cfg.workers or cores, cores))  # fmt: skip
     classes = list(train_ds.classes)
     with_images = [c for c, n in zip(classes, train_ds.report.per_class(), strict=True) if n]
     if len(with_images) < 2:
@@ -138,8 +155,29 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
             "subfolder of images per class)"
         )
     pre, lighting = folder_preprocess(cfg)
+    eval_tf = center_crop_transform(resize=cfg.resize, crop_size=cfg.image_size)
+    held_out = None
+    if val_dir is None and cfg.val_fraction > 0 and "val" in cfg.eval_splits:
+        import copy
+
+        from reslab.data.split import stratified_split
+
+        # Not the paper's (ImageNet has its own val set): a folder without val/ gives up a seeded,
+        # stratified share of its images so that the run has a validation error and a best.pt.
+        train_idx, val_idx = stratified_split(train_ds.targets, fraction=cfg.val_fraction,
+                                              seed=cfg.seed)  # fmt: skip
+        held_out = copy.copy(train_ds)  # same files and skip marks, test-time transform
+        held_out.transform = eval_tf
+        held_out = torch.utils.data.Subset(held_out, val_idx)
+        notes.append(f"validation: {len(val_idx)} of {len(train_ds)} images held out "
+                     f"(val_fraction {cfg.val_fraction}, stratified, seed {cfg.seed})")  # fmt: skip
+        train_ds = torch.utils.data.Subset(train_ds, train_idx)
     if cfg.train_subset:
         train_ds = torch.utils.data.Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))
+    workers = choose_workers(cfg.workers, images=len(train_ds), cores=cores)
+    cfg.batch_size, note = fit_batch(cfg.batch_size, images=len(train_ds),
+                                     world_size=dist.world_size)  # fmt: skip
+    notes += [note] if note else []
     common = dict(
         preprocess=pre,
         device=device,
@@ -152,14 +190,16 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
     train = FolderLoader(train_ds, batch_size=cfg.batch_size, train=True, lighting=lighting,
                          **common)  # fmt: skip
     evals: dict[str, Iterable] = {}
-    if val_dir is not None and "val" in cfg.eval_splits:
-        tf = center_crop_transform(resize=cfg.resize, crop_size=cfg.image_size)
-        val_ds = ImageFolder(val_dir, transform=tf, classes=classes, num_workers=workers)
+    if (val_dir is not None or held_out is not None) and "val" in cfg.eval_splits:
+        val_ds = held_out
+        if val_dir is not None:
+            val_ds = ImageFolder(val_dir, transform=eval_tf, classes=classes,
+                                 num_workers=min(cfg.workers or cores, cores))  # fmt: skip
         if cfg.eval_subset:
             val_ds = torch.utils.data.Subset(val_ds, range(min(cfg.eval_subset, len(val_ds))))
         evals["val"] = FolderLoader(val_ds, batch_size=max(cfg.batch_size, dist.world_size),
                                     train=False, **common)  # fmt: skip
-    return RunData(train, evals, classes, pre, len(train_ds))
+    return RunData(train, evals, classes, pre, len(train_ds), notes)
 
 
 def build_data(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunData:

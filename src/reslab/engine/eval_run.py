@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,13 +88,13 @@ def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> Lo
     )
 
 
-def member_labels(paths: Sequence[str | Path]) -> list[str]:
-    """Short distinct labels: the file stem, or parent/stem when stems repeat (run_a/best.pt,
-    run_b/best.pt), with a counter as the last resort."""
+def member_labels(paths: Sequence[str | Path], archs: Sequence[str]) -> list[str]:
+    """Labels by architecture, with the file to tell members apart: "resnet56 (best)", or
+    "resnet20 (run_a/best)" when stems repeat, with a counter as the last resort."""
     paths = [Path(p) for p in paths]
-    labels = [p.stem for p in paths]
+    labels = [f"{a} ({p.stem})" for a, p in zip(archs, paths, strict=True)]
     if len(set(labels)) < len(labels):
-        labels = [f"{p.parent.name}/{p.stem}" for p in paths]
+        labels = [f"{a} ({p.parent.name}/{p.stem})" for a, p in zip(archs, paths, strict=True)]
     if len(set(labels)) < len(labels):
         labels = [f"{i}:{label}" for i, label in enumerate(labels, 1)]
     return labels
@@ -113,7 +114,7 @@ def load_weights_model(
             "checkpoint with a preprocess entry"
         )
     return LoadedModel(
-        name=Path(path).stem,
+        name=f"{info.model_name} ({Path(path).stem})",
         model_name=str(info.model_name),
         model=model.to(device),
         preprocess=Preprocess.from_dict(info.preprocess),
@@ -218,7 +219,7 @@ def run_eval(
         raise ValueError("give either --checkpoint FILE [FILE ...] or --model NAME --weights FILE")
     if checkpoints:
         members = [load_checkpoint_model(p, device=dev) for p in checkpoints]
-        for m, label in zip(members, member_labels(checkpoints)):
+        for m, label in zip(members, member_labels(checkpoints, [m.model_name for m in members])):
             m.name = label
     else:
         members = [load_weights_model(weights, model_name=model_name, device=dev)]
@@ -305,7 +306,8 @@ def write_outputs(
     written = []
     finals = list(result.members) + ([result.ensemble] if len(result.members) > 1 else [])
     for r in finals:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in r.name)
+        # "resnet20 (run2/best)" -> confusion-resnet20_run2_best.png
+        safe = re.sub(r"[^A-Za-z0-9.-]+", "_", r.name).strip("_")
         png = out_dir / f"confusion-{safe}.png"
         plot_confusion(
             r.confusion,

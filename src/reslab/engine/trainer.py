@@ -34,6 +34,8 @@ from reslab.engine.config import TrainConfig
 from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
 from reslab.engine.precision import autocast, resolve_precision
+from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
+from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
 from reslab.models import create_model
 
@@ -121,9 +123,19 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str
     return model, options
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The top-level name of the last nn.Linear (fc, fc4, fc8): the head that fine-tuning's
+    head_lr_mult applies to, whatever the architecture calls it."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1].split(".")[0] if linears else "fc"
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
-        self.cfg, self.progress = cfg, progress
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+        recipe: str | None = None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.progress, self.recipe = cfg, progress, recipe
         self.out = Path(cfg.out)
         self.device = D.resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         self.dist = D.init_from_env(self.device)
@@ -149,7 +161,11 @@ class Trainer:
                 f"{cfg.batch_size} (batch_size); lower --set batch_size=N or add images"
             )
         if cfg.epochs is not None:
-            cfg.iters = max(1, round(cfg.epochs * self.data.train_size / cfg.batch_size))
+            from reslab.engine.run_length import scale_milestones
+
+            note = scale_milestones(cfg, max(1, round(cfg.epochs * self.data.train_size
+                                                      / cfg.batch_size)))  # fmt: skip
+            self.data.notes += [note] if note else []
         num_classes = cfg.num_classes or len(self.data.classes)
         self.model, self.model_options = build_model(cfg, num_classes)
         self.model = self.model.to(self.device)
@@ -160,9 +176,10 @@ class Trainer:
             self.model = D.convert_sync_batchnorm(self.model, self.device)
         self.optimizer = make_sgd(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
+            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult, head=classifier_name(self.model),
         )  # fmt: skip
         self.state = TrainState()
+        self._log: RunLog | None = None  # main process only, opened by fit()
         if ckpt is not None:
             self._restore(ckpt)
             del ckpt
@@ -295,7 +312,9 @@ class Trainer:
             "train_error": 100.0 * wrong / max(seen, 1),
         }
         for split, loader in self.data.evals.items():
-            r = evaluate(self.model, loader, device=self.device, precision=self.precision,
+            shown = tqdm(loader, desc=f"eval {split}", unit="batch", leave=False,
+                         disable=not (self.progress and self.dist.is_main))  # fmt: skip
+            r = evaluate(self.model, shown, device=self.device, precision=self.precision,
                          num_classes=self.model_options["num_classes"])  # fmt: skip
             row[f"{split}_error"], row[f"{split}_top5"] = r.top1_error, r.top5_error
         row["images_per_s"] = images_per_s
@@ -305,6 +324,8 @@ class Trainer:
         if self.dist.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self._log is not None:
+                self._log.evaluation(row)
         return row
 
     # --- the loop ----------------------------------------------------------------------------
@@ -314,11 +335,14 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             rundir.write_run_config(self.out / "config.yaml", cfg.to_dict(), {
                 **run_info(), "precision": self.precision, "world_size": self.dist.world_size,
-                "device": str(dev),
+                "device": str(dev), "preprocess": preprocess_record(self.data.preprocess),
             })  # fmt: skip
             # A resumed run rewrites the log from its checkpoint, dropping rows written after it.
             write_text_atomic(self.out / "metrics.jsonl",
                               "".join(json.dumps(row) + "\n" for row in s.history))  # fmt: skip
+            self._log = RunLog(self.out, resume_step=s.step)
+            if self.progress:
+                print(self._banner(), file=sys.stderr, flush=True)
         self.net.train()
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         loss_acc = torch.zeros((), device=dev, dtype=torch.float64)
@@ -331,6 +355,9 @@ class Trainer:
             dynamic_ncols=True, desc=cfg.model, unit="it",
         )  # fmt: skip
         t0, t_int, n_int = time.perf_counter(), time.perf_counter(), 0
+        # Progress about once a second (one host sync each); on one process only, since under
+        # torch.distributed the sync is a collective that every rank must enter at the same step.
+        clock, watch = Clock(1.0), LossWatch()
         wall0 = s.wall
         lr = cfg.lr
         row: dict[str, Any] = {}
@@ -370,7 +397,8 @@ class Trainer:
                 s.wall = wall0 + time.perf_counter() - t0
                 out_of_time = self._out_of_time()
                 saving = s.step % cfg.save_every == 0
-                if s.step % cfg.log_every == 0 or at_eval or out_of_time or saving:
+                timed = not self.dist.enabled and clock.due()
+                if s.step % cfg.log_every == 0 or at_eval or out_of_time or saving or timed:
                     # The host sync of this interval; sums over all ranks, so every rank holds
                     # (and checkpoints) the same global statistics.
                     acc = torch.stack([loss_acc, wrong_acc.double(), loss_acc.new_tensor(seen_acc)])
@@ -386,6 +414,9 @@ class Trainer:
                                              f"(lr {lr:g})")  # fmt: skip
                     now = time.perf_counter()
                     ips = n_int / max(now - t_int, 1e-9)
+                    if self.dist.is_main and seen_sum:
+                        self._log_step(watch, bar, loss_sum / seen_sum,
+                                       100 * wrong_sum / seen_sum, lr, ips)  # fmt: skip
                     bar.set_postfix(
                         loss=f"{s.loss_sum / max(s.seen, 1):.3f}",
                         err=f"{100 * s.wrong / max(s.seen, 1):.1f}%", lr=f"{lr:.3g}",
@@ -411,11 +442,39 @@ class Trainer:
                     done = True
                     break
         bar.close()
+        if self._log is not None:
+            self._log.close()
         D.barrier()
         final = row or (s.history[-1] if s.history else {})
         if self.dist.is_main:
             write_text_atomic(self.out / "final.json", json.dumps(final, indent=2))
         return final
+
+    def _log_step(
+        self, watch: LossWatch, bar: tqdm, loss: float, error: float, lr: float, ips: float
+    ) -> None:
+        """steps.jsonl/TensorBoard row of the interval since the last one; loss-jump warning."""
+        s = self.state
+        warn = watch.update(loss, step=s.step, lr=lr)
+        if warn:
+            bar.write(warn, file=sys.stderr)
+        if self._log is not None:
+            self._log.step({
+                "iter": s.step, "epoch": round(s.step * self.cfg.batch_size / self.data.train_size, 3),
+                "loss": loss, "error": error, "lr": lr, "images_per_s": ips, "wall_time": s.wall,
+            })  # fmt: skip
+
+    def _banner(self) -> str:
+        cfg = self.cfg
+        # Eval loaders are ShardedOrder objects: _n is the split's size over all ranks.
+        evals = {k: int(getattr(v, "_n", 0)) for k, v in self.data.evals.items()}
+        resumed = f"resuming at iteration {self.state.step}" if self.state.step else "new run"
+        return banner(
+            cfg, recipe_note=f"recipe {self.recipe or 'defaults (no --recipe)'}, {resumed}",
+            train_size=self.data.train_size, classes=len(self.data.classes), evals=evals,
+            device=self.device, precision=self.precision, world_size=self.dist.world_size,
+            notes=self.data.notes,
+        )  # fmt: skip
 
     def _lr(self, it: int) -> float:
         c = self.cfg
@@ -435,10 +494,12 @@ class Trainer:
         return " | ".join(parts)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, recipe: str | None = None
+) -> dict[str, Any]:
     """Train per `cfg`; returns the final evaluation row (also in RUN_DIR/final.json)."""
     try:
-        final = Trainer(cfg, resume=resume, progress=progress).fit()
+        final = Trainer(cfg, resume=resume, progress=progress, recipe=recipe).fit()
     finally:
         rundir.release_lock(Path(cfg.out))
     D.shutdown()  # leave the process group (torchrun runs) so that the process exits cleanly

@@ -59,7 +59,7 @@ def plan(ctx: Context) -> Plan:
             )
             specs.append(RunSpec(f"alexnet-{name}-s{s}", name, cfg, {"variant": name, "seed": s}))
     notes = [
-        f"schedule: {sched.describe()}; lr 0.01, momentum 0.9, weight decay 5e-4 (AlexNet's); "
+        f"schedule: {sched.describe(val_split=False)}; lr 0.01, momentum 0.9, weight decay 5e-4 (AlexNet's); "
         "all 50k training images; pad-4 crop + flip (the CIFAR form of AlexNet's crops and "
         "reflections); per-pixel mean subtracted.",
         "net: `alexnet_cifar` (conv5x5/64, pool, LRN, conv5x5/64, LRN, pool, FC 384 + dropout, "
@@ -92,7 +92,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
                 fmt_mean_std(test[v]),
                 fmt_mean_std(train[v]),
                 "" if delta is None else f"{delta:+.2f}",
-                "" if delta is None else ("**yes**" if delta > 0 else "**no**"),
+                "" if delta is None else recipes.verdict(delta > 0, ctx.budget),
                 claim,
             ]
         )
@@ -100,7 +100,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
     plot_curves(
         [Run(r.spec.label, r.rows) for r in seed0],
         out=ctx.out / "alexnet_parts.png",
-        title="AlexNet parts on CIFAR-10 (train dashed, test bold)",
+        title="AlexNet parts on CIFAR-10",
     )
     n = results[0].spec.cfg.eval_subset or 10000
     noise = (

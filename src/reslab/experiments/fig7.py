@@ -81,7 +81,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
                 [
                     f"ResNet-{d} responds less than plain-{d}",
                     f"{mean[q]:.3f} vs {mean[p]:.3f}",
-                    _yes(mean[q] < mean[p]),
+                    recipes.verdict(mean[q] < mean[p], ctx.budget),
                 ]
             )
     res = sorted(
@@ -92,7 +92,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
             [
                 f"ResNet-{d1} responds less than ResNet-{d0}",
                 f"{mean[b]:.3f} vs {mean[a]:.3f}",
-                _yes(mean[b] < mean[a]),
+                recipes.verdict(mean[b] < mean[a], ctx.budget),
             ]
         )
     lines = [
@@ -118,7 +118,3 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
             "so the differences can be smaller than the paper's or reversed.",
         ]
     return "\n".join(lines)
-
-
-def _yes(flag: bool) -> str:
-    return "**yes**" if flag else "**no**"

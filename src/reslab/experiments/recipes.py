@@ -24,13 +24,18 @@ class Schedule:
     eval_splits: tuple[str, ...] = ("val", "test")
     warmup_iters: int = 0  # linear lr ramp from ~0 (not the paper's; see RESNET["cpu"])
 
-    def describe(self) -> str:
+    def describe(self, *, val_split: bool = True) -> str:
+        """One line for a report. val_split: the runs train on the 45k split (section 4.2's
+        recipe, 5k held out), else on all 50k training images (AlexNet's parts)."""
         lr = (
             ("lr /10 at " + "/".join(f"{m:,}" for m in self.milestones))
             if self.milestones
             else ("constant lr")
         )
-        train = f"first {self.train_subset:,}" if self.train_subset else "all"
+        pool = "45k training images (the 45k/5k split)" if val_split else "50k training images"
+        train = (
+            f"the first {self.train_subset:,} of the {pool}" if self.train_subset else f"all {pool}"
+        )
         sub = f"first {self.eval_subset:,} images" if self.eval_subset else "all images"
         evals = (
             f"evaluation every {self.eval_every:,} iterations on {', '.join(self.eval_splits)} "
@@ -40,10 +45,7 @@ class Schedule:
         )
         if self.warmup_iters:
             lr = f"lr ramped linearly from 0 over the first {self.warmup_iters:,} iterations, {lr}"
-        return (
-            f"{self.iters:,} iterations of batch {self.batch_size}, {lr}; {train} training "
-            f"images; {evals}"
-        )
+        return f"{self.iters:,} iterations of batch {self.batch_size}, {lr}; {train}; {evals}"
 
 
 # Section 4.2: 64k iterations, /10 at 32k and 48k, 45k/5k split. table6, fig6 and fig7 share
@@ -140,6 +142,16 @@ def alexnet_cifar_cfg(
         schedule="step",
         **schedule_fields(sched, seed),
     )
+
+
+def verdict(flag: bool | None, budget: str) -> str:
+    """A report's answer to "does the paper's claim hold here?". A smoke run (a dozen
+    iterations) cannot support either answer, so it gets none."""
+    if flag is None:
+        return "n/a"
+    if budget == "smoke":
+        return "not judged (smoke budget: too few iterations)"
+    return "**yes**" if flag else "**no**"
 
 
 def smoke_note(budget: str, what: str) -> list[str]:

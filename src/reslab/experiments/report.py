@@ -58,15 +58,40 @@ def _stopped_early(r: RunResult) -> str:
     return f"; STOPPED at {int(it):,} of {r.spec.cfg.iters:,} iterations (time limit)"
 
 
+RECORDS = ("config.yaml", "metrics.jsonl", "final.json")  # small enough to commit; no checkpoints
+
+
+def copy_records(run_dir: Path, dest: Path) -> bool:
+    """Copy a run's small records beside the report (each file written to a temporary name and
+    renamed), so that its links point at files that travel with the report. True if the run's
+    config.yaml was there to copy."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORDS:
+        src = run_dir / name
+        if src.is_file():
+            tmp = dest / f".{name}.tmp{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest / name)
+    return (dest / "config.yaml").is_file()
+
+
 def runs_table(ctx: Context, results: Sequence[RunResult]) -> str:
     rows = []
     for r in results:
         c = r.spec.cfg
+        records = ctx.out / "records" / r.spec.name
+        name = (
+            f"[{r.spec.name}]({rel(records, ctx)}/config.yaml)"
+            if copy_records(r.run_dir, records)
+            else r.spec.name
+        )
         opts = ", ".join(f"{k}={v}" for k, v in c.model_options.items()) or "-"
         ips = mean_images_per_s(r)
         rows.append(
             [
-                f"[{r.spec.name}]({rel(r.run_dir, ctx)}/config.yaml)",
+                name,
                 c.model,
                 opts,
                 c.seed,
@@ -150,8 +175,9 @@ def write_report(
         f"```bash\n{ctx.command}\n```",
         "",
         f"- {len(results)} training runs, seeds {seeds}; each run is a normal `reslab train` "
-        f"run whose RUN_DIR (config.yaml, metrics.jsonl, checkpoints) is under "
-        f"[`{rel(ctx.runs_root, ctx)}/`]({rel(ctx.runs_root, ctx)}).",
+        f"run whose RUN_DIR (with its checkpoints) was `{ctx.runs_root}`/NAME; its small "
+        "records (config.yaml, metrics.jsonl, final.json) are copied beside this report in "
+        "[`records/`](records), which the Runs table links to.",
     ]
     if first is not None:
         lines.append(f"- data: CIFAR-10 from `{first.data}`; device `{ctx.device}`.")

@@ -74,7 +74,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
                 [
                     f"ResNet-{d}",
                     " / ".join(f"{m[o]:.2f}" for o in OPTIONS),
-                    "**yes**" if holds else "**no**",
+                    recipes.verdict(holds, ctx.budget),
                 ]
             )
     seed0 = [r for r in results if r.spec.tags["seed"] == 0 and r.rows]

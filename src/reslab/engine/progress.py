@@ -1,0 +1,89 @@
+"""What a person watching a run sees: the start-up banner, a progress bar refreshed on time, and
+a warning when the loss jumps before it turns into NaN."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+
+def banner(
+    cfg: Any, *, recipe_note: str, train_size: int, classes: int, evals: dict[str, int],
+    device: torch.device, precision: str, world_size: int, notes: list[str],
+) -> str:  # fmt: skip
+    """A few lines that say what is about to run, before the first (slow) iteration."""
+    epochs = cfg.iters * cfg.batch_size / max(train_size, 1)
+    val = ", ".join(f"{k} {n:,}" for k, n in evals.items()) or "none"
+    lines = [
+        f"reslab train: {cfg.model} on {cfg.dataset} ({cfg.data}), {recipe_note}",
+        f"  data       {train_size:,} training images, {classes} classes; evaluated: {val}",
+        f"  schedule   {cfg.iters:,} iterations = {epochs:.1f} epochs at batch {cfg.batch_size}, "
+        f"lr {cfg.lr:g} ({cfg.schedule}"
+        + (f", /10 at {cfg.milestones}" if cfg.schedule == "step" else "")
+        + (f", head x{cfg.head_lr_mult:g}" if cfg.head_lr_mult != 1 else "")
+        + ")",
+        f"  device     {device}, {precision}, {torch.get_num_threads()} CPU threads"
+        + (f", {world_size} processes" if world_size > 1 else ""),
+        f"  output     {cfg.out}",
+    ]
+    lines += [f"  note       {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def preprocess_record(pre: Any) -> dict[str, Any]:
+    """The normalisation the run applies, for config.yaml (plain YAML values): per-channel
+    mean/std as numbers; a per-pixel mean image is named, not dumped (checkpoints carry it)."""
+    d = pre.to_dict()
+    if d["mode"] == "per_pixel":
+        d["mean"] = f"per-pixel mean image {list(pre.mean.shape)} (stored in the checkpoints)"
+    d["std"] = [round(float(v), 6) for v in d["std"]]
+    if isinstance(d["mean"], list):
+        d["mean"] = [round(float(v), 6) for v in d["mean"]]
+    return d
+
+
+class Clock:
+    """True once `every` seconds have passed since the last tick: lets the loop read its loss
+    (a host sync) about once a second, however long or short an iteration is."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every, self.last = every, time.perf_counter()
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            return True
+        return False
+
+
+class LossWatch:
+    """Warns when an interval's mean loss exceeds `factor` x the running mean of the previous
+    intervals: a run that is blowing up, usually some intervals before the loss is NaN."""
+
+    def __init__(self, factor: float = 10.0, warmup: int = 3, decay: float = 0.9) -> None:
+        self.factor, self.warmup, self.decay = factor, warmup, decay
+        self.mean: float | None = None
+        self.count = 0
+        self.warned = 0.0  # the loss of the last warning
+
+    def update(self, loss: float, *, step: int, lr: float) -> str | None:
+        if not math.isfinite(loss):
+            return None  # the NaN check reports that itself
+        warn = None
+        jumped = self.mean is not None and self.count >= self.warmup
+        jumped = jumped and loss > self.factor * max(self.mean, self.warned)
+        if jumped:
+            # Once warned, again only after a further `factor`x rise: one line per decade.
+            self.warned = loss
+            warn = (
+                f"warning: loss {loss:.3g} at iteration {step} is {loss / self.mean:.0f}x its "
+                f"running mean {self.mean:.3g} (lr {lr:g}); the run may diverge. If it does, "
+                "lower --lr or add a warm-up (--set warmup_iters=...)."
+            )
+        self.mean = loss if self.mean is None else self.decay * self.mean + (1 - self.decay) * loss
+        self.count += 1
+        return warn

@@ -1,0 +1,44 @@
+"""train's everyday flags, recipe listing and zoo check; milestones that follow the run length."""
+
+from __future__ import annotations
+
+import pytest
+
+from reslab.cli import _train_config, build_parser, main
+
+
+def _cfg(argv: list[str]):
+    args = build_parser().parse_args(["train", *argv])
+    return _train_config(args)
+
+
+def test_flags_set_the_config_and_iters_scale_paper_milestones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = _cfg(["--recipe", "cifar10-paper", "--iters", "1000", "--lr", "0.05",
+                "--batch-size", "64", "--workers", "3"])  # fmt: skip
+    assert (cfg.lr, cfg.batch_size, cfg.workers, cfg.iters) == (0.05, 64, 3, 1000)
+    # 32k and 48k of 64k iterations: the lr still drops at 1/2 and 3/4 of the run.
+    assert cfg.milestones == [500, 750]
+    assert "milestones scaled" in capsys.readouterr().err
+    assert _cfg(["--recipe", "cifar10-paper"]).milestones == [32000, 48000]
+    # A recipe in epochs gives way to an explicit --iters.
+    ft = _cfg(["--recipe", "finetune", "--iters", "7"])
+    assert (ft.iters, ft.epochs) == (7, None)
+
+
+def test_train_help_lists_recipes_and_unknown_model_lists_zoo(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name in ("finetune", "cifar10-paper", "imagenet-paper", "--lr", "--batch-size",
+                 "--threads", "--workers"):  # fmt: skip
+        assert name in out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", "resnet19"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'resnet19'" in err and "resnet20, resnet32" in err
+    assert "Traceback" not in err
