@@ -224,10 +224,11 @@ def _train_config(args: argparse.Namespace):
 
     from reslab.engine.config import TrainConfig, load_recipe
 
-    recipe = args.recipe or _auto_recipe(args)
+    stored = _stored_config(args) if args.resume and args.recipe is None else None
+    recipe = None if stored is not None else args.recipe or _auto_recipe(args)
     if recipe is not None and args.recipe is None:
         _notice(f"--data {args.data} is an image folder: recipe finetune (see train --help)")
-    cfg = load_recipe(recipe) if recipe else TrainConfig()
+    cfg = stored or (load_recipe(recipe) if recipe else TrainConfig())
     cfg = cfg.override(args.set or [])
     if args.model is None and args.weights is not None:
         from reslab.models.weights import read_weights
@@ -248,7 +249,9 @@ def _train_config(args: argparse.Namespace):
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)
-    if args.iters is not None:
+    if args.iters is not None and stored is not None:
+        cfg.epochs, cfg.iters = None, args.iters  # a resumed run keeps its own milestones
+    elif args.iters is not None:
         from reslab.engine.run_length import scale_milestones
 
         cfg.epochs = None  # an explicit --iters wins over a recipe's epochs
@@ -259,6 +262,32 @@ def _train_config(args: argparse.Namespace):
         cfg.data = os.environ["RESLAB_DATA"]
     cfg.validate(source="reslab train")
     return cfg
+
+
+def _stored_config(args: argparse.Namespace):
+    """`--resume` without --recipe continues the run as it was configured: RUN_DIR/config.yaml
+    (plain YAML, read safely) is the base that --set and the flags change; the trainer then
+    refuses any change other than the run's length and where it runs."""
+    from pathlib import Path
+
+    import yaml
+
+    from reslab.engine.config import TrainConfig
+
+    path = Path(args.out or "runs/run") / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        from reslab.engine.config import ConfigError
+
+        raise ConfigError(f"{path}: cannot be read ({e}); resume with --recipe NAME") from None
+    if not isinstance(doc, dict):
+        return None
+    return TrainConfig.from_dict(
+        {k: v for k, v in doc.items() if not k.startswith("_")}, source=str(path)
+    )
 
 
 def _notice(text: str) -> None:
@@ -279,7 +308,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         cfg = _train_config(args)
-        final = train(cfg, resume=args.resume, recipe=args.recipe or _auto_recipe(args))
+        recipe = args.recipe or ("the run's config.yaml" if args.resume else _auto_recipe(args))
+        final = train(cfg, resume=args.resume, recipe=recipe)
     except (UserError, TrainingDiverged) as e:
         return _fail("train", _one_line(e))
     except OSError as e:  # e.g. permission denied: name the file

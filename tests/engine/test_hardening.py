@@ -32,7 +32,10 @@ def train_args(root: Path, out: Path, *extra: str) -> list[str]:
 
 def fails_cleanly(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:
     """Run the CLI in-process; expect exit 2 and exactly one error line holding `needles`."""
-    rc = main(argv)
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own refusal of a flag's value: exit 2, usage + one line
+        rc = e.code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if "error:" in ln]
@@ -92,7 +95,7 @@ def cifar_copy(root: Path, dst: Path, *, drop: str | None = None) -> Path:
     ("extra", "needle"),
     [
         (["--set", "batch_size=0"], "batch_size must be a whole number >= 1, got 0"),
-        (["--iters", "-5"], "iters must be a whole number >= 1, got -5"),
+        (["--iters", "-5"], "--iters: must be a whole number >= 1, got '-5'"),
         (["--set", "eval_every=ten"], "eval_every expects a whole number, got 'ten'"),
         (["--set", "no_such_field=1"], "unknown config field 'no_such_field'"),
         (["--set", "lr=fast"], "lr expects a number"),

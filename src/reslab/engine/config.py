@@ -119,6 +119,8 @@ class TrainConfig:
                 raise ConfigError(f"{source}: {name} must be a whole number >= 1, got {v!r}")
         for name in ("pad", "workers", "warmup_iters"):
             v = getattr(self, name)
+            if name == "workers" and v is None:  # None: chosen from the cores and the data size
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{source}: {name} must be a whole number >= 0, got {v!r}")
         positive = ("lr", "gamma", "epochs", "time_limit", "warmup_lr")
@@ -129,7 +131,7 @@ class TrainConfig:
         for name in ("weight_decay", "head_lr_mult"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{source}: {name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("momentum", "label_smoothing"):
+        for name in ("momentum", "label_smoothing", "val_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be in [0, 1), got {getattr(self, name)}")
         n = self.num_classes
