@@ -63,3 +63,17 @@ def test_fp32_checkpoints_an_empty_scaler(cifar_root: Path, tmp_path: Path) -> N
     cfg.precision = "fp32"
     train(cfg, progress=False)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["scaler"] == {}
+
+
+def test_exact_fp32_turns_tf32_off_inside_and_restores_it() -> None:
+    from reslab.engine.precision import exact_fp32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32 = matmul.allow_tf32 = True  # torch's default for cuDNN
+        with exact_fp32():
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -44,3 +45,25 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def tune_cuda(device: torch.device) -> None:
+    """cuDNN autotuning for a CUDA training run: every step has the same shapes, so timing the
+    candidate kernels once per shape pays for itself within the first steps. Left off where
+    deterministic algorithms were asked for (torch.use_deterministic_algorithms): autotuning
+    may pick other kernels in another run."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 convolutions and matrix products in true fp32 inside the block. On Ampere and later
+    GPUs cuDNN runs fp32 convolutions in TF32 (10-bit mantissa) unless told otherwise."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = old

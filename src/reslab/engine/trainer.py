@@ -22,7 +22,7 @@ from reslab.engine.checkpoint import load_checkpoint, rng_state, save_atomic, se
 from reslab.engine.config import TrainConfig, save_config
 from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
-from reslab.engine.precision import autocast, resolve_precision
+from reslab.engine.precision import autocast, resolve_precision, tune_cuda
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
 from reslab.models import create_model
 
@@ -116,6 +116,7 @@ class Trainer:
         self.device = D.resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         self.dist = D.init_from_env(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        tune_cuda(self.device)
         last = self.out / "last.pt"
         resume = resume or self._elastic_restart(last)
         if last.exists() and not resume:
