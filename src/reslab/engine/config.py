@@ -1,4 +1,4 @@
-"""Training configuration: one typed dataclass; recipes in configs/*.yaml fill it in."""
+"""Training configuration: one typed dataclass; recipes in reslab/configs/*.yaml fill it in."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data (pyproject.toml)
 
 
 @dataclass
