@@ -77,3 +77,21 @@ def test_exact_fp32_turns_tf32_off_inside_and_restores_it() -> None:
         assert cudnn.allow_tf32 and matmul.allow_tf32
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def test_cudnn_autotuning_on_cuda_unless_determinism_was_asked_for() -> None:
+    from reslab.engine.precision import tune_cuda
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        tune_cuda(torch.device("cpu"))
+        assert not torch.backends.cudnn.benchmark  # CPU runs leave cuDNN alone
+        tune_cuda(torch.device("cuda", 0))  # sets a flag only: no GPU needed to check it
+        assert torch.backends.cudnn.benchmark
+        torch.use_deterministic_algorithms(True)
+        tune_cuda(torch.device("cuda", 0))
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = before
