@@ -8,10 +8,11 @@ pack keeps every file byte for byte: each batch file is split into the pickle by
 image block (kept as they are) and the block itself, [N, 3, 32, 32] uint8, which is stored as
 prediction residuals: each pixel minus the LOCO-I median predictor of its left, upper and
 upper-left neighbours (mod 256), the G and B residuals minus those of the previous channel,
-zigzag-coded, then xz (LZMA2). Measured on CIFAR-10's data_batch_1: plain xz -9e keeps 75.0%
-of the bytes, xz after a left-neighbour delta filter 70.0%, this 55.9%; the whole set then needs
-two parts of under 62 MiB instead of three (README: "GPU sessions"). unpack inverts it and
-checks every file's SHA-256 against the sums written at packing before anything trains.
+zigzag-coded, then xz (LZMA2). Measured (results/gpu/PACKING.md): plain xz -9e keeps 75.0% of
+data_batch_1, xz after a left-neighbour delta filter 70.0%, this 55.9% of its pixels; the whole
+set, 185,877,469 bytes, packs into 103,402,971 (55.6%): two parts of 49.3 MiB instead of three.
+unpack inverts it and checks every file's SHA-256 against the sums written at packing before
+anything trains.
 Only the standard library and numpy: the GPU image has no zstandard.
 """
 
