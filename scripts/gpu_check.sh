@@ -123,7 +123,7 @@ export OUT PY DEVICE DEADLINE DEPTHS STEPS WARMUP BATCH BENCH_ARGS MPS T0 SYNTH_
 : >"$LOG"
 step card card.txt 60 card
 [ "${TESTS:-1}" = 1 ] && step cuda-tests cuda-tests.txt "$TESTS_BUDGET" \
-    "$PY" -m pytest -m gpu tests/cuda -q -rA -p no:cacheprovider
+    "$PY" -m pytest -m gpu tests/cuda -v -rfEs --durations=0 -p no:cacheprovider
 [ -n "$EAGER_PATHS" ] && step bench-eager bench-eager.txt 90 bench "$EAGER_PATHS"
 [ -n "$COMPILE_PATHS" ] && step bench-compile bench-compile.txt 240 bench "$COMPILE_PATHS"
 [ "$SHARED" = 1 ] && step bench-shared bench-shared.txt 60 shared
