@@ -94,12 +94,20 @@ class ShardedOrder:
         lo, hi = self._eval_range()
         return -(-(hi - lo) // (self.batch_size // self.world_size))
 
-    def index_batches(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(step, this rank's sample indices) from the current position; CPU int64 tensors."""
+    def epoch_order(self) -> torch.Tensor:
+        """This epoch's sample order (train): a CPU int64 permutation drawn from (seed, epoch) on
+        the CPU, so the order is the same whatever device the loader feeds."""
+        g = _generator(torch.device("cpu"), self.seed, self.epoch, 0xC1FA)
+        return torch.randperm(self._n, generator=g)
+
+    def index_batches(
+        self, order: torch.Tensor | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(step, this rank's sample indices) from the current position: slices of `order`
+        (default: `epoch_order()`, on the CPU) when training, CPU aranges when evaluating."""
         share = self.batch_size // self.world_size
         if self.train:
-            g = _generator(torch.device("cpu"), self.seed, self.epoch, 0xC1FA)
-            order = torch.randperm(self._n, generator=g)
+            order = self.epoch_order() if order is None else order
             for step in range(self.step, len(self)):
                 start = step * self.batch_size + self.rank * share
                 yield step, order[start : start + share]
@@ -158,7 +166,7 @@ class TensorLoader(ShardedOrder):
     def device(self) -> torch.device:
         return self.images.device
 
-    def _batch(self, idx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, idx: torch.Tensor | slice, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess.normalize(self.images[idx], dtype=self.dtype)  # [B, 3, H, W]
         if self.train and self.lighting is not None:
             # (x/255 + rgb - mean)/std = normalize(x) + rgb/std: one offset per image [B, 3].
@@ -166,9 +174,8 @@ class TensorLoader(ShardedOrder):
             gl = _generator(self.device, self.seed, self.epoch, step, 0, 0x11647)
             share = self.batch_size // self.world_size
             rgb = self.lighting.shifts(self.batch_size, device=x.device, generator=gl)
-            rgb = rgb[self.rank * share : self.rank * share + len(idx)]
-            std = self.preprocess.std.to(x.device).reshape(3)
-            x = x + (rgb / std).to(x.dtype)[:, :, None, None]
+            rgb = rgb[self.rank * share : self.rank * share + x.shape[0]]
+            x = x + (rgb / self.preprocess.channel_std(x.device)).to(x.dtype)[:, :, None, None]
         if self.train:
             # One random stream per global batch (no rank in the seed); each rank takes its
             # slice of the draws, so the augmentation does not depend on the world size.
@@ -182,13 +189,27 @@ class TensorLoader(ShardedOrder):
             x = x.contiguous()
         return x, self.labels[idx]
 
+    def _device_order(self) -> torch.Tensor:
+        """The epoch's order on the device: one host-to-device copy per epoch, so that a step
+        copies nothing from the host (a copy from pageable memory would also block the host
+        until the GPU caught up: from pinned memory it is queued like a kernel)."""
+        order = self.epoch_order()
+        if self.device.type == "cuda":
+            order = order.pin_memory()
+        return order.to(self.device, non_blocking=True)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step, idx in self.index_batches():
-            if self.train:
-                self.step = step + 1  # position after this batch, for a checkpoint taken now
-            yield self._batch(idx.to(self.device), step)
         if self.train:
+            for step, idx in self.index_batches(self._device_order()):
+                self.step = step + 1  # position after this batch, for a checkpoint taken now
+                yield self._batch(idx, step)
             self.epoch, self.step = self.epoch + 1, 0
+            return
+        # Evaluation goes through the split in order: contiguous slices, no index tensor at all.
+        lo, hi = self._eval_range()
+        share = self.batch_size // self.world_size
+        for start in range(lo, hi, share):
+            yield self._batch(slice(start, min(hi, start + share)), 0)
 
 
 class _SeededSample(torch.utils.data.Dataset):

@@ -39,6 +39,7 @@ class Preprocess:
         if self.std.dim() == 1:
             self.std = self.std.view(3, 1, 1)
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._std_cache: dict[torch.device, torch.Tensor] = {}
 
     def _stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, dtype)
@@ -48,6 +49,14 @@ class Preprocess:
             shift = (self.mean / self.std).to(device, dtype)
             self._cache[key] = (scale, shift)
         return self._cache[key]
+
+    def channel_std(self, device: torch.device) -> torch.Tensor:
+        """std as 3 float32 values on `device`, copied there once (PCA lighting divides by it
+        every batch; a copy per batch would be a host-to-device transfer per training step)."""
+        device = torch.device(device)
+        if device not in self._std_cache:
+            self._std_cache[device] = self.std.to(device, torch.float32).reshape(3)
+        return self._std_cache[device]
 
     def normalize(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 [N, 3, H, W] (0-255) or float (0-1) -> normalised float of `dtype`."""

@@ -238,9 +238,12 @@ class PCALighting(nn.Module):
         self, n: int, *, device: torch.device, generator: torch.Generator | None = None
     ) -> Tensor:
         """The RGB offsets [n, 3] for n images (p @ (alpha * l))."""
+        if self.eigvec.device != torch.device(device):
+            # Once: the constants then stay on the device (a copy per batch would be a
+            # host-to-device transfer, and a host sync, every training step).
+            self.to(device)
         alpha = torch.randn(n, 3, device=device, generator=generator) * self.alphastd
-        vec, val = self.eigvec.to(device), self.eigval.to(device)
-        return (alpha * val) @ vec.T
+        return (alpha * self.eigval) @ self.eigvec.T
 
     def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
@@ -285,6 +288,5 @@ def prepare_batch(
         n = x.shape[0]
         rgb = lighting.shifts(n if total is None else total, device=y.device,
                               generator=generator)[first : first + n]  # [N, 3]  # fmt: skip
-        std = preprocess.std.to(y.device).reshape(3)
-        y = y.add_((rgb / std).to(dtype)[:, :, None, None])
+        y = y.add_((rgb / preprocess.channel_std(y.device)).to(dtype)[:, :, None, None])
     return y if channels_last else y.contiguous()

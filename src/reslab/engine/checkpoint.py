@@ -113,7 +113,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _host_bytes(t: torch.Tensor) -> torch.Tensor:
+    # torch.load(map_location=<device>) puts the saved states wherever the run trains, and a
+    # view can be strided; the generators accept only a contiguous CPU uint8 tensor.
+    return t.detach().to("cpu", torch.uint8).contiguous()
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore `rng_state()`'s output, whatever device the checkpoint was loaded onto."""
+    torch.set_rng_state(_host_bytes(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU of the saving process; a machine with fewer GPUs restores its own.
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(_host_bytes(s), i)

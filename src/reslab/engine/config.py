@@ -1,4 +1,4 @@
-"""Training configuration: one typed dataclass; recipes in configs/*.yaml fill it in."""
+"""Training configuration: one typed dataclass; recipes in reslab/configs/*.yaml fill it in."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import yaml
 from reslab.errors import UserError
 from reslab.models.registry import MAX_CLASSES
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data (pyproject.toml)
 
 
 class ConfigError(UserError):

@@ -68,7 +68,10 @@ def init_from_env(device: torch.device) -> DistInfo:
         # read the addresses that the killed processes published there and never connect.
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"reslab/attempt{restart_count()}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+        # device_id binds this rank's NCCL communicator to its GPU now (without it NCCL guesses
+        # the device at the first collective, and barrier() warns that it may pick a wrong one).
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)  # fmt: skip
     return DistInfo(rank=rank, world_size=world, local_rank=local, forced=forced)
 
 

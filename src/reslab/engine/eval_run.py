@@ -164,7 +164,7 @@ def cifar_batches(
 def folder_batches(
     data: str | Path, *, pre: Preprocess, views: str, scales: Sequence[int] | None,
     labels_file: str | Path | None, classes: Sequence[str] | None, limit: int | None,
-    batch_size: int, workers: int,
+    batch_size: int, workers: int, pin_memory: bool = False,
 ) -> tuple[Iterable, list[str]]:  # fmt: skip
     """An image folder through the data pipeline's evaluation transforms (uint8, in workers):
     centre crop [B, 3, S, S], ten-crop [B, 10, 3, S, S], or the multi-scale views of one image
@@ -185,7 +185,9 @@ def folder_batches(
         batch_size = 1  # every image has its own aspect ratio at every scale
     ds = ImageFolder(data, transform=tf, labels_file=labels_file, classes=classes)
     part = Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
-    loader = DataLoader(part, batch_size=batch_size, num_workers=workers)
+    # pin_memory (for a CUDA device): the evaluator's non_blocking copies are asynchronous only
+    # from pinned memory; from pageable memory each one blocks the host.
+    loader = DataLoader(part, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory)
     return loader, list(ds.classes)
 
 
@@ -232,7 +234,7 @@ def run_eval(
         batches, classes = folder_batches(
             data, pre=first, views=views, scales=scales, labels_file=labels_file,
             classes=members[0].classes or None, limit=limit, batch_size=batch_size,
-            workers=workers,
+            workers=workers, pin_memory=dev.type == "cuda",
         )  # fmt: skip
         side = first.input_size
     else:

@@ -33,7 +33,7 @@ from reslab.engine.checkpoint import (
 from reslab.engine.config import TrainConfig
 from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
-from reslab.engine.precision import autocast, resolve_precision
+from reslab.engine.precision import autocast, resolve_precision, tune_cuda
 from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
@@ -140,6 +140,7 @@ class Trainer:
         self.device = D.resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         self.dist = D.init_from_env(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        tune_cuda(self.device)
         last = self.out / "last.pt"
         cfg.validate()
         rundir.check_out_path(self.out)
@@ -178,6 +179,9 @@ class Trainer:
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult, head=classifier_name(self.model),
         )  # fmt: skip
+        # fp16's 5 exponent bits underflow small gradients: the loss is scaled up, the update
+        # skipped on overflow. bf16 and fp32 need none (enabled=False makes it a pass-through).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = TrainState()
         self._log: RunLog | None = None  # main process only, opened by fit()
         if ckpt is not None:
@@ -231,6 +235,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(),
+            "scaler": self.scaler.state_dict(),  # {} unless fp16
             "data_state": self.data.train.state_dict(),
             "train_state": {
                 "warmup_ended_at": s.warmup_ended_at,
@@ -258,6 +263,8 @@ class Trainer:
                 f"({str(e).splitlines()[0][:300]}); resume with the model it was trained with"
             ) from None
         set_rng_state(ckpt["rng"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.data.train.load_state_dict(ckpt["data_state"])
         ts = ckpt["train_state"]
         self.state = TrainState(step=int(ckpt["step"]), **ts)
@@ -370,8 +377,11 @@ class Trainer:
                     logits = self.net(x)
                     loss = criterion(logits, y)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                self.scaler.scale(loss).backward()
+                # Gradient clipping, if ever added, goes after self.scaler.unscale_(opt) here.
+                # The fused SGD takes the scale and the overflow flag as tensors: no host sync.
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 s.step += 1
                 n = y.numel()
                 with torch.no_grad():

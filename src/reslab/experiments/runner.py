@@ -110,6 +110,17 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def fresh_compiler(cfg: TrainConfig) -> None:
+    """Empty torch.compile's caches before a compiled run. Dynamo keeps compiled code per Python
+    function for the life of the process, at most `recompile_limit` (8) variants of each: the
+    9th distinct net one process compiles would silently run eager (reproduce's sequential
+    runs and its --jobs pool workers each train many nets in one process)."""
+    if cfg.compile:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+
+
 def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResult:
     """Train one run in runs_root/spec.name; skip it if finished, resume it if interrupted."""
     from reslab.engine.trainer import TrainingDiverged, train
@@ -125,6 +136,7 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
         if int(final.get("iter", 0)) >= cfg.iters:
             return RunResult(spec, run_dir, final, read_rows(run_dir), "skipped", 0.0)
     resume = (run_dir / "last.pt").is_file()
+    fresh_compiler(cfg)
     t0 = time.perf_counter()
     try:
         final = train(cfg, resume=resume, progress=progress)
@@ -148,11 +160,36 @@ def default_data() -> str:
     return os.environ.get("RESLAB_DATA", "data")
 
 
+_WORKER_SLOT = 0  # this pool worker's number, 0 .. jobs-1 (set by _init_worker)
+
+
+def _init_worker(counter: Any, compile_threads: int | None = None) -> None:
+    global _WORKER_SLOT
+    if compile_threads:
+        # Before torch._inductor is imported here: one compile pool per job, sized to share the
+        # cores (each would otherwise start one thread per core).
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(compile_threads))
+    with counter.get_lock():
+        _WORKER_SLOT = counter.value
+        counter.value += 1
+
+
+def worker_device(device: str, slot: int) -> str:
+    """The device of pool worker `slot`: "auto"/"cuda" spread the workers over the visible GPUs
+    (cuda:slot mod count) instead of all taking cuda:0; a named device or the CPU is kept."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{slot % torch.cuda.device_count()}"
+    return device
+
+
 def _run_quiet(spec: RunSpec, runs_root: Path, threads: int) -> RunResult:
     """run_one in a worker process (no progress bar: several would interleave)."""
     import torch
 
     torch.set_num_threads(threads)
+    spec.cfg.device = worker_device(spec.cfg.device, _WORKER_SLOT)
     return run_one(spec, runs_root=runs_root, progress=False)
 
 
@@ -181,7 +218,11 @@ def run_all(
     # last keeps one worker busy while the others idle (fig6 cpu-long on 2 CPU jobs, from the
     # measured run times: 72 min this way, 90 min in plan order).
     order = sorted(range(len(specs)), key=lambda i: -_cost(specs[i].cfg))
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+    slots = spawn.Value("i", 0)  # numbers the workers as they start, for worker_device
+    compiling = any(s.cfg.compile for s in specs)
+    compile_threads = max(1, (os.cpu_count() or 1) // jobs) if compiling else None
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_init_worker,
+                             initargs=(slots, compile_threads)) as pool:  # fmt: skip
         futures = {i: pool.submit(_run_quiet, specs[i], runs_root, threads) for i in order}
         return [futures[i].result() for i in range(len(specs))]
 

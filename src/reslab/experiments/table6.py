@@ -14,6 +14,7 @@ from reslab.analysis.tables import compare_table, markdown_table
 from reslab.data.cifar import load_cifar
 from reslab.engine.distributed import resolve_device
 from reslab.engine.eval_run import load_checkpoint_model
+from reslab.engine.precision import exact_fp32
 from reslab.experiments import recipes
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 from reslab.models import create_model
@@ -66,10 +67,11 @@ def _by_depth(results: Sequence[RunResult]) -> dict[int, list[float]]:
 def correct_per_image(
     res: RunResult, *, images: torch.Tensor, labels: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
-    """Per-image correctness [N] of the run's final checkpoint, re-evaluated in fp32."""
+    """Per-image correctness [N] of the run's final checkpoint, re-evaluated in fp32 (TF32 off:
+    cuDNN would otherwise run the fp32 convolutions in TF32 on a GPU)."""
     loaded = load_checkpoint_model(res.run_dir / "last.pt", device=device)
     model, pre = loaded.model.eval(), loaded.preprocess
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_fp32():
         pred = [model(pre.normalize(images[i : i + 500].to(device))).argmax(1).cpu()
                 for i in range(0, len(images), 500)]  # fmt: skip
     return torch.cat(pred) == labels
@@ -101,7 +103,7 @@ def paired_lines(ctx: Context, results: Sequence[RunResult]) -> list[str]:
         "### Is each gap more than the test set's sampling noise?",
         "",
         f"McNemar's exact test on the same {n:,} test images (seed 0; each run's last "
-        "checkpoint re-evaluated in fp32, so its error can differ from the bf16 table above "
+        "checkpoint re-evaluated in fp32 with TF32 off, so its error can differ from the bf16 table above "
         "by a few hundredths): only the images that one net gets right and the other wrong "
         "count. It covers the test sample, not seed-to-seed variation (the paper's 5 runs of "
         "ResNet-110 spread ±0.16 points).",

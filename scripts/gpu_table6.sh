@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Issue 19's GPU session: Table 6 at the paper's 64k iterations on one card. Run scripts/gpu_check.sh
+# (issue 14) first; this needs its fixes and the real CIFAR-10.
+#
+# CIFAR-10 (178 MB) travels losslessly in TWO parts of under 62 MiB each (a call carries 64 MiB
+# with the repository), packed by scripts/cifar_parts.py (prediction residuals + xz; measured in
+# README "GPU sessions"), one part per call; the machine keeps ignored paths while warm:
+#
+#   here:     bash scripts/gpu_table6.sh pack ../shared/data    # .gpudata/p1, p2 (+ SHA256SUMS)
+#   device 1: carry [".gpudata/p1"]  bash scripts/gpu_table6.sh stage    # unpacks and checks p1
+#   device 2: carry [".gpudata/p2"]  bash scripts/gpu_table6.sh table6   # p2, all sums, trains
+#
+# stage/table6 rebuild each file and check its SHA-256 before anything trains; table6 refuses to
+# start unless all seven files are there and match. It then runs `reslab reproduce table6
+# --budget full` on ResNet-20..110 (1202 left out), JOBS at a time, each run stopped after TL
+# seconds of training if not done (marked STOPPED in the report; the next call resumes it from
+# its checkpoint), and packs the report, figures and run logs (no checkpoints) into
+# $OUT/table6-full.tgz.
+# Settings by environment: MODE (compile mode, default reduce-overhead; "none": eager), JOBS (5),
+# TL (seconds per run, 420), BUDGET (full; smoke to try this on a CPU), DEVICE (cuda), MPS (0; 1:
+# run the jobs under CUDA MPS when nvidia-cuda-mps-control exists, never fatal when it does not);
+# GPUDATA (.gpudata), RESULTS (results), RUNS (runs/gpu): where the parts, report and runs live;
+# PRESET (xz preset for pack; default -9e).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PHASE=${1:?usage: scripts/gpu_table6.sh pack DATA_DIR | stage | table6}
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+GPUDATA=${GPUDATA:-.gpudata} RESULTS=${RESULTS:-results} RUNS=${RUNS:-runs/gpu}
+DEVICE=${DEVICE:-cuda}
+
+mps_on() {  # CUDA MPS runs the kernels of the --jobs processes at once instead of time-slicing
+    if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d; then
+        echo "CUDA MPS started"
+        trap 'echo quit | nvidia-cuda-mps-control || true' EXIT
+    else
+        echo "CUDA MPS not available: the jobs share the card by time-slicing"
+    fi
+}
+
+card() {
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    else
+        echo "no nvidia-smi (device $DEVICE)"
+    fi
+    "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
+}
+
+parts() { ls -d "$GPUDATA"/p[0-9]* 2>/dev/null || true; }
+
+case "$PHASE" in
+pack)
+    src=${2:?give the directory holding cifar-10-batches-py}
+    if [ "$GPUDATA" = .gpudata ]; then  # ignored by git, so it travels only when carried
+        exclude=$(git rev-parse --git-path info/exclude)
+        mkdir -p "$(dirname "$exclude")"
+        grep -qx '/.gpudata/' "$exclude" 2>/dev/null || echo '/.gpudata/' >>"$exclude"
+    fi
+    rm -rf "$GPUDATA" && mkdir -p "$GPUDATA"
+    "$PY" scripts/cifar_parts.py pack "$src" "$GPUDATA" ${PRESET:+--preset "$PRESET"}
+    ;;
+stage)
+    # shellcheck disable=SC2046
+    "$PY" scripts/cifar_parts.py unpack --partial $(parts) "$GPUDATA"
+    ;;
+table6)
+    # shellcheck disable=SC2046
+    "$PY" scripts/cifar_parts.py unpack $(parts) "$GPUDATA" || {
+        echo "CIFAR-10 is not complete and checked under $GPUDATA: stage every part first" >&2
+        exit 1; }
+    MODE=${MODE:-reduce-overhead} JOBS=${JOBS:-5} TL=${TL:-420} BUDGET=${BUDGET:-full}
+    compile=(--compile-mode "$MODE"); [ "$MODE" = none ] && compile=()
+    only=resnet20-s0,resnet32-s0,resnet44-s0,resnet56-s0,resnet110-s0
+    [ "$BUDGET" = full ] || only=resnet20-s0,resnet32-s0
+    res=$RESULTS/table6-$BUDGET
+    [ "${MPS:-0}" = 1 ] && mps_on
+    cmd=(reproduce table6 --budget "$BUDGET" --only "$only" --jobs "$JOBS" "${compile[@]}"
+         --time-limit "$TL" --device "$DEVICE" --data "$GPUDATA" --out "$res" --runs "$RUNS")
+    # JOBS concurrent compiles: one compile thread pool each, sized to share the cores.
+    export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
+    { card; echo "+ reslab ${cmd[*]}"; time "$PY" -m reslab "${cmd[@]}" --quiet; } 2>&1 |
+        tee "$OUT/table6.log"
+    # The report, figures, configs and logs come back; checkpoints (*.pt) stay.
+    tar czf "$OUT/table6-$BUDGET.tgz" --exclude='*.pt' $(ls -d "$res" "$RUNS" 2>/dev/null)
+    ls -la "$OUT"
+    ;;
+*)
+    echo "unknown phase $PHASE: use pack DATA_DIR, stage or table6" >&2
+    exit 2
+    ;;
+esac

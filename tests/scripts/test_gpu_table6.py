@@ -1,0 +1,92 @@
+"""CIFAR-10's way to a GPU machine (scripts/cifar_parts.py, scripts/gpu_table6.sh): packed
+losslessly into parts that fit a 64 MiB transfer, every file checked by SHA-256 before
+anything trains, a damaged part refused; the whole session run on the CPU at the smoke budget."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import cifar_parts  # noqa: E402
+
+
+def test_parts_rebuild_every_file_byte_for_byte_and_refuse_damage(tmp_path: Path) -> None:
+    src = cifar_parts.synthetic(tmp_path / "src", per_batch=200)  # CIFAR's pickle layout
+    parts = cifar_parts.pack(tmp_path / "src", tmp_path / "parts", parts=2, preset=1)
+    assert [p.name for p in parts] == ["p1", "p2"]
+    names = sorted(f.name for p in parts for f in p.glob("*.xz"))
+    assert names == sorted(f"{n}.xz" for n in cifar_parts.FILES)
+    # One part per call: the first is staged alone, the second completes the set.
+    out = tmp_path / "gpu"
+    cifar_parts.unpack([parts[0]], out, require_all=False)
+    with pytest.raises(cifar_parts.PackError, match="missing"):
+        cifar_parts.unpack([parts[0]], out)
+    dest = cifar_parts.unpack([parts[1]], out)
+    for name in cifar_parts.FILES:
+        assert (dest / name).read_bytes() == (src / name).read_bytes(), name
+    # A part damaged in transfer: refused before it replaces anything.
+    blob = next(parts[1].glob("*.xz"))
+    raw = bytearray(blob.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    blob.write_bytes(bytes(raw))
+    r = subprocess.run([sys.executable, str(SCRIPTS / "cifar_parts.py"), "unpack", str(parts[1]),
+                        str(tmp_path / "again")], capture_output=True, text=True)  # fmt: skip
+    assert (
+        r.returncode == 1 and r.stderr.startswith("cifar_parts: ") and "Traceback" not in r.stderr
+    )
+
+
+def test_the_residual_coding_inverts_on_any_pixels() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    smooth = np.cumsum(rng.integers(-3, 4, (5, 3, 32, 32)), axis=-1) % 256
+    for images in (rng.integers(0, 256, (7, 3, 32, 32)), smooth, np.zeros((2, 3, 32, 32))):
+        images = images.astype(np.uint8)
+        coded = cifar_parts.encode(images)
+        assert len(coded) == images.size
+        assert np.array_equal(cifar_parts.decode(coded, len(images)), images)
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SCRIPTS / "gpu_table6.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+
+
+@pytest.mark.slow  # packs the real CIFAR-10 (xz) and trains two smoke runs: minutes on 2 cores
+def test_pack_stage_then_table6_on_cpu(cifar_root: Path, tmp_path: Path) -> None:
+    gd = tmp_path / "gpudata"
+    env = {**os.environ, "GPUDATA": str(gd), "RESULTS": str(tmp_path / "results"),
+           "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"), "PY": sys.executable,
+           "DEVICE": "cpu", "BUDGET": "smoke", "MODE": "none", "JOBS": "1", "TL": "600",
+           "PRESET": "1"}  # fmt: skip
+    r = _run(env, "pack", str(cifar_root))
+    assert r.returncode == 0, r.stderr
+    for part in ("p1", "p2"):
+        assert sum(f.stat().st_size for f in (gd / part).iterdir()) < 62 * 2**20
+    # Call 1 carries p1 only, call 2 p2 only; the staged files stay between them.
+    (gd / "p2").rename(tmp_path / "p2")
+    r = _run(env, "stage")
+    assert r.returncode == 0, r.stderr
+    r = _run(env, "table6")  # p2's files still missing: refused before anything trains
+    assert r.returncode == 1 and "stage every part first" in r.stderr, r.stderr
+    (gd / "p1").rename(tmp_path / "p1")
+    (tmp_path / "p2").rename(gd / "p2")
+    r = _run(env, "table6")
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = (tmp_path / "out" / "table6.log").read_text()
+    assert "--only resnet20-s0,resnet32-s0" in log and "report:" in log
+    with tarfile.open(tmp_path / "out" / "table6-smoke.tgz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("results/table6-smoke/REPORT.md") for n in names)
+    # Each run's metrics: in its RUN_DIR and as the report's committed copy in records/.
+    assert sum(n.endswith("/metrics.jsonl") and "/records/" not in n for n in names) == 2
+    assert sum(n.endswith("/metrics.jsonl") and "/records/" in n for n in names) == 2
+    assert not any(n.endswith(".pt") for n in names)  # checkpoints stay on the machine
