@@ -22,6 +22,9 @@ def test_flags_set_the_config_and_iters_scale_paper_milestones(
     assert cfg.milestones == [500, 750]
     assert "milestones scaled" in capsys.readouterr().err
     assert _cfg(["--recipe", "cifar10-paper"]).milestones == [32000, 48000]
+    # Milestones the user gives are theirs: --iters does not move them.
+    own = _cfg(["--recipe", "cifar10-paper", "--iters", "36", "--set", "milestones=[20]"])
+    assert (own.iters, own.milestones) == (36, [20])
     # A recipe in epochs gives way to an explicit --iters.
     ft = _cfg(["--recipe", "finetune", "--iters", "7"])
     assert (ft.iters, ft.epochs) == (7, None)

@@ -249,8 +249,10 @@ def _train_config(args: argparse.Namespace):
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)
-    if args.iters is not None and stored is not None:
-        cfg.epochs, cfg.iters = None, args.iters  # a resumed run keeps its own milestones
+    own_milestones = any(a.split("=", 1)[0].strip() == "milestones" for a in args.set or [])
+    if args.iters is not None and (stored is not None or own_milestones):
+        # A resumed run keeps its own milestones, and so do milestones given with --set.
+        cfg.epochs, cfg.iters = None, args.iters
     elif args.iters is not None:
         from reslab.engine.run_length import scale_milestones
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import torch
 
-from reslab.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from reslab.engine.checkpoint import (
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from reslab.engine.config import TrainConfig
 from reslab.engine.trainer import train
 
@@ -22,7 +28,9 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 
 def test_rng_state_restores_from_a_loaded_checkpoint_in_any_layout(tmp_path: Path) -> None:
     torch.manual_seed(123)
-    save_atomic({"format": "reslab", "rng": rng_state()}, tmp_path / "c.pt")
+    save_atomic(
+        {"format": "reslab", "version": CHECKPOINT_VERSION, "rng": rng_state()}, tmp_path / "c.pt"
+    )
     expected = torch.rand(6)
     loaded = load_checkpoint(tmp_path / "c.pt")["rng"]
     # map_location=<device> leaves the states on that device; torch.set_rng_state takes only a
