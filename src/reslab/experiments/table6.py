@@ -10,7 +10,7 @@ import torch
 from reslab.analysis.complexity import count_params
 from reslab.analysis.plots import Run, plot_curves
 from reslab.analysis.significance import mcnemar
-from reslab.analysis.tables import compare_table, markdown_table, mean_std
+from reslab.analysis.tables import compare_table, fmt_best_mean_std, markdown_table, mean_std
 from reslab.data.cifar import load_cifar
 from reslab.engine.distributed import resolve_device
 from reslab.engine.eval_run import load_checkpoint_model
@@ -150,7 +150,15 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         table,
         "",
         "Paper: ResNet-110 best of 5 runs 6.43, mean 6.61 ± 0.16 "
-        f"(ours over {ctx.seeds} seed(s) above). Test error is measured on "
+        f"(ours over {ctx.seeds} seed(s) above). "
+        + (
+            "As the paper writes it, best (mean±std) over seeds: "
+            + "; ".join(f"ResNet-{d} {fmt_best_mean_std(errs[d])}" for d in sorted(errs))
+            + ". "
+            if any(len(v) > 1 for v in errs.values())
+            else ""
+        )
+        + "Test error is measured on "
         + (
             f"the first {results[0].spec.cfg.eval_subset:,} test images."
             if results and results[0].spec.cfg.eval_subset
