@@ -203,3 +203,14 @@ def test_refuses_mixed_members_and_overwriting(cifar_root: Path, tmp_path: Path)
     train_fused(cfgs, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train_fused(cfgs, progress=False)
+
+
+def test_a_member_continues_alone_from_its_fused_checkpoint(
+    cifar_root: Path, tmp_path: Path, float64: None
+) -> None:
+    """What the runner falls back to (a diverged sibling, members at different iterations)."""
+    cfgs = lambda d, it: [_cfg(cifar_root, tmp_path / d / f"s{s}", s, iters=it) for s in (0, 1)]  # noqa: E731
+    train_fused(cfgs("fused", 6), progress=False)
+    train_fused(cfgs("split", 3), progress=False)
+    train(cfgs("split", 6)[1], resume=True, progress=False)
+    _assert_same_run(tmp_path / "split" / "s1", tmp_path / "fused" / "s1", tol=1e-10)
