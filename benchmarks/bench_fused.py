@@ -9,7 +9,7 @@ blocks and the median block counts, so a load change on a shared machine hits bo
 CPU: wall clock; GPU (--device cuda): CUDA events after warm-up.
 
     python benchmarks/bench_fused.py --data ../shared/data [--models resnet20,resnet56]
-        [--ks 2,5] [--steps 10] [--device cuda] [--json out.json]
+        [--ks 2,5] [--steps 10] [--device cuda] [--json out.json] [--conv]
 """
 
 from __future__ import annotations
@@ -134,6 +134,34 @@ def bench(model: str, k: int, args: argparse.Namespace, dev: torch.device) -> di
     }
 
 
+def conv_only(k: int, dev: torch.device, dtype: torch.dtype, run) -> list[str]:
+    """One 3x3 conv's forward+backward, grouped (K groups) against K separate convs: is the
+    grouped kernel itself as fast per member? (CIFAR stage 1 and stage 3 shapes, batch 128)."""
+    lines = []
+    for c, h in ((16, 32), (64, 8)):
+        fmt = torch.channels_last
+        x = torch.randn(128, c * k, h, h, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+        w = torch.randn(c * k, c, 3, 3, device=dev, dtype=dtype)
+        xs = [x[:, i * c : (i + 1) * c].contiguous(memory_format=fmt) for i in range(k)]
+        ws = [w[i * c : (i + 1) * c].clone() for i in range(k)]
+        for t in (x, w, *xs, *ws):
+            t.requires_grad_()
+
+        def grouped(x=x, w=w) -> None:  # bound now: the loop moves on
+            torch.nn.functional.conv2d(x, w, padding=1, groups=k).sum().backward()
+
+        def separate(xs=xs, ws=ws) -> None:
+            for a, b in zip(xs, ws, strict=True):
+                torch.nn.functional.conv2d(a, b, padding=1).sum().backward()
+
+        run(grouped, 1)
+        run(separate, 1)
+        tg, ts = run(grouped, 5) / 5, run(separate, 5) / 5
+        lines.append(f"conv 3x3 {c} ch/member @{h}x{h}, K={k}, {dtype}: grouped "
+                     f"{tg * 1e3:.1f} ms, separate {ts * 1e3:.1f} ms (x{ts / tg:.2f})")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", help="directory holding cifar-10-batches-py")
@@ -147,6 +175,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128, help="per member; section 4.2: 128")
     p.add_argument("--precision", default="auto")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--conv", action="store_true", help="also time one grouped conv vs K convs")
     args = p.parse_args()
     if not args.data and not args.synthetic:
         p.error("give --data DIR (real CIFAR-10) or --synthetic")
@@ -170,6 +199,14 @@ def main() -> None:
                 f"K seeds fused take {r['fused_time_over_one_seed']:.2f}x one seed's time",
                 flush=True,
             )
+    if args.conv:
+        dtype = (
+            torch.bfloat16 if resolve_precision(args.precision, dev) == "bf16" else torch.float32
+        )
+        for k in (int(s) for s in args.ks.split(",")):
+            for line in conv_only(k, dev, dtype, _timer(dev)):
+                print(line, flush=True)
+                info.setdefault("conv", []).append(line)
     info["load_average_after"] = os.getloadavg()
     print(f"load average after: {info['load_average_after'][0]:.2f}")
     if args.json:

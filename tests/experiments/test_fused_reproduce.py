@@ -36,8 +36,13 @@ def test_table6_seeds_trained_fused_then_reused(cifar_root: Path, tmp_path: Path
 
 
 def test_fused_default_and_flag_are_recorded_in_the_plan(tmp_path: Path) -> None:
+    _, _, plan = make_plan("table6", budget="cpu-xl", out=tmp_path, seeds=2, device="cpu")
+    assert plan.fused and any("fused on this device: faster up to K=2" in n for n in plan.notes)
     _, _, plan = make_plan("table6", budget="cpu-xl", out=tmp_path, seeds=5, device="cpu")
-    assert plan.fused and any("fused on this device: x" in n for n in plan.notes)
+    assert not plan.fused  # measured slower at K=5 on the CPU
+    _, _, plan = make_plan("table6", budget="cpu-xl", out=tmp_path, seeds=5, device="cpu",
+                           fused=True)  # fmt: skip
+    assert plan.fused
     groups = group_specs(plan.specs)
     assert [[s.name for s in g] for g in groups] == [
         [f"resnet{d}-s{s}" for s in range(5)] for d in (20, 56)
@@ -47,6 +52,8 @@ def test_fused_default_and_flag_are_recorded_in_the_plan(tmp_path: Path) -> None
     assert not off.fused and any("one after another (--fused" in n for n in off.notes)
     _, _, one = make_plan("table6", budget="cpu-xl", out=tmp_path, device="cpu")
     assert not one.fused
+    _, _, gpu = make_plan("table6", budget="full", out=tmp_path, seeds=5, device="cuda")
+    assert not gpu.fused and any("not measured on a GPU" in n for n in gpu.notes)
 
 
 def test_cli_dry_run_with_fused_flag(tmp_path: Path, capsys) -> None:

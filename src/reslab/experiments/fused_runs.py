@@ -23,26 +23,32 @@ from reslab.experiments.runner import RunResult, RunSpec, _same_run, read_rows, 
 from reslab.models import model_info
 
 # Measured by benchmarks/bench_fused.py (K fused against K one after another, same iterations,
-# training img/s per member): device type -> (fused by default, what was measured). Fused is on
-# by default only where it was measured faster.
-FUSED_SPEEDUP: dict[str, tuple[bool, str]] = {
+# training img/s per member): device type -> (largest K fused by default, the measurement).
+# Fused is the default only where it was measured faster.
+FUSED_MAX_K: dict[str, tuple[int, str]] = {
+    # 2-core AMD EPYC, load 4-6, bf16, 1 thread (the setting README advises on a shared CPU):
+    # ResNet-20 x1.32 at K=2 but x0.77 (slower) at K=5; oneDNN's grouped 3x3 conv on 16
+    # channels per group is ~2x slower than the separate convs (measured), and K=2 gains only
+    # from the fewer, wider BN/ReLU/SGD ops. With 2 threads fused measured x2.4-2.6, but both
+    # paths ran 5-8x slower than with 1 thread (OpenMP barriers on busy cores).
     "cpu": (
-        True,
-        "x1.18 / x2.40 for ResNet-20 with K=2 / 5, x1.16 / x2.03 for ResNet-56, on a 2-core AMD "
-        "EPYC under load 4.8-6.4, bf16 (results/benchmarks/bench_fused_cpu.txt)",
+        2,
+        "faster up to K=2 (x1.32 at K=2, x0.77 at K=5: ResNet-20, 1 thread, 2-core "
+        "AMD EPYC under load; results/benchmarks/bench_fused_cpu.txt)",
     ),
     # Not measured yet: no GPU in the sessions so far. `--fused on` forces it;
     # `python benchmarks/bench_fused.py --device cuda` measures it.
-    "cuda": (False, "not measured on a GPU yet"),
+    "cuda": (0, "not measured on a GPU yet"),
 }
 
 
-def fused_default(device: str) -> tuple[bool, str]:
-    """(fuse seeds by default on this device, the measurement behind that choice)."""
+def fused_default(device: str, k: int) -> tuple[bool, str]:
+    """(fuse k seeds by default on this device, the measurement behind that choice)."""
     # The device type only: a plan for a GPU can be written (--dry-run) on a machine without one.
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     kind = torch.device(kind).type
-    return FUSED_SPEEDUP.get(kind, (False, f"not measured on {kind}"))
+    max_k, why = FUSED_MAX_K.get(kind, (0, f"not measured on {kind}"))
+    return k <= max_k, why
 
 
 def _fusable(spec: RunSpec) -> bool:

@@ -273,7 +273,7 @@ def make_plan(
     if seeds > 1:
         from reslab.experiments.fused_runs import fused_default
 
-        default, why = fused_default(device)
+        default, why = fused_default(device, seeds)
         plan.fused = default if fused is None else fused
         how = "as one fused net per configuration" if plan.fused else "one after another"
         src = "this device's default" if fused is None else "--fused"
