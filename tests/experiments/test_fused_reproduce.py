@@ -31,6 +31,10 @@ def test_table6_seeds_trained_fused_then_reused(cifar_root: Path, tmp_path: Path
     a = load_checkpoint_model(runs / "resnet20-s0" / "last.pt", device="cpu").model
     b = load_checkpoint_model(runs / "resnet20-s1" / "last.pt", device="cpu").model
     assert not a.conv1.weight.equal(b.conv1.weight)  # two seeds, two nets
+    # `reslab eval` takes the members' checkpoints unchanged (here as a two-seed ensemble).
+    ckpts = [str(runs / f"resnet20-s{s}" / "last.pt") for s in (0, 1)]
+    assert main(["eval", "--checkpoint", *ckpts, "--data", str(cifar_root), "--limit", "30",
+                 "--out", str(tmp_path / "ev")]) == 0  # fmt: skip
     again = reproduce("table6", **opts).read_text()
     assert "(fused" not in again.split("## Runs")[-1] and "| skipped |" in again
 

@@ -112,3 +112,21 @@ def test_rejects_mixed_members() -> None:
         FusedCifarNet([cifar_resnet(depth=14), cifar_resnet(depth=8)])
     with pytest.raises(ValueError, match=r"\[N, 6, H, W\]"):
         FusedCifarNet(_nets(2))(torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_equals_separate_nets_on_cuda() -> None:
+    dev, k = torch.device("cuda"), 3
+    nets = [m.to(dev, torch.float64) for m in _nets(k)]
+    fused = FusedCifarNet(copy.deepcopy(nets)).to(dev)
+    xs = [torch.randn(8, 3, 32, 32, device=dev, dtype=torch.float64) for _ in range(k)]
+    ys = [torch.randint(0, 10, (8,), device=dev) for _ in range(k)]
+    ce = nn.CrossEntropyLoss()
+    logits = fused(stack_inputs(xs))
+    sum(ce(logits[i], ys[i]) for i in range(k)).backward()
+    for i, net in enumerate(nets):
+        ce(net(xs[i]), ys[i]).backward()
+        got = dict(fused.members[i].named_parameters())
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(got[name].grad, p.grad, **TOL[torch.float64], msg=name)
