@@ -15,6 +15,9 @@
 #   for ResNet-20..110, plus all five at once with and without CUDA MPS (no data needed:
 #   synthetic images time the same; the trainer itself first meets the GPU in `table6`).
 # compile: bench_gpu.py's torch.compile paths for ResNet-20 and ResNet-110.
+# fused: benchmarks/bench_fused.py, K=2 and 5 seeds as one grouped net vs one after another
+#   (ResNet-20/56/110, synthetic images; goal: 5 seeds in at most 2x one seed's time). Its
+#   result decides fused_runs.FUSED_MAX_K["cuda"] (reproduce --fused auto).
 # table6: assembles and checks the data, then `reslab reproduce table6 --budget full` on
 #   ResNet-20..110 (1202 left out), JOBS at a time, each run stopped after TL seconds of
 #   training if not done (marked STOPPED in the report; the next call on the same warm machine
@@ -26,7 +29,7 @@
 # (.gpudata), RESULTS (results), RUNS (runs/gpu): where the data parts, report and runs live.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:?usage: scripts/gpu_session.sh pack DATA_DIR | probe | compile | table6}
+PHASE=${1:?usage: scripts/gpu_session.sh pack DATA_DIR | probe | compile | fused | table6}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -80,6 +83,11 @@ probe)
 compile)
     (cd benchmarks && "$PY" bench_gpu.py --synthetic --device "$DEVICE" --depths 20,110 \
         --paths eager,compile,cudagraph) 2>&1 | tee "$OUT/compile.txt"
+    ;;
+fused)
+    (cd benchmarks && "$PY" bench_fused.py --synthetic --device "$DEVICE" --conv \
+        --models resnet20,resnet56,resnet110 --ks 2,5 --steps 30 --warmup 5 --repeats 3 \
+        --json "$OUT/bench_fused.json") 2>&1 | tee "$OUT/fused.txt"
     ;;
 table6)
     data=$GPUDATA/cifar-10-batches-py
