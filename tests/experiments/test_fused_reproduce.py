@@ -41,9 +41,9 @@ def test_table6_seeds_trained_fused_then_reused(cifar_root: Path, tmp_path: Path
 
 def test_fused_default_and_flag_are_recorded_in_the_plan(tmp_path: Path) -> None:
     _, _, plan = make_plan("table6", budget="cpu-xl", out=tmp_path, seeds=2, device="cpu")
-    assert plan.fused and any("fused on this device: faster up to K=2" in n for n in plan.notes)
-    _, _, plan = make_plan("table6", budget="cpu-xl", out=tmp_path, seeds=5, device="cpu")
-    assert not plan.fused  # measured slower at K=5 on the CPU
+    assert not plan.fused  # measured slower on the CPU: the default says so in the notes
+    assert any("one after another (this device's default; fused on this device: slower" in n
+               for n in plan.notes)  # fmt: skip
     _, _, plan = make_plan("table6", budget="cpu-xl", out=tmp_path, seeds=5, device="cpu",
                            fused=True)  # fmt: skip
     assert plan.fused

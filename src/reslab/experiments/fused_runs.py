@@ -26,15 +26,14 @@ from reslab.models import model_info
 # training img/s per member): device type -> (largest K fused by default, the measurement).
 # Fused is the default only where it was measured faster.
 FUSED_MAX_K: dict[str, tuple[int, str]] = {
-    # 2-core AMD EPYC, load 4-6, bf16, 1 thread (the setting README advises on a shared CPU):
-    # ResNet-20 x1.32 at K=2 but x0.77 (slower) at K=5; oneDNN's grouped 3x3 conv on 16
-    # channels per group is ~2x slower than the separate convs (measured), and K=2 gains only
-    # from the fewer, wider BN/ReLU/SGD ops. With 2 threads fused measured x2.4-2.6, but both
-    # paths ran 5-8x slower than with 1 thread (OpenMP barriers on busy cores).
+    # 2-core AMD EPYC, bf16, 1 thread (the setting README advises on a shared CPU): slower,
+    # x0.71-0.93 for ResNet-20/56 at K=2 and 5 (load 1.9); oneDNN's grouped 3x3 conv is no
+    # faster per member than K separate convs. With 2 threads fused measured x1.16-2.57, but
+    # both paths ran 5-8x slower than with 1 thread (OpenMP barriers on busy cores).
     "cpu": (
-        2,
-        "faster up to K=2 (x1.32 at K=2, x0.77 at K=5: ResNet-20, 1 thread, 2-core "
-        "AMD EPYC under load; results/benchmarks/bench_fused_cpu.txt)",
+        0,
+        "slower on the CPU measured: x0.71-0.93 for ResNet-20/56 at K=2 and 5, 1 thread "
+        "(results/benchmarks/bench_fused_cpu.txt)",
     ),
     # Not measured yet: no GPU in the sessions so far. `--fused on` forces it;
     # `python benchmarks/bench_fused.py --device cuda` measures it.
