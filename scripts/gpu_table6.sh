@@ -21,9 +21,12 @@
 # run the jobs under CUDA MPS when nvidia-cuda-mps-control exists, never fatal when it does not);
 # GPUDATA (.gpudata), RESULTS (results), RUNS (runs/gpu): where the parts, report and runs live;
 # PRESET (xz preset for pack; default -9e).
+# fused (issue 18, needs no data): benchmarks/bench_fused.py, K=2 and 5 seeds as one grouped net
+#   vs one after another (ResNet-20/56/110, synthetic images; goal: 5 seeds in at most 2x one
+#   seed's time). Its result decides fused_runs.FUSED_MAX_K["cuda"] (reproduce --fused auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:?usage: scripts/gpu_table6.sh pack DATA_DIR | stage | table6}
+PHASE=${1:?usage: scripts/gpu_table6.sh pack DATA_DIR | stage | table6 | fused}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -86,6 +89,12 @@ table6)
     # The report, figures, configs and logs come back; checkpoints (*.pt) stay.
     tar czf "$OUT/table6-$BUDGET.tgz" --exclude='*.pt' $(ls -d "$res" "$RUNS" 2>/dev/null)
     ls -la "$OUT"
+    ;;
+fused)
+    card | tee "$OUT/fused.txt"
+    (cd benchmarks && "$PY" bench_fused.py --synthetic --device "$DEVICE" --conv \
+        --models resnet20,resnet56,resnet110 --ks 2,5 --steps 30 --warmup 5 --repeats 3 \
+        --json "$OUT/bench_fused.json") 2>&1 | tee -a "$OUT/fused.txt"
     ;;
 *)
     echo "unknown phase $PHASE: use pack DATA_DIR, stage or table6" >&2

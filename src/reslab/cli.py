@@ -512,6 +512,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
         runs=args.runs, jobs=args.jobs, compile=args.compile or args.compile_mode or False,
         progress=not args.quiet, only=args.only, time_limit=args.time_limit,
+        fused={"auto": None, "on": True, "off": False}[args.fused],
     )  # fmt: skip
     try:
         if args.dry_run:
@@ -581,6 +582,13 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="seconds of training per run in this call; a run stopped by it gets a final "
         "evaluation, is marked STOPPED in the report, and resumes on the next call",
+    )
+    p.add_argument(
+        "--fused",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="with --seeds K: train each configuration's K seeds as one grouped net (auto: on "
+        "where measured faster, see README)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(

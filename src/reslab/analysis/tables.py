@@ -46,6 +46,15 @@ def fmt_mean_std(values: Sequence[float], *, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def fmt_best_mean_std(values: Sequence[float], *, digits: int = 2) -> str:
+    """'6.43 (6.61±0.16)': best, then mean ± std, as Table 6 writes ResNet-110's 5 runs (lowest
+    is best: these are errors)."""
+    mean, std = mean_std(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{min(values):.{digits}f} ({mean:.{digits}f}±{std:.{digits}f})"
+
+
 def compare_table(
     results: Mapping[str, Sequence[float]],
     paper: Mapping[str, float | None],

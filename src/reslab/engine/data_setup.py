@@ -48,7 +48,7 @@ def build_cifar(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDa
         train = CifarSplit(train.images[: cfg.train_subset], train.labels[: cfg.train_subset],
                            train.classes)  # fmt: skip
     pre = cifar_preprocess(cfg.normalization, train.images)
-    dtype = torch.float32
+    dtype = torch.get_default_dtype()  # float32 unless a caller (an exactness test) sets it
     lighting = None
     if cfg.pca_lighting:
         from reslab.data.stats import compute_stats

@@ -73,6 +73,7 @@ class RunResult:
 class Plan:
     specs: list[RunSpec]
     notes: list[str] = field(default_factory=list)  # how this budget differs from the paper
+    fused: bool = False  # train a configuration's seeds as one fused net (fused_runs.py)
 
 
 @dataclass
@@ -256,12 +257,15 @@ def make_plan(
     progress: bool = True,
     only: Sequence[str] | None = None,
     time_limit: float | None = None,
+    fused: bool | None = None,
 ) -> tuple[Context, Any, Plan]:
     """The experiment's context, module and runs, with data/device/compile filled in.
 
     compile: True for torch.compile's default mode, or a mode name ("reduce-overhead").
     only: run names to keep (the rest of the plan is left out of training and report).
-    time_limit: seconds of training per run (this call); a run stopped by it resumes next call."""
+    time_limit: seconds of training per run (this call); a run stopped by it resumes next call.
+    fused: train each configuration's seeds as one fused net (None: the device's measured
+    default, fused_runs.FUSED_SPEEDUP)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     if budget not in BUDGETS:
@@ -281,6 +285,7 @@ def make_plan(
         argv += ["--compile"]
     argv += ["--only", ",".join(only)] if only else []
     argv += ["--time-limit", f"{time_limit:g}"] if time_limit else []
+    argv += ["--fused", "on" if fused else "off"] if fused is not None else []
     if budget not in _budgets(name):
         raise ValueError(
             f"{name} has no {budget!r} budget (it has {', '.join(_budgets(name))}); "
@@ -306,6 +311,14 @@ def make_plan(
         spec.cfg.compile_mode = compile if isinstance(compile, str) else "default"
         spec.cfg.time_limit = time_limit
         spec.cfg.out = str(runs_root / spec.name)
+    if seeds > 1:
+        from reslab.experiments.fused_runs import fused_default
+
+        default, why = fused_default(device, seeds)
+        plan.fused = default if fused is None else fused
+        how = "as one fused net per configuration" if plan.fused else "one after another"
+        src = "this device's default" if fused is None else "--fused"
+        plan.notes.append(f"seeds trained {how} ({src}; fused on this device: {why}).")
     return ctx, module, plan
 
 
@@ -345,6 +358,7 @@ def reproduce(
     progress: bool = True,
     only: Sequence[str] | None = None,
     time_limit: float | None = None,
+    fused: bool | None = None,
 ) -> Path:
     """Run experiment `name` at `budget` (smoke | cpu | full) and write OUT/REPORT.md, its path.
 
@@ -355,11 +369,18 @@ def reproduce(
     ctx, module, plan = make_plan(
         name, budget=budget, out=out, seeds=seeds, data=data, device=device, runs=runs,
         jobs=jobs, compile=compile, progress=progress, only=only, time_limit=time_limit,
+        fused=fused,
     )  # fmt: skip
     ctx.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = run_all(plan.specs, runs_root=ctx.runs_root, jobs=jobs, progress=progress,
-                      tag=f"{name} {budget}")  # fmt: skip
+    if plan.fused:
+        from reslab.experiments.fused_runs import run_all_fused
+
+        results = run_all_fused(plan.specs, runs_root=ctx.runs_root, progress=progress,
+                                tag=f"{name} {budget}")  # fmt: skip
+    else:
+        results = run_all(plan.specs, runs_root=ctx.runs_root, jobs=jobs, progress=progress,
+                          tag=f"{name} {budget}")  # fmt: skip
     body = module.analyse(ctx, results)
     return report.write_report(ctx, module.TITLE, plan, results, body,
                                seconds=time.perf_counter() - t0)  # fmt: skip

@@ -10,7 +10,7 @@ import torch
 from reslab.analysis.complexity import count_params
 from reslab.analysis.plots import Run, plot_curves, x_unit
 from reslab.analysis.significance import mcnemar
-from reslab.analysis.tables import compare_table, markdown_table
+from reslab.analysis.tables import compare_table, fmt_best_mean_std, markdown_table
 from reslab.data.cifar import load_cifar
 from reslab.engine.distributed import resolve_device
 from reslab.engine.eval_run import load_checkpoint_model
@@ -165,7 +165,15 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
             if 110 in depths
             else "Paper: one run per depth at the depths above. "
         )
-        + f"Ours: {ctx.seeds} seed(s). Trained on {split}; test error measured on "
+        + f"Ours: {ctx.seeds} seed(s). "
+        + (
+            "As the paper writes it, best (mean±std) over seeds: "
+            + "; ".join(f"ResNet-{d} {fmt_best_mean_std(errs[d])}" for d in sorted(errs))
+            + ". "
+            if any(len(v) > 1 for v in errs.values())
+            else ""
+        )
+        + f"Trained on {split}; test error measured on "
         + (
             f"the first {results[0].spec.cfg.eval_subset:,} test images."
             if results and results[0].spec.cfg.eval_subset
