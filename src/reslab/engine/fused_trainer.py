@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from reslab.data.loaders import TensorLoader
 from reslab.engine import distributed as D
-from reslab.engine.checkpoint import load_checkpoint
-from reslab.engine.config import TrainConfig, save_config
+from reslab.engine import rundir
+from reslab.engine.checkpoint import load_checkpoint, write_text_atomic
+from reslab.engine.config import TrainConfig
 from reslab.engine.data_setup import build_data
 from reslab.engine.precision import autocast, resolve_precision
 from reslab.engine.schedules import make_sgd, set_lr
@@ -125,13 +126,23 @@ class FusedTrainer:
         self.device = D.resolve_device(cfg0.device)
         self.dist = D.DistInfo()
         self.precision = resolve_precision(cfg0.precision, self.device)
+        if self.precision == "fp16":
+            # NOTE: one GradScaler would skip every member's step when one member overflows.
+            raise ValueError("fused training runs in fp32 or bf16; use --fused off for fp16")
         outs = [Path(c.out) for c in cfgs]
+        for c, o in zip(cfgs, outs, strict=True):
+            c.validate()
+            rundir.check_out_path(o)
+            rundir.acquire_lock(o)  # each member's run directory has one writer, as a single run's
         held = [o for o in outs if (o / "last.pt").exists() or (o / _NEXT).exists()]
         if held and not resume:
             raise FileExistsError(f"{held[0]} already holds a run; pass --resume to continue it, "
                                   "or choose another --out")  # fmt: skip
         if resume:
             recover_commit(outs)
+        for o in outs:
+            rundir.check_start(o, resume=resume)
+            rundir.clean_stale_temps(o)
         data = build_data(cfg0, self.device, self.dist)  # one copy of the images for all
         if not isinstance(data.train, TensorLoader):
             raise ValueError("fused training needs the on-device CIFAR loader")
@@ -155,6 +166,9 @@ class FusedTrainer:
             m.data = dataclasses.replace(data, train=loader)
             m.model, m.model_options, m.net = model, options, model
             m.state = TrainState()
+            # The single trainer's attributes its save/restore/evaluate methods read.
+            m.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # fp32/bf16 only
+            m._log, m.recipe, m._saved_step = None, None, None
             self.members.append(m)
         self.model = FusedCifarNet([m.model for m in self.members]).to(self.device)
         if cfg0.channels_last:
@@ -172,7 +186,12 @@ class FusedTrainer:
                                       "resume them one by one with `reslab train --resume`")  # fmt: skip
             if all(have):
                 for m in self.members:
-                    m._restore(load_checkpoint(m.out / "last.pt", map_location=self.device))
+                    ckpt = load_checkpoint(m.out / "last.pt", map_location=self.device)
+                    rundir.check_resume_config(m.out / "last.pt", ckpt.get("config") or {},
+                                               m.cfg.to_dict())  # fmt: skip
+                    m._restore(ckpt)
+                    m._saved_step = m.state.step
+                    m._finish_best()
                 steps = {m.state.step for m in self.members}
                 if len(steps) > 1:
                     raise FileExistsError(f"members' last.pt are at different iterations "
@@ -194,12 +213,12 @@ class FusedTrainer:
         k = len(ms)
         for m in ms:
             m.out.mkdir(parents=True, exist_ok=True)
-            save_config(m.cfg, m.out / "config.yaml", {
+            rundir.write_run_config(m.out / "config.yaml", m.cfg.to_dict(), {
                 **run_info(), "precision": self.precision, "world_size": 1, "device": str(dev),
                 "fused": {"members": k, "seeds": [x.cfg.seed for x in ms]},
             })  # fmt: skip
-            with open(m.out / "metrics.jsonl", "w") as f:  # rewritten from the checkpoint
-                f.writelines(json.dumps(row) + "\n" for row in m.state.history)
+            write_text_atomic(m.out / "metrics.jsonl",  # rewritten from the checkpoint
+                              "".join(json.dumps(row) + "\n" for row in m.state.history))  # fmt: skip
         self.net.train()
         loss_acc = torch.zeros(k, device=dev, dtype=torch.float64)
         wrong_acc = torch.zeros(k, device=dev, dtype=torch.int64)
@@ -281,12 +300,17 @@ class FusedTrainer:
                 rows = [m._evaluate_all(lrs[i], ips) for i, m in enumerate(ms)]
                 self.net.train()
                 t_int, n_int = time.perf_counter(), 0
-                self._save_last()
+                new_best = []
                 for m, row in zip(ms, rows, strict=True):
                     val = row.get("val_error")
+                    # Recorded before last.pt is written, so a kill before the best.pt copy is
+                    # finished by the resumed run (Trainer._finish_best).
                     if val is not None and val < m.state.best_val_error:
-                        m.state.best_val_error = val
-                        m._save("best.pt")
+                        m.state.best_val_error, m.state.best_step = val, step
+                        new_best.append(m)
+                self._save_last()
+                for m in new_best:
+                    m._save_best()
                 bar.write(" || ".join(Trainer._format_row(r) for r in rows))
             elif saving:
                 self._save_last()
@@ -296,9 +320,8 @@ class FusedTrainer:
         finals = []
         for m, row in zip(ms, rows, strict=True):
             final = row or (m.state.history[-1] if m.state.history else {})
-            tmp = m.out / ".final.json.tmp"
-            tmp.write_text(json.dumps(final, indent=2))
-            _replace(tmp, m.out / "final.json")  # the runner reads final.json to skip a run
+            write_text_atomic(m.out / "final.json", json.dumps(final, indent=2))  # the runner
+            # reads final.json to skip a finished run
             finals.append(final)
         return finals
 
@@ -307,4 +330,8 @@ def train_fused(
     cfgs: Sequence[TrainConfig], *, resume: bool = False, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Train the members together; returns each member's final evaluation row."""
-    return FusedTrainer(cfgs, resume=resume, progress=progress).fit()
+    try:
+        return FusedTrainer(cfgs, resume=resume, progress=progress).fit()
+    finally:
+        for c in cfgs:
+            rundir.release_lock(Path(c.out))
