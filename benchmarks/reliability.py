@@ -173,7 +173,7 @@ def build_cases(data: Path, w: Path, template: Path, marker: Path) -> list[Case]
              check=lambda _: "lr: 0.001" in (w / "r_lr" / "config.yaml").read_text()))  # fmt: skip
     for name, extra, needle in [
         ("--set batch_size=0", ["--set", "batch_size=0"], "batch_size must be"),
-        ("--iters -5", ["--iters", "-5"], "iters must be"),
+        ("--iters -5", ["--iters", "-5"], "--iters: must be a whole number >= 1"),
         ("--set eval_every=ten", ["--set", "eval_every=ten"], "eval_every expects"),
         ("--set unknown field", ["--set", "colour=red"], "unknown config field 'colour'"),
         ("--model unknown", ["--model", "resnet21"], "unknown model 'resnet21'"),

@@ -108,6 +108,7 @@ def test_folder_loader_keeps_its_workers_across_epochs() -> None:
 def test_watched_run_banner_timed_progress_loss_warning_and_logs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    pytest.importorskip("tensorboard")  # in the dev extra; the run itself works without it
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = colour_folder(tmp_path / "imgs")
@@ -227,3 +228,20 @@ def test_head_lr_multiplier_finds_each_architectures_classifier(tmp_path: Path) 
                        head=classifier_name(model))  # fmt: skip
         fast = {id(p) for g in opt.param_groups if g["lr_mult"] == 10.0 for p in g["params"]}
         assert fast == {id(p) for p in getattr(model, head).parameters()}
+
+
+def test_small_folder_fits_the_recipe_batch_but_refuses_a_chosen_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = colour_folder(tmp_path / "imgs", per_class=6)  # 18 images, 15 after the held-out 10%
+    weights = cifar_weights(tmp_path / "w.safetensors")
+    base = ["train", "--data", str(data), "--weights", str(weights), "--device", "cpu",
+            "--precision", "fp32", "--iters", "2"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "fit")]) == 0
+    err = capsys.readouterr().err
+    assert "batch size 32 > 15 training images: using 15" in err
+    assert yaml.safe_load((tmp_path / "fit" / "config.yaml").read_text())["batch_size"] == 15
+    # The user's own batch size is never changed behind their back: refused with the numbers.
+    assert main([*base, "--batch-size", "32", "--out", str(tmp_path / "own")]) == 2
+    err = capsys.readouterr().err
+    assert "15 images but one batch needs 32" in err and "Traceback" not in err

@@ -246,6 +246,8 @@ def _train_config(args: argparse.Namespace):
         "download": args.download or None, "sync_bn": args.sync_bn or None,
         "lr": args.lr, "batch_size": args.batch_size, "workers": args.workers,
     }  # fmt: skip
+    if args.batch_size is not None or any(a.startswith("batch_size=") for a in args.set or []):
+        cfg.fit_batch = False  # a batch size the user chose is theirs: refused if too large
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -758,8 +760,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its refusals in one line (the usage block goes to --help)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="reslab",
         description="Deep residual learning (He et al., 2015): models, training, "
         "reproduction of the paper's tables and figures.",

@@ -48,6 +48,7 @@ class TrainConfig:
     image_size: int | None = 224  # folders: crop side (section 3.4); None: the weights' own
     resize: int | None = 256  # folders: test-time shorter side; None: the weights' or size*256/224
     val_fraction: float = 0.1  # folders without val/: held-out share (stratified, seeded)
+    fit_batch: bool = False  # folders: shrink batch_size to a smaller training set (finetune)
     pca_lighting: bool = False  # AlexNet's PCA colour augmentation (section 3.4 uses it)
     stats: str | None = None  # `reslab data stats` file: mean image / mean+std / PCA eigen
     pad: int = 4  # section 4.2: 4 pixels padded on each side, random 32x32 crop

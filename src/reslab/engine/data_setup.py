@@ -175,9 +175,10 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
     if cfg.train_subset:
         train_ds = torch.utils.data.Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))
     workers = choose_workers(cfg.workers, images=len(train_ds), cores=cores)
-    cfg.batch_size, note = fit_batch(cfg.batch_size, images=len(train_ds),
-                                     world_size=dist.world_size)  # fmt: skip
-    notes += [note] if note else []
+    if cfg.fit_batch:  # otherwise the trainer refuses a batch larger than the training set
+        cfg.batch_size, note = fit_batch(cfg.batch_size, images=len(train_ds),
+                                         world_size=dist.world_size)  # fmt: skip
+        notes += [note] if note else []
     common = dict(
         preprocess=pre,
         device=device,
