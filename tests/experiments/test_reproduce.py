@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from reslab.analysis.records import read_metrics
 from reslab.cli import main
 from reslab.experiments import reproduce
-from reslab.experiments.runner import ConfigMismatch, Context, read_rows, run_one
+from reslab.experiments.runner import ConfigMismatch, Context, run_one
 
 
 def _png(path: Path) -> None:
@@ -133,7 +134,7 @@ def test_relu_tanh_resumes_an_interrupted_run_via_the_cli(
     assert main(argv) == 0
     report = (out / "REPORT.md").read_text()
     assert _statuses(report) == {"relu-lr0.01-s0": "resumed", "tanh-lr0.01-s0": "trained"}
-    assert [r["iter"] for r in read_rows(ctx.runs_root / "relu-lr0.01-s0")] == [1, 4, 8, 12]
+    assert [r["iter"] for r in read_metrics(ctx.runs_root / "relu-lr0.01-s0")] == [1, 4, 8, 12]
     assert [r[0] for r in _table_rows(report, ["25%"])] == ["25%"]
     assert "AlexNet" in report and "6x" in report
     _png(out / "relu_tanh.png")
@@ -180,7 +181,7 @@ def test_jobs_train_runs_in_parallel_processes(cifar_root: Path, tmp_path: Path)
     assert _statuses(report) == {"relu-lr0.01-s0": "trained", "tanh-lr0.01-s0": "trained"}
     assert "--jobs 2" in report
     for run in ("relu-lr0.01-s0", "tanh-lr0.01-s0"):
-        assert [r["iter"] for r in read_rows(out / "runs" / "smoke" / run)] == [4, 8, 12]
+        assert [r["iter"] for r in read_metrics(out / "runs" / "smoke" / run)] == [4, 8, 12]
 
 
 def test_a_time_limited_run_is_marked_stopped_then_resumed(cifar_root: Path, tmp_path: Path):

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from reslab.analysis.records import read_metrics
 from reslab.engine.config import TrainConfig
 
 # cpu-long: the depth comparisons only (table6, fig6, fig7); cpu-xl: table6 only. Each
@@ -104,13 +105,6 @@ def _same_run(old: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
         )
 
 
-def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def fresh_compiler(cfg: TrainConfig) -> None:
     """Empty torch.compile's caches before a compiled run. Dynamo keeps compiled code per Python
     function for the life of the process, at most `recompile_limit` (8) variants of each: the
@@ -135,7 +129,8 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
     if final_file.is_file():
         final = json.loads(final_file.read_text())
         if int(final.get("iter", 0)) >= cfg.iters:
-            return RunResult(spec, run_dir, final, read_rows(run_dir), "skipped", 0.0)
+            rows = read_metrics(run_dir, missing_ok=True)
+            return RunResult(spec, run_dir, final, rows, "skipped", 0.0)
     resume = (run_dir / "last.pt").is_file()
     fresh_compiler(cfg)
     t0 = time.perf_counter()
@@ -145,13 +140,13 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
         # One diverged net must not cost the other runs of a long unattended experiment: the
         # report lists it as diverged (with its rows up to then), and a rerun tries it again.
         print(f"{spec.name}: {e}", flush=True)
-        return RunResult(spec, run_dir, {}, read_rows(run_dir), "diverged",
+        return RunResult(spec, run_dir, {}, read_metrics(run_dir, missing_ok=True), "diverged",
                          time.perf_counter() - t0)  # fmt: skip
     return RunResult(
         spec,
         run_dir,
         final,
-        read_rows(run_dir),
+        read_metrics(run_dir, missing_ok=True),
         "resumed" if resume else "trained",
         time.perf_counter() - t0,
     )
