@@ -4,7 +4,9 @@ write its REPORT.md.
 An experiment module (table6.py, fig6.py, ...) provides
   TITLE: str
   plan(ctx: Context) -> Plan       the runs, with notes on how this budget differs from the paper
-  analyse(ctx, results) -> str     markdown body of the report; writes its PNGs into ctx.out
+  analyse(ctx, results) -> Facts   what the runs show (a dataclass: numbers, claims' answers)
+  plot(ctx, results, facts)        writes its PNGs into ctx.out
+  render(facts) -> str             markdown body of the report, from the facts alone
 """
 
 from __future__ import annotations
@@ -376,6 +378,8 @@ def reproduce(
     else:
         results = run_all(plan.specs, runs_root=ctx.runs_root, jobs=jobs, progress=progress,
                           tag=f"{name} {budget}")  # fmt: skip
-    body = module.analyse(ctx, results)
+    facts = module.analyse(ctx, results)
+    module.plot(ctx, results, facts)
+    body = module.render(facts)
     return report.write_report(ctx, module.TITLE, plan, results, body,
                                seconds=time.perf_counter() - t0)  # fmt: skip
