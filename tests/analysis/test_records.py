@@ -10,7 +10,7 @@ from reslab.analysis.records import read_metrics
 
 
 def test_read_metrics(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"no metrics\.jsonl"):
         read_metrics(tmp_path)
     assert read_metrics(tmp_path, missing_ok=True) == []
     path = tmp_path / "metrics.jsonl"
