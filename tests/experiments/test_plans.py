@@ -336,3 +336,39 @@ def test_table6_analysis_says_whether_depth_pays_off(
                                 for r in results])  # fmt: skip
     assert none.errors == {} and none.claim is None
     assert table6.render(none).endswith("No run finished; see the Runs table.")
+
+
+def test_shortcut_parts_and_fig7_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Synthetic final errors and responses: each analysis states its claims' answers."""
+    from reslab.experiments import alexnet_parts, fig7, shortcuts
+    from reslab.experiments.runner import RunResult
+
+    def results(mod, budget: str, test: dict, seeds: int = 1) -> tuple[Context, list[RunResult]]:
+        ctx = Context(mod.__name__, budget, tmp_path, tmp_path, seeds, "data", "cpu", "")
+        return ctx, [RunResult(s, tmp_path, {"iter": s.cfg.iters, "test_error": test.get(s.name, 10.0),
+                                             "train_error": 1.0}, [], "skipped", 0.0)
+                     for s in mod.plan(ctx).specs]  # fmt: skip
+
+    err = {"resnet32-s0": 9.0, "resnet32-s1": 8.0, "resnet32-B-s0": 8.0, "resnet32-B-s1": 8.0,
+           "resnet32-C-s0": 7.5, "resnet32-C-s1": 7.9}  # fmt: skip
+    f = shortcuts.analyse(*results(shortcuts, "cpu", err, seeds=2))
+    assert f.errors == {(32, "A"): [9.0, 8.0], (32, "B"): [8.0, 8.0], (32, "C"): [7.5, 7.9]}
+    assert f.claims == [Claim("ResNet-32", "8.50 / 8.00 / 7.70", "yes")]
+    err = {f"alexnet-{v}-s0": e for v, e in zip(alexnet_parts.VARIANTS, (20, 21, 19.5, 20, 22))}
+    f = alexnet_parts.analyse(*results(alexnet_parts, "full", err))
+    assert [(v.name, v.claim and v.claim.ours, v.claim and v.claim.answer) for v in f.variants] \
+        == [("all", None, None), ("no-lrn", "+1.00", "yes"), ("no-overlap", "-0.50", "no"),
+            ("no-dropout", "+0.00", "no"), ("no-pca", "+2.00", "yes")]  # fmt: skip
+    assert (f.test_images, round(f.noise, 3)) == (10000, 0.566)  # sqrt(2 * .2 * .8 / 1e4)
+    std = {"plain20-s0": [1.0, 1.2], "plain56-s0": [0.9], "resnet20-s0": [0.5, 0.7],
+           "resnet56-s0": [0.8]}  # fmt: skip
+    monkeypatch.setattr(fig7, "load_cifar", lambda *a, **k: type("T", (), {"images": []}))
+    monkeypatch.setattr(fig7, "responses", lambda r, **_: std[r.spec.name])
+    ctx, res = results(fig7, "cpu", {})
+    for r in res:
+        (r.run_dir / "last.pt").touch()
+    f = fig7.analyse(ctx, res)
+    assert f.mean == {"plain-20": 1.1, "plain-56": 0.9, "ResNet-20": 0.6, "ResNet-56": 0.8}
+    assert f.claims == [Claim("ResNet-20 responds less than plain-20", "0.600 vs 1.100", "yes"),
+                        Claim("ResNet-56 responds less than plain-56", "0.800 vs 0.900", "yes"),
+                        Claim("ResNet-56 responds less than ResNet-20", "0.800 vs 0.600", "no")]  # fmt: skip
