@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from reslab.experiments.relu_tanh import iterations_to
+from reslab.experiments.recipes import Claim
+from reslab.experiments.relu_tanh import Reached, iterations_to
 from reslab.experiments.runner import EXPERIMENTS, Context, reproduce
 
 
@@ -218,25 +219,37 @@ def test_relu_tanh_analysis_picks_the_fastest_lr_and_averages_seeds(tmp_path: Pa
         _fake(s, curves[(s.tags["activation"], s.tags["lr"])][s.tags["seed"]])
         for s in relu_tanh.plan(ctx).specs
     ]
-    body = relu_tanh.analyse(ctx, results)
+    facts = relu_tanh.analyse(ctx, results)
+    assert facts.reached == [Reached(25.0, {"relu": 300, "tanh": 1500},
+                                     {"relu": 0.01, "tanh": 0.005}, 5.0)]  # fmt: skip
+    assert facts.claim == Claim("ReLU faster", "5.0x", "yes")
+    body = relu_tanh.render(facts)  # the report says what the facts say
     assert "| 25% | 300 (0.8), lr 0.01 | 1,500 (3.8), lr 0.005 | 5.0x | 6x |" in body
     assert "ReLU faster: **yes**" in body and "not reached by both" not in body
+    relu_tanh.plot(ctx, results, facts)
     assert (tmp_path / "relu_tanh.png").is_file()
-    # Tanh never gets below 30%: the comparison moves to 30%, and says so.
+    # Tanh never gets below 30%: the comparison moves to 35% (both reach it), and says so.
     results = [
         _fake(r.spec, [max(e, 30.5) for e in (x["train_error"] for x in r.rows)])
         if r.spec.tags["activation"] == "tanh" else r for r in results
     ]  # fmt: skip
-    body = relu_tanh.analyse(ctx, results)
+    facts = relu_tanh.analyse(ctx, results)
+    assert facts.lowest == {"relu": 20, "tanh": 30.5} and facts.threshold == 35.0
+    assert facts.reached[0] == Reached(25.0, {"relu": 300, "tanh": None},
+                                       {"relu": 0.01, "tanh": 0.005}, None)  # fmt: skip
+    assert facts.reached[1] == Reached(35.0, {"relu": 200, "tanh": 1500},
+                                       {"relu": 0.005, "tanh": 0.005}, 7.5)  # fmt: skip
+    assert facts.claim == Claim("ReLU faster", "7.5x", "yes")
+    assert [r.iterations for r in facts.runs if r.label == "tanh (lr 0.005)"] == [1200, 1800]
+    body = relu_tanh.render(facts)
     assert "not reached by both activations" in body and "| 25% |" in body
-    assert re.search(r"\| 35% \| [\d,]+ \(.*\| [\d.]+x \|  \|", body), body
+    assert "| 35% | 200 (0.5), lr 0.005 | 1,500 (3.8), lr 0.005 | 7.5x |  |" in body
 
 
 @pytest.mark.parametrize(
     ("r56", "train", "test"),
-    [((20.0, 11.0), "**yes**", "**yes**"), ((20.0, 13.0), "**yes**", "**no**"),
-     ((26.0, 11.0), "**no**", "**yes**")],
-)  # fmt: skip
+    [((20.0, 11.0), "yes", "yes"), ((20.0, 13.0), "yes", "no"), ((26.0, 11.0), "no", "yes")],
+)
 def test_fig6_analysis_checks_both_claims(tmp_path: Path, r56, train: str, test: str) -> None:
     """Synthetic final errors (train, test): plain nets degrade; the ResNet claim is answered
     for training and for test error separately (ResNet-20: 25.0, 12.0)."""
@@ -252,19 +265,31 @@ def test_fig6_analysis_checks_both_claims(tmp_path: Path, r56, train: str, test:
         rows = [{"iter": 2000, "train_error": tr + 10, "test_error": te + 10},
                 {"iter": 4000, "train_error": tr, "test_error": te}]  # fmt: skip
         results.append(RunResult(s, tmp_path, rows[-1], rows, "skipped", 0.0))
-    body = fig6.analyse(ctx, results)
-    assert "| deeper plain nets have HIGHER training error (degradation) | train 20 layers " \
-        "25.00% -> 56 layers 40.00% | **yes** |" in body  # fmt: skip
-    assert f"| test 20 layers 12.00% -> 56 layers {r56[1]:.2f}% | {test} |" in body
-    assert f"| train 20 layers 25.00% -> 56 layers {r56[0]:.2f}% | {train} |" in body
-    holds = train == test == "**yes**"
-    assert ("even so the deepest ResNet ends below" in body) == holds
+    facts = fig6.analyse(ctx, results)
+    assert facts.errors == {("plain", 20): (25.0, 14.0), ("plain", 56): (40.0, 30.0),
+                            ("resnet", 20): (25.0, 12.0), ("resnet", 56): r56}  # fmt: skip
+    assert facts.claims == [
+        Claim("deeper plain nets have HIGHER training error (degradation)",
+              "train 20 layers 25.00% -> 56 layers 40.00%", "yes"),
+        Claim("deeper ResNets have LOWER training error",
+              f"train 20 layers 25.00% -> 56 layers {r56[0]:.2f}%", train),
+        Claim("deeper ResNets have LOWER test error",
+              f"test 20 layers 12.00% -> 56 layers {r56[1]:.2f}%", test),
+    ]  # fmt: skip
+    assert facts.resnets_better == (train == test == "yes") and facts.last_iter == 4000
+    body = fig6.render(facts)  # the report says what the facts say
+    for c in facts.claims:
+        assert f"| {c.claim} | {c.ours} | **{c.answer}** |" in body
+    assert ("even so the deepest ResNet ends below" in body) == facts.resnets_better
     assert "x axis: iterations (thousands)." in body
+    fig6.plot(ctx, results, facts)
     assert (tmp_path / "fig6.png").stat().st_size > 10_000
     smoke = fig6.analyse(Context("fig6", "smoke", tmp_path, tmp_path, 1, "data", "cpu", ""), [
         RunResult(r.spec, tmp_path, r.final, r.rows, "skipped", 0.0) for r in results
         if r.spec.tags["depth"] in (20, 56)])  # fmt: skip
-    assert "**yes**" not in smoke and "**no**" not in smoke and "not judged" in smoke
+    assert [c.answer for c in smoke.claims] == ["not judged"] * 3
+    body = fig6.render(smoke)
+    assert "**yes**" not in body and "**no**" not in body and "not judged" in body
 
 
 @pytest.mark.parametrize(("r20", "r56", "ordered"), [(12.0, 11.0, True), (11.0, 12.0, False)])
@@ -280,20 +305,70 @@ def test_table6_analysis_says_whether_depth_pays_off(
         RunResult(s, tmp_path, {"iter": 4000, "test_error": err[s.name]}, [], "skipped", 0.0)
         for s in table6.plan(ctx).specs
     ]
-    body = table6.analyse(ctx, results)
-    assert f"Ours (best over seeds, by depth): ResNet-20 {r20:.2f}, ResNet-56 {r56:.2f}." in body
+    facts = table6.analyse(ctx, results)
+    assert facts.errors == {20: [r20], 56: [r56]} and facts.best == {20: r20, 56: r56}
+    assert facts.mean_std == {20: (r20, 0.0), 56: (r56, 0.0)} and facts.ordered == ordered
+    ours = f"ResNet-20 {r20:.2f}, ResNet-56 {r56:.2f}"
+    assert facts.claim == Claim("test error falls with depth", ours, "yes" if ordered else "no")
+    assert facts.params == {20: 269_722, 56: 853_018}
+    assert facts.pairs == [] and facts.last_iter is None  # no checkpoints, no curves
+    assert facts.val_split and facts.eval_subset is None and facts.iters == 4000
+    body = table6.render(facts)  # the report says what the facts say
+    assert f"Ours (best over seeds, by depth): {ours}." in body
     assert f"Monotonically falling with depth: **{'yes' if ordered else 'no'}**" in body
     # Only the depths trained are quoted from the paper; the data are named.
     assert "ResNet-110" not in body and "1202" not in body
     assert "Paper (Table 6), at the depths trained here: ResNet-20 8.75, ResNet-56 6.97" in body
     assert "Trained on the 45k split (5k training images held out" in body
+    assert ("The order by depth is the paper's" in body) == ordered
+    assert ("not yet better." in body) == (not ordered) and "ResNet-110 spends" not in body
     smoke = Context("table6", "smoke", tmp_path, tmp_path / "runs", 1, "data", "cpu", "")
     err = {"resnet20-s0": r20, "resnet32-s0": r56}
     smoke_results = [
         RunResult(s, tmp_path, {"iter": 12, "test_error": err[s.name]}, [], "skipped", 0.0)
         for s in table6.plan(smoke).specs
     ]
-    smoke_body = table6.analyse(smoke, smoke_results)
+    smoke_facts = table6.analyse(smoke, smoke_results)
+    assert smoke_facts.claim is not None and smoke_facts.claim.answer == "not judged"
+    smoke_body = table6.render(smoke_facts)
     assert "not judged (smoke budget" in smoke_body and "**yes**" not in smoke_body
-    assert ("The order by depth is the paper's" in body) == ordered
-    assert ("not yet better." in body) == (not ordered) and "ResNet-110 spends" not in body
+    none = table6.analyse(ctx, [RunResult(r.spec, tmp_path, {}, [], "diverged", 0.0)
+                                for r in results])  # fmt: skip
+    assert none.errors == {} and none.claim is None
+    assert table6.render(none).endswith("No run finished; see the Runs table.")
+
+
+def test_shortcut_parts_and_fig7_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Synthetic final errors and responses: each analysis states its claims' answers."""
+    from reslab.experiments import alexnet_parts, fig7, shortcuts
+    from reslab.experiments.runner import RunResult
+
+    def results(mod, budget: str, test: dict, seeds: int = 1) -> tuple[Context, list[RunResult]]:
+        ctx = Context(mod.__name__, budget, tmp_path, tmp_path, seeds, "data", "cpu", "")
+        return ctx, [RunResult(s, tmp_path, {"iter": s.cfg.iters, "test_error": test.get(s.name, 10.0),
+                                             "train_error": 1.0}, [], "skipped", 0.0)
+                     for s in mod.plan(ctx).specs]  # fmt: skip
+
+    err = {"resnet32-s0": 9.0, "resnet32-s1": 8.0, "resnet32-B-s0": 8.0, "resnet32-B-s1": 8.0,
+           "resnet32-C-s0": 7.5, "resnet32-C-s1": 7.9}  # fmt: skip
+    f = shortcuts.analyse(*results(shortcuts, "cpu", err, seeds=2))
+    assert f.errors == {(32, "A"): [9.0, 8.0], (32, "B"): [8.0, 8.0], (32, "C"): [7.5, 7.9]}
+    assert f.claims == [Claim("ResNet-32", "8.50 / 8.00 / 7.70", "yes")]
+    err = {f"alexnet-{v}-s0": e for v, e in zip(alexnet_parts.VARIANTS, (20, 21, 19.5, 20, 22))}
+    f = alexnet_parts.analyse(*results(alexnet_parts, "full", err))
+    assert [(v.name, v.claim and v.claim.ours, v.claim and v.claim.answer) for v in f.variants] \
+        == [("all", None, None), ("no-lrn", "+1.00", "yes"), ("no-overlap", "-0.50", "no"),
+            ("no-dropout", "+0.00", "no"), ("no-pca", "+2.00", "yes")]  # fmt: skip
+    assert (f.test_images, round(f.noise, 3)) == (10000, 0.566)  # sqrt(2 * .2 * .8 / 1e4)
+    std = {"plain20-s0": [1.0, 1.2], "plain56-s0": [0.9], "resnet20-s0": [0.5, 0.7],
+           "resnet56-s0": [0.8]}  # fmt: skip
+    monkeypatch.setattr(fig7, "load_cifar", lambda *a, **k: type("T", (), {"images": []}))
+    monkeypatch.setattr(fig7, "responses", lambda r, **_: std[r.spec.name])
+    ctx, res = results(fig7, "cpu", {})
+    for r in res:
+        (r.run_dir / "last.pt").touch()
+    f = fig7.analyse(ctx, res)
+    assert f.mean == {"plain-20": 1.1, "plain-56": 0.9, "ResNet-20": 0.6, "ResNet-56": 0.8}
+    assert f.claims == [Claim("ResNet-20 responds less than plain-20", "0.600 vs 1.100", "yes"),
+                        Claim("ResNet-56 responds less than plain-56", "0.800 vs 0.900", "yes"),
+                        Claim("ResNet-56 responds less than ResNet-20", "0.800 vs 0.600", "no")]  # fmt: skip

@@ -7,11 +7,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from reslab.analysis.records import read_metrics
+from reslab.analysis.significance import mcnemar
 from reslab.cli import main
 from reslab.experiments import reproduce
-from reslab.experiments.runner import ConfigMismatch, Context, read_rows, run_one
+from reslab.experiments.runner import ConfigMismatch, Context, run_one
 
 
 def _png(path: Path) -> None:
@@ -28,6 +31,12 @@ def _table_rows(report: str, first_cells: list[str]) -> list[list[str]]:
         if line.startswith("|") and cells[0] in first_cells:
             rows.append(cells)
     return rows
+
+
+def _stamps(runs: Path, names: list[str]) -> dict[str, tuple[int, int]]:
+    """Modification times of each smoke run's final.json and last.pt: a retrained run changes them."""
+    return {n: tuple((runs / "smoke" / n / f).stat().st_mtime_ns for f in ("final.json", "last.pt"))
+            for n in names}  # fmt: skip
 
 
 def _statuses(report: str) -> dict[str, str]:
@@ -53,10 +62,21 @@ def test_table6_report_and_rerun_skips(cifar_root: Path, tmp_path: Path, shared_
     rows = _table_rows(report, ["ResNet-20", "ResNet-32", "ResNet-44"])
     assert [r[0] for r in rows] == ["ResNet-20", "ResNet-32"] * 2  # errors, then parameters
     assert rows[0][4] == "8.75" and rows[1][4] == "7.51"  # the paper's column
-    assert "0.270M" in report and "## Hardware and versions" in report
+    assert rows[2][1:] == ["0.270M", "0.27M"] and "## Hardware and versions" in report
     assert "![training curves](table6.png)" in report
-    (pair,) = _table_rows(report, ["ResNet-20 vs ResNet-32"])  # McNemar on the 256 test images
-    assert int(pair[2]) >= 0 and int(pair[3]) >= 0 and 0 < float(pair[4]) <= 1
+    for run, row in zip(("resnet20-s0", "resnet32-s0"), rows[:2], strict=True):
+        final = json.loads((shared_runs / "smoke" / run / "final.json").read_text())
+        assert final["iter"] == 12 and row[1] == row[2] == f"{final['test_error']:.2f}"
+        wrong = final["test_error"] * 2.56  # images of the 256 evaluated
+        assert row[3] == "1" and wrong == pytest.approx(round(wrong))
+        assert (shared_runs / "smoke" / run / "last.pt").is_file()
+    # McNemar on the 256 test images: the counts account for the gap, p is the test's.
+    (pair,) = _table_rows(report, ["ResNet-20 vs ResNet-32"])
+    (e0, e1), a, b = map(float, pair[1].split(" vs ")), int(pair[2]), int(pair[3])
+    assert e1 - e0 == pytest.approx(100 * (a - b) / 256, abs=0.011)
+    right = torch.tensor([True] * a + [False] * b)
+    assert pair[4] == f"{mcnemar(right, ~right).p:.2g}"
+    assert pair[5] == ("yes" if float(pair[4]) < 0.05 else "no")
     _png(tmp_path / "t6" / "table6.png")
     assert "reslab reproduce table6 --budget smoke" in report
     # Every link in the report reaches a file beside it: the runs' small records, no checkpoint.
@@ -66,50 +86,65 @@ def test_table6_report_and_rerun_skips(cifar_root: Path, tmp_path: Path, shared_
     assert sorted(p.name for p in (tmp_path / "t6" / "records" / "resnet20-s0").iterdir()) == [
         "config.yaml", "final.json", "metrics.jsonl"]  # fmt: skip
     assert "Monotonically falling with depth: not judged (smoke budget" in report
-    for run in ("resnet20-s0", "resnet32-s0"):
-        final = json.loads((shared_runs / "smoke" / run / "final.json").read_text())
-        assert final["iter"] == 12 and 0 <= final["test_error"] <= 100
-        assert (shared_runs / "smoke" / run / "last.pt").is_file()
-    stamp = (shared_runs / "smoke" / "resnet20-s0" / "final.json").stat().st_mtime_ns
+    assert "**yes**" not in report and "**no**" not in report  # a smoke report judges no claim
+    stamps = _stamps(shared_runs, ["resnet20-s0", "resnet32-s0"])
     again = _go("table6", cifar_root, tmp_path / "t6", shared_runs)
-    assert set(_statuses(again).values()) == {"skipped"}
-    assert (shared_runs / "smoke" / "resnet20-s0" / "final.json").stat().st_mtime_ns == stamp
+    assert _statuses(again) == {"resnet20-s0": "skipped", "resnet32-s0": "skipped"}
+    assert _stamps(shared_runs, ["resnet20-s0", "resnet32-s0"]) == stamps  # not retrained
 
 
 def test_fig6_and_fig7_share_runs(cifar_root: Path, tmp_path: Path, shared_runs: Path) -> None:
+    runs = ["plain20-s0", "plain32-s0", "resnet20-s0", "resnet32-s0"]
+    done = {r: (shared_runs / "smoke" / r / "final.json").is_file() for r in runs}  # by table6
     report = _go("fig6", cifar_root, tmp_path / "f6", shared_runs)
+    assert _statuses(report) == {r: "skipped" if done[r] else "trained" for r in runs}
+    assert not done["plain20-s0"] and not done["plain32-s0"]
     _png(tmp_path / "f6" / "fig6.png")
     names = ["plain-20", "plain-32", "ResNet-20", "ResNet-32"]
     assert [r[0] for r in _table_rows(report, names)] == names
-    assert "deeper plain nets have HIGHER training error" in report
+    claims = _table_rows(report, ["deeper plain nets have HIGHER training error (degradation)",
+                                  "deeper ResNets have LOWER training error",
+                                  "deeper ResNets have LOWER test error"])  # fmt: skip
+    assert [c[2] for c in claims] == ["not judged (smoke budget: too few iterations)"] * 3
+    stamps = _stamps(shared_runs, runs)
     report7 = _go("fig7", cifar_root, tmp_path / "f7", shared_runs)
     _png(tmp_path / "f7" / "fig7.png")
-    assert set(_statuses(report7).values()) == {"skipped"}  # fig6 trained all four
+    assert _statuses(report7) == dict.fromkeys(runs, "skipped")  # fig6 trained all four
+    assert _stamps(shared_runs, runs) == stamps
     rows = {r[0]: r for r in _table_rows(report7, names)}
-    assert rows["ResNet-20"][1] == "19" and rows["plain-32"][1] == "31"  # 3x3 layers: 6n+1
+    assert [rows[n][1] for n in names] == ["19", "31", "19", "31"]  # 3x3 layers: 6n+1
+    assert "**yes**" not in report7 and "**no**" not in report7
     # --only one kind: the runs are reused, the figure is one panel
     path = reproduce("fig6", budget="smoke", out=tmp_path / "f6r", data=str(cifar_root),
                      device="cpu", runs=shared_runs, progress=False,
                      only=["resnet20-s0", "resnet32-s0"])  # fmt: skip
     report = path.read_text()
-    assert set(_statuses(report).values()) == {"skipped"}
+    assert _statuses(report) == {"resnet20-s0": "skipped", "resnet32-s0": "skipped"}
     assert [r[0] for r in _table_rows(report, names)] == ["ResNet-20", "ResNet-32"]
+    assert _stamps(shared_runs, runs) == stamps
     _png(tmp_path / "f6r" / "fig6.png")
 
 
 def test_shortcuts(cifar_root: Path, tmp_path: Path) -> None:
     report = _go("shortcuts", cifar_root, tmp_path / "sc")
     _png(tmp_path / "sc" / "shortcuts.png")
+    assert _statuses(report) == dict.fromkeys(["resnet32-s0", "resnet32-B-s0", "resnet32-C-s0"],
+                                              "trained")  # fmt: skip
     rows = _table_rows(report, ["ResNet-32"])
     assert [r[1] for r in rows[:3]] == ["A", "B", "C"] and len(rows) == 4  # + the ordering row
+    assert [r[3] for r in rows[:3]] == ["1"] * 3  # runs per option
     assert rows[3][2] == "not judged (smoke budget: too few iterations)"  # 12 iterations
+    assert rows[3][1] == " / ".join(r[2] for r in rows[:3])  # the means of the table above
 
 
 def test_alexnet_parts(cifar_root: Path, tmp_path: Path) -> None:
     report = _go("alexnet-parts", cifar_root, tmp_path / "ap")
     _png(tmp_path / "ap" / "alexnet_parts.png")
     variants = ["all", "no-lrn", "no-overlap", "no-dropout", "no-pca"]
-    assert [r[0] for r in _table_rows(report, variants)] == variants
+    rows = _table_rows(report, variants)
+    assert [r[0] for r in rows] == variants
+    assert [r[4] for r in rows] == [""] + ["not judged (smoke budget: too few iterations)"] * 4
+    assert _statuses(report) == {f"alexnet-{v}-s0": "trained" for v in variants}
     runs = tmp_path / "ap" / "runs" / "smoke"
     assert "pca_lighting: true" in (runs / "alexnet-all-s0" / "config.yaml").read_text()
     assert "pca_lighting: false" in (runs / "alexnet-no-pca-s0" / "config.yaml").read_text()
@@ -133,12 +168,15 @@ def test_relu_tanh_resumes_an_interrupted_run_via_the_cli(
     assert main(argv) == 0
     report = (out / "REPORT.md").read_text()
     assert _statuses(report) == {"relu-lr0.01-s0": "resumed", "tanh-lr0.01-s0": "trained"}
-    assert [r["iter"] for r in read_rows(ctx.runs_root / "relu-lr0.01-s0")] == [1, 4, 8, 12]
-    assert [r[0] for r in _table_rows(report, ["25%"])] == ["25%"]
-    assert "AlexNet" in report and "6x" in report
+    assert [r["iter"] for r in read_metrics(ctx.runs_root / "relu-lr0.01-s0")] == [1, 4, 8, 12]
+    (row,) = _table_rows(report, ["25%"])
+    assert row[4] == "6x" and "**yes**" not in report and "**no**" not in report
     _png(out / "relu_tanh.png")
+    stamps = _stamps(ctx.runs_root.parent, ["relu-lr0.01-s0", "tanh-lr0.01-s0"])
     assert main(argv) == 0
-    assert set(_statuses((out / "REPORT.md").read_text()).values()) == {"skipped"}
+    skipped = {"relu-lr0.01-s0": "skipped", "tanh-lr0.01-s0": "skipped"}
+    assert _statuses((out / "REPORT.md").read_text()) == skipped
+    assert _stamps(ctx.runs_root.parent, ["relu-lr0.01-s0", "tanh-lr0.01-s0"]) == stamps
     capsys.readouterr()
     assert main([*argv, "--dry-run", "--seeds", "2"]) == 0
     listing = capsys.readouterr().out
@@ -180,7 +218,7 @@ def test_jobs_train_runs_in_parallel_processes(cifar_root: Path, tmp_path: Path)
     assert _statuses(report) == {"relu-lr0.01-s0": "trained", "tanh-lr0.01-s0": "trained"}
     assert "--jobs 2" in report
     for run in ("relu-lr0.01-s0", "tanh-lr0.01-s0"):
-        assert [r["iter"] for r in read_rows(out / "runs" / "smoke" / run)] == [4, 8, 12]
+        assert [r["iter"] for r in read_metrics(out / "runs" / "smoke" / run)] == [4, 8, 12]
 
 
 def test_a_time_limited_run_is_marked_stopped_then_resumed(cifar_root: Path, tmp_path: Path):
@@ -191,3 +229,5 @@ def test_a_time_limited_run_is_marked_stopped_then_resumed(cifar_root: Path, tmp
     report = reproduce("relu-tanh", **opts).read_text()
     assert "STOPPED" not in report
     assert _statuses(report) == {"relu-lr0.01-s0": "resumed", "tanh-lr0.01-s0": "resumed"}
+    for run in ("relu-lr0.01-s0", "tanh-lr0.01-s0"):  # continued from iteration 1, not redone
+        assert [r["iter"] for r in read_metrics(tmp_path / "runs" / "smoke" / run)] == [1, 4, 8, 12]

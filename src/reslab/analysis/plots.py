@@ -6,7 +6,6 @@ never touches a display or global backend state.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from reslab.analysis.records import read_metrics
+
 
 @dataclass
 class Run:
@@ -23,25 +24,6 @@ class Run:
 
     label: str
     rows: list[dict]
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """metrics.jsonl of a RUN_DIR, one dict per evaluation, in file order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl; is {run_dir} a reslab RUN_DIR?")
-    rows, lines = [], path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A run killed mid-write leaves a partial last line; anything else is damage.
-            if n == len(lines):
-                break
-            raise ValueError(f"{path}:{n}: not a JSON object; the file is damaged") from None
-    return rows
 
 
 def run_label(run_dir: str | Path) -> str:

@@ -4,11 +4,12 @@ PCA colour augmentation; each switched off alone against the net with all four."
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from reslab.analysis.plots import Run, plot_curves
 from reslab.analysis.tables import fmt_mean_std, markdown_table, mean_std
 from reslab.experiments import recipes
-from reslab.experiments.recipes import Schedule
+from reslab.experiments.recipes import Claim, Schedule, judge, verdict
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 
 TITLE = "AlexNet's parts, one at a time (small CIFAR-10 net)"
@@ -72,7 +73,24 @@ def plan(ctx: Context) -> Plan:
     return Plan(specs, notes)
 
 
-def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    test: list[float]  # final test error % per seed
+    train: list[float]  # last interval's training error % per seed
+    claim: Claim | None  # "the component helps" (test error rises without it); None for `all`
+
+
+@dataclass
+class PartsFacts:
+    budget: str
+    iters: int
+    test_images: int
+    noise: float  # one standard error of a difference between two runs' test errors, points
+    variants: list[Variant]
+
+
+def analyse(ctx: Context, results: Sequence[RunResult]) -> PartsFacts:
     test: dict[str, list[float]] = {}
     train: dict[str, list[float]] = {}
     for r in results:
@@ -81,33 +99,38 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
             test.setdefault(v, []).append(float(r.final["test_error"]))
             train.setdefault(v, []).append(float(r.final["train_error"]))
     base = mean_std(test["all"])[0] if "all" in test else None
-    rows = []
+    variants = []
     for v, (_, claim) in VARIANTS.items():
         if v not in test:
             continue
         delta = None if base is None or v == "all" else mean_std(test[v])[0] - base
-        rows.append(
-            [
-                v,
-                fmt_mean_std(test[v]),
-                fmt_mean_std(train[v]),
-                "" if delta is None else f"{delta:+.2f}",
-                "" if delta is None else recipes.verdict(delta > 0, ctx.budget),
-                claim,
-            ]
+        helps = (
+            None if delta is None else Claim(claim, f"{delta:+.2f}", judge(delta > 0, ctx.budget))
         )
+        variants.append(Variant(v, test[v], train[v], helps))
+    n = results[0].spec.cfg.eval_subset or 10000
+    p = 0.25 if base is None else base / 100
+    noise = 100 * (2 * p * (1 - p) / n) ** 0.5
+    return PartsFacts(ctx.budget, results[0].spec.cfg.iters, n, noise, variants)
+
+
+def plot(ctx: Context, results: Sequence[RunResult], facts: PartsFacts) -> None:
     seed0 = [r for r in results if r.spec.tags["seed"] == 0 and r.rows]
     plot_curves(
         [Run(r.spec.label, r.rows) for r in seed0],
         out=ctx.out / "alexnet_parts.png",
         title="AlexNet parts on CIFAR-10",
     )
-    n = results[0].spec.cfg.eval_subset or 10000
-    noise = (
-        100 * (2 * 0.25 * 0.75 / n) ** 0.5
-        if base is None
-        else (100 * (2 * (base / 100) * (1 - base / 100) / n) ** 0.5)
-    )
+
+
+def render(f: PartsFacts) -> str:
+    """The report's markdown from the facts."""
+    rows = [
+        [v.name, fmt_mean_std(v.test), fmt_mean_std(v.train)]
+        + (["", "", VARIANTS[v.name][1]] if v.claim is None
+           else [v.claim.ours, verdict(v.claim.answer), v.claim.claim])
+        for v in f.variants
+    ]  # fmt: skip
     lines = [
         markdown_table(
             [
@@ -124,14 +147,14 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         "",
         "![curves](alexnet_parts.png)",
         "",
-        f"Test error is measured on {n:,} test images: the sampling noise of a difference "
-        f"between two runs is about ±{noise:.1f} points (one standard error), before seed "
-        "noise; smaller changes are not evidence either way.",
+        f"Test error is measured on {f.test_images:,} test images: the sampling noise of a "
+        f"difference between two runs is about ±{f.noise:.1f} points (one standard error), "
+        "before seed noise; smaller changes are not evidence either way.",
     ]
-    if ctx.budget != "full":
+    if f.budget != "full":
         lines += [
             "",
-            f"At the `{ctx.budget}` budget ({results[0].spec.cfg.iters:,} "
+            f"At the `{f.budget}` budget ({f.iters:,} "
             "iterations) regularisers (dropout, PCA colour, overlapping pooling) usually "
             "cost accuracy: they pay off when a net trains long enough to overfit, which "
             "these runs do not. That disagreement with the paper is expected here.",

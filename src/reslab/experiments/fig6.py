@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from reslab.analysis.plots import Run, plot_curves, plot_two_panel, x_unit
 from reslab.analysis.tables import markdown_table, mean_std
 from reslab.experiments import recipes
+from reslab.experiments.recipes import Claim, judge
 from reslab.experiments.report import fmt, last
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 from reslab.models.cifar import TABLE6
@@ -73,7 +75,40 @@ def _trend(errs: dict[tuple[str, int], tuple[float, float]], kind: str, i: int) 
     return f"{depths[0]} layers {lo:.2f}% -> {depths[-1]} layers {hi:.2f}%"
 
 
-def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
+@dataclass
+class Fig6Facts:
+    budget: str
+    iters: int
+    last_iter: int  # the x axis of the figure
+    errors: dict[tuple[str, int], tuple[float, float]]  # (kind, depth) -> mean (train, test) %
+    claims: list[Claim]  # plain nets degrade; deeper ResNets train lower; test lower
+
+    @property
+    def resnets_better(self) -> bool:
+        """The deepest ResNet ends below the shallowest in training and test error."""
+        return all(c.answer == "yes" for c in self.claims[1:])
+
+
+def analyse(ctx: Context, results: Sequence[RunResult]) -> Fig6Facts:
+    errs = _final_errors(results)
+    plain, res = _shallow_deep(errs, "plain"), _shallow_deep(errs, "resnet")
+    # Degradation is about training error; the ResNet claim about training and test error both.
+    plain_worse = None if plain is None else plain[1][0] > plain[0][0]
+    res_train = None if res is None else res[1][0] < res[0][0]
+    res_test = None if res is None else res[1][1] < res[0][1]
+    claims = [
+        Claim("deeper plain nets have HIGHER training error (degradation)",
+              "train " + _trend(errs, "plain", 0), judge(plain_worse, ctx.budget)),
+        Claim("deeper ResNets have LOWER training error",
+              "train " + _trend(errs, "resnet", 0), judge(res_train, ctx.budget)),
+        Claim("deeper ResNets have LOWER test error",
+              "test " + _trend(errs, "resnet", 1), judge(res_test, ctx.budget)),
+    ]  # fmt: skip
+    last_iter = max((r.get("iter", 0) for x in results for r in x.rows), default=0)
+    return Fig6Facts(ctx.budget, results[0].spec.cfg.iters, last_iter, errs, claims)
+
+
+def plot(ctx: Context, results: Sequence[RunResult], facts: Fig6Facts) -> None:
     seed0 = [r for r in results if r.spec.tags["seed"] == 0 and r.rows]
     plain = [Run(r.spec.label, r.rows) for r in seed0 if r.spec.tags["kind"] == "plain"]
     res = [Run(r.spec.label, r.rows) for r in seed0 if r.spec.tags["kind"] == "resnet"]
@@ -82,7 +117,10 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         plot_two_panel(plain, res, out=ctx.out / "fig6.png", titles=titles)
     elif plain or res:  # --only kept one kind
         plot_curves(plain or res, out=ctx.out / "fig6.png", title=titles[0 if plain else 1])
-    errs = _final_errors(results)
+
+
+def render(f: Fig6Facts) -> str:
+    """The report's markdown from the facts."""
     rows = [
         [
             ("plain" if k == "plain" else "ResNet") + f"-{d}",
@@ -90,24 +128,17 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
             fmt(te),
             fmt(TABLE6[d][1]) if k == "resnet" else "",
         ]
-        for (k, d), (tr, te) in sorted(errs.items())
+        for (k, d), (tr, te) in sorted(f.errors.items())
     ]
     table = markdown_table(
         ["model", "final train err %", "final test err %", "paper test err %"], rows
     )
-    plain, res = _shallow_deep(errs, "plain"), _shallow_deep(errs, "resnet")
-    # Degradation is about training error; the ResNet claim about training and test error both.
-    plain_worse = None if plain is None else plain[1][0] > plain[0][0]
-    res_train = None if res is None else res[1][0] < res[0][0]
-    res_test = None if res is None else res[1][1] < res[0][1]
-    res_better = bool(res_train and res_test)
-    last_iter = max((r.get("iter", 0) for x in results for r in x.rows), default=0)
     lines = [
         "![Figure 6](fig6.png)",
         "",
         "Dashed: training error (running mean over each evaluation interval, on augmented "
         "images); bold: test error. Seed 0 is plotted; the table averages all seeds. "
-        f"x axis: {x_unit(last_iter)[1]}.",
+        f"x axis: {x_unit(f.last_iter)[1]}.",
         "",
         table,
         "",
@@ -115,40 +146,24 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         "",
         markdown_table(
             ["claim (paper, Figure 6)", "ours (final error, mean over seeds)", "holds"],
-            [
-                [
-                    "deeper plain nets have HIGHER training error (degradation)",
-                    "train " + _trend(errs, "plain", 0),
-                    recipes.verdict(plain_worse, ctx.budget),
-                ],
-                [
-                    "deeper ResNets have LOWER training error",
-                    "train " + _trend(errs, "resnet", 0),
-                    recipes.verdict(res_train, ctx.budget),
-                ],
-                [
-                    "deeper ResNets have LOWER test error",
-                    "test " + _trend(errs, "resnet", 1),
-                    recipes.verdict(res_test, ctx.budget),
-                ],
-            ],
+            [c.row() for c in f.claims],
             align="lll",
         ),
     ]
-    if ctx.budget == "smoke":
+    if f.budget == "smoke":
         lines += ["", "The `smoke` budget checks the machinery; its few iterations judge no claim."]
-    elif ctx.budget != "full" and res_better:
+    elif f.budget != "full" and f.resnets_better:
         lines += [
             "",
-            f"At the `{ctx.budget}` budget every net trains {results[0].spec.cfg.iters:,} "
+            f"At the `{f.budget}` budget every net trains {f.iters:,} "
             "iterations instead of 64,000; even so the deepest ResNet ends below the shallowest "
             "in both training and test error, as in the paper.",
         ]
-    elif ctx.budget != "full":
+    elif f.budget != "full":
         lines += [
             "",
             (
-                f"At the `{ctx.budget}` budget every net trains {results[0].spec.cfg.iters:,} "
+                f"At the `{f.budget}` budget every net trains {f.iters:,} "
                 "iterations instead of 64,000. Degradation of plain nets shows from the first "
                 "iterations (deeper plain nets are harder to optimise), so it is visible early; the "
                 "gain of deeper ResNets appears only late in training in the paper (after the lr "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +15,7 @@ from reslab.data.preprocess import Preprocess
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.distributed import resolve_device
 from reslab.experiments import recipes
+from reslab.experiments.recipes import Claim, judge
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 from reslab.models import create_model
 
@@ -58,43 +60,55 @@ def responses(res: RunResult, *, images: torch.Tensor, device: torch.device) -> 
     return list(layer_response_std(model, batches, device=device).values())
 
 
-def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
+@dataclass
+class Fig7Facts:
+    budget: str
+    iters: int
+    stds: dict[str, list[float]]  # model label -> std of each 3x3 layer's response, in order
+    claims: list[Claim]  # ResNet-d below plain-d; each deeper ResNet below the shallower
+
+    @property
+    def mean(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.stds.items()}
+
+
+def analyse(ctx: Context, results: Sequence[RunResult]) -> Fig7Facts:
     device = resolve_device(ctx.device)
     images = load_cifar(ctx.data, dataset="cifar10", split="test").images[: IMAGES[ctx.budget]]
+    iters = results[0].spec.cfg.iters
     # A run that diverged before its first checkpoint has no model to measure.
     results = [r for r in results if (r.run_dir / "last.pt").is_file()]
-    stds = {r.spec.label: responses(r, images=images, device=device) for r in results}
-    plot_responses(
-        stds,
-        out=ctx.out / "fig7.png",
-        title=f"std of 3x3 layer responses (CIFAR-10, {ctx.budget} budget)",
-    )
-    mean = {k: sum(v) / len(v) for k, v in stds.items()}
-    rows = [
-        [k, len(v), f"{mean[k]:.3f}", f"{max(v):.3f}", f"{min(v):.3f}"] for k, v in stds.items()
-    ]
-    checks = []
+    facts = Fig7Facts(ctx.budget, iters, {}, [])
+    facts.stds = {r.spec.label: responses(r, images=images, device=device) for r in results}
+    mean = facts.mean
+
+    def claim(a: str, b: str) -> Claim:
+        ours = f"{mean[a]:.3f} vs {mean[b]:.3f}"
+        return Claim(f"{a} responds less than {b}", ours, judge(mean[a] < mean[b], ctx.budget))
+
     for d in sorted({r.spec.tags["depth"] for r in results}):
-        p, q = f"plain-{d}", f"ResNet-{d}"
-        if p in mean and q in mean:
-            checks.append(
-                [
-                    f"ResNet-{d} responds less than plain-{d}",
-                    f"{mean[q]:.3f} vs {mean[p]:.3f}",
-                    recipes.verdict(mean[q] < mean[p], ctx.budget),
-                ]
-            )
+        if f"plain-{d}" in mean and f"ResNet-{d}" in mean:
+            facts.claims.append(claim(f"ResNet-{d}", f"plain-{d}"))
     res = sorted(
         (r.spec.tags["depth"], r.spec.label) for r in results if r.spec.tags["kind"] == "resnet"
     )
-    for (d0, a), (d1, b) in itertools.pairwise(res):
-        checks.append(
-            [
-                f"ResNet-{d1} responds less than ResNet-{d0}",
-                f"{mean[b]:.3f} vs {mean[a]:.3f}",
-                recipes.verdict(mean[b] < mean[a], ctx.budget),
-            ]
-        )
+    facts.claims += [claim(b, a) for (_, a), (_, b) in itertools.pairwise(res)]
+    return facts
+
+
+def plot(ctx: Context, results: Sequence[RunResult], facts: Fig7Facts) -> None:
+    plot_responses(
+        facts.stds,
+        out=ctx.out / "fig7.png",
+        title=f"std of 3x3 layer responses (CIFAR-10, {ctx.budget} budget)",
+    )
+
+
+def render(f: Fig7Facts) -> str:
+    """The report's markdown from the facts."""
+    mean = f.mean
+    rows = [[k, len(v), f"{mean[k]:.3f}", f"{max(v):.3f}", f"{min(v):.3f}"]
+            for k, v in f.stds.items()]  # fmt: skip
     lines = [
         "![Figure 7](fig7.png)",
         "",
@@ -107,13 +121,17 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         "Paper: ResNets have generally smaller responses than their plain counterparts, and "
         "deeper ResNets smaller still (each residual function is closer to zero).",
         "",
-        markdown_table(["claim", "ours (mean std over layers)", "holds"], checks, align="lll"),
+        markdown_table(
+            ["claim", "ours (mean std over layers)", "holds"],
+            [c.row() for c in f.claims],
+            align="lll",
+        ),
     ]
-    if ctx.budget != "full":
+    if f.budget != "full":
         lines += [
             "",
-            f"At the `{ctx.budget}` budget the nets are briefly trained "
-            f"({results[0].spec.cfg.iters:,} of the paper's 64,000 iterations); the "
+            f"At the `{f.budget}` budget the nets are briefly trained "
+            f"({f.iters:,} of the paper's 64,000 iterations); the "
             "responses of barely trained nets are closer to those at initialisation, "
             "so the differences can be smaller than the paper's or reversed.",
         ]

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from reslab.analysis.records import read_metrics
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.fused_trainer import MEMBER_FIELDS, recover_commit, train_fused
 from reslab.engine.trainer import TrainingDiverged
-from reslab.experiments.runner import RunResult, RunSpec, _same_run, read_rows, run_one
+from reslab.experiments.runner import RunResult, RunSpec, _same_run, run_one
 from reslab.models import model_info
 
 # Measured by benchmarks/bench_fused.py (K fused against K one after another, same iterations,
@@ -87,7 +88,8 @@ def run_group(group: list[RunSpec], *, runs_root: Path, progress: bool) -> list[
                       run_dir)  # fmt: skip
         final = _finished(spec, run_dir)
         if final is not None:
-            by_name[spec.name] = RunResult(spec, run_dir, final, read_rows(run_dir), "skipped", 0)
+            rows = read_metrics(run_dir, missing_ok=True)
+            by_name[spec.name] = RunResult(spec, run_dir, final, rows, "skipped", 0)
         else:
             pending.append(spec)
     outs = [Path(s.cfg.out) for s in pending]
@@ -108,8 +110,8 @@ def run_group(group: list[RunSpec], *, runs_root: Path, progress: bool) -> list[
             status = f"{'resumed' if resume else 'trained'} (fused x{len(pending)})"
             for spec, final in zip(pending, finals, strict=True):
                 run_dir = Path(spec.cfg.out)
-                by_name[spec.name] = RunResult(spec, run_dir, final, read_rows(run_dir), status,
-                                               secs)  # fmt: skip
+                rows = read_metrics(run_dir, missing_ok=True)
+                by_name[spec.name] = RunResult(spec, run_dir, final, rows, status, secs)
             pending = []
     for spec in pending:
         by_name[spec.name] = run_one(spec, runs_root=runs_root, progress=progress)

@@ -144,14 +144,33 @@ def alexnet_cifar_cfg(
     )
 
 
-def verdict(flag: bool | None, budget: str) -> str:
-    """A report's answer to "does the paper's claim hold here?". A smoke run (a dozen
-    iterations) cannot support either answer, so it gets none."""
+def judge(flag: bool | None, budget: str) -> str:
+    """The answer to "does the paper's claim hold here?": "yes", "no", "n/a" (nothing to
+    compare) or "not judged" (a smoke run, a dozen iterations, cannot support either answer)."""
     if flag is None:
         return "n/a"
     if budget == "smoke":
+        return "not judged"
+    return "yes" if flag else "no"
+
+
+def verdict(answer: str) -> str:
+    """An answer of `judge` as a report writes it."""
+    if answer == "not judged":
         return "not judged (smoke budget: too few iterations)"
-    return "**yes**" if flag else "**no**"
+    return f"**{answer}**" if answer in ("yes", "no") else answer
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims, what our runs show, and the answer (`judge`)."""
+
+    claim: str
+    ours: str
+    answer: str
+
+    def row(self) -> list[str]:
+        return [self.claim, self.ours, verdict(self.answer)]
 
 
 def smoke_note(budget: str, what: str) -> list[str]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from matplotlib.figure import Figure
 
 from reslab.analysis.plots import save_figure
 from reslab.analysis.tables import markdown_table
 from reslab.experiments import recipes
-from reslab.experiments.recipes import Schedule
+from reslab.experiments.recipes import Claim, Schedule, judge, verdict
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 
 TITLE = "ReLU versus tanh: iterations to 25% training error (AlexNet, CIFAR-10)"
@@ -92,7 +93,47 @@ def mean_iterations_to(runs: Sequence[RunResult], threshold: float) -> float | N
     return sum(i for i in its if i is not None) / len(its)
 
 
-def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
+@dataclass(frozen=True)
+class Reached:
+    """Both activations at one training-error threshold, each at its fastest lr."""
+
+    threshold: float
+    iterations: dict[str, float | None]  # activation -> mean over seeds; None: not reached
+    lr: dict[str, float]
+    ratio: float | None  # tanh's iterations over ReLU's
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    label: str
+    seed: int
+    lowest: float  # lowest interval training error %
+    iterations: int | None  # to the threshold compared; None: not reached
+    epoch: tuple[int, int]  # (batch size, training images): iterations -> epochs
+
+
+@dataclass
+class ReluTanhFacts:
+    budget: str
+    seeds: int
+    iters: int
+    epoch: tuple[int, int]  # (batch size, training images) of the runs
+    lowest: dict[str, float]  # activation -> lowest interval training error % of any run
+    reached: list[Reached]  # at 25%, then at the threshold both reach if 25% is not
+    runs: list[RunFacts]
+    claim: Claim | None  # ReLU faster at the threshold compared; None if it is not reached
+
+    @property
+    def threshold(self) -> float:
+        """The threshold compared: 25% if both activations reach it."""
+        return self.reached[-1].threshold
+
+
+def _epoch(r: RunResult) -> tuple[int, int]:
+    return r.spec.cfg.batch_size, r.spec.cfg.train_subset or 50000
+
+
+def analyse(ctx: Context, results: Sequence[RunResult]) -> ReluTanhFacts:
     # activation -> lr -> runs (one per seed)
     groups: dict[str, dict[float, list[RunResult]]] = {a: {} for a in ACTIVATIONS}
     for r in results:
@@ -111,25 +152,40 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
 
         return min(groups[a], key=key)
 
-    rows, ratios = [], {}
+    reached = []
     for thr in thresholds:
-        its = {a: mean_iterations_to(groups[a][best_lr(a, thr)], thr) for a in ACTIVATIONS}
-        ratios[thr] = its["tanh"] / its["relu"] if its["relu"] and its["tanh"] else None
-        rows.append(
-            [f"{thr:.0f}%"]
-            + [f"{_its(its[a], results[0])}, lr {best_lr(a, thr):g}" for a in ACTIVATIONS]
-            + ["" if ratios[thr] is None else f"{ratios[thr]:.1f}x",
-               f"{PAPER_RATIO:.0f}x" if thr == THRESHOLD else ""]
-        )  # fmt: skip
-    used = thresholds[-1]
-    best = {a: groups[a][best_lr(a, used)][0] for a in ACTIVATIONS}  # first seed, for the plot
-    _plot(best, thresholds, out=ctx.out / "relu_tanh.png")
-    runs = [
-        [r.spec.label, r.spec.cfg.seed, f"{_min_error(r):.2f}",
-         _its(iterations_to(r.rows, used), r)]
-        for r in results
+        lr = {a: best_lr(a, thr) for a in ACTIVATIONS}
+        its = {a: mean_iterations_to(groups[a][lr[a]], thr) for a in ACTIVATIONS}
+        ratio = its["tanh"] / its["relu"] if its["relu"] and its["tanh"] else None
+        reached.append(Reached(thr, its, lr, ratio))
+    used, ratio = reached[-1].threshold, reached[-1].ratio
+    runs = [RunFacts(r.spec.label, r.spec.cfg.seed, _min_error(r), iterations_to(r.rows, used),
+                     _epoch(r)) for r in results]  # fmt: skip
+    claim = None if ratio is None else Claim("ReLU faster", f"{ratio:.1f}x",
+                                             judge(ratio > 1, ctx.budget))  # fmt: skip
+    return ReluTanhFacts(ctx.budget, ctx.seeds, results[0].spec.cfg.iters, _epoch(results[0]),
+                         lowest, reached, runs, claim)  # fmt: skip
+
+
+def plot(ctx: Context, results: Sequence[RunResult], facts: ReluTanhFacts) -> None:
+    lr = facts.reached[-1].lr  # the first seed at the lr compared, for each activation
+    best = {a: next(r for r in results if r.spec.tags["activation"] == a
+                    and r.spec.tags["lr"] == lr[a]) for a in ACTIVATIONS}  # fmt: skip
+    _plot(best, [x.threshold for x in facts.reached], out=ctx.out / "relu_tanh.png")
+
+
+def render(f: ReluTanhFacts) -> str:
+    """The report's markdown from the facts."""
+    rows = [
+        [f"{x.threshold:.0f}%"]
+        + [f"{_its(x.iterations[a], f.epoch)}, lr {x.lr[a]:g}" for a in ACTIVATIONS]
+        + ["" if x.ratio is None else f"{x.ratio:.1f}x",
+           f"{PAPER_RATIO:.0f}x" if x.threshold == THRESHOLD else ""]
+        for x in f.reached
     ]  # fmt: skip
-    seeds = f" (mean over {ctx.seeds} seeds)" if ctx.seeds > 1 else ""
+    used = f.threshold
+    runs = [[r.label, r.seed, f"{r.lowest:.2f}", _its(r.iterations, r.epoch)] for r in f.runs]
+    seeds = f" (mean over {f.seeds} seeds)" if f.seeds > 1 else ""
     lines = [
         markdown_table(
             [
@@ -151,30 +207,28 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         "### Does the paper's claim hold here?",
         "",
     ]
-    if reachable > THRESHOLD:
+    if used > THRESHOLD:
         lines += [
             f"25% training error was **not reached by both activations** within "
-            f"{results[0].spec.cfg.iters:,} iterations (lowest: "
-            + ", ".join(f"{a} {v:.1f}%" for a, v in lowest.items())
-            + f"), so the comparison is also made at {reachable:.0f}%, the lowest multiple of 5% "
+            f"{f.iters:,} iterations (lowest: "
+            + ", ".join(f"{a} {v:.1f}%" for a, v in f.lowest.items())
+            + f"), so the comparison is also made at {used:.0f}%, the lowest multiple of 5% "
             "both reach. The ratio at 25% is unknown, not measured.",
             "",
         ]
-    if ratios[used] is not None:
+    if f.claim is not None:
         lines.append(
-            f"At {used:.0f}%, tanh needs {ratios[used]:.1f}x the iterations of ReLU "
+            f"At {used:.0f}%, tanh needs {f.claim.ours} the iterations of ReLU "
             f"(AlexNet: 6x at 25% with its own net and tuned lrs). ReLU faster: "
-            f"{recipes.verdict(ratios[used] > 1, ctx.budget)}."
+            f"{verdict(f.claim.answer)}."
         )
     return "\n".join(lines)
 
 
-def _its(n: float | None, res: RunResult) -> str:
+def _its(n: float | None, epoch: tuple[int, int]) -> str:
     if n is None:
         return "not reached"
-    c = res.spec.cfg
-    images = c.train_subset or 50000
-    return f"{n:,.0f} ({n * c.batch_size / images:.1f})"
+    return f"{n:,.0f} ({n * epoch[0] / epoch[1]:.1f})"
 
 
 def _plot(best: dict[str, RunResult], thresholds: list[float], *, out) -> None:

@@ -4,7 +4,9 @@ write its REPORT.md.
 An experiment module (table6.py, fig6.py, ...) provides
   TITLE: str
   plan(ctx: Context) -> Plan       the runs, with notes on how this budget differs from the paper
-  analyse(ctx, results) -> str     markdown body of the report; writes its PNGs into ctx.out
+  analyse(ctx, results) -> Facts   what the runs show (a dataclass: numbers, claims' answers)
+  plot(ctx, results, facts)        writes its PNGs into ctx.out
+  render(facts) -> str             markdown body of the report, from the facts alone
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from reslab.analysis.records import read_metrics
 from reslab.engine.config import TrainConfig
 
 # cpu-long: the depth comparisons only (table6, fig6, fig7); cpu-xl: table6 only. Each
@@ -104,13 +107,6 @@ def _same_run(old: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
         )
 
 
-def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def fresh_compiler(cfg: TrainConfig) -> None:
     """Empty torch.compile's caches before a compiled run. Dynamo keeps compiled code per Python
     function for the life of the process, at most `recompile_limit` (8) variants of each: the
@@ -135,7 +131,8 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
     if final_file.is_file():
         final = json.loads(final_file.read_text())
         if int(final.get("iter", 0)) >= cfg.iters:
-            return RunResult(spec, run_dir, final, read_rows(run_dir), "skipped", 0.0)
+            rows = read_metrics(run_dir, missing_ok=True)
+            return RunResult(spec, run_dir, final, rows, "skipped", 0.0)
     resume = (run_dir / "last.pt").is_file()
     fresh_compiler(cfg)
     t0 = time.perf_counter()
@@ -145,13 +142,13 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
         # One diverged net must not cost the other runs of a long unattended experiment: the
         # report lists it as diverged (with its rows up to then), and a rerun tries it again.
         print(f"{spec.name}: {e}", flush=True)
-        return RunResult(spec, run_dir, {}, read_rows(run_dir), "diverged",
+        return RunResult(spec, run_dir, {}, read_metrics(run_dir, missing_ok=True), "diverged",
                          time.perf_counter() - t0)  # fmt: skip
     return RunResult(
         spec,
         run_dir,
         final,
-        read_rows(run_dir),
+        read_metrics(run_dir, missing_ok=True),
         "resumed" if resume else "trained",
         time.perf_counter() - t0,
     )
@@ -381,6 +378,8 @@ def reproduce(
     else:
         results = run_all(plan.specs, runs_root=ctx.runs_root, jobs=jobs, progress=progress,
                           tag=f"{name} {budget}")  # fmt: skip
-    body = module.analyse(ctx, results)
+    facts = module.analyse(ctx, results)
+    module.plot(ctx, results, facts)
+    body = module.render(facts)
     return report.write_report(ctx, module.TITLE, plan, results, body,
                                seconds=time.perf_counter() - t0)  # fmt: skip

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from reslab.analysis.plots import Run, plot_curves
 from reslab.analysis.tables import fmt_mean_std, markdown_table, mean_std
 from reslab.experiments import recipes
+from reslab.experiments.recipes import Claim, judge
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 
 TITLE = "Shortcut options A / B / C on CIFAR-10 ResNets"
@@ -47,36 +49,30 @@ def plan(ctx: Context) -> Plan:
     return Plan(specs, notes)
 
 
-def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
+@dataclass
+class ShortcutFacts:
+    budget: str
+    iters: int
+    errors: dict[tuple[int, str], list[float]]  # (depth, option) -> final test error % per seed
+    claims: list[Claim]  # per depth with all three options: C <= B <= A (mean over seeds)
+
+
+def analyse(ctx: Context, results: Sequence[RunResult]) -> ShortcutFacts:
     errs: dict[tuple[int, str], list[float]] = {}
     for r in results:
         if r.final.get("test_error") is not None:
             key = (r.spec.tags["depth"], r.spec.tags["option"])
             errs.setdefault(key, []).append(float(r.final["test_error"]))
-    depths = sorted({d for d, _ in errs})
-    rows, checks = [], []
-    for d in depths:
+    claims = []
+    for d in sorted({d for d, _ in errs}):
         m = {o: mean_std(errs[(d, o)])[0] for o in OPTIONS if (d, o) in errs}
-        for o in OPTIONS:
-            if (d, o) in errs:
-                rows.append(
-                    [
-                        f"ResNet-{d}",
-                        o,
-                        fmt_mean_std(errs[(d, o)]),
-                        len(errs[(d, o)]),
-                        f"{PAPER_IMAGENET[o][0]:.2f}",
-                    ]
-                )
         if len(m) == 3:
-            holds = m["C"] <= m["B"] <= m["A"]
-            checks.append(
-                [
-                    f"ResNet-{d}",
-                    " / ".join(f"{m[o]:.2f}" for o in OPTIONS),
-                    recipes.verdict(holds, ctx.budget),
-                ]
-            )
+            ours = " / ".join(f"{m[o]:.2f}" for o in OPTIONS)
+            claims.append(Claim(f"ResNet-{d}", ours, judge(m["C"] <= m["B"] <= m["A"], ctx.budget)))
+    return ShortcutFacts(ctx.budget, results[0].spec.cfg.iters, errs, claims)
+
+
+def plot(ctx: Context, results: Sequence[RunResult], facts: ShortcutFacts) -> None:
     seed0 = [r for r in results if r.spec.tags["seed"] == 0 and r.rows]
     if seed0:  # the shallowest depth's curves, one per option
         d0 = min(r.spec.tags["depth"] for r in seed0)
@@ -85,6 +81,13 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
             out=ctx.out / "shortcuts.png",
             title=f"ResNet-{d0}: shortcut options (CIFAR-10)",
         )
+
+
+def render(f: ShortcutFacts) -> str:
+    """The report's markdown from the facts."""
+    rows = [[f"ResNet-{d}", o, fmt_mean_std(f.errors[(d, o)]), len(f.errors[(d, o)]),
+             f"{PAPER_IMAGENET[o][0]:.2f}"]
+            for d in sorted({d for d, _ in f.errors}) for o in OPTIONS if (d, o) in f.errors]  # fmt: skip
     lines = [
         markdown_table(
             [
@@ -105,15 +108,19 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         "grow) <= A (zero padding) in error, with small gaps (0.5 and 0.3 points): projections "
         "are not essential to address degradation.",
         "",
-        markdown_table(["model", "test err % A / B / C", "C <= B <= A"], checks, align="lll"),
+        markdown_table(
+            ["model", "test err % A / B / C", "C <= B <= A"],
+            [c.row() for c in f.claims],
+            align="lll",
+        ),
         "",
         "Gaps of a few tenths of a point are within seed noise for one run per option on "
         "CIFAR-10 (about ±0.2 points at the paper's schedule); more `--seeds` narrow it.",
     ]
-    if ctx.budget != "full":
+    if f.budget != "full":
         lines += [
             "",
-            f"At the `{ctx.budget}` budget ({results[0].spec.cfg.iters:,} iterations) "
+            f"At the `{f.budget}` budget ({f.iters:,} iterations) "
             "the differences also mix with how fast each variant starts learning, not "
             "only its final accuracy.",
         ]

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from reslab.analysis.complexity import count_params
 from reslab.analysis.plots import Run, plot_curves, x_unit
-from reslab.analysis.significance import mcnemar
-from reslab.analysis.tables import compare_table, fmt_best_mean_std, markdown_table
+from reslab.analysis.significance import Paired, mcnemar
+from reslab.analysis.tables import compare_table, fmt_best_mean_std, markdown_table, mean_std
 from reslab.data.cifar import load_cifar
 from reslab.engine.distributed import resolve_device
 from reslab.engine.eval_run import load_checkpoint_model
 from reslab.engine.precision import exact_fp32
 from reslab.experiments import recipes
+from reslab.experiments.recipes import Claim, judge, verdict
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 from reslab.models import create_model
 from reslab.models.cifar import TABLE6
@@ -77,7 +79,47 @@ def correct_per_image(
     return torch.cat(pred) == labels
 
 
-def paired_lines(ctx: Context, results: Sequence[RunResult]) -> list[str]:
+@dataclass(frozen=True)
+class DepthPair:
+    """McNemar's test between two consecutive depths (seed 0) on the same test images."""
+
+    shallow: int
+    deep: int
+    errors: tuple[float, float]  # test error % of each, re-evaluated in fp32
+    test: Paired  # only_a: only the shallower net right; only_b: only the deeper
+
+    @property
+    def significant(self) -> bool:
+        return self.test.p < 0.05
+
+
+@dataclass
+class Table6Facts:
+    budget: str
+    seeds: int
+    iters: int
+    val_split: bool
+    eval_subset: int | None
+    errors: dict[int, list[float]]  # depth -> final test error % of each seed
+    params: dict[int, int]  # depth -> parameters of our net
+    ordered: bool = False  # best error falls (or stays) with every step in depth
+    claim: Claim | None = None  # "test error falls with depth"; None when no run finished
+    last_iter: int | None = None  # of the seed-0 curves; None when there are none
+    pairs: list[DepthPair] = field(default_factory=list)
+    paired_images: int = 0
+
+    @property
+    def best(self) -> dict[int, float]:
+        """One statistic throughout, the one the table's gap column and the paper's Table 6
+        use: the best (lowest) test error over seeds."""
+        return {d: min(v) for d, v in self.errors.items() if v}
+
+    @property
+    def mean_std(self) -> dict[int, tuple[float, float]]:
+        return {d: mean_std(v) for d, v in self.errors.items() if v}
+
+
+def depth_pairs(ctx: Context, results: Sequence[RunResult]) -> tuple[list[DepthPair], int]:
     """McNemar's test between each pair of consecutive depths (seed 0) on the same test images:
     is the deeper net's lead (or lag) more than the test set's sampling noise?"""
     runs = sorted(
@@ -86,27 +128,57 @@ def paired_lines(ctx: Context, results: Sequence[RunResult]) -> list[str]:
         key=lambda dr: dr[0],
     )  # fmt: skip
     if len(runs) < 2:
-        return []
+        return [], 0
     test = load_cifar(ctx.data, split="test")
     n = runs[0][1].spec.cfg.eval_subset or len(test.labels)
     device = resolve_device(ctx.device)
     right = {d: correct_per_image(r, images=test.images[:n], labels=test.labels[:n], device=device)
              for d, r in runs}  # fmt: skip
-    rows = []
-    for (d0, _), (d1, _) in itertools.pairwise(runs):
-        t = mcnemar(right[d0], right[d1])
-        err0, err1 = (100 * (1 - right[d].float().mean().item()) for d in (d0, d1))
-        rows.append([f"ResNet-{d0} vs ResNet-{d1}", f"{err0:.2f} vs {err1:.2f}", t.only_a,
-                     t.only_b, f"{t.p:.2g}", "yes" if t.p < 0.05 else "no"])  # fmt: skip
+    err = {d: 100 * (1 - right[d].float().mean().item()) for d in right}
+    pairs = [DepthPair(d0, d1, (err[d0], err[d1]), mcnemar(right[d0], right[d1]))
+             for (d0, _), (d1, _) in itertools.pairwise(runs)]  # fmt: skip
+    return pairs, n
+
+
+def analyse(ctx: Context, results: Sequence[RunResult]) -> Table6Facts:
+    cfg0 = results[0].spec.cfg
+    errs = _by_depth(results)
+    facts = Table6Facts(ctx.budget, ctx.seeds, cfg0.iters, bool(cfg0.val_split), cfg0.eval_subset,
+                        errs, {d: count_params(create_model(f"resnet{d}")) for d in errs})  # fmt: skip
+    best = facts.best
+    if not best:
+        return facts
+    depths = sorted(best)
+    facts.ordered = all(best[a] >= best[b] for a, b in itertools.pairwise(depths))
+    ours = ", ".join(f"ResNet-{d} {best[d]:.2f}" for d in depths)
+    facts.claim = Claim("test error falls with depth", ours, judge(facts.ordered, ctx.budget))
+    rows = [x for r in results if r.spec.tags["seed"] == 0 for x in r.rows]
+    facts.last_iter = max((x.get("iter", 0) for x in rows), default=0) if rows else None
+    facts.pairs, facts.paired_images = depth_pairs(ctx, results)
+    return facts
+
+
+def plot(ctx: Context, results: Sequence[RunResult], facts: Table6Facts) -> None:
+    curves = [Run(r.spec.label, r.rows) for r in results if r.spec.tags["seed"] == 0 and r.rows]
+    if curves and facts.claim is not None:
+        plot_curves(curves, out=ctx.out / "table6.png", title="ResNets on CIFAR-10 (seed 0)")
+
+
+def _paired_lines(f: Table6Facts) -> list[str]:
+    if not f.pairs:
+        return []
+    rows = [[f"ResNet-{p.shallow} vs ResNet-{p.deep}", f"{p.errors[0]:.2f} vs {p.errors[1]:.2f}",
+             p.test.only_a, p.test.only_b, f"{p.test.p:.2g}", "yes" if p.significant else "no"]
+            for p in f.pairs]  # fmt: skip
     return [
         "",
         "### Is each gap more than the test set's sampling noise?",
         "",
-        f"McNemar's exact test on the same {n:,} test images (seed 0; each run's last "
-        "checkpoint re-evaluated in fp32 with TF32 off, so its error can differ from the bf16 table above "
-        "by a few hundredths): only the images that one net gets right and the other wrong "
-        "count. It covers the test sample, not seed-to-seed variation (the paper's 5 runs of "
-        "ResNet-110 spread ±0.16 points).",
+        f"McNemar's exact test on the same {f.paired_images:,} test images (seed 0; each run's "
+        "last checkpoint re-evaluated in fp32 with TF32 off, so its error can differ from the "
+        "bf16 table above by a few hundredths): only the images that one net gets right and the "
+        "other wrong count. It covers the test sample, not seed-to-seed variation (the paper's "
+        "5 runs of ResNet-110 spread ±0.16 points).",
         "",
         markdown_table(
             ["pair", "test error %", "only shallower right", "only deeper right", "p", "p < 0.05"],
@@ -115,46 +187,32 @@ def paired_lines(ctx: Context, results: Sequence[RunResult]) -> list[str]:
     ]
 
 
-def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
-    errs = _by_depth(results)
+def render(f: Table6Facts) -> str:
+    """The report's markdown from the facts."""
+    errs, best = f.errors, f.best
     labels = {d: f"ResNet-{d}" for d in errs}
     table = compare_table(
         {labels[d]: v for d, v in errs.items()}, {labels[d]: TABLE6[d][1] for d in errs}
     )
+    if f.claim is None:
+        return table + "\n\nNo run finished; see the Runs table."
     params = markdown_table(
         ["model", "params (ours)", "params (paper)"],
-        [
-            [
-                labels[d],
-                f"{count_params(create_model(f'resnet{d}')) / 1e6:.3f}M",
-                f"{TABLE6[d][0] / 1e6:.2f}M",
-            ]
-            for d in errs
-        ],
+        [[labels[d], f"{f.params[d] / 1e6:.3f}M", f"{TABLE6[d][0] / 1e6:.2f}M"] for d in errs],
     )
-    # One statistic throughout, the one the table's gap column and the paper's Table 6 use:
-    # the best (lowest) test error over seeds.
-    best = {d: min(v) for d, v in errs.items() if v}
-    if not best:
-        return table + "\n\nNo run finished; see the Runs table."
     depths = sorted(best)
-    ordered = all(best[a] >= best[b] for a, b in itertools.pairwise(depths))
-    cfg0 = results[0].spec.cfg
     split = (
         "the 45k split (5k training images held out for validation, as in section 4.2)"
-        if cfg0.val_split
+        if f.val_split
         else "all 50k training images"
     )
-    curves = [Run(r.spec.label, r.rows) for r in results if r.spec.tags["seed"] == 0 and r.rows]
     lines = []
-    if curves:
-        plot_curves(curves, out=ctx.out / "table6.png", title="ResNets on CIFAR-10 (seed 0)")
+    if f.last_iter is not None:
         lines += [
             "![training curves](table6.png)",
             "",
             "Dashed: training error (running mean over each evaluation interval, on augmented "
-            "images); bold: test error; seed 0. x axis: "
-            f"{x_unit(max(r.get('iter', 0) for c in curves for r in c.rows))[1]}.",
+            f"images); bold: test error; seed 0. x axis: {x_unit(f.last_iter)[1]}.",
             "",
         ]
     lines += [
@@ -165,7 +223,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
             if 110 in depths
             else "Paper: one run per depth at the depths above. "
         )
-        + f"Ours: {ctx.seeds} seed(s). "
+        + f"Ours: {f.seeds} seed(s). "
         + (
             "As the paper writes it, best (mean±std) over seeds: "
             + "; ".join(f"ResNet-{d} {fmt_best_mean_std(errs[d])}" for d in sorted(errs))
@@ -175,8 +233,8 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         )
         + f"Trained on {split}; test error measured on "
         + (
-            f"the first {results[0].spec.cfg.eval_subset:,} test images."
-            if results and results[0].spec.cfg.eval_subset
+            f"the first {f.eval_subset:,} test images."
+            if f.eval_subset
             else "all 10,000 test images."
         ),
         "",
@@ -189,23 +247,22 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
         + ": test error falls with depth"
         + (" up to 110 layers and rises again at 1202 (overfitting)." if 1202 in depths else "."),
         "",
-        "Ours (best over seeds, by depth): "
-        + ", ".join(f"ResNet-{d} {best[d]:.2f}" for d in depths)
-        + f". Monotonically falling with depth: {recipes.verdict(ordered, ctx.budget)}.",
+        f"Ours (best over seeds, by depth): {f.claim.ours}. "
+        f"Monotonically falling with depth: {verdict(f.claim.answer)}.",
     ]
     gaps = [best[d] - TABLE6[d][1] for d in depths]
-    if ctx.budget == "smoke":
+    if f.budget == "smoke":
         lines += ["", "The `smoke` budget checks the machinery; its few iterations judge no claim."]
-    elif ctx.budget != "full":
+    elif f.budget != "full":
         lines += [
             "",
-            f"Disagreement with the paper is expected at the `{ctx.budget}` budget: the runs "
-            f"train for {results[0].spec.cfg.iters:,} iterations instead of 64,000, so every net "
+            f"Disagreement with the paper is expected at the `{f.budget}` budget: the runs "
+            f"train for {f.iters:,} iterations instead of 64,000, so every net "
             "is far from converged (errors are "
             f"{min(gaps):+.1f} to {max(gaps):+.1f} points from the paper's). "
             + (
                 "The order by depth is the paper's all the same: each deeper net ends lower."
-                if ordered
+                if f.ordered
                 else "Deeper nets cost more per iteration and need more iterations to pay off; "
                 "in a short run they are not yet better"
                 + (
@@ -221,5 +278,5 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> str:
             f"Largest gap to the paper: {max(gaps):+.2f} points (seed noise on one run "
             "is about ±0.2; the paper's 5 runs of ResNet-110 spread ±0.16).",
         ]
-    lines += paired_lines(ctx, results)
+    lines += _paired_lines(f)
     return "\n".join(lines)
