@@ -190,8 +190,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    "probabilities (or the error) per image to a CSV file")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 autocast where the hardware has native bf16")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where the hardware has native bf16, fp16 on a GPU "
+                   "without it, else fp32")  # fmt: skip
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: export once, then run fp32 on the CPU")  # fmt: skip
     p.add_argument("--normalize", choices=["imagenet", "cifar10"], default=None,
@@ -697,7 +698,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=None, help="default 500 for CIFAR, 32 for folders"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32",
+                   help="auto: as in train and predict (reslab.engine.precision)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument(
         "--json", default=None, metavar="OUT", help="JSON report path (default OUT_DIR/eval.json)"
