@@ -127,3 +127,13 @@ def test_eval_cli_views_and_bad_files(
     assert main(["eval", "--checkpoint", str(checkpoints[0]), "--data", str(wrong),
                  "--dataset", "cifar100"]) == 2  # fmt: skip
     assert "cifar-100-python" in capsys.readouterr().err
+
+
+def test_one_checkpoint_error_for_every_loader() -> None:
+    """eval, resume and the weights readers raise the same class: a UserError (exit 2) that
+    `except RuntimeError` clauses still catch."""
+    from reslab.engine import checkpoint, eval_run
+    from reslab.errors import CheckpointError, UserError
+
+    assert eval_run.CheckpointError is checkpoint.CheckpointError is CheckpointError
+    assert issubclass(CheckpointError, UserError) and issubclass(CheckpointError, RuntimeError)

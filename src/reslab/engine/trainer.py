@@ -37,7 +37,7 @@ from reslab.engine.precision import autocast, resolve_precision, tune_cuda
 from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
-from reslab.models import create_model
+from reslab.models import create_model, get_classifier
 
 
 class TrainingDiverged(RuntimeError):
@@ -118,16 +118,10 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str
         head = "load" if file_classes == num_classes else "reinit"
         load_weights(model, cfg.weights, head=head)
     if cfg.freeze_backbone:
-        for name, p in model.named_parameters():
-            p.requires_grad = name.split(".")[0] in ("fc", "fc8")
+        head = {id(p) for p in get_classifier(model).parameters()}
+        for p in model.parameters():
+            p.requires_grad = id(p) in head
     return model, options
-
-
-def classifier_name(model: nn.Module) -> str:
-    """The top-level name of the last nn.Linear (fc, fc4, fc8): the head that fine-tuning's
-    head_lr_mult applies to, whatever the architecture calls it."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1].split(".")[0] if linears else "fc"
 
 
 class Trainer:
@@ -177,7 +171,7 @@ class Trainer:
             self.model = D.convert_sync_batchnorm(self.model, self.device)
         self.optimizer = make_sgd(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult, head=classifier_name(self.model),
+            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
         )  # fmt: skip
         # fp16's 5 exponent bits underflow small gradients: the loss is scaled up, the update
         # skipped on overflow. bf16 and fp32 need none (enabled=False makes it a pass-through).
