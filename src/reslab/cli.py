@@ -223,6 +223,7 @@ def _train_config(args: argparse.Namespace):
     image folder gets the finetune recipe; without --model, --weights name the architecture."""
     import os
 
+    from reslab.data import resolve_data_root
     from reslab.engine.config import TrainConfig, load_recipe
 
     stored = _stored_config(args) if args.resume and args.recipe is None else None
@@ -261,8 +262,7 @@ def _train_config(args: argparse.Namespace):
         note = scale_milestones(cfg, args.iters)
         if note and os.environ.get("RANK", "0") == "0":
             _notice(note)
-    if args.data is None and cfg.data == "data" and os.environ.get("RESLAB_DATA"):
-        cfg.data = os.environ["RESLAB_DATA"]
+    cfg.data = resolve_data_root(cfg.data)
     cfg.validate(source="reslab train")
     return cfg
 
@@ -675,7 +675,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="architecture for --weights (default: detected from the file)",
     )
-    p.add_argument("--data", required=True, metavar="DIR", help="directory holding the data set")
+    p.add_argument("--data", metavar="DIR", help="directory holding the data set "
+                   "(default $RESLAB_DATA)")  # fmt: skip
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
     p.add_argument(
         "--labels",
@@ -742,12 +743,9 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import os
-
     from reslab.demo import run_demo
 
-    data = args.data or os.environ.get("RESLAB_DATA") or "data"
-    run_demo(data=data, out=args.out, minutes=args.minutes, download=args.download)
+    run_demo(data=args.data, out=args.out, minutes=args.minutes, download=args.download)
     return 0
 
 

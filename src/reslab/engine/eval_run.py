@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.data import resolve_data_root
 from reslab.data.preprocess import Preprocess
 from reslab.engine.checkpoint import CheckpointError, load_checkpoint
 from reslab.engine.evaluator import EnsembleResult, EvalResult, evaluate_ensemble
@@ -178,7 +179,7 @@ def run_eval(
     checkpoints: Sequence[str | Path] = (),
     weights: str | Path | None = None,
     model_name: str | None = None,
-    data: str | Path,
+    data: str | Path | None = None,
     dataset: str = "cifar10",
     split: str = "test",
     views: str = "center",
@@ -195,7 +196,7 @@ def run_eval(
     batch_size: images per batch (each then gives 10 crops with ten-crop); default 500 for CIFAR,
     32 for folders.
     """
-    batch_size = batch_size or (32 if dataset == "folder" else 500)
+    batch_size, data = batch_size or (32 if dataset == "folder" else 500), resolve_data_root(data)
     dev = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     )
