@@ -118,6 +118,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import torch
 
+    from reslab.data.preprocess import named_preprocess
     from reslab.inference import InferenceModel
     from reslab.models import model_info
     from reslab.predict import PredictError, collect_images, predict_files
@@ -134,7 +135,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     f"{info.path} carries no preprocessing (a bare state_dict); say how its "
                     "inputs were normalised with --normalize imagenet|cifar10"
                 )
-            pre = _named_preprocess(args.normalize, model_info(info.model_name).input_size)
+            size = model_info(info.model_name).input_size
+            pre = named_preprocess(name=args.normalize, input_size=size)
         runner = InferenceModel(
             model, device=torch.device(args.device), precision=args.precision,
             backend=args.backend, input_size=int(pre["input_size"]),
@@ -169,15 +171,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if bad:
         print(f"{bad} of {len(preds)} images could not be read", file=sys.stderr)
     return 1 if bad else 0
-
-
-def _named_preprocess(name: str, size: int) -> dict:
-    from reslab.data.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
-
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet" else (CIFAR10_MEAN, CIFAR10_STD)
-    return {"kind": "imagenet" if size > 32 else "cifar", "input_size": size,
-            "resize": 256 if size == 224 else None, "mode": "per_channel",
-            "mean": list(mean), "std": list(std)}  # fmt: skip
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -468,8 +461,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
             print(f"{args.dataset} ready in {download_cifar(args.dir, dataset=args.dataset)}")
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail("data", e)
     return 0
 
 
@@ -524,8 +516,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             return 0
         path = reproduce(args.name, **opts)
     except (DataError, ConfigMismatch, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail("reproduce", e)
     print(f"report: {path}")
     return 0
 
@@ -625,8 +616,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
     except (DataError, ValueError, FileNotFoundError) as e:  # WeightsError is a ValueError
-        print(f"reslab eval: error: {e}", file=sys.stderr)
-        return 2
+        return _fail("eval", e)
     print(
         f"{args.dataset} {args.split}, {args.views} view(s), {result.ensemble.num_samples} "
         f"images, {args.precision}"
@@ -722,8 +712,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         runs = load_runs(args.run_dir)
         out = plot_curves(runs, out=args.out, title=args.title, test_key=args.test_key)
     except (FileNotFoundError, ValueError) as e:
-        print(f"reslab plot: error: {e}", file=sys.stderr)
-        return 2
+        return _fail("plot", e)
     print(f"wrote {out}")
     return 0
 
@@ -744,8 +733,12 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from reslab.demo import run_demo
+    from reslab.errors import UserError
 
-    run_demo(data=args.data, out=args.out, minutes=args.minutes, download=args.download)
+    try:
+        run_demo(data=args.data, out=args.out, minutes=args.minutes, download=args.download)
+    except UserError as e:
+        return _fail("demo", _one_line(e))
     return 0
 
 

@@ -160,7 +160,7 @@ class TrainConfig:
         d = self.to_dict()
         for a in assignments:
             if "=" not in a:
-                raise ValueError(f"--set expects key=value, got {a!r}")
+                raise ConfigError(f"--set {a}: expects key=value, e.g. --set lr=0.05")
             key, value = a.split("=", 1)
             if key.startswith("model_options."):
                 d["model_options"][key.split(".", 1)[1]] = _yaml_value(value)
