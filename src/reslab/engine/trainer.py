@@ -35,6 +35,7 @@ from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
 from reslab.engine.precision import autocast, resolve_precision, tune_cuda
 from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
+from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
 from reslab.models import create_model, get_classifier
@@ -166,12 +167,8 @@ class Trainer:
                 f"the training set has {self.data.train_size} images but one batch needs "
                 f"{cfg.batch_size} (batch_size); lower --set batch_size=N or add images"
             )
-        if cfg.epochs is not None:
-            from reslab.engine.run_length import scale_milestones
-
-            note = scale_milestones(cfg, max(1, round(cfg.epochs * self.data.train_size
-                                                      / cfg.batch_size)))  # fmt: skip
-            self.data.notes += [note] if note else []
+        note = iters_from_epochs(cfg, train_size=self.data.train_size)
+        self.data.notes += [note] if note else []
         num_classes = cfg.num_classes or len(self.data.classes)
         self.model, self.model_options = build_model(cfg, num_classes)
         self.model = self.model.to(self.device)
