@@ -225,7 +225,7 @@ def test_each_family_declares_its_classifier(name: str, head: str, tmp_path: Pat
     from reslab.engine.config import TrainConfig
     from reslab.engine.schedules import make_sgd
     from reslab.engine.trainer import build_model
-    from reslab.models import classifier_name, get_classifier
+    from reslab.models.registry import classifier_name, get_classifier
     from reslab.models.weights import load_weights
 
     torch.manual_seed(0)

@@ -1,11 +1,6 @@
-"""Choosing and applying the numeric precision of the forward pass: the one policy for training,
-evaluation and inference (reslab.inference, `reslab predict`, demo).
-
-`auto` means the same everywhere: bf16 autocast where the device has native bf16 (CUDA compute
-capability 8.0+, a CPU with AVX-512 BF16 / AMX), fp16 autocast on a GPU without it (training
-adds a GradScaler; inference needs none, its logits are returned in fp32), fp32 otherwise.
-A precision is checked once, by resolve_precision or check_precision, at the start of a run.
-"""
+"""The one precision policy of training, evaluation and inference. `auto`: bf16 autocast where
+the device has native bf16, fp16 on a GPU without it (training adds a GradScaler), else fp32.
+A precision is checked once per run (resolve_precision / check_precision)."""
 
 from __future__ import annotations
 
@@ -40,14 +35,12 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # what autocast() takes; "auto" resolves 
 
 
 def check_precision(precision: str) -> str:
-    """`precision` itself if it is one of PRECISIONS, else a ValueError naming them."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {('auto', *PRECISIONS)}, got {precision!r}")
     return precision
 
 
 def resolve_precision(spec: str, device: torch.device) -> str:
-    """The concrete precision (one of PRECISIONS) that `spec` means on `device`."""
     if spec != "auto":
         return check_precision(spec)
     if device.type == "cuda" and not cuda_bf16_native(device):

@@ -38,7 +38,8 @@ from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
 from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
-from reslab.models import create_model, get_classifier
+from reslab.models import create_model
+from reslab.models.registry import get_classifier
 
 
 class TrainingDiverged(RuntimeError):
@@ -130,7 +131,7 @@ class _Interval:
     """Sums since the last host sync (on the device), and images since the last evaluation."""
 
     loss: torch.Tensor  # float64: sum of loss * batch size
-    wrong: torch.Tensor  # int64
+    wrong: torch.Tensor
     seen: int = 0
     images: int = 0  # over all ranks, for images/s
     since: float = field(default_factory=time.perf_counter)
