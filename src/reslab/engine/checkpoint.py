@@ -11,10 +11,14 @@ from typing import IO, Any
 
 import torch
 
-from reslab.errors import CheckpointError, UserError, safe_torch_load, torch_load_failure
-
-# The layout of what Trainer._checkpoint writes; a file with another version is refused on load.
-CHECKPOINT_VERSION = 1
+from reslab.errors import (  # noqa: F401 (CHECKPOINT_VERSION: imported from here)
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    UserError,
+    check_checkpoint_version,
+    safe_torch_load,
+    torch_load_failure,
+)
 
 
 class DiskFullError(UserError):
@@ -97,11 +101,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             f"{path}: not a reslab checkpoint (no 'format': 'reslab' entry); for other weights "
             "files use --weights FILE"
         )
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {ckpt.get('version')!r}, but this reslab reads "
-            f"version {CHECKPOINT_VERSION}; use the reslab version that wrote it"
-        )
+    check_checkpoint_version(ckpt, path)
     return ckpt
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from reslab.errors import UserError, safe_torch_load, torch_load_failure
+from reslab.errors import UserError, check_checkpoint_version, safe_torch_load, torch_load_failure
 from reslab.models.arch import infer_architecture
 
 StateDict = dict[str, torch.Tensor]
@@ -152,6 +152,7 @@ def _interpret(obj: Any, path: Path) -> tuple[StateDict, dict[str, Any]]:
         "classes": None, "extra": {}, "notes": [],
     }  # fmt: skip
     if isinstance(obj, dict) and obj.get("format") == "reslab":
+        check_checkpoint_version(obj, path)
         sd, meta["notes"] = _normalize_keys(_tensor_dict(obj.get("model"), path, "'model'"))
         meta.update(
             format="reslab",
