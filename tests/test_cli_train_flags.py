@@ -45,3 +45,9 @@ def test_train_help_lists_recipes_and_unknown_model_lists_zoo(
     err = capsys.readouterr().err
     assert "unknown model 'resnet19'" in err and "resnet20, resnet32" in err
     assert "Traceback" not in err
+
+
+def test_a_malformed_set_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--set", "lr"]) == 2
+    err = capsys.readouterr().err
+    assert err == "reslab train: error: --set lr: expects key=value, e.g. --set lr=0.05\n"

@@ -215,19 +215,36 @@ def test_persistent_workers_keep_the_order_resumable() -> None:
     assert whole[0] != whole[3]  # each epoch reshuffled
 
 
-def test_head_lr_multiplier_finds_each_architectures_classifier(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [("resnet18", "fc"), ("resnet20", "fc"), ("plain20", "fc"), ("alexnet_cifar", "fc4"),
+     ("alexnet", "fc8")],
+)  # fmt: skip
+def test_each_family_declares_its_classifier(name: str, head: str, tmp_path: Path) -> None:
+    """One rule (models.classifier_name): head_lr_mult, freeze_backbone and the head re-init
+    on fine-tuning all find fc in the ResNets, fc4 in AlexNet's CIFAR net and AlexNet's fc8."""
+    from reslab.engine.config import TrainConfig
     from reslab.engine.schedules import make_sgd
-    from reslab.engine.trainer import classifier_name
+    from reslab.engine.trainer import build_model
+    from reslab.models.registry import classifier_name, get_classifier
+    from reslab.models.weights import load_weights
 
-    with torch.device("meta"):  # names only: ImageNet AlexNet's 61M parameters are not needed
-        assert classifier_name(create_model("alexnet")) == "fc8"
-    for name, head in (("resnet20", "fc"), ("alexnet_cifar", "fc4")):
-        model = create_model(name)
-        assert classifier_name(model) == head
-        opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=0.0, head_lr_mult=10.0,
-                       head=classifier_name(model))  # fmt: skip
-        fast = {id(p) for g in opt.param_groups if g["lr_mult"] == 10.0 for p in g["params"]}
-        assert fast == {id(p) for p in getattr(model, head).parameters()}
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10)
+    assert classifier_name(model) == head and get_classifier(model) is getattr(model, head)
+    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=0.0, head_lr_mult=10.0)
+    fast = {id(p) for g in opt.param_groups if g["lr_mult"] == 10.0 for p in g["params"]}
+    assert fast == {id(p) for p in getattr(model, head).parameters()}
+    frozen, _ = build_model(TrainConfig(model=name, freeze_backbone=True), 10)
+    trained = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trained == {f"{head}.weight", f"{head}.bias"}
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    new = create_model(name, num_classes=5)
+    before = {n: t.clone() for n, t in new.state_dict().items()}
+    load_weights(new, tmp_path / "w.pt", head="reinit")
+    for n, t in new.state_dict().items():
+        kept = n.startswith(head + ".")
+        assert torch.equal(t, before[n] if kept else model.state_dict()[n]), n
 
 
 def test_small_folder_fits_the_recipe_batch_but_refuses_a_chosen_one(

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 import reslab
-from reslab.engine.precision import bf16_is_fast
-from reslab.inference import InferenceModel, resolve_precision
+from reslab.engine import precision as P
+from reslab.engine.evaluator import evaluate
+from reslab.engine.precision import bf16_is_fast, resolve_precision
+from reslab.inference import InferenceModel
 
 
 def _calibrated_resnet20(images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
@@ -52,6 +54,27 @@ def test_precision_and_backend_validation() -> None:
         InferenceModel(model, backend="tensorrt")
     with pytest.raises(ValueError, match="needs input_size"):
         InferenceModel(model, backend="onnxruntime")
+
+
+def test_auto_means_what_it_means_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One policy: predict resolves `auto` by the trainer's own rule, fp16 on an older GPU."""
+    monkeypatch.setattr(P, "cuda_bf16_native", lambda device=None: False)
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    model = reslab.create_model("resnet20")
+    for fast in (True, False):
+        monkeypatch.setattr(P, "bf16_is_fast", lambda device, fast=fast: fast)
+        want = "bf16" if fast else "fp32"
+        assert resolve_precision("auto", torch.device("cpu")) == want
+        assert InferenceModel(model, precision="auto").precision == want
+
+
+def test_evaluation_checks_the_precision_once_before_any_batch() -> None:
+    def batches():
+        raise AssertionError("a bad precision must be refused before the first batch")
+        yield
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        evaluate(reslab.create_model("resnet20"), batches(), device="cpu", precision="fp8")
 
 
 @pytest.mark.parametrize(

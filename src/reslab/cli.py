@@ -118,6 +118,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import torch
 
+    from reslab.data.preprocess import named_preprocess
     from reslab.inference import InferenceModel
     from reslab.models import model_info
     from reslab.predict import PredictError, collect_images, predict_files
@@ -134,7 +135,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     f"{info.path} carries no preprocessing (a bare state_dict); say how its "
                     "inputs were normalised with --normalize imagenet|cifar10"
                 )
-            pre = _named_preprocess(args.normalize, model_info(info.model_name).input_size)
+            size = model_info(info.model_name).input_size
+            pre = named_preprocess(name=args.normalize, input_size=size)
         runner = InferenceModel(
             model, device=torch.device(args.device), precision=args.precision,
             backend=args.backend, input_size=int(pre["input_size"]),
@@ -171,15 +173,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _named_preprocess(name: str, size: int) -> dict:
-    from reslab.data.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
-
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet" else (CIFAR10_MEAN, CIFAR10_STD)
-    return {"kind": "imagenet" if size > 32 else "cifar", "input_size": size,
-            "resize": 256 if size == 224 else None, "mode": "per_channel",
-            "mean": list(mean), "std": list(std)}  # fmt: skip
-
-
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify images (files or directories)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR")
@@ -190,8 +183,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    "probabilities (or the error) per image to a CSV file")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 autocast where the hardware has native bf16")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where the hardware has native bf16, fp16 on a GPU "
+                   "without it, else fp32")  # fmt: skip
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: export once, then run fp32 on the CPU")  # fmt: skip
     p.add_argument("--normalize", choices=["imagenet", "cifar10"], default=None,
@@ -222,6 +216,7 @@ def _train_config(args: argparse.Namespace):
     image folder gets the finetune recipe; without --model, --weights name the architecture."""
     import os
 
+    from reslab.data import resolve_data_root
     from reslab.engine.config import TrainConfig, load_recipe
 
     stored = _stored_config(args) if args.resume and args.recipe is None else None
@@ -262,8 +257,7 @@ def _train_config(args: argparse.Namespace):
         note = scale_milestones(cfg, args.iters)
         if note and os.environ.get("RANK", "0") == "0":
             _notice(note)
-    if args.data is None and cfg.data == "data" and os.environ.get("RESLAB_DATA"):
-        cfg.data = os.environ["RESLAB_DATA"]
+    cfg.data = resolve_data_root(cfg.data)
     cfg.validate(source="reslab train")
     return cfg
 
@@ -469,8 +463,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
             print(f"{args.dataset} ready in {download_cifar(args.dir, dataset=args.dataset)}")
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail("data", e)
     return 0
 
 
@@ -525,8 +518,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             return 0
         path = reproduce(args.name, **opts)
     except (DataError, ConfigMismatch, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail("reproduce", e)
     print(f"report: {path}")
     return 0
 
@@ -626,8 +618,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
     except (DataError, ValueError, FileNotFoundError) as e:  # WeightsError is a ValueError
-        print(f"reslab eval: error: {e}", file=sys.stderr)
-        return 2
+        return _fail("eval", e)
     print(
         f"{args.dataset} {args.split}, {args.views} view(s), {result.ensemble.num_samples} "
         f"images, {args.precision}"
@@ -676,7 +667,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="architecture for --weights (default: detected from the file)",
     )
-    p.add_argument("--data", required=True, metavar="DIR", help="directory holding the data set")
+    p.add_argument("--data", metavar="DIR", help="directory holding the data set "
+                   "(default $RESLAB_DATA)")  # fmt: skip
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
     p.add_argument(
         "--labels",
@@ -699,7 +691,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=None, help="default 500 for CIFAR, 32 for folders"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32",
+                   help="auto: as in train and predict (reslab.engine.precision)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument(
         "--json", default=None, metavar="OUT", help="JSON report path (default OUT_DIR/eval.json)"
@@ -721,8 +714,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         runs = load_runs(args.run_dir)
         out = plot_curves(runs, out=args.out, title=args.title, test_key=args.test_key)
     except (FileNotFoundError, ValueError) as e:
-        print(f"reslab plot: error: {e}", file=sys.stderr)
-        return 2
+        return _fail("plot", e)
     print(f"wrote {out}")
     return 0
 
@@ -742,12 +734,13 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import os
-
     from reslab.demo import run_demo
+    from reslab.errors import UserError
 
-    data = args.data or os.environ.get("RESLAB_DATA") or "data"
-    run_demo(data=data, out=args.out, minutes=args.minutes, download=args.download)
+    try:
+        run_demo(data=args.data, out=args.out, minutes=args.minutes, download=args.download)
+    except UserError as e:
+        return _fail("demo", _one_line(e))
     return 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from reslab.data import resolve_data_root
 from reslab.engine.config import TrainConfig, load_recipe
 from reslab.engine.distributed import resolve_device
 from reslab.engine.precision import autocast, resolve_precision
@@ -37,9 +38,9 @@ def seconds_per_step(cfg: TrainConfig, *, steps: int = 6) -> float:
     return sorted(times[2:])[len(times[2:]) // 2]  # median after warm-up
 
 
-def run_demo(*, data: str, out: str, minutes: float, download: bool = False) -> dict:
+def run_demo(*, data: str | None, out: str, minutes: float, download: bool = False) -> dict:
     cfg = load_recipe("cifar10-fast")
-    cfg.data, cfg.out, cfg.download = data, out, download
+    cfg.data, cfg.out, cfg.download = resolve_data_root(data), out, download
     per_step = seconds_per_step(cfg)
     # Plan the schedule to end on time: the cosine schedule needs to know its length. 10% of
     # the time is left for the evaluations.

@@ -4,10 +4,36 @@ can print them as one line with exit code 2 instead of a traceback."""
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 
 class UserError(ValueError):
     """Bad input: the message names the file or flag and says how to fix it."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+# The layout of what Trainer._checkpoint writes; a file with another version is refused on load.
+CHECKPOINT_VERSION = 1
+
+
+def check_checkpoint_version(ckpt: dict, path: object) -> None:
+    """Refuse a reslab checkpoint of another layout (engine.checkpoint, models.weight_formats)."""
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {ckpt.get('version')!r}, but this reslab reads "
+            f"version {CHECKPOINT_VERSION}; use the reslab version that wrote it"
+        )
+
+
+def safe_torch_load(path: object, *, map_location: object = "cpu") -> Any:
+    """reslab's only torch.load: weights_only=True, so a file yields tensors and plain
+    containers but can never run code (pickled globals are refused)."""
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def first_line(text: object) -> str:

@@ -17,21 +17,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from reslab.engine.precision import bf16_is_fast
+from reslab.engine.precision import autocast, resolve_precision
 from reslab.models.blocks import BasicBlock, Bottleneck
 from reslab.models.cifar import CifarResNet
 from reslab.models.resnet import ResNet
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
-    return precision
-
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -40,8 +29,9 @@ class InferenceModel:
     """Wraps an eval-mode model for fast batched inference: float [N, 3, H, W] -> fp32 logits.
 
     backend "torch" (default): the model (a copy when fold_bn) moves to `device` in
-    channels_last; inputs are made channels_last too. With precision "bf16" the forward runs
-    under bf16 autocast (weights stay fp32; autocast keeps accumulation-sensitive ops in fp32).
+    channels_last; inputs are made channels_last too. `precision` follows the one policy of
+    reslab.engine.precision (auto: bf16, fp16 on a GPU without native bf16, or fp32); under
+    autocast weights stay fp32 and accumulation-sensitive ops run in fp32.
     backend "onnxruntime": the model is exported to ONNX (fp32, CPU) once, then run by an
     onnxruntime session with torch's thread count; `input_size` is needed for the export.
     fold_bn (torch backend): each eval-mode BatchNorm is folded into the convolution before it
@@ -63,7 +53,7 @@ class InferenceModel:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.device, self.backend = torch.device(device), backend
         if backend == "onnxruntime":
-            if self.device.type != "cpu" or precision == "bf16" or input_size is None:
+            if self.device.type != "cpu" or precision not in ("auto", "fp32") or not input_size:
                 raise ValueError(
                     "the onnxruntime backend runs fp32 on the CPU and needs input_size"
                 )
@@ -81,12 +71,8 @@ class InferenceModel:
             (out,) = self._session.run(None, {"input": x.float().contiguous().numpy()})
             return torch.from_numpy(out)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                out = self.model(x)
-        else:
-            out = self.model(x)
-        return out.float()
+        with autocast(self.precision, self.device):
+            return self.model(x).float()
 
     def __repr__(self) -> str:
         layout = "onnxruntime" if self.backend == "onnxruntime" else "channels_last"

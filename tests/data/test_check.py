@@ -27,15 +27,15 @@ def test_check_names_the_bad_cifar_file(tmp_path: Path, capsys: pytest.CaptureFi
         _batch(d / f"data_batch_{i}", good, list(range(10)))
     _batch(d / "test_batch", good, [0, 1, 2, 3, 4, 5, 6, 7, 8, 12])  # label out of range
     assert cifar_datasets(tmp_path) == [("cifar10", tmp_path)] == cifar_datasets(d)
-    assert main(["data", "check", str(d)]) == 1
+    assert main(["data", "check", str(d)]) == 2
     err = capsys.readouterr().err
     assert "test_batch" in err and "0..9" in err
     _batch(d / "test_batch", np.zeros((10, 1000), np.uint8), list(range(10)))  # wrong shape
-    assert main(["data", "check", str(tmp_path)]) == 1
+    assert main(["data", "check", str(tmp_path)]) == 2
     assert "test_batch" in capsys.readouterr().err
     _batch(d / "test_batch", good, list(range(10)))
     (d / "data_batch_3").unlink()
-    assert main(["data", "check", str(tmp_path)]) == 1
+    assert main(["data", "check", str(tmp_path)]) == 2
     assert "data_batch_3" in capsys.readouterr().err
 
 

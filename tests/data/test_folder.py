@@ -222,7 +222,7 @@ def test_cli_check_folder_prints_the_truth(bad_folder: Path, capsys: pytest.Capt
         "truncated.jpg: corrupt or truncated",
     ):
         assert name in out
-    assert main(["data", "check", str(bad_folder / "missing")]) == 1
+    assert main(["data", "check", str(bad_folder / "missing")]) == 2
     assert "missing does not exist" in capsys.readouterr().err
 
 

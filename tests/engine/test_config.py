@@ -41,3 +41,23 @@ def test_round_trip_and_overrides(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="cifar10-paper"):
         load_recipe("nope")
     assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+def test_epochs_become_the_same_iterations_fused_and_alone(cifar_root, tmp_path) -> None:
+    """One rule (run_length.iters_from_epochs): 1 epoch of 64 images at batch 16 is 4
+    iterations, and milestone 4 of the config's 6 iterations moves to 3, for both trainers."""
+    from reslab.engine.checkpoint import load_checkpoint
+    from reslab.engine.fused_trainer import train_fused
+    from reslab.engine.trainer import train
+
+    def cfg(out: str, seed: int) -> TrainConfig:
+        return TrainConfig(model="resnet20", data=str(cifar_root), out=str(tmp_path / out),
+                           device="cpu", precision="fp32", val_split=False, train_subset=64,
+                           eval_subset=16, eval_splits=["test"], batch_size=16, iters=6,
+                           epochs=1, milestones=[4], seed=seed)  # fmt: skip
+
+    train_fused([cfg("f0", 0), cfg("f1", 1)], progress=False)
+    train(cfg("alone", 0), progress=False)
+    for out in ("f0", "f1", "alone"):
+        ckpt = load_checkpoint(tmp_path / out / "last.pt")
+        assert (ckpt["step"], ckpt["config"]["iters"], ckpt["config"]["milestones"]) == (4, 4, [3])

@@ -103,8 +103,9 @@ def test_eval_cli_single_and_ensemble(
 
 
 def test_eval_cli_views_and_bad_files(
-    checkpoints: list[Path], cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+    checkpoints: list[Path], cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     json_out = tmp_path / "ten.json"
     code = main(["eval", "--checkpoint", str(checkpoints[0]), "--data", str(cifar_root),
                  "--limit", "30", "--views", "ten-crop", "--json", str(json_out),
@@ -113,6 +114,10 @@ def test_eval_cli_views_and_bad_files(
     doc = json.loads(json_out.read_text())
     assert doc["views"] == "ten-crop" and doc["members"][0]["num_samples"] == 30
     assert doc["ensemble"] is None and (tmp_path / "o" / "confusion-resnet20_best.png").is_file()
+    monkeypatch.setenv("RESLAB_DATA", str(cifar_root))  # no --data: $RESLAB_DATA, as in train
+    assert main(["eval", "--checkpoint", str(checkpoints[0]), "--limit", "20",
+                 "--json", str(tmp_path / "env.json"), "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "env.json").read_text())["members"][0]["num_samples"] == 20
 
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(checkpoints[0].read_bytes()[:5000])
@@ -127,3 +132,31 @@ def test_eval_cli_views_and_bad_files(
     assert main(["eval", "--checkpoint", str(checkpoints[0]), "--data", str(wrong),
                  "--dataset", "cifar100"]) == 2  # fmt: skip
     assert "cifar-100-python" in capsys.readouterr().err
+
+
+def test_one_checkpoint_error_for_every_loader() -> None:
+    """eval, resume and the weights readers raise the same class: a UserError (exit 2) that
+    `except RuntimeError` clauses still catch."""
+    from reslab.engine import checkpoint, eval_run
+    from reslab.errors import CheckpointError, UserError
+
+    assert eval_run.CheckpointError is checkpoint.CheckpointError is CheckpointError
+    assert issubclass(CheckpointError, UserError) and issubclass(CheckpointError, RuntimeError)
+
+
+def test_one_rule_for_the_data_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data (or a recipe's data) wins, then $RESLAB_DATA, then ./data: train, eval, reproduce
+    and demo all call reslab.data.resolve_data_root."""
+    from reslab.cli import _train_config, build_parser
+    from reslab.data import resolve_data_root
+    from reslab.experiments.runner import default_data
+
+    monkeypatch.delenv("RESLAB_DATA", raising=False)
+    assert resolve_data_root(None) == default_data() == "data"
+    monkeypatch.setenv("RESLAB_DATA", "/env/cifar")
+    assert resolve_data_root(None) == default_data() == "/env/cifar"
+    assert resolve_data_root("data") == "data"  # an explicit ./data is not the env's to replace
+    train = build_parser().parse_args(["train"])
+    assert _train_config(train).data == "/env/cifar"
+    train = build_parser().parse_args(["train", "--set", "data=data"])
+    assert _train_config(train).data == "data"

@@ -53,11 +53,13 @@ def test_sgd_groups_head_lr_and_set_lr() -> None:
     model = torch.nn.Sequential()
     model.add_module("body", torch.nn.Linear(3, 3))
     model.add_module("fc", torch.nn.Linear(3, 2))
-    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4, head_lr_mult=10.0)
+    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4, head_lr_mult=10.0, head="fc")
     set_lr(opt, 0.01)
     lrs = sorted(g["lr"] for g in opt.param_groups)
     assert lrs == pytest.approx([0.01, 0.1])
     assert all(g["momentum"] == 0.9 and g["weight_decay"] == 1e-4 for g in opt.param_groups)
+    with pytest.raises(ValueError, match="Sequential does not say which layer is its classifier"):
+        make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4, head_lr_mult=10.0)
 
 
 def test_step_lr_linear_warmup_then_paper_steps() -> None:

@@ -139,6 +139,10 @@ def test_cli_compile_mode_implies_compile(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         main(["reproduce", "table6", "--budget", "full", "--out", "o", "--only", ","])
     assert "give at least one run name" in capsys.readouterr().err
+    argv = ["reproduce", "table6", "--budget", "full", "--out", "o", "--only", "nosuch", "--dry-run"]  # fmt: skip
+    assert main(argv) == 2  # a user error: one line, exit 2 like every other command
+    err = capsys.readouterr().err
+    assert err.startswith("reslab reproduce: error:") and "nosuch" in err and err.count("\n") == 1
 
 
 def test_parallel_runs_are_handed_out_longest_first() -> None:

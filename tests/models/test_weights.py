@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import reslab
+from reslab.errors import CheckpointError
 from reslab.models.weights import (
     CIFAR10_CLASSES,
     IMAGENET_MEAN,
@@ -190,6 +191,9 @@ def test_reslab_checkpoint(tmp_path: Path) -> None:
     assert info.format == "reslab" and info.classes == ["a", "b", "c", "d"]
     assert info.extra["step"] == 12
     _same_outputs(model, src, torch.randn(2, 3, 32, 32))
+    torch.save({**ckpt, "version": 99}, path)  # another layout: refused as in resume and eval
+    with pytest.raises(CheckpointError, match=r"last\.pt: checkpoint format version 99"):
+        model_from_weights(path)
 
 
 def test_mismatches_are_listed_never_partial(tmp_path: Path) -> None:

@@ -87,3 +87,12 @@ class Preprocess:
             mean=d["mean"],
             std=d.get("std", (1.0, 1.0, 1.0)),
         )
+
+
+def named_preprocess(*, name: str, input_size: int) -> dict:
+    """The per-channel preprocessing of a data set's statistics ("imagenet" or "cifar10") at a
+    model's input size: for weights that carry none (`reslab predict --normalize NAME`)."""
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet" else (CIFAR10_MEAN, CIFAR10_STD)
+    return {"kind": "imagenet" if input_size > 32 else "cifar", "input_size": input_size,
+            "resize": 256 if input_size == 224 else None, "mode": "per_channel",
+            "mean": list(mean), "std": list(std)}  # fmt: skip

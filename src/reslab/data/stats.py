@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from reslab.data.cifar import DIRS, DataError, load_cifar
 from reslab.data.preprocess import Preprocess
 from reslab.data.transforms import PCALighting, center_crop_transform
+from reslab.errors import safe_torch_load
 
 __all__ = [
     "DataStats",
@@ -237,4 +238,4 @@ def load_stats(path: str | Path) -> DataStats:
         raise DataError(
             f"stats file {path} does not exist; make it with `reslab data stats DIR --out {path}`"
         )
-    return DataStats.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return DataStats.from_dict(safe_torch_load(path))

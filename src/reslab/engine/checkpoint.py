@@ -11,14 +11,14 @@ from typing import IO, Any
 
 import torch
 
-from reslab.errors import UserError, torch_load_failure
-
-# The layout of what Trainer._checkpoint writes; a file with another version is refused on load.
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and why."""
+from reslab.errors import (  # noqa: F401 (CHECKPOINT_VERSION: imported from here)
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    UserError,
+    check_checkpoint_version,
+    safe_torch_load,
+    torch_load_failure,
+)
 
 
 class DiskFullError(UserError):
@@ -90,19 +90,18 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes), not a checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = safe_torch_load(path, map_location=map_location)
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot be loaded safely; truncated, or not a reslab checkpoint "
             f"({torch_load_failure(e)})"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "reslab":
-        raise CheckpointError(f"{path}: not a reslab checkpoint (no 'format': 'reslab' entry)")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path}: checkpoint format version {ckpt.get('version')!r}, but this reslab reads "
-            f"version {CHECKPOINT_VERSION}; use the reslab version that wrote it"
+            f"{path}: not a reslab checkpoint (no 'format': 'reslab' entry); for other weights "
+            "files use --weights FILE"
         )
+    check_checkpoint_version(ckpt, path)
     return ckpt
 
 

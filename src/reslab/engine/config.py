@@ -36,7 +36,8 @@ class TrainConfig:
     weights: str | None = None  # initial weights (fine-tuning); format detected
     # --- data ---
     dataset: str = "cifar10"  # cifar10 | cifar100 | folder
-    data: str = "data"  # directory holding cifar-10-batches-py, or an image folder
+    data: str | None = None  # cifar-10-batches-py's parent, or an image folder; None: $RESLAB_DATA
+    # else ./data (reslab.data.resolve_data_root)
     download: bool = False  # fetch CIFAR with torchvision's downloader
     val_split: bool = True  # section 4.2: 45k train / 5k validation to pick the schedule
     normalization: str = "per_pixel"  # section 4.2: per-pixel mean subtracted; or per_channel
@@ -160,7 +161,7 @@ class TrainConfig:
         d = self.to_dict()
         for a in assignments:
             if "=" not in a:
-                raise ValueError(f"--set expects key=value, got {a!r}")
+                raise ConfigError(f"--set {a}: expects key=value, e.g. --set lr=0.05")
             key, value = a.split("=", 1)
             if key.startswith("model_options."):
                 d["model_options"][key.split(".", 1)[1]] = _yaml_value(value)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from reslab.data import resolve_data_root
 from reslab.data.cifar import CifarSplit, load_cifar, mean_image
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocess
@@ -128,7 +129,7 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
         weights_preprocess,
     )
 
-    root = Path(cfg.data)
+    root = Path(resolve_data_root(cfg.data))
     train_dir = root / "train" if (root / "train").is_dir() else root
     val_dir = root / "val" if (root / "val").is_dir() else None
     notes = resolve_geometry(cfg, weights_preprocess(cfg.weights))
@@ -208,7 +209,7 @@ def build_data(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDat
 
     from reslab.data.cifar import DataError
 
-    root = Path(cfg.data)
+    root = Path(resolve_data_root(cfg.data))
     if root.exists() and not root.is_dir():
         raise DataError(
             f"--data {root} is a file; give the directory that holds "

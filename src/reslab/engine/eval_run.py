@@ -14,16 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.data import resolve_data_root
 from reslab.data.preprocess import Preprocess
-from reslab.engine.checkpoint import CHECKPOINT_VERSION
+from reslab.engine.checkpoint import CheckpointError, load_checkpoint
 from reslab.engine.evaluator import EnsembleResult, EvalResult, evaluate_ensemble
-from reslab.errors import UserError, torch_load_failure
+from reslab.engine.precision import resolve_precision
 
 REQUIRED_KEYS = ("model_name", "model")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
 @dataclass
@@ -39,30 +36,16 @@ class LoadedModel:
 def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> LoadedModel:
     """Rebuild the model of a reslab checkpoint (model_name + model_options) and load its weights.
 
-    Only torch.load(weights_only=True) is used: a file that needs arbitrary unpickling is refused.
+    Read by engine.checkpoint.load_checkpoint: a file that needs code to unpickle is refused.
     """
     from reslab.models import create_model
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, or a pickle that would need code to load
+    ckpt = load_checkpoint(path)
+    if any(k not in ckpt for k in REQUIRED_KEYS):
         raise CheckpointError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) "
-            f"({torch_load_failure(e)}); it is damaged or not a reslab checkpoint"
-        ) from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(
-            f"{path}: not a reslab checkpoint (needs {list(REQUIRED_KEYS)}, found {keys}); "
-            "for other weight files use --model NAME --weights FILE"
-        )
-    if ckpt.get("format") == "reslab" and ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {ckpt.get('version')!r}, but this reslab reads "
-            f"version {CHECKPOINT_VERSION}; use the reslab version that wrote it"
+            f"{path}: not a model checkpoint (needs {list(REQUIRED_KEYS)}, found "
+            f"{sorted(ckpt)[:8]}); for other weight files use --model NAME --weights FILE"
         )
     options = dict(ckpt.get("model_options") or {})
     try:
@@ -196,7 +179,7 @@ def run_eval(
     checkpoints: Sequence[str | Path] = (),
     weights: str | Path | None = None,
     model_name: str | None = None,
-    data: str | Path,
+    data: str | Path | None = None,
     dataset: str = "cifar10",
     split: str = "test",
     views: str = "center",
@@ -213,10 +196,11 @@ def run_eval(
     batch_size: images per batch (each then gives 10 crops with ten-crop); default 500 for CIFAR,
     32 for folders.
     """
-    batch_size = batch_size or (32 if dataset == "folder" else 500)
+    batch_size, data = batch_size or (32 if dataset == "folder" else 500), resolve_data_root(data)
     dev = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     )
+    precision = resolve_precision(precision, dev)
     if bool(checkpoints) == (weights is not None):
         raise ValueError("give either --checkpoint FILE [FILE ...] or --model NAME --weights FILE")
     if checkpoints:

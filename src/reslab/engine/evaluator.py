@@ -15,10 +15,8 @@ import torch
 from torch import nn
 
 from reslab.engine.distributed import all_reduce_sum
-from reslab.engine.precision import autocast
+from reslab.engine.precision import autocast, check_precision
 from reslab.engine.views import Views, make_views
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -116,9 +114,7 @@ def view_probs(
     model: nn.Module, x: Views, *, num_classes: int | None, precision: str
 ) -> torch.Tensor:
     """Softmax scores averaged over views: x is [B, ...], [B, V, ...] or a list of such.
-    num_classes=None takes the model's output width."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    num_classes=None takes the model's output width; `precision` is already checked."""
     batches = x if isinstance(x, list) else [x]
     total: torch.Tensor | None = None
     count = 0
@@ -172,7 +168,7 @@ def evaluate_ensemble(
     batch (e.g. uint8 [B, 3, H, W]) and member i sees normalizers[i](x), so members trained with
     different preprocessing share one loader. Views are made after normalisation.
     """
-    device = torch.device(device)
+    device, precision = torch.device(device), check_precision(precision)
     if not models:
         raise ValueError("no models to evaluate")
     norms = list(normalizers) if normalizers is not None else [None] * len(models)

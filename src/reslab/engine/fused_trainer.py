@@ -36,6 +36,7 @@ from reslab.engine.checkpoint import load_checkpoint, write_text_atomic
 from reslab.engine.config import TrainConfig
 from reslab.engine.data_setup import build_data
 from reslab.engine.precision import autocast, resolve_precision
+from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.schedules import make_sgd, set_lr
 from reslab.engine.trainer import Trainer, TrainingDiverged, TrainState, build_model, run_info
 from reslab.models.cifar import CifarResNet
@@ -146,14 +147,10 @@ class FusedTrainer:
         data = build_data(cfg0, self.device, self.dist)  # one copy of the images for all
         if not isinstance(data.train, TensorLoader):
             raise ValueError("fused training needs the on-device CIFAR loader")
-        iters = None
-        if cfg0.epochs is not None:
-            iters = max(1, round(cfg0.epochs * data.train_size / cfg0.batch_size))
         num_classes = cfg0.num_classes or len(data.classes)
         self.members: list[Trainer] = []
         for cfg in cfgs:
-            if iters is not None:
-                cfg.iters = iters
+            iters_from_epochs(cfg, train_size=data.train_size)  # as Trainer.__init__ does
             torch.manual_seed(cfg.seed)  # as Trainer.__init__ does before building its model
             model, options = build_model(cfg, num_classes)
             if not isinstance(model, CifarResNet):

@@ -1,4 +1,6 @@
-"""Choosing and applying the numeric precision of the forward pass."""
+"""The one precision policy of training, evaluation and inference. `auto`: bf16 autocast where
+the device has native bf16, fp16 on a GPU without it (training adds a GradScaler), else fp32.
+A precision is checked once per run (resolve_precision / check_precision)."""
 
 from __future__ import annotations
 
@@ -29,11 +31,18 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # what autocast() takes; "auto" resolves to one of them
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {('auto', *PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def resolve_precision(spec: str, device: torch.device) -> str:
     if spec != "auto":
-        if spec not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {spec!r}")
-        return spec
+        return check_precision(spec)
     if device.type == "cuda" and not cuda_bf16_native(device):
         return "fp16"  # trained with a GradScaler (engine/trainer.py)
     return "bf16" if bf16_is_fast(device) else "fp32"

@@ -22,3 +22,11 @@ def scale_milestones(cfg: TrainConfig, new_iters: int) -> str | None:
         f"lr milestones scaled with the run length: {old} of {old_iters} iterations -> "
         f"{cfg.milestones} of {new_iters}"
     )
+
+
+def iters_from_epochs(cfg: TrainConfig, *, train_size: int) -> str | None:
+    """The one place a run's length in epochs becomes cfg.iters (milestones scaled as above);
+    nothing to do when the config gives iterations."""
+    if cfg.epochs is None:
+        return None
+    return scale_milestones(cfg, max(1, round(cfg.epochs * train_size / cfg.batch_size)))

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from reslab.models.registry import classifier_name
+
 
 def step_lr(
     it: int, *, base: float, milestones: Sequence[int], gamma: float = 0.1, warmup: int = 0
@@ -56,16 +58,19 @@ def lr_at(
 
 def make_sgd(
     model: nn.Module, *, lr: float, momentum: float, weight_decay: float, nesterov: bool = False,
-    head_lr_mult: float = 1.0, head: str = "fc", decay_bn: bool = True,
+    head_lr_mult: float = 1.0, head: str | None = None, decay_bn: bool = True,
 ) -> torch.optim.SGD:  # fmt: skip
     """SGD with momentum and weight decay (section 3.4). Parameter groups: the classifier `head`
-    may get its own learning rate (fine-tuning); decay_bn=False exempts BN and biases from decay.
-    Each group's `lr_mult` scales the scheduled learning rate."""
+    (default: the model's own, reslab.models.classifier_name) may get its own learning rate
+    (fine-tuning); decay_bn=False exempts BN and biases from decay. Each group's `lr_mult`
+    scales the scheduled learning rate."""
+    if head is None and head_lr_mult != 1.0:
+        head = classifier_name(model)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_head = name.split(".")[0] == head
+        is_head = head is not None and name.startswith(head + ".")
         no_decay = not decay_bn and p.dim() <= 1
         groups.setdefault((is_head, no_decay), []).append(p)
     param_groups = [

@@ -35,9 +35,11 @@ from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
 from reslab.engine.precision import autocast, resolve_precision, tune_cuda
 from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
+from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
 from reslab.models import create_model
+from reslab.models.registry import get_classifier
 
 
 class TrainingDiverged(RuntimeError):
@@ -118,16 +120,21 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str
         head = "load" if file_classes == num_classes else "reinit"
         load_weights(model, cfg.weights, head=head)
     if cfg.freeze_backbone:
-        for name, p in model.named_parameters():
-            p.requires_grad = name.split(".")[0] in ("fc", "fc8")
+        head = {id(p) for p in get_classifier(model).parameters()}
+        for p in model.parameters():
+            p.requires_grad = id(p) in head
     return model, options
 
 
-def classifier_name(model: nn.Module) -> str:
-    """The top-level name of the last nn.Linear (fc, fc4, fc8): the head that fine-tuning's
-    head_lr_mult applies to, whatever the architecture calls it."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1].split(".")[0] if linears else "fc"
+@dataclass
+class _Interval:
+    """Sums since the last host sync (on the device), and images since the last evaluation."""
+
+    loss: torch.Tensor  # float64: sum of loss * batch size
+    wrong: torch.Tensor
+    seen: int = 0
+    images: int = 0  # over all ranks, for images/s
+    since: float = field(default_factory=time.perf_counter)
 
 
 class Trainer:
@@ -161,12 +168,8 @@ class Trainer:
                 f"the training set has {self.data.train_size} images but one batch needs "
                 f"{cfg.batch_size} (batch_size); lower --set batch_size=N or add images"
             )
-        if cfg.epochs is not None:
-            from reslab.engine.run_length import scale_milestones
-
-            note = scale_milestones(cfg, max(1, round(cfg.epochs * self.data.train_size
-                                                      / cfg.batch_size)))  # fmt: skip
-            self.data.notes += [note] if note else []
+        note = iters_from_epochs(cfg, train_size=self.data.train_size)
+        self.data.notes += [note] if note else []
         num_classes = cfg.num_classes or len(self.data.classes)
         self.model, self.model_options = build_model(cfg, num_classes)
         self.model = self.model.to(self.device)
@@ -177,7 +180,7 @@ class Trainer:
             self.model = D.convert_sync_batchnorm(self.model, self.device)
         self.optimizer = make_sgd(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult, head=classifier_name(self.model),
+            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
         )  # fmt: skip
         # fp16's 5 exponent bits underflow small gradients: the loss is scaled up, the update
         # skipped on overflow. bf16 and fp32 need none (enabled=False makes it a pass-through).
@@ -339,113 +342,35 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, s, dev = self.cfg, self.state, self.device
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            rundir.write_run_config(self.out / "config.yaml", cfg.to_dict(), {
-                **run_info(), "precision": self.precision, "world_size": self.dist.world_size,
-                "device": str(dev), "preprocess": preprocess_record(self.data.preprocess),
-            })  # fmt: skip
-            # A resumed run rewrites the log from its checkpoint, dropping rows written after it.
-            write_text_atomic(self.out / "metrics.jsonl",
-                              "".join(json.dumps(row) + "\n" for row in s.history))  # fmt: skip
-            self._log = RunLog(self.out, resume_step=s.step)
-            if self.progress:
-                print(self._banner(), file=sys.stderr, flush=True)
+            self._open_run_dir()
         self.net.train()
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        loss_acc = torch.zeros((), device=dev, dtype=torch.float64)
-        wrong_acc = torch.zeros((), device=dev, dtype=torch.int64)
-        seen_acc = 0
+        iv = _Interval(torch.zeros((), device=dev, dtype=torch.float64),
+                       torch.zeros((), device=dev, dtype=torch.int64))  # fmt: skip
         self._warm_wrong = torch.full((), s.warm_wrong, device=dev, dtype=torch.int64)
         self._warm_seen = s.warm_seen
         bar = tqdm(
             total=cfg.iters, initial=s.step, disable=not (self.progress and self.dist.is_main),
             dynamic_ncols=True, desc=cfg.model, unit="it",
         )  # fmt: skip
-        t0, t_int, n_int = time.perf_counter(), time.perf_counter(), 0
+        t0, wall0 = time.perf_counter(), s.wall
         # Progress about once a second (one host sync each); on one process only, since under
         # torch.distributed the sync is a collective that every rank must enter at the same step.
         clock, watch = Clock(1.0), LossWatch()
-        wall0 = s.wall
-        lr = cfg.lr
         row: dict[str, Any] = {}
         done = s.step >= cfg.iters
         while not done:
             for x, y in self.data.train:
-                lr = self._lr(s.step)
-                set_lr(self.optimizer, lr)
-                with autocast(self.precision, dev):
-                    logits = self.net(x)
-                    loss = criterion(logits, y)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                # Gradient clipping, if ever added, goes after self.scaler.unscale_(opt) here.
-                # The fused SGD takes the scale and the overflow flag as tensors: no host sync.
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                s.step += 1
-                n = y.numel()
-                with torch.no_grad():
-                    wrong = (logits.argmax(1) != y).sum()
-                    loss_acc += loss.detach().double() * n
-                    wrong_acc += wrong
-                seen_acc += n
-                n_int += n * self.dist.world_size
-                if cfg.warmup_lr is not None and s.warmup_ended_at is None:
-                    self._warm_wrong += wrong
-                    self._warm_seen += n
-                    if s.step % 20 == 0:  # one host sync per 20 steps, during warm-up only
-                        err = (
-                            100.0
-                            * float(D.all_reduce_sum(self._warm_wrong.clone()))
-                            / (self._warm_seen * self.dist.world_size)
-                        )
-                        self._warm_wrong.zero_()
-                        self._warm_seen = 0
-                        if err < cfg.warmup_until_error:
-                            s.warmup_ended_at = s.step
+                lr = self._step(x, y, criterion, iv)
                 at_eval = s.step % cfg.eval_every == 0 or s.step >= cfg.iters
                 s.wall = wall0 + time.perf_counter() - t0
                 out_of_time = self._out_of_time()
                 saving = s.step % cfg.save_every == 0
                 timed = not self.dist.enabled and clock.due()
                 if s.step % cfg.log_every == 0 or at_eval or out_of_time or saving or timed:
-                    # The host sync of this interval; sums over all ranks, so every rank holds
-                    # (and checkpoints) the same global statistics.
-                    acc = torch.stack([loss_acc, wrong_acc.double(), loss_acc.new_tensor(seen_acc)])
-                    loss_sum, wrong_sum, seen_sum = D.all_reduce_sum(acc).tolist()
-                    s.loss_sum += loss_sum
-                    s.wrong += wrong_sum
-                    s.seen += seen_sum
-                    loss_acc.zero_()
-                    wrong_acc.zero_()
-                    seen_acc = 0
-                    if not math.isfinite(s.loss_sum):
-                        raise self._diverged(f"loss became {s.loss_sum} by iteration {s.step} "
-                                             f"(lr {lr:g})")  # fmt: skip
-                    now = time.perf_counter()
-                    ips = n_int / max(now - t_int, 1e-9)
-                    if self.dist.is_main and seen_sum:
-                        self._log_step(watch, bar, loss_sum / seen_sum,
-                                       100 * wrong_sum / seen_sum, lr, ips)  # fmt: skip
-                    bar.set_postfix(
-                        loss=f"{s.loss_sum / max(s.seen, 1):.3f}",
-                        err=f"{100 * s.wrong / max(s.seen, 1):.1f}%", lr=f"{lr:.3g}",
-                        img_s=f"{ips:.0f}", refresh=False,
-                    )  # fmt: skip
-                    bar.update(s.step - bar.n)
+                    ips = self._sync(iv, lr, bar, watch)
                 if at_eval or out_of_time:
-                    row = self._evaluate_all(lr, ips)
-                    self.net.train()
-                    t_int, n_int = time.perf_counter(), 0
-                    val = row.get("val_error")
-                    new_best = val is not None and val < s.best_val_error
-                    if new_best:  # recorded in last.pt first, so a kill cannot lose best.pt
-                        s.best_val_error, s.best_step = val, s.step
-                    self._save("last.pt")
-                    if new_best:
-                        self._save_best()
-                    if self.dist.is_main:
-                        bar.write(self._format_row(row))
+                    row = self._evaluate_and_save(lr, ips, bar, iv)
                 elif saving:
                     self._save("last.pt")
                 if s.step >= cfg.iters or out_of_time:
@@ -459,6 +384,102 @@ class Trainer:
         if self.dist.is_main:
             write_text_atomic(self.out / "final.json", json.dumps(final, indent=2))
         return final
+
+    def _open_run_dir(self) -> None:
+        """config.yaml, metrics.jsonl as of the checkpoint, the run log and the banner."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        rundir.write_run_config(self.out / "config.yaml", self.cfg.to_dict(), {
+            **run_info(), "precision": self.precision, "world_size": self.dist.world_size,
+            "device": str(self.device), "preprocess": preprocess_record(self.data.preprocess),
+        })  # fmt: skip
+        # A resumed run rewrites the log from its checkpoint, dropping rows written after it.
+        write_text_atomic(self.out / "metrics.jsonl",
+                          "".join(json.dumps(row) + "\n" for row in self.state.history))  # fmt: skip
+        self._log = RunLog(self.out, resume_step=self.state.step)
+        if self.progress:
+            print(self._banner(), file=sys.stderr, flush=True)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, iv: _Interval) -> float:
+        """One SGD step at the scheduled lr (returned); its loss and errors stay on the device."""
+        s = self.state
+        lr = self._lr(s.step)
+        set_lr(self.optimizer, lr)
+        with autocast(self.precision, self.device):
+            logits = self.net(x)
+            loss = criterion(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        # Gradient clipping, if ever added, goes after self.scaler.unscale_(opt) here.
+        # The fused SGD takes the scale and the overflow flag as tensors: no host sync.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        s.step += 1
+        n = y.numel()
+        with torch.no_grad():
+            wrong = (logits.argmax(1) != y).sum()
+            iv.loss += loss.detach().double() * n
+            iv.wrong += wrong
+        iv.seen += n
+        iv.images += n * self.dist.world_size
+        if self.cfg.warmup_lr is not None and s.warmup_ended_at is None:
+            self._check_warmup(wrong, n)
+        return lr
+
+    def _check_warmup(self, wrong: torch.Tensor, n: int) -> None:
+        """ResNet-110's warm-up (section 4.2) ends once the training error is below
+        warmup_until_error: one host sync per 20 steps, during warm-up only."""
+        self._warm_wrong += wrong
+        self._warm_seen += n
+        if self.state.step % 20:
+            return
+        err = (100.0 * float(D.all_reduce_sum(self._warm_wrong.clone()))
+               / (self._warm_seen * self.dist.world_size))  # fmt: skip
+        self._warm_wrong.zero_()
+        self._warm_seen = 0
+        if err < self.cfg.warmup_until_error:
+            self.state.warmup_ended_at = self.state.step
+
+    def _sync(self, iv: _Interval, lr: float, bar: tqdm, watch: LossWatch) -> float:
+        """The host sync of this interval; returns images/s since the last evaluation. Sums over
+        all ranks, so every rank holds (and checkpoints) the same global statistics."""
+        s = self.state
+        acc = torch.stack([iv.loss, iv.wrong.double(), iv.loss.new_tensor(iv.seen)])
+        loss_sum, wrong_sum, seen_sum = D.all_reduce_sum(acc).tolist()
+        s.loss_sum += loss_sum
+        s.wrong += wrong_sum
+        s.seen += seen_sum
+        iv.loss.zero_()
+        iv.wrong.zero_()
+        iv.seen = 0
+        if not math.isfinite(s.loss_sum):
+            raise self._diverged(f"loss became {s.loss_sum} by iteration {s.step} (lr {lr:g})")
+        ips = iv.images / max(time.perf_counter() - iv.since, 1e-9)
+        if self.dist.is_main and seen_sum:
+            self._log_step(watch, bar, loss_sum / seen_sum, 100 * wrong_sum / seen_sum, lr, ips)
+        bar.set_postfix(
+            loss=f"{s.loss_sum / max(s.seen, 1):.3f}",
+            err=f"{100 * s.wrong / max(s.seen, 1):.1f}%", lr=f"{lr:.3g}",
+            img_s=f"{ips:.0f}", refresh=False,
+        )  # fmt: skip
+        bar.update(s.step - bar.n)
+        return ips
+
+    def _evaluate_and_save(self, lr: float, ips: float, bar: tqdm, iv: _Interval) -> dict:
+        """Evaluate, then last.pt (and best.pt for a new best validation error)."""
+        s = self.state
+        row = self._evaluate_all(lr, ips)
+        self.net.train()
+        iv.images, iv.since = 0, time.perf_counter()
+        val = row.get("val_error")
+        new_best = val is not None and val < s.best_val_error
+        if new_best:  # recorded in last.pt first, so a kill cannot lose best.pt
+            s.best_val_error, s.best_step = val, s.step
+        self._save("last.pt")
+        if new_best:
+            self._save_best()
+        if self.dist.is_main:
+            bar.write(self._format_row(row))
+        return row
 
     def _log_step(
         self, watch: LossWatch, bar: tqdm, loss: float, error: float, lr: float, ips: float

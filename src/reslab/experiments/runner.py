@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from reslab.analysis.records import read_metrics
+from reslab.data import resolve_data_root
 from reslab.engine.config import TrainConfig
 
 # cpu-long: the depth comparisons only (table6, fig6, fig7); cpu-xl: table6 only. Each
@@ -155,7 +156,7 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
 
 
 def default_data() -> str:
-    return os.environ.get("RESLAB_DATA", "data")
+    return resolve_data_root(None)
 
 
 _WORKER_SLOT = 0  # this pool worker's number, 0 .. jobs-1 (set by _init_worker)

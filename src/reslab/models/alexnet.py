@@ -50,6 +50,8 @@ class AlexNet(nn.Module):
     """224x224 input: conv1 96@11x11/4 -> 55x55 ... conv5 256@3x3 -> pool -> [N, 256, 6, 6] ->
     fc6 4096 -> fc7 4096 -> fc8 classes. Channel counts are totals over the towers."""
 
+    classifier_name = "fc8"
+
     def __init__(
         self,
         *,
@@ -127,6 +129,8 @@ class AlexNetCifar(nn.Module):
     conv 5x5/64, LRN, pool, FC 384, FC 10, in the style of cuda-convnet's CIFAR nets, with the
     same options as `alexnet` so the ablations of the source notes can run on CIFAR-10.
     """
+
+    classifier_name = "fc4"
 
     def __init__(
         self,

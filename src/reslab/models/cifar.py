@@ -14,6 +14,8 @@ class CifarResNet(nn.Module):
     """conv 3x3/16, then 3 stages of n basic blocks on 32/16/8 maps with 16/32/64 filters,
     global average pool, FC: 1 + 6n + 1 = 6n+2 weighted layers (section 4.2)."""
 
+    classifier_name = "fc"
+
     def __init__(
         self,
         depth: int,

@@ -44,6 +44,20 @@ class ModelInfo:
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The attribute that holds `model`'s classifier, as its class declares it (`classifier_name`,
+    like timm's get_classifier): the one rule for head re-init, head_lr_mult and freeze_backbone."""
+    name = getattr(model, "classifier_name", None)
+    if not isinstance(name, str):
+        raise ValueError(f"{type(model).__name__} does not say which layer is its classifier; "
+                         "give its class a classifier_name attribute")  # fmt: skip
+    return name
+
+
+def get_classifier(model: nn.Module) -> nn.Module:
+    return model.get_submodule(classifier_name(model))
+
+
 def register_model(info: ModelInfo) -> ModelInfo:
     if info.name in _REGISTRY:
         raise ValueError(f"model {info.name!r} is already registered")

@@ -14,6 +14,8 @@ from reslab.models.registry import ModelInfo, register_model
 
 
 class ResNet(nn.Module):
+    classifier_name = "fc"
+
     def __init__(
         self,
         block: Block,

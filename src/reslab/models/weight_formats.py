@@ -1,7 +1,7 @@
 """Weights file formats: detect what a file is and read it into reslab's parameter names.
 
 Every file is read without running code: safetensors directly, anything pickled only through
-``torch.load(weights_only=True, map_location="cpu")``. Used by reslab.models.weights.
+reslab.errors.safe_torch_load (weights_only=True). Used by reslab.models.weights.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from reslab.errors import UserError, torch_load_failure
+from reslab.errors import UserError, check_checkpoint_version, safe_torch_load, torch_load_failure
 from reslab.models.arch import infer_architecture
 
 StateDict = dict[str, torch.Tensor]
@@ -70,7 +70,7 @@ def _is_safetensors(path: Path) -> bool:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_torch_load(path)
     except pickle.UnpicklingError as e:
         msg = str(e)
         reason = _unsafe_reason(msg)
@@ -152,6 +152,7 @@ def _interpret(obj: Any, path: Path) -> tuple[StateDict, dict[str, Any]]:
         "classes": None, "extra": {}, "notes": [],
     }  # fmt: skip
     if isinstance(obj, dict) and obj.get("format") == "reslab":
+        check_checkpoint_version(obj, path)
         sd, meta["notes"] = _normalize_keys(_tensor_dict(obj.get("model"), path, "'model'"))
         meta.update(
             format="reslab",

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from reslab.models.arch import describe
+from reslab.models.registry import classifier_name
 from reslab.models.weight_formats import (
     _MEAN_TENSOR_KEY,
     CIFAR10_CLASSES,
@@ -81,25 +82,18 @@ def load_weights(
     strict=True (default): every key and shape must match, else a WeightsError lists what
     differs. strict=False loads the tensors that fit and warns naming the ones that do not; the
     lists are in the returned WeightsInfo. head="reinit" (fine-tuning on new classes) leaves the
-    model's classifier (its last nn.Linear) as initialised and ignores the file's; everything else
+    model's classifier (models.classifier_name) as initialised and ignores the file's; everything else
     is still checked as `strict` says.
     """
     if head not in ("load", "reinit"):
         raise ValueError(f"head must be 'load' or 'reinit', got {head!r}")
     sd, meta = read_weights(path)
     if head == "reinit":
-        prefix = _head_prefix(model)
+        prefix = classifier_name(model) + "."
         sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
         meta = {**meta, "classes": None, "notes": [*meta["notes"], f"head {prefix}* not loaded"]}
         return _load_state(model, sd, meta, Path(path), strict=strict, skip=prefix)
     return _load_state(model, sd, meta, Path(path), strict=strict)
-
-
-def _head_prefix(model: nn.Module) -> str:
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to re-initialise")
-    return linears[-1] + "."
 
 
 def model_from_weights(
