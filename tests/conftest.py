@@ -41,3 +41,45 @@ def cifar_test_images(cifar_root: Path) -> tuple[torch.Tensor, list[int]]:
         batch = pickle.load(f, encoding="bytes")
     data = np.asarray(batch[b"data"][:64], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return torch.from_numpy(data.copy()), list(batch[b"labels"][:64])
+
+
+def _kill_and_resume(
+    cmd, *, watch: Path, kills: int, seed: int = 0, env: dict | None = None
+) -> tuple[int, int]:
+    """Run `cmd(resume)` until it finishes, SIGKILLing it `kills` times at random moments:
+    each time a random 0-0.4 s after `watch` (the run's last.pt) was rewritten, so that the
+    kill lands mid-training (often mid-write of the next checkpoint) however loaded the
+    machine is. Returns (kills made, resumes made); the last attempt runs to the end."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    rng = random.Random(seed)
+    made = resumed = 0
+    while True:
+        resume = watch.exists()
+        resumed += resume
+        before = watch.stat().st_mtime_ns if resume else None
+        proc = subprocess.Popen(cmd(resume), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        if made < kills:
+            while proc.poll() is None:  # wait for a checkpoint written by this process
+                if watch.exists() and watch.stat().st_mtime_ns != before:
+                    time.sleep(rng.uniform(0.0, 0.4))
+                    break
+                time.sleep(0.01)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                made += 1
+                continue
+        proc.wait()
+        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+        proc.stderr.close()
+        return made, resumed
+
+
+@pytest.fixture
+def kill_and_resume():
+    return _kill_and_resume

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,34 +125,20 @@ train_fused(cfgs, resume=resume, progress=False)
 
 
 @pytest.mark.slow  # ~40 s: a reference run and up to five killed/resumed processes
-def test_resume_after_sigkill_is_bit_identical(cifar_root: Path, tmp_path: Path) -> None:
+def test_resume_after_sigkill_is_bit_identical(
+    cifar_root: Path, tmp_path: Path, kill_and_resume
+) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def cmd(out: Path, resume: bool) -> list[str]:
         return [sys.executable, "-c", _SCRIPT, str(cifar_root), str(out), "1" if resume else "0"]
 
     ref = tmp_path / "ref"
-    t0 = time.perf_counter()
     subprocess.run(cmd(ref, False), env=env, check=True, capture_output=True)
-    duration = time.perf_counter() - t0
     out = tmp_path / "killed"
-    rng = random.Random(0)
-    kills = resumes = 0
-    for attempt in range(5):  # up to 4 kills at random moments, then run to the end
-        resume = (out / "s0" / "last.pt").exists()
-        resumes += resume
-        proc = subprocess.Popen(cmd(out, resume), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)  # fmt: skip
-        try:
-            proc.wait(timeout=None if attempt == 4 else rng.uniform(0.5, 0.95) * duration)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            continue
-        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
-        break
-    assert kills >= 1 and resumes >= 1, "no kill and resume happened; the test proved nothing"
+    kills, resumes = kill_and_resume(lambda r: cmd(out, r), watch=out / "s0" / "last.pt",
+                                     kills=4, env=env)  # fmt: skip
+    assert kills == 4 and resumes == 4
     for s in ("s0", "s1"):
         a = load_checkpoint(ref / s / "last.pt")
         b = load_checkpoint(out / s / "last.pt")
