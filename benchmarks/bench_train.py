@@ -20,7 +20,14 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from common import hardware, load_average, matmul_peak
+from common import (
+    conv_ceiling,
+    format_profile,
+    hardware,
+    load_average,
+    matmul_peak,
+    step_profile,
+)
 from reslab.analysis.complexity import count_macs
 from reslab.data.cifar import load_cifar
 from reslab.data.loaders import TensorLoader
@@ -42,24 +49,32 @@ class PILCifar(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def time_steps(model, batches, steps: int, warmup: int, precision: str) -> float:
-    """Images/s over `steps` training steps after `warmup` steps (data loading included)."""
+def make_step(model, batches, precision: str):
+    """One training step (data included) as a function returning its batch size."""
     opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
     dev = torch.device("cpu")
     it = iter(batches)
-    n, t0 = 0, 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        x, y = next(it)
+
+    def step() -> int:
+        with torch.profiler.record_function("data"):
+            x, y = next(it)
         with autocast(precision, dev):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i >= warmup:
-            n += len(y)
-    loss.item()
+        return len(y)
+
+    return step
+
+
+def time_steps(step, steps: int, warmup: int) -> float:
+    """Images/s over `steps` training steps after `warmup` steps (data loading included)."""
+    for _ in range(warmup):
+        step()
+    n, t0 = 0, time.perf_counter()
+    for _ in range(steps):
+        n += step()
     return n / (time.perf_counter() - t0)
 
 
@@ -86,7 +101,7 @@ def main() -> None:
         num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0,
     )  # fmt: skip
     ref_model = create_model(args.model)
-    ref = time_steps(ref_model, ref_loader, args.steps, args.warmup, "fp32")
+    ref = time_steps(make_step(ref_model, ref_loader, "fp32"), args.steps, args.warmup)
 
     dev = torch.device("cpu")
     precision = resolve_precision("auto", dev)
@@ -94,12 +109,14 @@ def main() -> None:
     loader = TensorLoader(train.images, train.labels, batch_size=args.batch, preprocess=pre,
                           train=True, channels_last=True)  # fmt: skip
     ours_model = create_model(args.model).to(memory_format=torch.channels_last)
-    ours = time_steps(ours_model, (b for _ in range(100) for b in loader), args.steps,
-                      args.warmup, precision)  # fmt: skip
+    ours_step = make_step(ours_model, (b for _ in range(100) for b in loader), precision)
+    ours = time_steps(ours_step, args.steps, args.warmup)
+    profiles = [format_profile(step_profile(ours_step), f"reslab default ({precision} eager)")]
 
     compiled_model = torch.compile(create_model(args.model).to(memory_format=torch.channels_last))
-    compiled = time_steps(compiled_model, (b for _ in range(100) for b in loader), args.steps,
-                          args.warmup + 3, precision)  # fmt: skip
+    compiled_step = make_step(compiled_model, (b for _ in range(100) for b in loader), precision)
+    compiled = time_steps(compiled_step, args.steps, args.warmup + 3)
+    profiles.append(format_profile(step_profile(compiled_step), "reslab --compile"))
 
     macs = count_macs(create_model(args.model), 32)
     peak_bf16 = matmul_peak(torch.bfloat16)
@@ -120,6 +137,13 @@ def main() -> None:
               f"{100 * tf_s / peak_bf16:>13.1f}%")  # fmt: skip
     print(f"measured matmul peak: bf16 {peak_bf16 / 1e12:.3f} TFLOP/s, "
           f"fp32 {peak_fp32 / 1e12:.3f} TFLOP/s (2048^2, all threads)")  # fmt: skip
+    print("\n" + "\n\n".join(profiles))
+    conv_s, lines = conv_ceiling(create_model(args.model), batch=args.batch)
+    ceiling = args.batch / conv_s
+    print(f"\nconvolutions alone (bf16 channels_last, timed shape by shape): {conv_s * 1e3:.1f} ms "
+          f"per step -> ceiling {ceiling:.0f} img/s = {ceiling / ref:.2f}x the reference if every "
+          "other op were free")  # fmt: skip
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

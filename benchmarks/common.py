@@ -45,3 +45,104 @@ def matmul_peak(
             reps += 1
         sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+# Where a training step's time goes, by what the op does. First match wins; names are matched
+# lower-case against the profiler's op names (eager aten ops and inductor's fused kernels).
+_CATEGORIES = (
+    ("convolution backward", ("convolution_backward",)),
+    ("convolution forward", ("convolution", "conv2d")),
+    ("batch norm backward", ("batch_norm_backward",)),
+    ("batch norm forward", ("batch_norm",)),
+    ("ReLU backward", ("threshold_backward",)),
+    ("ReLU forward", ("relu", "clamp_min")),
+    ("residual adds + gradient sums", ("aten::add",)),
+    ("inductor fused element-wise kernels", ("compiledfxgraph", "cpp_fused", "graph_")),
+    ("optimizer update", ("sgd", "_foreach")),
+    ("classifier, pooling, loss", ("addmm", "mm", "mean", "avg_pool", "cross_entropy", "softmax")),
+)
+
+
+def step_profile(step, steps: int = 5) -> list[tuple[str, float]]:
+    """Profile `steps` calls of `step()` (after the caller's warm-up) and return
+    [(category, fraction of the steps' CPU time)], largest first. Work inside a
+    `torch.profiler.record_function("data")` range counts as "data: augmentation on the device"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    totals: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.self_cpu_time_total <= 0:
+            continue
+        cat, parent = None, ev
+        while parent is not None:  # inside the data range?
+            if parent.name == "data":
+                cat = "data: augmentation on the device"
+                break
+            parent = parent.cpu_parent
+        name = ev.name.lower()
+        for label, keys in _CATEGORIES if cat is None else ():
+            if any(k in name for k in keys):
+                cat = label
+                break
+        cat = cat or "other (copies, casts, allocation, autograd bookkeeping)"
+        totals[cat] = totals.get(cat, 0.0) + ev.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return sorted(((k, v / whole) for k, v in totals.items()), key=lambda kv: -kv[1])
+
+
+def format_profile(rows: list[tuple[str, float]], title: str) -> str:
+    lines = [f"{title}: where one step's CPU time goes (torch.profiler, self time)"]
+    lines += [f"  {100 * frac:5.1f}%  {name}" for name, frac in rows]
+    return "\n".join(lines)
+
+
+def conv_ceiling(
+    model: torch.nn.Module, *, batch: int, size: int = 32, dtype: torch.dtype = torch.bfloat16
+) -> tuple[float, list[str]]:
+    """Seconds per training step that the model's convolutions alone need at `batch` (forward,
+    gradient of the input except for the first layer, gradient of the weight), timed shape by
+    shape in `dtype` channels_last on the CPU: the step time if every other op were free.
+    Returns (seconds, one line per distinct shape with its GFLOP/s)."""
+    shapes: dict[tuple, int] = {}
+
+    def hook(mod, inp, _out):
+        key = (tuple(inp[0].shape), tuple(mod.weight.shape), mod.stride, mod.padding, mod.groups)
+        shapes[key] = shapes.get(key, 0) + 1
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [c.register_forward_hook(hook) for c in convs]
+    with torch.no_grad():
+        model(torch.zeros(batch, 3, size, size))
+    for h in handles:
+        h.remove()
+    total, lines = 0.0, []
+    for i, ((xs, ws, stride, pad, groups), count) in enumerate(shapes.items()):
+        cl = torch.channels_last
+        x = torch.randn(xs).to(dtype).contiguous(memory_format=cl)
+        w = torch.randn(ws).to(dtype).contiguous(memory_format=cl)
+        args = (stride, pad, (1, 1), False, (0, 0), groups)
+        y = torch.ops.aten.convolution(x, w, None, *args)
+        gy = torch.randn_like(y)
+        mask = [i > 0, True, False]  # the input image needs no gradient
+
+        def both(x=x, w=w, gy=gy, args=args, mask=mask):
+            torch.ops.aten.convolution(x, w, None, *args)
+            torch.ops.aten.convolution_backward(gy, x, w, None, *args, mask)
+
+        for _ in range(3):
+            both()
+        reps, t0 = 10, time.perf_counter()
+        for _ in range(reps):
+            both()
+        dt = (time.perf_counter() - t0) / reps
+        macs = y.numel() * ws[1] * ws[2] * ws[3]
+        flops = 2 * macs * (1 + sum(mask))
+        total += dt * count
+        lines.append(
+            f"  {count:2d} x conv {ws[1]}->{ws[0]} {ws[2]}x{ws[3]} stride {stride[0]} on "
+            f"{xs[2]}x{xs[3]}: {dt * 1e3:6.2f} ms fwd+bwd, {flops / dt / 1e9:5.0f} GFLOP/s"
+        )
+    return total, lines

@@ -1,0 +1,49 @@
+"""The benchmarks' profile breakdown and convolution ceiling, on a real ResNet-20 at batch 4."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+common = pytest.importorskip("common")
+
+from reslab.models import create_model  # noqa: E402
+
+
+def test_step_profile_names_where_time_goes():
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+
+    def step():
+        with torch.profiler.record_function("data"):
+            xb = x.flip(-1)
+        loss = torch.nn.functional.cross_entropy(model(xb), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    rows = common.step_profile(step, steps=2)
+    fractions = dict(rows)
+    assert sum(fractions.values()) == pytest.approx(1.0)
+    assert [f for _, f in rows] == sorted(fractions.values(), reverse=True)
+    for category in ("convolution forward", "convolution backward", "batch norm forward",
+                     "batch norm backward", "ReLU forward", "data: augmentation on the device"):  # fmt: skip
+        assert fractions.get(category, 0.0) > 0.0, category
+    text = common.format_profile(rows, "test")
+    assert text.splitlines()[0].startswith("test:") and len(text.splitlines()) == len(rows) + 1
+
+
+def test_conv_ceiling_times_every_convolution_once_per_shape():
+    model = create_model("resnet20")  # option A: 19 convolutions, no projection shortcuts
+    seconds, lines = common.conv_ceiling(model, batch=2)
+    assert seconds > 0
+    counts = [int(line.split(" x conv")[0]) for line in lines]
+    assert sum(counts) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 19
+    assert len(lines) == 6  # 3->16, 16->16, 16->32 s2, 32->32, 32->64 s2, 64->64
