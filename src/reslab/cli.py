@@ -237,7 +237,7 @@ def _train_config(args: argparse.Namespace):
         "num_classes": args.num_classes, "save_every": args.save_every,
         "eval_every": args.eval_every, "time_limit": args.time_limit,
         "channels_last": args.channels_last, "compile_mode": args.compile_mode,
-        "compile": True if (args.compile or args.compile_mode) else None,
+        "compile": True if args.compile_mode else args.compile,
         "download": args.download or None, "sync_bn": args.sync_bn or None,
         "lr": args.lr, "batch_size": args.batch_size, "workers": args.workers,
     }  # fmt: skip
@@ -376,7 +376,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: only for runs of 500k training images or more, "
+        "which repay the compile time)",
+    )
     p.add_argument(
         "--compile-mode",
         choices=COMPILE_MODES,

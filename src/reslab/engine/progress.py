@@ -12,7 +12,7 @@ import torch
 
 def banner(
     cfg: Any, *, recipe_note: str, train_size: int, classes: int, evals: dict[str, int],
-    device: torch.device, precision: str, world_size: int, notes: list[str],
+    device: torch.device, precision: str, world_size: int, notes: list[str], compiled: bool = False,
 ) -> str:  # fmt: skip
     """A few lines that say what is about to run, before the first (slow) iteration."""
     epochs = cfg.iters * cfg.batch_size / max(train_size, 1)
@@ -26,7 +26,9 @@ def banner(
         + (f", head x{cfg.head_lr_mult:g}" if cfg.head_lr_mult != 1 else "")
         + ")",
         f"  device     {device}, {precision}, {torch.get_num_threads()} CPU threads"
-        + (f", {world_size} processes" if world_size > 1 else ""),
+        + (f", {world_size} processes" if world_size > 1 else "")
+        + (", torch.compile" if compiled else "")
+        + (" (auto: a long run)" if compiled and cfg.compile is None else ""),
         f"  output     {cfg.out}",
     ]
     lines += [f"  note       {n}" for n in notes]

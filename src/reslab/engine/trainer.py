@@ -30,7 +30,7 @@ from reslab.engine.checkpoint import (
     set_rng_state,
     write_text_atomic,
 )
-from reslab.engine.config import TrainConfig
+from reslab.engine.config import TrainConfig, wants_compile
 from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
 from reslab.engine.precision import autocast, resolve_precision, tune_cuda
@@ -195,7 +195,8 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        if cfg.compile:
+        self.compiled = wants_compile(cfg)  # after iters_from_epochs: auto needs the length
+        if self.compiled:
             self.net = torch.compile(self.net, mode=cfg.compile_mode)
 
     def _elastic_restart(self, last: Path) -> bool:
@@ -504,7 +505,7 @@ class Trainer:
             cfg, recipe_note=f"recipe {self.recipe or 'defaults (no --recipe)'}, {resumed}",
             train_size=self.data.train_size, classes=len(self.data.classes), evals=evals,
             device=self.device, precision=self.precision, world_size=self.dist.world_size,
-            notes=self.data.notes,
+            notes=self.data.notes, compiled=self.compiled,
         )  # fmt: skip
 
     def _lr(self, it: int) -> float:
