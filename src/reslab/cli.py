@@ -692,7 +692,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32",
-                   help="auto: as in train and predict (reslab.engine.precision)")  # fmt: skip
+                   help="auto: as in train and predict (reslab.runtime.precision)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument(
         "--json", default=None, metavar="OUT", help="JSON report path (default OUT_DIR/eval.json)"

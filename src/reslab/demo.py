@@ -9,9 +9,9 @@ import torch
 
 from reslab.data import resolve_data_root
 from reslab.engine.config import TrainConfig, load_recipe
-from reslab.engine.distributed import resolve_device
-from reslab.engine.precision import autocast, resolve_precision
 from reslab.models import create_model
+from reslab.runtime.distributed import resolve_device
+from reslab.runtime.precision import autocast, resolve_precision
 
 
 def seconds_per_step(cfg: TrainConfig, *, steps: int = 6) -> float:

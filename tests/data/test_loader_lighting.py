@@ -11,7 +11,7 @@ from reslab.data.preprocess import Preprocess
 from reslab.data.transforms import PCALighting
 from reslab.engine.config import TrainConfig
 from reslab.engine.data_setup import build_data
-from reslab.engine.distributed import DistInfo
+from reslab.runtime.distributed import DistInfo
 
 
 def _loader(images: torch.Tensor, *, lighting: PCALighting | None, pad: int, train: bool = True):

@@ -13,7 +13,7 @@ from reslab.data.cifar import CifarSplit, load_cifar, mean_image
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 from reslab.engine.config import TrainConfig
-from reslab.engine.distributed import DistInfo
+from reslab.runtime.distributed import DistInfo
 
 
 @dataclass
