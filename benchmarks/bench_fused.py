@@ -28,7 +28,7 @@ from torch import nn
 from common import hardware, load_average
 from reslab.data.cifar import load_cifar
 from reslab.data.loaders import TensorLoader
-from reslab.engine.data_setup import cifar_preprocess
+from reslab.data.setup import cifar_preprocess
 from reslab.engine.fused_trainer import member_losses
 from reslab.engine.schedules import make_sgd
 from reslab.models import create_model

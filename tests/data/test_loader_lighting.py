@@ -8,9 +8,9 @@ import torch
 
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import Preprocess
+from reslab.data.setup import build_data
 from reslab.data.transforms import PCALighting
 from reslab.engine.config import TrainConfig
-from reslab.engine.data_setup import build_data
 from reslab.runtime.distributed import DistInfo
 
 

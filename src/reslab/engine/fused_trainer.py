@@ -30,9 +30,9 @@ from torch import nn
 from tqdm import tqdm
 
 from reslab.data.loaders import TensorLoader
+from reslab.data.setup import build_data
 from reslab.engine import rundir
 from reslab.engine.config import TrainConfig
-from reslab.engine.data_setup import build_data
 from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.schedules import make_sgd, set_lr
 from reslab.engine.trainer import Trainer, TrainingDiverged, TrainState, build_model, run_info

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from reslab.data.setup import RunData, build_data
 from reslab.engine import rundir
 from reslab.engine.config import TrainConfig
-from reslab.engine.data_setup import RunData, build_data
 from reslab.engine.evaluator import evaluate
 from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
 from reslab.engine.run_length import iters_from_epochs
