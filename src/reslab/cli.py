@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
@@ -225,13 +226,16 @@ def _train_config(args: argparse.Namespace):
         _notice(f"--data {args.data} is an image folder: recipe finetune (see train --help)")
     cfg = stored or (load_recipe(recipe) if recipe else TrainConfig())
     cfg = cfg.override(args.set or [])
+    named = None
     if args.model is None and args.weights is not None:
         from reslab.models.weights import read_weights
 
         named = read_weights(args.weights)[1].get("model_name")
-        cfg.model = named or cfg.model
+    chose_batch = args.batch_size is not None or any(
+        a.startswith("batch_size=") for a in args.set or []
+    )
     flags = {
-        "model": args.model, "data": args.data, "dataset": args.dataset,
+        "model": args.model or named, "data": args.data, "dataset": args.dataset,
         "epochs": args.epochs, "out": args.out, "device": args.device,
         "precision": args.precision, "seed": args.seed, "weights": args.weights,
         "num_classes": args.num_classes, "save_every": args.save_every,
@@ -240,12 +244,9 @@ def _train_config(args: argparse.Namespace):
         "compile": True if (args.compile or args.compile_mode) else None,
         "download": args.download or None, "sync_bn": args.sync_bn or None,
         "lr": args.lr, "batch_size": args.batch_size, "workers": args.workers,
+        "fit_batch": False if chose_batch else None,  # the user's batch: refused if too large
     }  # fmt: skip
-    if args.batch_size is not None or any(a.startswith("batch_size=") for a in args.set or []):
-        cfg.fit_batch = False  # a batch size the user chose is theirs: refused if too large
-    for key, value in flags.items():
-        if value is not None:
-            setattr(cfg, key, value)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     own_milestones = any(a.split("=", 1)[0].strip() == "milestones" for a in args.set or [])
     if args.iters is not None and (stored is not None or own_milestones):
         # A resumed run keeps its own milestones, and so do milestones given with --set.

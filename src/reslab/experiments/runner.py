@@ -17,7 +17,7 @@ import os
 import shlex
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -303,12 +303,11 @@ def make_plan(
             )
         plan.specs = [s for s in plan.specs if s.name in only]
         plan.notes.append(f"only these runs of the plan: {', '.join(s.name for s in plan.specs)}.")
+    mode = compile if isinstance(compile, str) else "default"
     for spec in plan.specs:
-        spec.cfg.data, spec.cfg.device = ctx.data, ctx.device
-        spec.cfg.compile = bool(compile)
-        spec.cfg.compile_mode = compile if isinstance(compile, str) else "default"
-        spec.cfg.time_limit = time_limit
-        spec.cfg.out = str(runs_root / spec.name)
+        spec.cfg = replace(spec.cfg, data=ctx.data, device=ctx.device, compile=bool(compile),
+                           compile_mode=mode, time_limit=time_limit,
+                           out=str(runs_root / spec.name))  # fmt: skip
     if seeds > 1:
         from reslab.experiments.fused_runs import fused_default
 
