@@ -504,12 +504,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
         # On a CPU shared with other jobs, 1 thread per process avoids OpenMP oversubscription.
         torch.set_num_threads(args.threads)
-    opts = dict(
-        budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
-        runs=args.runs, jobs=args.jobs, compile=args.compile or args.compile_mode or False,
-        progress=not args.quiet, only=args.only, time_limit=args.time_limit,
-        fused={"auto": None, "on": True, "off": False}[args.fused],
-    )  # fmt: skip
+    opts = reproduce_options(args)
     try:
         if args.dry_run:
             from reslab.experiments.runner import describe_plan, make_plan
@@ -522,6 +517,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return _fail("reproduce", e)
     print(f"report: {path}")
     return 0
+
+
+def reproduce_options(args: argparse.Namespace) -> dict:
+    """make_plan's keyword arguments from `reslab reproduce` flags (runner.reproduce_argv's
+    inverse)."""
+    return dict(
+        budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
+        runs=args.runs, jobs=args.jobs, compile=args.compile or args.compile_mode or False,
+        progress=not args.quiet, only=args.only, time_limit=args.time_limit,
+        fused={"auto": None, "on": True, "off": False}[args.fused],
+    )  # fmt: skip
 
 
 def _names(text: str) -> list[str]:
