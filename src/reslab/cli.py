@@ -86,17 +86,11 @@ def _fail(cmd: str, err: BaseException | str) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the model as ONNX or TorchScript with its preprocessing and classes inside."""
-    from reslab.export import export_model
-    from reslab.models import model_info
+    from reslab.export import export_weights
 
     try:
         model, info = _load_model_source(args)
-        pre = info.preprocess or {}
-        size = pre.get("input_size") or model_info(info.model_name).input_size
-        out = export_model(
-            model, args.out, format=args.format, input_size=size, model_name=info.model_name,
-            model_options=info.model_options, preprocess=info.preprocess, classes=info.classes,
-        )  # fmt: skip
+        out, size = export_weights(model, info, args.out, format=args.format)
     except (ValueError, KeyError, FileNotFoundError) as e:
         return _fail("export", e)
     print(f"wrote {out} ({args.format}, {info.model_name}, input [N, 3, {size}, {size}])")
@@ -115,42 +109,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k classes per image, using the preprocessing stored with the weights."""
     import json
     import os
-    import time
 
-    import torch
-
-    from reslab.data.preprocess import named_preprocess
-    from reslab.inference import InferenceModel
-    from reslab.models import model_info
-    from reslab.predict import PredictError, collect_images, predict_files
+    from reslab.predict import PredictError, collect_images, predict_with, write_csv
 
     try:
         if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
             raise PredictError(f"--csv {args.csv}: its folder does not exist; create it first")
         paths = collect_images(args.inputs)
         model, info = _load_model_source(args)
-        pre = info.preprocess
-        if pre is None:
-            if args.normalize is None:
-                raise ValueError(
-                    f"{info.path} carries no preprocessing (a bare state_dict); say how its "
-                    "inputs were normalised with --normalize imagenet|cifar10"
-                )
-            size = model_info(info.model_name).input_size
-            pre = named_preprocess(name=args.normalize, input_size=size)
-        runner = InferenceModel(
-            model, device=torch.device(args.device), precision=args.precision,
-            backend=args.backend, input_size=int(pre["input_size"]),
-        )  # fmt: skip
-        t0 = time.perf_counter()
-        preds = predict_files(
-            runner, paths, preprocess=pre, classes=info.classes, topk=args.topk,
+        preds, seconds = predict_with(
+            model, info, paths, normalize=args.normalize, device=args.device,
+            precision=args.precision, backend=args.backend, topk=args.topk,
             batch_size=args.batch_size,
         )  # fmt: skip
-        seconds = time.perf_counter() - t0
         if args.csv:
-            from reslab.predict import write_csv
-
             write_csv(preds, args.csv, topk=args.topk)
     except (ValueError, KeyError, FileNotFoundError, PredictError) as e:
         return _fail("predict", e)
