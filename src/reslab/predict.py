@@ -109,17 +109,9 @@ def predict_files(
 
 
 def predict_with(
-    model: torch.nn.Module,
-    info: WeightsInfo,
-    paths: Sequence[Path],
-    *,
-    normalize: str | None,
-    device: str,
-    precision: str,
-    backend: str,
-    topk: int,
-    batch_size: int,
-) -> tuple[list[Prediction], float]:
+    model: torch.nn.Module, info: WeightsInfo, paths: Sequence[Path], *, normalize: str | None,
+    device: str, precision: str, backend: str, topk: int, batch_size: int,
+) -> tuple[list[Prediction], float]:  # fmt: skip
     """`reslab predict`: predict_files with the preprocessing stored with the weights (or the
     named one, for a bare state_dict), and the seconds it took, decoding included."""
     pre = info.preprocess
