@@ -28,12 +28,12 @@ from torch import nn
 from common import hardware, load_average
 from reslab.data.cifar import load_cifar
 from reslab.data.loaders import TensorLoader
-from reslab.engine.data_setup import cifar_preprocess
+from reslab.data.setup import cifar_preprocess
 from reslab.engine.fused_trainer import member_losses
-from reslab.engine.precision import autocast, resolve_precision
 from reslab.engine.schedules import make_sgd
 from reslab.models import create_model
 from reslab.models.fused import FusedCifarNet, stack_inputs
+from reslab.runtime.precision import autocast, resolve_precision
 
 
 def member_batches(args: argparse.Namespace, dev: torch.device, k: int, n: int) -> list[list]:

@@ -43,7 +43,7 @@ from common import hardware, matmul_peak
 from reslab.analysis.complexity import count_macs
 from reslab.data.cifar import load_cifar
 from reslab.data.loaders import TensorLoader
-from reslab.engine.data_setup import cifar_preprocess
+from reslab.data.setup import cifar_preprocess
 from reslab.engine.schedules import make_sgd
 from reslab.models import create_model
 

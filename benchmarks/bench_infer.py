@@ -33,9 +33,9 @@ from torch import nn
 
 import reslab
 from reslab.data.cifar import load_cifar
-from reslab.engine.precision import bf16_is_fast
 from reslab.inference import InferenceModel
 from reslab.models.weights import IMAGENET_MEAN, IMAGENET_STD, load_weights
+from reslab.runtime.precision import bf16_is_fast
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import reslab
-from reslab.engine import precision as P
 from reslab.engine.evaluator import evaluate
-from reslab.engine.precision import bf16_is_fast, resolve_precision
 from reslab.inference import InferenceModel
+from reslab.runtime import precision as P
+from reslab.runtime.precision import bf16_is_fast, resolve_precision
 
 
 def _calibrated_resnet20(images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:

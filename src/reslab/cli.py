@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
@@ -85,17 +86,11 @@ def _fail(cmd: str, err: BaseException | str) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the model as ONNX or TorchScript with its preprocessing and classes inside."""
-    from reslab.export import export_model
-    from reslab.models import model_info
+    from reslab.export import export_weights
 
     try:
         model, info = _load_model_source(args)
-        pre = info.preprocess or {}
-        size = pre.get("input_size") or model_info(info.model_name).input_size
-        out = export_model(
-            model, args.out, format=args.format, input_size=size, model_name=info.model_name,
-            model_options=info.model_options, preprocess=info.preprocess, classes=info.classes,
-        )  # fmt: skip
+        out, size = export_weights(model, info, args.out, format=args.format)
     except (ValueError, KeyError, FileNotFoundError) as e:
         return _fail("export", e)
     print(f"wrote {out} ({args.format}, {info.model_name}, input [N, 3, {size}, {size}])")
@@ -114,42 +109,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k classes per image, using the preprocessing stored with the weights."""
     import json
     import os
-    import time
 
-    import torch
-
-    from reslab.data.preprocess import named_preprocess
-    from reslab.inference import InferenceModel
-    from reslab.models import model_info
-    from reslab.predict import PredictError, collect_images, predict_files
+    from reslab.predict import PredictError, collect_images, predict_with, write_csv
 
     try:
         if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
             raise PredictError(f"--csv {args.csv}: its folder does not exist; create it first")
         paths = collect_images(args.inputs)
         model, info = _load_model_source(args)
-        pre = info.preprocess
-        if pre is None:
-            if args.normalize is None:
-                raise ValueError(
-                    f"{info.path} carries no preprocessing (a bare state_dict); say how its "
-                    "inputs were normalised with --normalize imagenet|cifar10"
-                )
-            size = model_info(info.model_name).input_size
-            pre = named_preprocess(name=args.normalize, input_size=size)
-        runner = InferenceModel(
-            model, device=torch.device(args.device), precision=args.precision,
-            backend=args.backend, input_size=int(pre["input_size"]),
-        )  # fmt: skip
-        t0 = time.perf_counter()
-        preds = predict_files(
-            runner, paths, preprocess=pre, classes=info.classes, topk=args.topk,
+        preds, seconds = predict_with(
+            model, info, paths, normalize=args.normalize, device=args.device,
+            precision=args.precision, backend=args.backend, topk=args.topk,
             batch_size=args.batch_size,
         )  # fmt: skip
-        seconds = time.perf_counter() - t0
         if args.csv:
-            from reslab.predict import write_csv
-
             write_csv(preds, args.csv, topk=args.topk)
     except (ValueError, KeyError, FileNotFoundError, PredictError) as e:
         return _fail("predict", e)
@@ -225,13 +198,16 @@ def _train_config(args: argparse.Namespace):
         _notice(f"--data {args.data} is an image folder: recipe finetune (see train --help)")
     cfg = stored or (load_recipe(recipe) if recipe else TrainConfig())
     cfg = cfg.override(args.set or [])
+    named = None
     if args.model is None and args.weights is not None:
         from reslab.models.weights import read_weights
 
         named = read_weights(args.weights)[1].get("model_name")
-        cfg.model = named or cfg.model
+    chose_batch = args.batch_size is not None or any(
+        a.startswith("batch_size=") for a in args.set or []
+    )
     flags = {
-        "model": args.model, "data": args.data, "dataset": args.dataset,
+        "model": args.model or named, "data": args.data, "dataset": args.dataset,
         "epochs": args.epochs, "out": args.out, "device": args.device,
         "precision": args.precision, "seed": args.seed, "weights": args.weights,
         "num_classes": args.num_classes, "save_every": args.save_every,
@@ -240,12 +216,9 @@ def _train_config(args: argparse.Namespace):
         "compile": True if args.compile_mode else args.compile,
         "download": args.download or None, "sync_bn": args.sync_bn or None,
         "lr": args.lr, "batch_size": args.batch_size, "workers": args.workers,
+        "fit_batch": False if chose_batch else None,  # the user's batch: refused if too large
     }  # fmt: skip
-    if args.batch_size is not None or any(a.startswith("batch_size=") for a in args.set or []):
-        cfg.fit_batch = False  # a batch size the user chose is theirs: refused if too large
-    for key, value in flags.items():
-        if value is not None:
-            setattr(cfg, key, value)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     own_milestones = any(a.split("=", 1)[0].strip() == "milestones" for a in args.set or [])
     if args.iters is not None and (stored is not None or own_milestones):
         # A resumed run keeps its own milestones, and so do milestones given with --set.
@@ -509,12 +482,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
         # On a CPU shared with other jobs, 1 thread per process avoids OpenMP oversubscription.
         torch.set_num_threads(args.threads)
-    opts = dict(
-        budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
-        runs=args.runs, jobs=args.jobs, compile=args.compile or args.compile_mode or False,
-        progress=not args.quiet, only=args.only, time_limit=args.time_limit,
-        fused={"auto": None, "on": True, "off": False}[args.fused],
-    )  # fmt: skip
+    opts = reproduce_options(args)
     try:
         if args.dry_run:
             from reslab.experiments.runner import describe_plan, make_plan
@@ -527,6 +495,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return _fail("reproduce", e)
     print(f"report: {path}")
     return 0
+
+
+def reproduce_options(args: argparse.Namespace) -> dict:
+    """make_plan's keyword arguments from `reslab reproduce` flags (runner.reproduce_argv's
+    inverse)."""
+    return dict(
+        budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
+        runs=args.runs, jobs=args.jobs, compile=args.compile or args.compile_mode or False,
+        progress=not args.quiet, only=args.only, time_limit=args.time_limit,
+        fused={"auto": None, "on": True, "off": False}[args.fused],
+    )  # fmt: skip
 
 
 def _names(text: str) -> list[str]:
@@ -698,7 +677,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32",
-                   help="auto: as in train and predict (reslab.engine.precision)")  # fmt: skip
+                   help="auto: as in train and predict (reslab.runtime.precision)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument(
         "--json", default=None, metavar="OUT", help="JSON report path (default OUT_DIR/eval.json)"

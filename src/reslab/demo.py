@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from reslab.data import resolve_data_root
 from reslab.engine.config import TrainConfig, load_recipe
-from reslab.engine.distributed import resolve_device
-from reslab.engine.precision import autocast, resolve_precision
 from reslab.models import create_model
+from reslab.runtime.distributed import resolve_device
+from reslab.runtime.precision import autocast, resolve_precision
 
 
 def seconds_per_step(cfg: TrainConfig, *, steps: int = 6) -> float:
@@ -39,16 +40,16 @@ def seconds_per_step(cfg: TrainConfig, *, steps: int = 6) -> float:
 
 
 def run_demo(*, data: str | None, out: str, minutes: float, download: bool = False) -> dict:
-    cfg = load_recipe("cifar10-fast")
-    cfg.data, cfg.out, cfg.download = resolve_data_root(data), out, download
+    cfg = replace(load_recipe("cifar10-fast"), data=resolve_data_root(data), out=out,
+                  download=download)  # fmt: skip
     per_step = seconds_per_step(cfg)
     # Plan the schedule to end on time: the cosine schedule needs to know its length. 10% of
-    # the time is left for the evaluations.
-    cfg.iters = max(20, int(0.9 * minutes * 60 / per_step))
-    cfg.eval_every = max(10, cfg.iters // 4)
-    cfg.save_every = cfg.eval_every
-    cfg.warmup_iters = min(cfg.warmup_iters, cfg.iters // 10)
-    cfg.time_limit = minutes * 60 * 1.5  # a hard stop if the machine is slower than measured
+    # the time is left for the evaluations; time_limit is a hard stop if the machine is slower
+    # than measured.
+    iters = max(20, int(0.9 * minutes * 60 / per_step))
+    cfg = replace(cfg, iters=iters, eval_every=max(10, iters // 4),
+                  save_every=max(10, iters // 4), warmup_iters=min(cfg.warmup_iters, iters // 10),
+                  time_limit=minutes * 60 * 1.5)  # fmt: skip
     print(
         f"reslab demo: ResNet-20 on CIFAR-10 ({cfg.data}), recipe cifar10-fast (not the "
         f"paper's), {cfg.iters} iterations of batch {cfg.batch_size} planned from a measured "

@@ -20,7 +20,7 @@ CHECKPOINT_VERSION = 1
 
 
 def check_checkpoint_version(ckpt: dict, path: object) -> None:
-    """Refuse a reslab checkpoint of another layout (engine.checkpoint, models.weight_formats)."""
+    """Refuse a reslab checkpoint of another layout (runtime.checkpoint, models.weight_formats)."""
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {ckpt.get('version')!r}, but this reslab reads "

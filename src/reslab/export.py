@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.models import model_info
+from reslab.models.weights import WeightsInfo
+
 FORMATS = ("onnx", "torchscript")
 _TS_META = "reslab.json"  # name of the TorchScript extra file holding the metadata
 
@@ -81,6 +84,18 @@ def export_model(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def export_weights(
+    model: nn.Module, info: WeightsInfo, path: str | os.PathLike, *, format: str
+) -> tuple[Path, int]:
+    """`reslab export`: export_model with what the weights file says of itself; the input size
+    is its preprocessing's, else the architecture's. Returns the file and that size."""
+    size = (info.preprocess or {}).get("input_size") or model_info(info.model_name).input_size
+    out = export_model(model, path, format=format, input_size=size, model_name=info.model_name,
+                       model_options=info.model_options, preprocess=info.preprocess,
+                       classes=info.classes)  # fmt: skip
+    return out, size
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:

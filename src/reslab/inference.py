@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from reslab.engine.precision import autocast, resolve_precision
 from reslab.models.blocks import BasicBlock, Bottleneck
 from reslab.models.cifar import CifarResNet
 from reslab.models.resnet import ResNet
+from reslab.runtime.precision import autocast, resolve_precision
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -30,7 +30,7 @@ class InferenceModel:
 
     backend "torch" (default): the model (a copy when fold_bn) moves to `device` in
     channels_last; inputs are made channels_last too. `precision` follows the one policy of
-    reslab.engine.precision (auto: bf16, fp16 on a GPU without native bf16, or fp32); under
+    reslab.runtime.precision (auto: bf16, fp16 on a GPU without native bf16, or fp32); under
     autocast weights stay fp32 and accumulation-sensitive ops run in fp32.
     backend "onnxruntime": the model is exported to ONNX (fp32, CPU) once, then run by an
     onnxruntime session with torch's thread count; `input_size` is needed for the export.

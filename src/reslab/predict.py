@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +13,11 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from reslab.data.images import IMAGE_EXTENSIONS, BadImageError, load_image
-from reslab.data.preprocess import Preprocess
+from reslab.data.preprocess import Preprocess, named_preprocess
 from reslab.inference import InferenceModel
+from reslab.models import model_info
+from reslab.models.weights import WeightsInfo
+from reslab.runtime.distributed import resolve_device
 
 
 class PredictError(ValueError):
@@ -102,6 +106,28 @@ def predict_files(
             names = [classes[i] if classes and i < len(classes) else str(i) for i in ix]
             pred.top = list(zip(names, vs, strict=True))
     return results
+
+
+def predict_with(
+    model: torch.nn.Module, info: WeightsInfo, paths: Sequence[Path], *, normalize: str | None,
+    device: str, precision: str, backend: str, topk: int, batch_size: int,
+) -> tuple[list[Prediction], float]:  # fmt: skip
+    """`reslab predict`: predict_files with the preprocessing stored with the weights (or the
+    named one, for a bare state_dict), and the seconds it took, decoding included."""
+    pre = info.preprocess
+    if pre is None:
+        if normalize is None:
+            raise PredictError(
+                f"{info.path} carries no preprocessing (a bare state_dict); say how its "
+                "inputs were normalised with --normalize imagenet|cifar10"
+            )
+        pre = named_preprocess(name=normalize, input_size=model_info(info.model_name).input_size)
+    runner = InferenceModel(model, device=resolve_device(device), precision=precision,
+                            backend=backend, input_size=int(pre["input_size"]))  # fmt: skip
+    t0 = time.perf_counter()
+    preds = predict_files(runner, paths, preprocess=pre, classes=info.classes, topk=topk,
+                          batch_size=batch_size)  # fmt: skip
+    return preds, time.perf_counter() - t0
 
 
 def write_csv(preds: Sequence[Prediction], path: str | os.PathLike, *, topk: int) -> Path:

@@ -12,9 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import Preprocess
 from reslab.data.transforms import PCALighting
-from reslab.engine.precision import resolve_precision
 from reslab.engine.trainer import Trainer
 from reslab.experiments.runner import worker_device
+from reslab.runtime.precision import resolve_precision
 
 pytestmark = needs_cuda
 

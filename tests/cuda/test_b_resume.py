@@ -11,8 +11,8 @@ import pytest
 import torch
 from cuda_helpers import cuda_cfg, needs_cuda
 
-from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.trainer import train
+from reslab.runtime.checkpoint import load_checkpoint
 
 pytestmark = needs_cuda
 

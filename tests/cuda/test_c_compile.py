@@ -13,7 +13,7 @@ from cuda_helpers import cuda_cfg, needs_cuda
 from torch._dynamo.utils import counters
 
 from reslab.data.loaders import TensorLoader
-from reslab.engine.data_setup import cifar_preprocess
+from reslab.data.setup import cifar_preprocess
 from reslab.engine.schedules import make_sgd
 from reslab.engine.trainer import train
 from reslab.models import create_model

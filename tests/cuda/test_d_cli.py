@@ -16,7 +16,7 @@ import torch
 from cuda_helpers import needs_cuda
 from PIL import Image
 
-from reslab.engine.checkpoint import load_checkpoint
+from reslab.runtime.checkpoint import load_checkpoint
 
 pytestmark = needs_cuda
 

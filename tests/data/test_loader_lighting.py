@@ -8,10 +8,10 @@ import torch
 
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import Preprocess
+from reslab.data.setup import build_data
 from reslab.data.transforms import PCALighting
 from reslab.engine.config import TrainConfig
-from reslab.engine.data_setup import build_data
-from reslab.engine.distributed import DistInfo
+from reslab.runtime.distributed import DistInfo
 
 
 def _loader(images: torch.Tensor, *, lighting: PCALighting | None, pad: int, train: bool = True):

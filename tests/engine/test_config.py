@@ -46,9 +46,9 @@ def test_round_trip_and_overrides(tmp_path) -> None:
 def test_epochs_become_the_same_iterations_fused_and_alone(cifar_root, tmp_path) -> None:
     """One rule (run_length.iters_from_epochs): 1 epoch of 64 images at batch 16 is 4
     iterations, and milestone 4 of the config's 6 iterations moves to 3, for both trainers."""
-    from reslab.engine.checkpoint import load_checkpoint
     from reslab.engine.fused_trainer import train_fused
     from reslab.engine.trainer import train
+    from reslab.runtime.checkpoint import load_checkpoint
 
     def cfg(out: str, seed: int) -> TrainConfig:
         return TrainConfig(model="resnet20", data=str(cifar_root), out=str(tmp_path / out),

@@ -20,11 +20,11 @@ import torch
 from reslab.data.cifar import load_cifar
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import Preprocess
-from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.config import TrainConfig
 from reslab.engine.evaluator import evaluate
 from reslab.engine.trainer import train
 from reslab.models import create_model
+from reslab.runtime.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.distributed
 
@@ -300,7 +300,7 @@ def test_sigkilled_worker_restarts_group_which_resumes_and_finishes(
 _SYNC_BN_CHECK = """
 import sys, torch, torch.distributed as dist
 from torch import nn
-from reslab.engine.distributed import convert_sync_batchnorm
+from reslab.runtime.distributed import convert_sync_batchnorm
 from reslab.models import create_model
 torch.set_default_dtype(torch.float64)
 dist.init_process_group("gloo")

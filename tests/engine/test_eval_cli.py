@@ -17,9 +17,9 @@ from reslab.cli import main
 from reslab.data.cifar import load_cifar, mean_image
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import Preprocess
-from reslab.engine.checkpoint import save_atomic
 from reslab.engine.eval_run import load_checkpoint_model
 from reslab.models import create_model
+from reslab.runtime.checkpoint import save_atomic
 
 LIMIT = 120
 
@@ -137,8 +137,9 @@ def test_eval_cli_views_and_bad_files(
 def test_one_checkpoint_error_for_every_loader() -> None:
     """eval, resume and the weights readers raise the same class: a UserError (exit 2) that
     `except RuntimeError` clauses still catch."""
-    from reslab.engine import checkpoint, eval_run
+    from reslab.engine import eval_run
     from reslab.errors import CheckpointError, UserError
+    from reslab.runtime import checkpoint
 
     assert eval_run.CheckpointError is checkpoint.CheckpointError is CheckpointError
     assert issubclass(CheckpointError, UserError) and issubclass(CheckpointError, RuntimeError)

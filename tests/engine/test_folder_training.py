@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.config import TrainConfig
 from reslab.engine.trainer import train
+from reslab.runtime.checkpoint import load_checkpoint
 
 COLOURS = ((220, 30, 30), (30, 220, 30), (30, 30, 220))  # one solid colour per class
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.config import TrainConfig
 from reslab.engine.eval_run import load_checkpoint_model
 from reslab.engine.fused_trainer import check_members, recover_commit, train_fused
 from reslab.engine.trainer import train
+from reslab.runtime.checkpoint import load_checkpoint
 
 
 def _cfg(root: Path, out: Path, seed: int, **kw) -> TrainConfig:

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from reslab.cli import main
-from reslab.engine.checkpoint import load_checkpoint, save_atomic
 from reslab.models import create_model
+from reslab.runtime.checkpoint import load_checkpoint, save_atomic
 
 
 def train_args(root: Path, out: Path, *extra: str) -> list[str]:

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from reslab.engine.checkpoint import (
+from reslab.engine.config import TrainConfig
+from reslab.engine.trainer import train
+from reslab.runtime.checkpoint import (
     CHECKPOINT_VERSION,
     load_checkpoint,
     rng_state,
     save_atomic,
     set_rng_state,
 )
-from reslab.engine.config import TrainConfig
-from reslab.engine.trainer import train
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_fp32_checkpoints_an_empty_scaler(cifar_root: Path, tmp_path: Path) -> N
 
 
 def test_exact_fp32_turns_tf32_off_inside_and_restores_it() -> None:
-    from reslab.engine.precision import exact_fp32
+    from reslab.runtime.precision import exact_fp32
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     before = cudnn.allow_tf32, matmul.allow_tf32
@@ -88,7 +88,7 @@ def test_exact_fp32_turns_tf32_off_inside_and_restores_it() -> None:
 
 
 def test_cudnn_autotuning_on_cuda_unless_determinism_was_asked_for() -> None:
-    from reslab.engine.precision import tune_cuda
+    from reslab.runtime.precision import tune_cuda
 
     before = torch.backends.cudnn.benchmark
     try:

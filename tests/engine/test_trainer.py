@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.config import TrainConfig
 from reslab.engine.trainer import TrainingDiverged, train
+from reslab.runtime.checkpoint import load_checkpoint
 
 
 def _cfg(root: Path, out: Path, **kw) -> TrainConfig:

@@ -183,6 +183,41 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         reproduce("table6", budget="smoke", out=tmp_path, seeds=0)
 
 
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(budget="smoke", out="o"),
+        dict(
+            budget="cpu",
+            out="/r/o 2",
+            seeds=3,
+            runs="/runs",
+            device="cuda:1",
+            jobs=4,
+            compile="reduce-overhead",
+            only=["resnet20-s0", "resnet56-s1"],
+            time_limit=420.5,
+            fused=False,
+        ),
+        dict(budget="full", out="o", compile=True, fused=True, time_limit=60.0),
+    ],
+)
+def test_reproduce_command_parses_back_to_the_plans_options(opts: dict) -> None:
+    """make_plan's command line, read by the real CLI parser, gives the same options back."""
+    import shlex
+
+    from reslab.cli import build_parser, reproduce_options
+    from reslab.experiments.runner import make_plan
+
+    ctx, _, _ = make_plan("table6", **opts)
+    argv = shlex.split(ctx.command)
+    assert argv[:3] == ["reslab", "reproduce", "table6"]
+    back = reproduce_options(build_parser().parse_args(argv[1:]))
+    full = {**dict(seeds=1, runs=None, device="auto", jobs=1, compile=False, only=None,
+                   time_limit=None, fused=None), **opts}  # fmt: skip
+    assert {k: back[k] for k in full} == full
+
+
 def test_report_train_commands_rebuild_each_runs_config() -> None:
     import shlex
 

@@ -20,6 +20,7 @@ from reslab.data.cifar import DIRS, DataError, load_cifar
 from reslab.data.preprocess import Preprocess
 from reslab.data.transforms import PCALighting, center_crop_transform
 from reslab.errors import safe_torch_load
+from reslab.runtime.checkpoint import save_atomic
 
 __all__ = [
     "DataStats",
@@ -219,17 +220,8 @@ def compute_folder_stats(
 
 def save_stats(stats: DataStats, path: str | Path) -> Path:
     """Write atomically; loads with `load_stats` (torch.load(weights_only=True))."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(stats.to_dict(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    save_atomic(stats.to_dict(), path)
+    return Path(path)
 
 
 def load_stats(path: str | Path) -> DataStats:

@@ -16,9 +16,10 @@ from torch import nn
 
 from reslab.data import resolve_data_root
 from reslab.data.preprocess import Preprocess
-from reslab.engine.checkpoint import CheckpointError, load_checkpoint
 from reslab.engine.evaluator import EnsembleResult, EvalResult, evaluate_ensemble
-from reslab.engine.precision import resolve_precision
+from reslab.runtime.checkpoint import CheckpointError, load_checkpoint
+from reslab.runtime.distributed import resolve_device
+from reslab.runtime.precision import resolve_precision
 
 REQUIRED_KEYS = ("model_name", "model")
 
@@ -36,7 +37,7 @@ class LoadedModel:
 def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> LoadedModel:
     """Rebuild the model of a reslab checkpoint (model_name + model_options) and load its weights.
 
-    Read by engine.checkpoint.load_checkpoint: a file that needs code to unpickle is refused.
+    Read by runtime.checkpoint.load_checkpoint: a file that needs code to unpickle is refused.
     """
     from reslab.models import create_model
 
@@ -197,9 +198,7 @@ def run_eval(
     32 for folders.
     """
     batch_size, data = batch_size or (32 if dataset == "folder" else 500), resolve_data_root(data)
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
+    dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     if bool(checkpoints) == (weights is not None):
         raise ValueError("give either --checkpoint FILE [FILE ...] or --model NAME --weights FILE")

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.engine.distributed import all_reduce_sum
-from reslab.engine.precision import autocast, check_precision
 from reslab.engine.views import Views, make_views
+from reslab.runtime.distributed import all_reduce_sum
+from reslab.runtime.precision import autocast, check_precision
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 

@@ -30,17 +30,17 @@ from torch import nn
 from tqdm import tqdm
 
 from reslab.data.loaders import TensorLoader
-from reslab.engine import distributed as D
+from reslab.data.setup import build_data
 from reslab.engine import rundir
-from reslab.engine.checkpoint import load_checkpoint, write_text_atomic
 from reslab.engine.config import TrainConfig
-from reslab.engine.data_setup import build_data
-from reslab.engine.precision import autocast, resolve_precision
 from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.schedules import make_sgd, set_lr
 from reslab.engine.trainer import Trainer, TrainingDiverged, TrainState, build_model, run_info
 from reslab.models.cifar import CifarResNet
 from reslab.models.fused import FusedCifarNet, stack_inputs
+from reslab.runtime import distributed as D
+from reslab.runtime.checkpoint import load_checkpoint, write_text_atomic
+from reslab.runtime.precision import autocast, resolve_precision
 
 # Fields in which the members of one fused run may differ; everything else must be equal.
 MEMBER_FIELDS = ("seed", "out")

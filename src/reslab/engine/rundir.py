@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from reslab.engine.checkpoint import write_text_atomic
 from reslab.errors import UserError
+from reslab.runtime.checkpoint import write_text_atomic
 
 LOCK_NAME = ".reslab.lock"
 # Fields a resumed run may change: how long it runs and how often it reports or saves, and where

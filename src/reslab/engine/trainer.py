@@ -18,9 +18,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from reslab.engine import distributed as D
+from reslab.data.setup import RunData, build_data
 from reslab.engine import rundir
-from reslab.engine.checkpoint import (
+from reslab.engine.config import TrainConfig, wants_compile
+from reslab.engine.evaluator import evaluate
+from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
+from reslab.engine.run_length import iters_from_epochs
+from reslab.engine.run_log import RunLog
+from reslab.engine.schedules import lr_at, make_sgd, set_lr
+from reslab.models import create_model
+from reslab.models.registry import get_classifier
+from reslab.runtime import distributed as D
+from reslab.runtime.checkpoint import (
     CHECKPOINT_VERSION,
     CheckpointError,
     copy_atomic,
@@ -30,16 +39,7 @@ from reslab.engine.checkpoint import (
     set_rng_state,
     write_text_atomic,
 )
-from reslab.engine.config import TrainConfig, wants_compile
-from reslab.engine.data_setup import RunData, build_data
-from reslab.engine.evaluator import evaluate
-from reslab.engine.precision import autocast, resolve_precision, tune_cuda
-from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
-from reslab.engine.run_length import iters_from_epochs
-from reslab.engine.run_log import RunLog
-from reslab.engine.schedules import lr_at, make_sgd, set_lr
-from reslab.models import create_model
-from reslab.models.registry import get_classifier
+from reslab.runtime.precision import autocast, resolve_precision, tune_cuda
 
 
 class TrainingDiverged(RuntimeError):

@@ -12,12 +12,12 @@ from reslab.analysis.responses import layer_response_std, plot_responses
 from reslab.analysis.tables import markdown_table
 from reslab.data.cifar import load_cifar
 from reslab.data.preprocess import Preprocess
-from reslab.engine.checkpoint import load_checkpoint
-from reslab.engine.distributed import resolve_device
 from reslab.experiments import recipes
 from reslab.experiments.recipes import Claim, judge
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 from reslab.models import create_model
+from reslab.runtime.checkpoint import load_checkpoint
+from reslab.runtime.distributed import resolve_device
 
 TITLE = "Figure 7: layer responses of plain nets and ResNets (CIFAR-10)"
 PLAIN = {"full": (20, 56), "cpu": (20, 56), "cpu-long": (20, 56), "smoke": (20, 32)}

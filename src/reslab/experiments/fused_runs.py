@@ -17,11 +17,12 @@ import torch
 import yaml
 
 from reslab.analysis.records import read_metrics
-from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.fused_trainer import MEMBER_FIELDS, recover_commit, train_fused
 from reslab.engine.trainer import TrainingDiverged
 from reslab.experiments.runner import RunResult, RunSpec, _same_run, run_one
 from reslab.models import model_info
+from reslab.runtime.checkpoint import load_checkpoint
+from reslab.runtime.distributed import auto_device
 
 # Measured by benchmarks/bench_fused.py (K fused against K one after another, same iterations,
 # training img/s per member): device type -> (largest K fused by default, the measurement).
@@ -45,8 +46,7 @@ FUSED_MAX_K: dict[str, tuple[int, str]] = {
 def fused_default(device: str, k: int) -> tuple[bool, str]:
     """(fuse k seeds by default on this device, the measurement behind that choice)."""
     # The device type only: a plan for a GPU can be written (--dry-run) on a machine without one.
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    kind = torch.device(kind).type
+    kind = torch.device(auto_device(device)).type
     max_k, why = FUSED_MAX_K.get(kind, (0, f"not measured on {kind}"))
     return k <= max_k, why
 

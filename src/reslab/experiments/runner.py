@@ -17,7 +17,7 @@ import os
 import shlex
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -272,18 +272,9 @@ def make_plan(
         raise ValueError(f"--seeds and --jobs must be at least 1, got {seeds} and {jobs}")
     out = Path(out)
     runs_root = Path(runs) / budget if runs else out / "runs" / budget
-    argv = ["reslab", "reproduce", name, "--budget", budget, "--out", str(out)]
-    argv += ["--seeds", str(seeds)] if seeds != 1 else []
-    argv += ["--runs", str(runs)] if runs else []
-    argv += ["--device", device] if device != "auto" else []
-    argv += ["--jobs", str(jobs)] if jobs != 1 else []
-    if isinstance(compile, str):
-        argv += ["--compile-mode", compile]
-    elif compile:
-        argv += ["--compile"]
-    argv += ["--only", ",".join(only)] if only else []
-    argv += ["--time-limit", f"{time_limit:g}"] if time_limit else []
-    argv += ["--fused", "on" if fused else "off"] if fused is not None else []
+    argv = reproduce_argv(name, dict(budget=budget, out=str(out), seeds=seeds, runs=runs,
+                                     device=device, jobs=jobs, compile=compile, only=only,
+                                     time_limit=time_limit, fused=fused))  # fmt: skip
     if budget not in _budgets(name):
         raise ValueError(
             f"{name} has no {budget!r} budget (it has {', '.join(_budgets(name))}); "
@@ -303,12 +294,11 @@ def make_plan(
             )
         plan.specs = [s for s in plan.specs if s.name in only]
         plan.notes.append(f"only these runs of the plan: {', '.join(s.name for s in plan.specs)}.")
+    mode = compile if isinstance(compile, str) else "default"
     for spec in plan.specs:
-        spec.cfg.data, spec.cfg.device = ctx.data, ctx.device
-        spec.cfg.compile = bool(compile)
-        spec.cfg.compile_mode = compile if isinstance(compile, str) else "default"
-        spec.cfg.time_limit = time_limit
-        spec.cfg.out = str(runs_root / spec.name)
+        spec.cfg = replace(spec.cfg, data=ctx.data, device=ctx.device, compile=bool(compile),
+                           compile_mode=mode, time_limit=time_limit,
+                           out=str(runs_root / spec.name))  # fmt: skip
     if seeds > 1:
         from reslab.experiments.fused_runs import fused_default
 
@@ -318,6 +308,30 @@ def make_plan(
         src = "this device's default" if fused is None else "--fused"
         plan.notes.append(f"seeds trained {how} ({src}; fused on this device: {why}).")
     return ctx, module, plan
+
+
+# make_plan's options that `reslab reproduce` flags carry, with their defaults (left out of argv)
+_REPRODUCE_DEFAULTS = dict(budget=..., out=..., seeds=1, runs=None, device="auto", jobs=1,
+                           compile=False, only=None, time_limit=None, fused=None)  # fmt: skip
+
+
+def reproduce_argv(name: str, opts: dict[str, Any]) -> list[str]:
+    """The `reslab reproduce` command line of make_plan's options (cli.reproduce_options reads
+    it back): each option that differs from its default. --data is this machine's and stays
+    out, so the command works on another machine with its own $RESLAB_DATA."""
+    argv = ["reslab", "reproduce", name]
+    for key, default in _REPRODUCE_DEFAULTS.items():
+        value = opts.get(key, default)
+        if value is None or value == default:
+            continue
+        if key == "compile":
+            argv += ["--compile-mode", value] if isinstance(value, str) else ["--compile"]
+        elif key == "fused":
+            argv += ["--fused", "on" if value else "off"]
+        else:
+            text = {"only": ",".join, "time_limit": "{:g}".format}.get(key, str)(value)
+            argv += ["--" + key.replace("_", "-"), text]
+    return argv
 
 
 def describe_plan(ctx: Context, plan: Plan) -> str:

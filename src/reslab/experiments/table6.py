@@ -13,14 +13,14 @@ from reslab.analysis.plots import Run, plot_curves, x_unit
 from reslab.analysis.significance import Paired, mcnemar
 from reslab.analysis.tables import compare_table, fmt_best_mean_std, markdown_table, mean_std
 from reslab.data.cifar import load_cifar
-from reslab.engine.distributed import resolve_device
 from reslab.engine.eval_run import load_checkpoint_model
-from reslab.engine.precision import exact_fp32
 from reslab.experiments import recipes
 from reslab.experiments.recipes import Claim, judge, verdict
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 from reslab.models import create_model
 from reslab.models.cifar import TABLE6
+from reslab.runtime.distributed import resolve_device
+from reslab.runtime.precision import exact_fp32
 
 TITLE = "Table 6: ResNets on CIFAR-10, test error by depth"
 DEPTHS = {

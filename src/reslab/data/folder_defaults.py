@@ -3,11 +3,12 @@ normalisation from the weights' metadata, a batch that fits the data, the number
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from reslab.engine.config import TrainConfig
+if TYPE_CHECKING:  # annotations only: data/ never imports engine/
+    from reslab.engine.config import TrainConfig
 
 
 def weights_preprocess(path: str | None) -> dict[str, Any] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,8 +12,10 @@ from reslab.data import resolve_data_root
 from reslab.data.cifar import CifarSplit, load_cifar, mean_image
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocess
-from reslab.engine.config import TrainConfig
-from reslab.engine.distributed import DistInfo
+from reslab.runtime.distributed import DistInfo
+
+if TYPE_CHECKING:  # annotations only: data/ never imports engine/
+    from reslab.engine.config import TrainConfig
 
 
 @dataclass
@@ -86,9 +88,9 @@ def folder_preprocess(cfg: TrainConfig) -> tuple[Preprocess, torch.nn.Module | N
     NOTE(paper): without a stats file the ImageNet per-channel mean/std stand in for the paper's
     per-pixel mean (for random crops of varying position the two are nearly the same offset).
     """
+    from reslab.data.folder_defaults import weights_normalization, weights_preprocess
     from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
     from reslab.data.transforms import PCALighting
-    from reslab.engine.folder_defaults import weights_normalization, weights_preprocess
 
     geometry = dict(kind="imagenet", input_size=cfg.image_size, resize=cfg.resize)
     wpre = None if cfg.stats else weights_preprocess(cfg.weights)
@@ -116,17 +118,17 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
     from pathlib import Path
 
     from reslab.data.folder import ImageFolder
+    from reslab.data.folder_defaults import (
+        choose_workers,
+        fit_batch,
+        resolve_geometry,
+        weights_preprocess,
+    )
     from reslab.data.loaders import FolderLoader
     from reslab.data.transforms import (
         alexnet_train_transform,
         center_crop_transform,
         imagenet_train_transform,
-    )
-    from reslab.engine.folder_defaults import (
-        choose_workers,
-        fit_batch,
-        resolve_geometry,
-        weights_preprocess,
     )
 
     root = Path(resolve_data_root(cfg.data))

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from reslab.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -30,17 +32,22 @@ class DistInfo:
         return self.world_size > 1 or self.forced
 
 
+def auto_device(spec: str) -> str:
+    """auto -> cuda if torch sees a GPU, else cpu; any other spec unchanged."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
+
+
 def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
-    """auto -> cuda:LOCAL_RANK if a GPU is there, else cpu; cuda -> cuda:LOCAL_RANK."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    """reslab's one device rule. auto -> cuda:LOCAL_RANK if a GPU is there, else cpu;
+    cuda -> cuda:LOCAL_RANK."""
+    spec = auto_device(spec)
     if spec == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+            raise UserError("--device cuda was asked for, but torch sees no CUDA device")
         spec = f"cuda:{local_rank % torch.cuda.device_count()}"
     elif spec.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         # Several processes of this machine on one named GPU would all share it (NCCL refuses).
-        raise ValueError(
+        raise UserError(
             f"--device {spec} names one GPU, but torchrun started "
             f"{os.environ['LOCAL_WORLD_SIZE']} processes on this machine; use --device cuda "
             "(each process takes cuda:LOCAL_RANK) and pick GPUs with CUDA_VISIBLE_DEVICES"
