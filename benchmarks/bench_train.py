@@ -19,6 +19,7 @@ import time
 import torch
 import torchvision.transforms as T
 from PIL import Image
+from reslab.engine.data_setup import cifar_preprocess
 from reslab.engine.precision import autocast, resolve_precision
 
 from common import (
@@ -32,7 +33,6 @@ from common import (
 from reslab.analysis.complexity import count_macs
 from reslab.data.cifar import load_cifar
 from reslab.data.loaders import TensorLoader
-from reslab.engine.data_setup import cifar_preprocess
 from reslab.engine.schedules import make_sgd
 from reslab.models import create_model
 
