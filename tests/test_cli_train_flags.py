@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reslab.cli import _train_config, build_parser, main
-from reslab.engine.config import TrainConfig, wants_compile
+from reslab.engine.config import TrainConfig
 from reslab.engine.progress import banner
 
 
@@ -56,19 +56,17 @@ def test_a_malformed_set_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -
     assert err == "reslab train: error: --set lr: expects key=value, e.g. --set lr=0.05\n"
 
 
-def test_compile_is_automatic_for_long_runs_and_the_flags_decide() -> None:
-    short = _cfg(["--recipe", "cifar10-fast", "--iters", "100"])  # 25,600 images
-    assert short.compile is None and not wants_compile(short)
-    assert wants_compile(_cfg(["--recipe", "cifar10-fast", "--iters", "2000"]))  # 512,000
-    assert wants_compile(_cfg(["--recipe", "cifar10-paper"]))  # 64k x 128
-    assert wants_compile(TrainConfig(iters=5000, batch_size=100))  # exactly COMPILE_AUTO_IMAGES
-    assert not wants_compile(TrainConfig(iters=4999, batch_size=100))
-    off = _cfg(["--recipe", "cifar10-paper", "--no-compile"])
-    assert off.compile is False and not wants_compile(off)
+def test_compile_flags_decide_over_the_recipe_and_the_banner_says_so() -> None:
+    assert _cfg(["--recipe", "cifar10-fast"]).compile is False  # off unless asked (see config)
+    assert _cfg(["--recipe", "cifar10-fast", "--set", "compile=true"]).compile is True
+    off = _cfg(["--recipe", "cifar10-fast", "--set", "compile=true", "--no-compile"])
+    assert off.compile is False  # an explicit flag wins over the recipe and --set
     for flag in (["--compile"], ["--compile-mode", "max-autotune"]):
-        on = _cfg(["--recipe", "cifar10-fast", "--iters", "10", *flag])
-        assert on.compile is True and wants_compile(on)
-    lines = banner(short, recipe_note="r", train_size=50000, classes=10, evals={},
-                   device=torch.device("cpu"), precision="bf16", world_size=1, notes=[],
-                   compiled=wants_compile(TrainConfig()))  # fmt: skip
-    assert "torch.compile (auto: a long run)" in lines
+        assert _cfg(["--recipe", "cifar10-fast", *flag]).compile is True
+    shown = {}
+    for on in (True, False):
+        cfg = TrainConfig(compile=on)
+        shown[on] = banner(cfg, recipe_note="r", train_size=50000, classes=10, evals={},
+                           device=torch.device("cpu"), precision="bf16", world_size=1,
+                           notes=[])  # fmt: skip
+    assert "torch.compile" in shown[True] and "torch.compile" not in shown[False]

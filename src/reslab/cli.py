@@ -353,8 +353,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the model (default: only for runs of 500k training images or more, "
-        "which repay the compile time)",
+        help="torch.compile the model (default: off, or as the recipe says)",
     )
     p.add_argument(
         "--compile-mode",

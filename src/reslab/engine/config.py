@@ -83,7 +83,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 where supported) | fp32 | bf16 | fp16
     channels_last: bool = True
-    compile: bool | None = None  # torch.compile the model; None: when the run is long enough
+    # torch.compile the model. Off by default: on a 2-core CPU the compiled training step is no
+    # faster inside the trainer (results/benchmarks/bench_train_session6.txt).
+    compile: bool = False
     # torch.compile mode: "default"; "reduce-overhead" replays each step as a CUDA graph (small
     # CIFAR nets on a GPU are launch-bound: ResNet-110's forward alone is 109 conv + 109 BN +
     # ReLU/add ops, each a kernel of a few microseconds at batch 128); or
@@ -170,19 +172,6 @@ class TrainConfig:
                 raise ConfigError(f"--set {a}: unknown config field {key!r}; known: {sorted(d)}")
             d[key] = _yaml_value(value)
         return TrainConfig.from_dict(d, source="--set")
-
-
-# Compiling ResNet-20's training step takes ~40 s on a 2-core CPU, then each step runs ~1.1x
-# faster (results/benchmarks/compile_auto.txt): it repays itself after roughly 400k images.
-COMPILE_AUTO_IMAGES = 500_000
-
-
-def wants_compile(cfg: TrainConfig) -> bool:
-    """cfg.compile if set; unset (None), compile when the run trains COMPILE_AUTO_IMAGES images
-    or more, since a shorter run would spend longer compiling than compiling saves."""
-    if cfg.compile is not None:
-        return cfg.compile
-    return cfg.iters * cfg.batch_size >= COMPILE_AUTO_IMAGES
 
 
 def _yaml_value(text: str) -> Any:

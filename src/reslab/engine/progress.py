@@ -12,7 +12,7 @@ import torch
 
 def banner(
     cfg: Any, *, recipe_note: str, train_size: int, classes: int, evals: dict[str, int],
-    device: torch.device, precision: str, world_size: int, notes: list[str], compiled: bool = False,
+    device: torch.device, precision: str, world_size: int, notes: list[str],
 ) -> str:  # fmt: skip
     """A few lines that say what is about to run, before the first (slow) iteration."""
     epochs = cfg.iters * cfg.batch_size / max(train_size, 1)
@@ -27,8 +27,7 @@ def banner(
         + ")",
         f"  device     {device}, {precision}, {torch.get_num_threads()} CPU threads"
         + (f", {world_size} processes" if world_size > 1 else "")
-        + (", torch.compile" if compiled else "")
-        + (" (auto: a long run)" if compiled and cfg.compile is None else ""),
+        + (", torch.compile" if cfg.compile else ""),
         f"  output     {cfg.out}",
     ]
     lines += [f"  note       {n}" for n in notes]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from reslab.data.setup import RunData, build_data
 from reslab.engine import rundir
-from reslab.engine.config import TrainConfig, wants_compile
+from reslab.engine.config import TrainConfig
 from reslab.engine.evaluator import evaluate
 from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
 from reslab.engine.run_length import iters_from_epochs
@@ -195,8 +195,7 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self.compiled = wants_compile(cfg)  # after iters_from_epochs: auto needs the length
-        if self.compiled:
+        if cfg.compile:
             self.net = torch.compile(self.net, mode=cfg.compile_mode)
 
     def _elastic_restart(self, last: Path) -> bool:
@@ -505,7 +504,7 @@ class Trainer:
             cfg, recipe_note=f"recipe {self.recipe or 'defaults (no --recipe)'}, {resumed}",
             train_size=self.data.train_size, classes=len(self.data.classes), evals=evals,
             device=self.device, precision=self.precision, world_size=self.dist.world_size,
-            notes=self.data.notes, compiled=self.compiled,
+            notes=self.data.notes,
         )  # fmt: skip
 
     def _lr(self, it: int) -> float:
