@@ -121,3 +121,47 @@ def test_preprocess_roundtrip_and_uint8_equals_float() -> None:
     p = Preprocess(mode="per_pixel", mean=torch.rand(3, 32, 32), std=[1.0, 1.0, 1.0])
     q = Preprocess.from_dict(p.to_dict())
     torch.testing.assert_close(q.normalize(img), p.normalize(img.float() / 255))
+
+
+def test_alternate_flip_mirrors_each_image_every_other_epoch() -> None:
+    torch.manual_seed(0)
+    n = 64
+    images = torch.randint(0, 256, (n, 3, 6, 6), dtype=torch.uint8)
+    labels = torch.arange(n)
+
+    def make(**kw):
+        return TensorLoader(images, labels, batch_size=16, preprocess=Preprocess(), train=True,
+                            seed=5, pad=0, alternate_flip=True, **kw)  # fmt: skip
+
+    pre = Preprocess()
+    plain = pre.normalize(images)
+
+    def mirrored(loader, epochs: int) -> torch.Tensor:
+        seen = torch.zeros(epochs, n, dtype=torch.int64)  # 1 = mirror, 0 = as stored
+        for e in range(epochs):
+            for x, y in loader:
+                for xi, yi in zip(x, y):
+                    same, flip = torch.equal(xi, plain[yi]), torch.equal(xi, plain[yi].flip(-1))
+                    assert same != flip  # random pixels: never symmetric
+                    seen[e, yi] = int(flip)
+        return seen
+
+    seen = mirrored(make(), 4)
+    assert 16 <= int(seen[0].sum()) <= 48  # a random half in epoch 0
+    assert torch.equal(seen[1], 1 - seen[0]) and torch.equal(seen[2], seen[0])
+    assert torch.equal(seen[3], seen[1])
+    # a resumed run and two ranks see the same orientation as one uninterrupted process
+    part = make()
+    it = iter(part)
+    [next(it) for _ in range(4)]
+    assert next(it, None) is None  # epoch 0 done: the state now points at epoch 1
+    resumed = make()
+    resumed.load_state_dict(part.state_dict())
+    assert torch.equal(mirrored(resumed, 1)[0], seen[1])
+    r0, r1 = make(rank=0, world_size=2), make(rank=1, world_size=2)
+    for (x0, _), (x1, _), (x, _) in zip(r0, r1, make(), strict=True):
+        assert torch.equal(torch.cat([x0, x1]), x)
+    # off (the paper's coin per image) draws afresh: some image keeps its orientation
+    coin = TensorLoader(images, labels, batch_size=16, preprocess=pre, train=True, seed=5, pad=0)
+    both = mirrored(coin, 2)
+    assert bool((both[0] == both[1]).any())

@@ -38,6 +38,9 @@ def test_round_trip_and_overrides(tmp_path) -> None:
     assert load_recipe(str(path)) == c
     with pytest.raises(ValueError, match="unknown config field"):
         c.override(["learning_rate=1"])
+    with pytest.raises(ValueError, match="eval_views must be one of"):
+        c.override(["eval_views=mirror"])
+    assert c.override(["eval_views=flip", "alternate_flip=true"]).eval_views == "flip"
     with pytest.raises(FileNotFoundError, match="cifar10-paper"):
         load_recipe("nope")
     assert TrainConfig.from_dict(c.to_dict()) == c

@@ -114,6 +114,11 @@ def test_eval_cli_views_and_bad_files(
     doc = json.loads(json_out.read_text())
     assert doc["views"] == "ten-crop" and doc["members"][0]["num_samples"] == 30
     assert doc["ensemble"] is None and (tmp_path / "o" / "confusion-resnet20_best.png").is_file()
+    flip_out = tmp_path / "flip.json"
+    assert main(["eval", "--checkpoint", str(checkpoints[0]), "--data", str(cifar_root),
+                 "--limit", "30", "--views", "flip", "--json", str(flip_out),
+                 "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    assert json.loads(flip_out.read_text())["views"] == "flip"
     monkeypatch.setenv("RESLAB_DATA", str(cifar_root))  # no --data: $RESLAB_DATA, as in train
     assert main(["eval", "--checkpoint", str(checkpoints[0]), "--limit", "20",
                  "--json", str(tmp_path / "env.json"), "--out", str(tmp_path / "o")]) == 0  # fmt: skip
@@ -161,3 +166,20 @@ def test_one_rule_for_the_data_directory(monkeypatch: pytest.MonkeyPatch) -> Non
     assert _train_config(train).data == "/env/cifar"
     train = build_parser().parse_args(["train", "--set", "data=data"])
     assert _train_config(train).data == "data"
+
+
+def test_eval_runs_a_folded_channels_last_copy() -> None:
+    from reslab.engine.eval_run import fast_eval_model
+
+    torch.manual_seed(0)
+    net = create_model("resnet20", shortcut="B").train()
+    for _ in range(2):  # move the running statistics away from their initial values
+        net(torch.randn(16, 3, 32, 32))
+    net.eval()
+    fast = fast_eval_model(net, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # caller's untouched
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)

@@ -14,8 +14,9 @@ from torch import nn
 from reslab.data import transforms as T
 from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import Preprocess
+from reslab.engine import evaluator
 from reslab.engine.evaluator import evaluate, evaluate_ensemble
-from reslab.engine.views import make_views, multi_scale, ten_crop
+from reslab.engine.views import flip, make_views, multi_scale, ten_crop
 
 
 class Logits(nn.Module):
@@ -120,6 +121,30 @@ def test_ten_crop_and_multi_scale_views_exact() -> None:
     assert make_views(x, "center") is x and isinstance(make_views(x, "multi-scale"), list)
     with pytest.raises(ValueError, match="views must be one of"):
         make_views(x, "five-crop")
+
+
+def test_flip_view_and_chunked_forward_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    v = make_views(x, "flip")
+    assert v.shape == (2, 2, 3, 4, 5) and torch.equal(v[:, 0], x)
+    assert torch.equal(v[:, 1], x[..., torch.arange(4, -1, -1)]) and torch.equal(flip(x), v)
+    # A real net, images + mirrors averaged; split into chunks of 3 images (channels_last model):
+    # the same scores as one pass over all of them.
+    torch.manual_seed(0)
+    from reslab.models import create_model
+
+    net = create_model("resnet20").eval()
+    images, labels = torch.randn(10, 3, 32, 32), torch.randint(0, 10, (10,))
+    whole = evaluate(net, [(images, labels)], device="cpu", views="flip")
+    monkeypatch.setattr(evaluator, "FORWARD_CHUNK", 3)
+    net_cl = net.to(memory_format=torch.channels_last)
+    parts = evaluate(net_cl, [(images, labels)], device="cpu", views="flip")
+    assert torch.equal(whole.confusion, parts.confusion)
+    assert parts.loss == pytest.approx(whole.loss, rel=1e-5)
+    with torch.no_grad():
+        mean = (net(images).softmax(1) + net(images.flip(-1)).softmax(1)) / 2
+    nll = -mean.gather(1, labels[:, None]).log().mean().item()
+    assert whole.loss == pytest.approx(nll, rel=1e-5)
 
 
 def test_bf16_matches_fp32_on_clear_margins() -> None:

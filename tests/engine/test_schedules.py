@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reslab.engine.schedules import cosine_lr, lr_at, make_sgd, set_lr, step_lr
+from reslab.engine.schedules import cosine_lr, linear_lr, lr_at, make_sgd, set_lr, step_lr
 
 PAPER = dict(schedule="step", base=0.1, milestones=[32000, 48000], gamma=0.1, total=64000)
 
@@ -47,6 +47,21 @@ def test_cosine_warmup_and_end() -> None:
     assert cosine_lr(100, base=1.0, total=100, warmup=10) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="schedule"):
         lr_at(0, schedule="poly", base=0.1, milestones=[], gamma=0.1, total=1)
+
+
+@given(st.integers(0, 1000), st.integers(0, 1000))
+def test_linear_decay_ramps_up_then_falls_to_zero(a: int, b: int) -> None:
+    lo, hi = sorted((a, b))
+    kw = dict(base=0.2, total=1000, warmup=100)
+    assert linear_lr(99, **kw) == pytest.approx(0.2) and linear_lr(1000, **kw) == 0.0
+    assert linear_lr(550, **kw) == pytest.approx(0.1)  # halfway down after the warm-up
+    if lo >= 99:
+        assert linear_lr(hi, **kw) <= linear_lr(lo, **kw)
+    else:
+        assert linear_lr(lo, **kw) <= linear_lr(min(hi, 99), **kw)
+    at = lr_at(hi, schedule="linear", base=0.2, milestones=[], gamma=0.1, total=1000,
+               warmup_iters=100)  # fmt: skip
+    assert at == linear_lr(hi, **kw)
 
 
 def test_sgd_groups_head_lr_and_set_lr() -> None:

@@ -106,3 +106,24 @@ def test_resnet110_style_warmup_returns_to_base_lr(cifar_root: Path, tmp_path: P
     assert [r["lr"] for r in rows] == [0.01, 0.1]
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["train_state"]["warmup_ended_at"] == 20
+
+
+def test_eval_views_flip_reports_the_mirror_averaged_error(
+    cifar_root: Path, tmp_path: Path
+) -> None:
+    from reslab.data.cifar import load_cifar
+    from reslab.engine.eval_run import load_checkpoint_model
+    from reslab.engine.evaluator import evaluate
+
+    cfg = _cfg(cifar_root, tmp_path / "run", iters=10, eval_every=10, eval_views="flip",
+               alternate_flip=True, normalization="per_channel", schedule="linear",
+               decay_bn=False, weight_decay=5e-4)  # fmt: skip
+    final = train(cfg, progress=False)
+    groups = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 5e-4]  # BN and biases exempt
+    m = load_checkpoint_model(tmp_path / "run" / "last.pt", device="cpu")
+    test = load_cifar(cifar_root, split="test")
+    x, y = m.preprocess.normalize(test.images[:64]), test.labels[:64]
+    net = m.model.to(memory_format=torch.channels_last)
+    flip = evaluate(net, [(x, y)], device="cpu", views="flip")
+    assert final["test_error"] == pytest.approx(flip.top1_error)

@@ -29,13 +29,15 @@ def pad_crop_flip(
     generator: torch.Generator,
     first: int = 0,
     total: int | None = None,
+    mirror: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Section 4.2 augmentation of a batch [N, C, H, W]: zero-pad `pad` pixels on each side, take
     a random HxW crop, mirror half the images. One gather for crop and flip together.
 
     `x` may be the slice [first, first + N) of a batch of `total` images: the random draws are
     made for all `total` and sliced, so k ranks holding the k shares of a global batch augment
-    it exactly as one process holding all of it would.
+    it exactly as one process holding all of it would. `mirror` (bool [N], with flip): which
+    images to mirror, instead of a coin per image.
     """
     n, _, h, w = x.shape
     dev = x.device
@@ -50,8 +52,9 @@ def pad_crop_flip(
     rows = oy + ar_h  # [N, H]
     cols = ox + ar_w  # [N, W]
     if flip:
-        mirror = torch.rand(total, 1, device=dev, generator=generator)[part] < 0.5
-        cols = torch.where(mirror, ox + (w - 1) - ar_w, cols)
+        if mirror is None:
+            mirror = torch.rand(total, 1, device=dev, generator=generator)[part] < 0.5
+        cols = torch.where(mirror.view(n, 1), ox + (w - 1) - ar_w, cols)
     # One torch.gather over each image's flattened NHWC pixels: 2-5x faster on CPU than
     # advanced indexing, same values. idx [N, H*W] = source pixel of every output pixel.
     c, wp = x.shape[1], w + 2 * pad
@@ -128,6 +131,9 @@ class TensorLoader(ShardedOrder):
     """Batches of a uint8 [N, 3, H, W] tensor that lives on the training device; augmentation
     (pad/crop/flip) is batched tensor ops there, drawn from (seed, epoch, step, rank).
 
+    alternate_flip: image i is mirrored in epoch e iff base[i] xor (e odd), base a fixed random
+    half of the set drawn from the seed (TrainConfig.alternate_flip); a pure function of
+    (seed, epoch, index) like every other draw, so resume and world size leave it unchanged.
     lighting: AlexNet's PCA colour augmentation on training batches (None: off). It shifts each
     image's colour before the pad/crop, so padded pixels stay at the mean, and draws from its own
     (seed, epoch, step, rank) stream, so the crops and flips are the same with and without it.
@@ -144,6 +150,7 @@ class TensorLoader(ShardedOrder):
         seed: int = 0,
         pad: int = 4,
         flip: bool = True,
+        alternate_flip: bool = False,
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = True,
@@ -161,6 +168,10 @@ class TensorLoader(ShardedOrder):
         self.rank, self.world_size = rank, world_size
         self.channels_last, self.dtype = channels_last, dtype
         self.lighting = lighting
+        self._flip_base: torch.Tensor | None = None
+        if alternate_flip and flip and train:
+            g = _generator(torch.device("cpu"), seed, 0xF11B)
+            self._flip_base = (torch.rand(len(labels), generator=g) < 0.5).to(images.device)
 
     @property
     def device(self) -> torch.device:
@@ -181,8 +192,12 @@ class TensorLoader(ShardedOrder):
             # slice of the draws, so the augmentation does not depend on the world size.
             g = _generator(self.device, self.seed, self.epoch, step, 0)
             share = self.batch_size // self.world_size
+            mirror = None
+            if self._flip_base is not None:  # bool [B]: base half, inverted in odd epochs
+                mirror = self._flip_base[idx] ^ bool(self.epoch % 2)
             x = pad_crop_flip(x, pad=self.pad, flip=self.flip, generator=g,
-                              first=self.rank * share, total=self.batch_size)  # fmt: skip
+                              first=self.rank * share, total=self.batch_size,
+                              mirror=mirror)  # fmt: skip
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         else:

@@ -174,6 +174,7 @@ class FusedTrainer:
             m.optimizer = make_sgd(
                 m.model, lr=m.cfg.lr, momentum=m.cfg.momentum, weight_decay=m.cfg.weight_decay,
                 nesterov=m.cfg.nesterov, head_lr_mult=m.cfg.head_lr_mult,
+                decay_bn=m.cfg.decay_bn,
             )  # fmt: skip
         if resume:
             have = [(m.out / "last.pt").is_file() for m in self.members]

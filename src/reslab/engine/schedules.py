@@ -29,6 +29,15 @@ def cosine_lr(it: int, *, base: float, total: int, warmup: int = 0, final: float
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * t))
 
 
+def linear_lr(it: int, *, base: float, total: int, warmup: int = 0) -> float:
+    """Linear warm-up to `base` over `warmup` iterations, then a straight line down to 0 at
+    `total`: under a fixed budget of iterations a linear decay matches or beats cosine and step
+    schedules (Li, Yumer & Ramanan, "Budgeted Training", ICLR 2020)."""
+    if it < warmup:
+        return base * (it + 1) / warmup
+    return base * max(0.0, 1.0 - (it - warmup) / max(1, total - warmup))
+
+
 def lr_at(
     it: int,
     *,
@@ -53,7 +62,9 @@ def lr_at(
         return step_lr(it, base=base, milestones=milestones, gamma=gamma, warmup=warmup_iters)
     if schedule == "cosine":
         return cosine_lr(it, base=base, total=total, warmup=warmup_iters)
-    raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
+    if schedule == "linear":
+        return linear_lr(it, base=base, total=total, warmup=warmup_iters)
+    raise ValueError(f"schedule must be 'step', 'cosine' or 'linear', got {schedule!r}")
 
 
 def make_sgd(

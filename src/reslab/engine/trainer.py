@@ -180,7 +180,7 @@ class Trainer:
             self.model = D.convert_sync_batchnorm(self.model, self.device)
         self.optimizer = make_sgd(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult,
+            nesterov=cfg.nesterov, head_lr_mult=cfg.head_lr_mult, decay_bn=cfg.decay_bn,
         )  # fmt: skip
         # fp16's 5 exponent bits underflow small gradients: the loss is scaled up, the update
         # skipped on overflow. bf16 and fp32 need none (enabled=False makes it a pass-through).
@@ -325,7 +325,8 @@ class Trainer:
             shown = tqdm(loader, desc=f"eval {split}", unit="batch", leave=False,
                          disable=not (self.progress and self.dist.is_main))  # fmt: skip
             r = evaluate(self.model, shown, device=self.device, precision=self.precision,
-                         num_classes=self.model_options["num_classes"])  # fmt: skip
+                         num_classes=self.model_options["num_classes"],
+                         views=self.cfg.eval_views)  # fmt: skip
             row[f"{split}_error"], row[f"{split}_top5"] = r.top1_error, r.top5_error
         row["images_per_s"] = images_per_s
         row["wall_time"] = s.wall

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from reslab.data import transforms as T
 
-VIEWS = ("center", "ten-crop", "multi-scale")
+VIEWS = ("center", "flip", "ten-crop", "multi-scale")
 # Section 3.4: the fully-convolutional test averages scores over these shorter sides.
 IMAGENET_SCALES = (224, 256, 384, 480, 640)
 # NOTE(paper): the paper tests CIFAR on the single original 32x32 image only; multi-scale on
@@ -38,6 +38,16 @@ def ten_crop(x: torch.Tensor, *, size: int | None = None, pad: int = 4) -> torch
         x = F.pad(x, (pad, pad, pad, pad))
     # One definition of the ten views (order, centre rounding) for folders and device batches.
     return T.ten_crop(x, size=size)  # [B, 10, C, size, size]
+
+
+def flip(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 2, C, H, W]: the image and its mirror image.
+
+    NOTE(paper): the paper tests CIFAR on the single original image; averaging over it and its
+    horizontal reflection (the flip training already applies) is a reslab extension, half the
+    cost of ten-crop.
+    """
+    return torch.stack((x, x.flip(-1)), dim=1)
 
 
 def multi_scale(x: torch.Tensor, *, scales: Sequence[int]) -> list[torch.Tensor]:
@@ -66,6 +76,8 @@ def make_views(
         raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
     if isinstance(x, (list, tuple)) or x.dim() == 5 or views == "center":
         return list(x) if isinstance(x, (list, tuple)) else x
+    if views == "flip":
+        return flip(x)
     if views == "ten-crop":
         return ten_crop(x, size=size)
     if scales is None:
