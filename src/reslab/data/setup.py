@@ -68,7 +68,8 @@ def build_cifar(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDa
         return TensorLoader(
             part.images.to(device), part.labels.to(device), batch_size=cfg.batch_size if is_train
             else 500 * dist.world_size, preprocess=pre, train=is_train, seed=cfg.seed,
-            pad=cfg.pad, flip=cfg.flip, alternate_flip=cfg.alternate_flip, rank=dist.rank, world_size=dist.world_size,
+            pad=cfg.pad, flip=cfg.flip, alternate_flip=cfg.alternate_flip, rank=dist.rank,
+            world_size=dist.world_size,
             channels_last=cfg.channels_last, dtype=dtype, lighting=lighting if is_train else None,
         )  # fmt: skip
 
