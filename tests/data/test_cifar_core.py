@@ -165,3 +165,35 @@ def test_alternate_flip_mirrors_each_image_every_other_epoch() -> None:
     coin = TensorLoader(images, labels, batch_size=16, preprocess=pre, train=True, seed=5, pad=0)
     both = mirrored(coin, 2)
     assert bool((both[0] == both[1]).any())
+
+
+def test_progressive_resize_shrinks_the_first_iterations_and_resumes_exactly() -> None:
+    """small_size: the first small_iters batches (counted across epochs) are the full-size
+    augmented batches downsampled; later ones are full size; a resumed loader agrees."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(64)
+
+    def make(**kw):
+        return TensorLoader(images, labels, batch_size=16, preprocess=Preprocess(), train=True,
+                            seed=3, pad=2, **kw)  # fmt: skip
+
+    full, small = make(), make(small_size=4, small_iters=6)  # 4 batches per epoch
+    got = [b for _ in range(2) for b in small]
+    ref = [b for _ in range(2) for b in full]
+    assert [tuple(x.shape[-2:]) for x, _ in got] == [(4, 4)] * 6 + [(8, 8)] * 2
+    for i, ((x, y), (xr, yr)) in enumerate(zip(got, ref, strict=True)):
+        assert torch.equal(y, yr)
+        want = xr if i >= 6 else F.interpolate(xr, size=(4, 4), mode="bilinear", antialias=True)
+        torch.testing.assert_close(x, want)
+    part = make(small_size=4, small_iters=6)
+    it = iter(part)
+    next(it)  # epoch 0, one batch handed out
+    resumed = make(small_size=4, small_iters=6)
+    resumed.load_state_dict(part.state_dict())
+    again = list(resumed) + list(resumed)
+    assert len(again) == 7
+    for (x, _), (xg, _) in zip(again, got[1:], strict=True):
+        assert torch.equal(x, xg)

@@ -41,6 +41,13 @@ def test_round_trip_and_overrides(tmp_path) -> None:
     with pytest.raises(ValueError, match="eval_views must be one of"):
         c.override(["eval_views=mirror"])
     assert c.override(["eval_views=flip", "alternate_flip=true"]).eval_views == "flip"
+    assert c.override(["small_size=24", "small_until=0.6"]).small_size == 24
+    for bad, msg in [("small_size=40", "small_size must be"), ("small_size=24.5", "small_size"),
+                     ("small_until=1.0", "small_until must be in")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            c.override([bad])
+    with pytest.raises(ValueError, match="CIFAR data sets only"):
+        c.override(["dataset=folder", "small_size=24"])
     with pytest.raises(FileNotFoundError, match="cifar10-paper"):
         load_recipe("nope")
     assert TrainConfig.from_dict(c.to_dict()) == c

@@ -134,6 +134,9 @@ class TensorLoader(ShardedOrder):
     alternate_flip: image i is mirrored in epoch e iff base[i] xor (e odd), base a fixed random
     half of the set drawn from the seed (TrainConfig.alternate_flip); a pure function of
     (seed, epoch, index) like every other draw, so resume and world size leave it unchanged.
+    small_size / small_iters: training batches of the first `small_iters` iterations (counted
+    as epoch * len(self) + step, so a pure function of the position too) are downsampled after
+    augmentation to small_size x small_size (progressive resizing, TrainConfig.small_size).
     lighting: AlexNet's PCA colour augmentation on training batches (None: off). It shifts each
     image's colour before the pad/crop, so padded pixels stay at the mean, and draws from its own
     (seed, epoch, step, rank) stream, so the crops and flips are the same with and without it.
@@ -156,6 +159,8 @@ class TensorLoader(ShardedOrder):
         channels_last: bool = True,
         dtype: torch.dtype = torch.float32,
         lighting: PCALighting | None = None,
+        small_size: int | None = None,
+        small_iters: int = 0,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
@@ -168,6 +173,7 @@ class TensorLoader(ShardedOrder):
         self.rank, self.world_size = rank, world_size
         self.channels_last, self.dtype = channels_last, dtype
         self.lighting = lighting
+        self.small_size, self.small_iters = small_size, small_iters
         self._flip_base: torch.Tensor | None = None
         if alternate_flip and flip and train:
             g = _generator(torch.device("cpu"), seed, 0xF11B)
@@ -198,6 +204,11 @@ class TensorLoader(ShardedOrder):
             x = pad_crop_flip(x, pad=self.pad, flip=self.flip, generator=g,
                               first=self.rank * share, total=self.batch_size,
                               mirror=mirror)  # fmt: skip
+            if self.small_size and self.epoch * len(self) + step < self.small_iters:
+                # [B, 3, 32, 32] -> [B, 3, s, s]; antialiased, so the small image is the whole
+                # crop seen at lower resolution rather than an aliased subsample of it.
+                x = F.interpolate(x, size=(self.small_size,) * 2, mode="bilinear",
+                                  antialias=True, align_corners=False)  # fmt: skip
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         else:

@@ -60,6 +60,12 @@ def build_cifar(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDa
         chunks = (train.images[i : i + 5000] for i in range(0, len(train.images), 5000))
         lighting = compute_stats(chunks, source=f"{cfg.dataset}:{train_split}").lighting()
 
+    # Progressive resizing (TrainConfig.small_size) switches at an iteration; the run's length
+    # in iterations is fixed here the way iters_from_epochs will fix it.
+    n_train = len(train.labels)
+    total = round(cfg.epochs * n_train / cfg.batch_size) if cfg.epochs else cfg.iters
+    small_iters = int(cfg.small_until * max(1, total)) if cfg.small_size else 0
+
     def loader(split: str, *, is_train: bool) -> TensorLoader:
         part = train if is_train else load_cifar(cfg.data, dataset=cfg.dataset, split=split)
         if not is_train and cfg.eval_subset:
@@ -71,6 +77,7 @@ def build_cifar(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDa
             pad=cfg.pad, flip=cfg.flip, alternate_flip=cfg.alternate_flip, rank=dist.rank,
             world_size=dist.world_size,
             channels_last=cfg.channels_last, dtype=dtype, lighting=lighting if is_train else None,
+            small_size=cfg.small_size if is_train else None, small_iters=small_iters,
         )  # fmt: skip
 
     evals: dict[str, Iterable] = {}

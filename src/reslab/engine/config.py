@@ -59,6 +59,12 @@ class TrainConfig:
     # fresh coin per epoch, so any two consecutive epochs show both orientations of every image
     # (K. Jordan, "94% on CIFAR-10 in 3.29 seconds", 2024). CIFAR tensor loader only.
     alternate_flip: bool = False
+    # NOTE(paper): not the paper's; progressive resizing (as in fast.ai's DAWNBench runs). The
+    # first `small_until` fraction of the iterations train on each augmented batch downsampled
+    # to small_size x small_size ([B, 3, 32, 32] -> [B, 3, 24, 24]: 0.56x the conv FLOPs), the
+    # rest at full size; the net is the same (global pooling). None: off. CIFAR loader only.
+    small_size: int | None = None
+    small_until: float = 0.5  # fraction of the iterations at small_size
     # --- optimisation ---
     batch_size: int = 128  # section 4.2: mini-batch 128 (global, over all devices)
     lr: float = 0.1  # section 4.2
@@ -146,7 +152,19 @@ class TrainConfig:
         for name in ("weight_decay", "head_lr_mult"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{source}: {name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("momentum", "label_smoothing", "val_fraction"):
+        if self.small_size is not None and not (
+            isinstance(self.small_size, int) and 8 <= self.small_size <= 32
+        ):
+            raise ConfigError(
+                f"{source}: small_size must be a whole number of pixels in 8..32 or null, "
+                f"got {self.small_size!r}"
+            )
+        if self.small_size is not None and self.dataset == "folder":
+            raise ConfigError(
+                f"{source}: small_size (progressive resizing) works with the CIFAR data sets "
+                f"only; for image folders set image_size instead"
+            )
+        for name in ("momentum", "label_smoothing", "val_fraction", "small_until"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be in [0, 1), got {getattr(self, name)}")
         n = self.num_classes
