@@ -70,3 +70,14 @@ def test_compile_flags_decide_over_the_recipe_and_the_banner_says_so() -> None:
                            device=torch.device("cpu"), precision="bf16", world_size=1,
                            notes=[])  # fmt: skip
     assert "torch.compile" in shown[True] and "torch.compile" not in shown[False]
+
+
+def test_banner_names_progressive_resizing_only_when_on() -> None:
+    def shown(cfg: TrainConfig) -> str:
+        return banner(cfg, recipe_note="r", train_size=50000, classes=10, evals={},
+                      device=torch.device("cpu"), precision="bf16", world_size=1,
+                      notes=[])  # fmt: skip
+
+    on = _cfg(["--recipe", "cifar10-progressive"])
+    assert "first 80% at 24x24 (small_size)" in shown(on)
+    assert "small_size" not in shown(_cfg(["--recipe", "cifar10-fast"]))

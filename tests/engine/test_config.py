@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 
-from reslab.engine.config import TrainConfig, list_recipes, load_recipe
+from reslab.engine.config import CONFIG_DIR, TrainConfig, list_recipes, load_recipe
 
 
 def test_recipes_ship_and_match_the_paper() -> None:
@@ -21,6 +23,17 @@ def test_recipes_ship_and_match_the_paper() -> None:
     assert (r110.warmup_lr, r110.warmup_until_error, r110.model) == (0.01, 80.0, "resnet110")
     i = load_recipe("imagenet-paper")
     assert (i.batch_size, i.iters, i.lr) == (256, 600000, 0.1)
+
+
+def test_progressive_recipe_is_cifar10_fast_plus_the_measured_resizing() -> None:
+    # The README's time-to-accuracy rows ran `--recipe cifar10-fast --epochs 31 --set
+    # small_size=24 --set small_until=0.8 --eval-every 100000`; this recipe must stay that run.
+    fast, prog = load_recipe("cifar10-fast"), load_recipe("cifar10-progressive")
+    measured = fast.override(["epochs=31", "small_size=24", "small_until=0.8",
+                              "eval_every=100000"])  # fmt: skip
+    assert replace(prog, iters=fast.iters) == measured  # `epochs` sets the iterations
+    text = yaml.safe_load((CONFIG_DIR / "cifar10-progressive.yaml").read_text())["description"]
+    assert text.startswith("NOT the paper's")
 
 
 def test_round_trip_and_overrides(tmp_path) -> None:

@@ -17,6 +17,8 @@ def banner(
     """A few lines that say what is about to run, before the first (slow) iteration."""
     epochs = cfg.iters * cfg.batch_size / max(train_size, 1)
     val = ", ".join(f"{k} {n:,}" for k, n in evals.items()) or "none"
+    size = getattr(cfg, "small_size", None)  # progressive resizing (TrainConfig.small_size)
+    small = f"; first {cfg.small_until:.0%} at {size}x{size} (small_size)" if size else ""
     lines = [
         f"reslab train: {cfg.model} on {cfg.dataset} ({cfg.data}), {recipe_note}",
         f"  data       {train_size:,} training images, {classes} classes; evaluated: {val}",
@@ -24,7 +26,8 @@ def banner(
         f"lr {cfg.lr:g} ({cfg.schedule}"
         + (f", /10 at {cfg.milestones}" if cfg.schedule == "step" else "")
         + (f", head x{cfg.head_lr_mult:g}" if cfg.head_lr_mult != 1 else "")
-        + ")",
+        + ")"
+        + small,
         f"  device     {device}, {precision}, {torch.get_num_threads()} CPU threads"
         + (f", {world_size} processes" if world_size > 1 else "")
         + (", torch.compile" if cfg.compile else ""),
