@@ -200,9 +200,9 @@ def synthetic(out_root: Path, *, per_batch: int = 10000, seed: int = 0) -> Path:
             "filenames": [f"{i}.png" for i in range(per_batch)],
         }
         with open(dest / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
+            pickle.dump(batch, f, protocol=4)  # 3+: bytes stay bytes (2 needs _codecs, refused)
     with open(dest / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f, protocol=2)
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f, protocol=4)
     return dest
 
 

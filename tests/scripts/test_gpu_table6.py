@@ -90,3 +90,15 @@ def test_pack_stage_then_table6_on_cpu(cifar_root: Path, tmp_path: Path) -> None
     assert sum(n.endswith("/metrics.jsonl") and "/records/" not in n for n in names) == 2
     assert sum(n.endswith("/metrics.jsonl") and "/records/" in n for n in names) == 2
     assert not any(n.endswith(".pt") for n in names)  # checkpoints stay on the machine
+
+
+def test_synthetic_cifar_passes_the_safe_loader(tmp_path: Path) -> None:
+    # Session 9 on an H200: the synthetic set was pickled with protocol 2, whose bytes need
+    # _codecs.encode, so reslab refused it and 7 of the 11 CUDA tests failed on the card.
+    from reslab.data.cifar import load_cifar
+
+    root = tmp_path / "syn"
+    subprocess.run([sys.executable, str(SCRIPTS / "cifar_parts.py"), "synthetic",
+                    str(root), "--per-batch", "20"], check=True, capture_output=True)  # fmt: skip
+    assert load_cifar(root, split="train").images.shape == (100, 3, 32, 32)
+    assert load_cifar(root, split="test").labels.shape == (20,)
