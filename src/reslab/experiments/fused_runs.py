@@ -37,9 +37,13 @@ FUSED_MAX_K: dict[str, tuple[int, str]] = {
         "slower on the CPU measured: x0.71-0.93 for ResNet-20/56 at K=2 and 5, 1 thread "
         "(results/benchmarks/bench_fused_cpu.txt)",
     ),
-    # Not measured yet: no GPU in the sessions so far. `--fused on` forces it;
-    # `python benchmarks/bench_fused.py --device cuda` measures it.
-    "cuda": (0, "not measured on a GPU yet"),
+    # NVIDIA H200, bf16, torch 2.11 (session 9, `scripts/gpu_table6.sh fused`): faster at both
+    # K measured; larger K stays one after another until measured.
+    "cuda": (
+        5,
+        "faster on an NVIDIA H200: x1.20-1.36 per member at K=2, x2.74-3.22 at K=5 for "
+        "ResNet-20/56/110; 5 seeds take 1.55-1.82x one seed's time (results/gpu/session9/fused.txt)",
+    ),
 }
 
 
