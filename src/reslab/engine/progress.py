@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from reslab.engine.config import TrainConfig
+
 
 def banner(
-    cfg: Any, *, recipe_note: str, train_size: int, classes: int, evals: dict[str, int],
+    cfg: TrainConfig, *, recipe_note: str, train_size: int, classes: int, evals: dict[str, int],
     device: torch.device, precision: str, world_size: int, notes: list[str],
 ) -> str:  # fmt: skip
     """A few lines that say what is about to run, before the first (slow) iteration."""
     epochs = cfg.iters * cfg.batch_size / max(train_size, 1)
     val = ", ".join(f"{k} {n:,}" for k, n in evals.items()) or "none"
-    size = getattr(cfg, "small_size", None)  # progressive resizing (TrainConfig.small_size)
+    size = cfg.small_size  # progressive resizing, None when off
     small = f"; first {cfg.small_until:.0%} at {size}x{size} (small_size)" if size else ""
     lines = [
         f"reslab train: {cfg.model} on {cfg.dataset} ({cfg.data}), {recipe_note}",
