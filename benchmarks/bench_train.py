@@ -144,6 +144,14 @@ def main() -> None:
               f"{100 * tf_s / peak_bf16:>13.1f}%")  # fmt: skip
     print(f"measured matmul peak: bf16 {peak_bf16 / 1e12:.3f} TFLOP/s, "
           f"fp32 {peak_fp32 / 1e12:.3f} TFLOP/s (2048^2, all threads)")  # fmt: skip
+    # Issue 17's two targets in one unit: 4x the reference is only reachable where it asks for
+    # less than the whole measured bf16 peak (on a CPU whose fp32 path is already efficient it
+    # cannot be), and 30% of the peak expressed as a multiple of the reference.
+    need = 4 * ref * flops_per_img / peak_bf16
+    at30 = 0.3 * peak_bf16 / flops_per_img
+    print(f"4x the reference = {4 * ref:.0f} img/s = {need:.0%} of the measured bf16 peak"
+          f"{' (beyond this CPU)' if need > 1 else ''}; 30% of the peak = {at30:.0f} img/s = "
+          f"{at30 / ref:.2f}x the reference")  # fmt: skip
     gain = compiled / ours - 1
     if gain > 0:
         repaid = compile_s * compiled / gain  # images whose saved time adds up to compile_s

@@ -14,7 +14,8 @@ def hardware() -> str:
     i = run_info()
     gpu = f", GPU {i['gpu']}" if "gpu" in i else ""
     return (
-        f"CPU {i['cpu']} ({i['cpu_count']} cores, torch threads {i['threads']}){gpu}; "
+        f"CPU {i['cpu']}, {i['cpu_isa']} ({i['cpu_count']} cores, torch threads {i['threads']})"
+        f"{gpu}; "
         f"torch {i['torch']}, torchvision {i.get('torchvision', '?')}, python {i['python']}"
     )
 

@@ -84,3 +84,15 @@ def test_epochs_become_the_same_iterations_fused_and_alone(cifar_root, tmp_path)
     for out in ("f0", "f1", "alone"):
         ckpt = load_checkpoint(tmp_path / out / "last.pt")
         assert (ckpt["step"], ckpt["config"]["iters"], ckpt["config"]["milestones"]) == (4, 4, [3])
+
+
+def test_run_info_names_the_cpu_kind() -> None:
+    """Every record says which bf16 path the CPU has: Intel AMX, AVX-512 bf16 (AMD Zen 4) or none."""
+    import re
+
+    from reslab.engine.trainer import run_info
+
+    isa = run_info()["cpu_isa"]
+    assert re.fullmatch(
+        r"[A-Z0-9_]+ \((amx_bf16, avx512_bf16|amx_bf16|avx512_bf16|no native bf16)\)", isa
+    ), isa

@@ -75,16 +75,26 @@ def run_info() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         rev = ""
     cpu = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
+            for ln in f:  # the first processor's fields are enough: all cores are alike here
+                key, _, value = ln.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
+    cpu = fields.get("model name", cpu)
+    flags = set(fields.get("flags", "").split())
+    # The CPU kind decides the bf16 path (Intel AMX tiles or AVX-512 bf16 dot products, e.g. on
+    # AMD Zen 4), so every record names it: "AVX512 (amx_bf16, avx512_bf16)".
+    bf16 = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    isa = str(torch.backends.cpu.get_cpu_capability())
     info = {
         "git": rev or "unknown",
         "torch": str(torch.__version__),
         "python": platform.python_version(),
         "cpu": cpu,
+        "cpu_isa": f"{isa} ({', '.join(bf16)})" if bf16 else f"{isa} (no native bf16)",
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
     }
