@@ -72,7 +72,7 @@ def test_compile_flags_decide_over_the_recipe_and_the_banner_says_so() -> None:
     assert "torch.compile" in shown[True] and "torch.compile" not in shown[False]
 
 
-def test_banner_names_progressive_resizing_only_when_on() -> None:
+def test_banner_names_progressive_resizing_and_warmups_only_when_on() -> None:
     def shown(cfg: TrainConfig) -> str:
         return banner(cfg, recipe_note="r", train_size=50000, classes=10, evals={},
                       device=torch.device("cpu"), precision="bf16", world_size=1,
@@ -81,3 +81,21 @@ def test_banner_names_progressive_resizing_only_when_on() -> None:
     on = _cfg(["--recipe", "cifar10-progressive"])
     assert "first 80% at 24x24 (small_size)" in shown(on)
     assert "small_size" not in shown(_cfg(["--recipe", "cifar10-fast"]))
+    # ... and the warm-ups: ResNet-110's lr 0.01 phase (section 4.2), cifar10-fast's linear ramp
+    assert "lr 0.01 until training error < 80%" in shown(_cfg(["--recipe", "cifar10-paper-110"]))
+    fast = _cfg(["--recipe", "cifar10-fast"])
+    assert f"linear warm-up {fast.warmup_iters:,} iterations" in shown(fast)
+    assert "warm-up" not in shown(_cfg(["--recipe", "cifar10-paper"]))
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    """`reslab models | head -1`: no BrokenPipeError traceback, the exit status of SIGPIPE."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "reslab", "models"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, bufsize=0)  # fmt: skip
+    assert p.stdout is not None
+    p.stdout.close()  # the reader is gone before the table is printed
+    err = p.stderr.read().decode() if p.stderr else ""
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err

@@ -57,6 +57,10 @@ def test_finetune_folder_from_torchvision_weights_then_predict(
     assert sd["fc.weight"].shape == (2, 512)  # a new head for the folder's classes
     # Frozen backbone: the convolutions are exactly the file's.
     torch.testing.assert_close(sd["layer3.1.conv2.weight"], src.layer3[1].conv2.weight)
+    # ... and so are its BatchNorm statistics: frozen layers normalise with the file's.
+    for name in ("bn1", "layer1.0.bn1", "layer4.1.bn2"):
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(sd[f"{name}.{buf}"], src.state_dict()[f"{name}.{buf}"])
     capsys.readouterr()
     val = tmp_path / "data" / "val"
     assert main(["predict", str(val), "--checkpoint", str(out / "last.pt"), "--json"]) == 0

@@ -146,3 +146,16 @@ def test_predict_csv_rows_match_json_and_rate_is_reported(
             assert float(r["prob_1"]) == pytest.approx(p["top"][0]["prob"], abs=1e-6)
     assert main([*argv[:-1], str(tmp_path / "no" / "dir.csv")]) == 2
     assert "--csv" in capsys.readouterr().err
+
+
+def test_csv_has_no_columns_beyond_the_model_classes(tmp_path: Path) -> None:
+    import csv
+
+    from reslab.predict import Prediction, write_csv
+
+    preds = [Prediction("a.png", [("cat", 0.7), ("dog", 0.2), ("bird", 0.1)]),
+             Prediction("b.png", [], error="cannot decode")]  # fmt: skip
+    out = write_csv(preds, tmp_path / "p.csv", topk=5)  # 5 asked, the model knows 3
+    with out.open() as f:
+        head = next(csv.reader(f))
+    assert head == ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3", "error"]

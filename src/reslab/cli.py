@@ -220,8 +220,14 @@ def _train_config(args: argparse.Namespace):
     }  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     own_milestones = any(a.split("=", 1)[0].strip() == "milestones" for a in args.set or [])
-    if args.iters is not None and (stored is not None or own_milestones):
-        # A resumed run keeps its own milestones, and so do milestones given with --set.
+    before = stored
+    if args.resume and stored is None and args.recipe is not None and not own_milestones:
+        before = _stored_config(args)  # --resume --recipe NAME: the run's own schedule
+        if before is not None:
+            cfg.milestones = list(before.milestones)
+    if args.iters is not None and (before is not None or own_milestones):
+        # A resumed run keeps its own milestones (a longer run only moves where it stops), and
+        # so do milestones given with --set.
         cfg.epochs, cfg.iters = None, args.iters
     elif args.iters is not None:
         from reslab.engine.run_length import scale_milestones
@@ -709,7 +715,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="training curves (Figure 6 style) of RUN_DIRs to a PNG")
     p.add_argument("run_dir", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", default="curves.png", metavar="PNG")
+    p.add_argument("--out", default="curves.png", metavar="PNG",
+                   help="the PNG to write (default: ./curves.png)")  # fmt: skip
     p.add_argument("--title", default=None)
     p.add_argument(
         "--test-key",
@@ -776,7 +783,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return args.func(args)
+    try:
+        rc = args.func(args)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at exit
+        return rc
+    except BrokenPipeError:
+        # `reslab models | head`: the reader has gone. Nothing more can be printed; send the
+        # rest of stdout (Python flushes it at exit) nowhere, and exit as a SIGPIPE'd tool does.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def run_demo(*, data: str | None, out: str, minutes: float, download: bool = Fal
     from reslab.engine.trainer import train
 
     resume = (Path(out) / "last.pt").exists()
-    final = train(cfg, resume=resume)
+    final = train(cfg, resume=resume, recipe=f"cifar10-fast planned for {minutes:g} min (demo)")
     from reslab.analysis.plots import load_runs, plot_curves
 
     png = plot_curves(load_runs([out]), out=Path(out) / "curves.png", title="reslab demo")

@@ -137,6 +137,8 @@ def write_csv(preds: Sequence[Prediction], path: str | os.PathLike, *, topk: int
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # A model with fewer classes than --topk ranks only those: no columns that are always empty.
+    topk = min(topk, max((len(p.top) for p in preds), default=0) or topk)
     head = ["path"] + [f"{c}_{i}" for i in range(1, topk + 1) for c in ("class", "prob")]
     try:
         with tmp.open("w", newline="") as f:

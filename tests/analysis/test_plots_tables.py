@@ -62,6 +62,12 @@ def test_plot_cli_and_bad_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture)
     _check_png(out)
     assert main(["plot", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    before = out.read_bytes()
+    assert main(["plot", str(a), "--test-key", "test_eror", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no run's metrics.jsonl has 'test_eror'" in err and "'test_error'" in err
+    assert out.read_bytes() == before  # nothing drawn, nothing overwritten
+    assert main(["plot", str(a), "--test-key", "test_top5", "--out", str(out)]) == 0
     (a / "metrics.jsonl").write_text('{"iter": 1}\nnot json\n{"iter": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON object"):
         load_run(a)

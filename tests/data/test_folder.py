@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from reslab.cli import main
 from reslab.data.cifar import DataError
-from reslab.data.folder import ImageFolder, read_label_file, scan_folder
+from reslab.data.folder import ImageFolder, ScanReport, read_label_file, scan_folder
 from reslab.data.images import BadImageError, load_image, read_header
 from reslab.data.transforms import center_crop_transform
 
@@ -141,6 +141,12 @@ def test_scan_reports_every_case(bad_folder: Path, caplog: pytest.LogCaptureFixt
         and "EMPTY" in text
         and "12 usable images in 4 classes" in text
     )
+    short = full.format(max_list=1)  # each long list says how much it left out
+    assert "unusable files (4):" in short and "  ... and 3 more" in short
+    many_small = ScanReport(root="r", classes=["a"], small=[f"s{i}.png" for i in range(60)],
+                            min_size=224)  # fmt: skip
+    tail = many_small.format().split("smaller than 224px")[1]
+    assert tail.count(".png") == 50 and "  ... and 10 more" in tail
 
 
 def test_late_failure_is_replaced_and_counted(bad_folder: Path) -> None:

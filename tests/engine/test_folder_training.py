@@ -54,3 +54,21 @@ def test_train_on_image_folder(tmp_path: Path, augment: str) -> None:
     assert ckpt["preprocess"]["kind"] == "imagenet" and ckpt["preprocess"]["input_size"] == 32
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["iter"] == 10 and row["val_error"] == 0.0
+
+
+def test_classes_beside_val_the_readme_layout(tmp_path: Path) -> None:
+    """DIR/CLASS/* with DIR/val/CLASS/* (no DIR/train): val/ is the validation set, not a class
+    whose images would be trained on."""
+    data = make_folder(tmp_path / "imgs")
+    for d in (data / "train").iterdir():
+        d.rename(data / d.name)
+    (data / "train").rmdir()
+    cfg = TrainConfig(
+        model="resnet20", dataset="folder", data=str(data), out=str(tmp_path / "run"),
+        image_size=32, resize=36, batch_size=6, iters=2, eval_every=2, save_every=2, log_every=1,
+        workers=0, device="cpu", eval_splits=["val"], val_split=False, milestones=[],
+    )  # fmt: skip
+    train(cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["classes"] == ["class_0", "class_1", "class_2"]  # no "val" class
+    assert ckpt["model_options"]["num_classes"] == 3

@@ -133,6 +133,10 @@ def test_training_set_smaller_than_a_batch_is_refused(
     argv = train_args(cifar_root, tmp_path / "run", "--set", "train_subset=6", "--set",
                       "batch_size=8")  # fmt: skip
     fails_cleanly(argv, capsys, "has 6 images but one batch needs 8")
+    assert not (tmp_path / "run").exists()  # the refused run leaves no directory it made
+    (tmp_path / "mine").mkdir()  # ... and a directory the user made stays, with its lock file
+    fails_cleanly([*argv[:6], str(tmp_path / "mine"), *argv[7:]], capsys, "one batch needs 8")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [".reslab.lock"]
 
 
 def test_nan_before_any_checkpoint_is_worded_truthfully(
@@ -377,3 +381,18 @@ def test_resume_config_compares_only_fields_both_know() -> None:
     assert config_differences({"model": "a", "lr": 0.1}, {"model": "b", "lr": 0.1}) == [
         "model: 'a' -> 'b'"
     ]
+
+
+def test_resume_with_the_recipe_named_may_extend_iters(cifar_root: Path, tmp_path: Path) -> None:
+    """`--recipe cifar10-paper --iters 6 --resume` on a run made with `--iters 4`: the run keeps
+    its own milestones (scaled from 32k/48k of 64k when it began), so only its length changes."""
+    out = tmp_path / "run"
+    first = train_args(cifar_root, out, "--recipe", "cifar10-paper")
+    first[first.index("--iters") + 1] = "4"
+    assert main(first) == 0
+    assert load_checkpoint(out / "last.pt")["config"]["milestones"] == [2, 3]
+    longer = train_args(cifar_root, out, "--recipe", "cifar10-paper", "--resume")
+    longer[longer.index("--iters") + 1] = "6"
+    assert main(longer) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["step"], ckpt["config"]["iters"], ckpt["config"]["milestones"]) == (6, 6, [2, 3])

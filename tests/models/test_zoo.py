@@ -102,6 +102,20 @@ def test_plain_nets_have_no_shortcut(name: str) -> None:
     assert blocks and all(not b.residual and b.downsample is None for b in blocks)
 
 
+def test_a_shortcut_option_on_a_plain_net_is_said_to_change_nothing(caplog) -> None:
+    with caplog.at_level("WARNING", logger="reslab.models"):
+        plain = reslab.create_model("plain20", shortcut="B")
+        reslab.create_model("resnet34", shortcut="A", residual=False)
+    assert [r.getMessage().split(" with ")[0] for r in caplog.records] == ["plain20", "resnet34"]
+    assert "changes nothing" in caplog.records[0].getMessage()
+    same = reslab.create_model("plain20")
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in same.parameters())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reslab.models"):
+        reslab.create_model("resnet20", shortcut="B")  # a ResNet: the option is real, no word
+    assert not caplog.records
+
+
 def test_plain_block_output_differs_from_residual_with_same_weights() -> None:
     torch.manual_seed(0)
     res = reslab.create_model("resnet20").eval()

@@ -82,6 +82,11 @@ def draw_curves(
         # Runs without a test set (fine-tuning on a folder) are drawn against validation.
         has_test = any(r.get("test_error") is not None for run in runs for r in run.rows)
         test_key = "test_error" if has_test else "val_error"
+    elif not any(r.get(test_key) is not None for run in runs for r in run.rows):
+        # A misspelt field would draw no bold line under a legend that promises one.
+        known = sorted({k for run in runs for r in run.rows for k in r
+                        if k.endswith(("_error", "_top5", "_loss"))})  # fmt: skip
+        raise ValueError(f"no run's metrics.jsonl has {test_key!r}; fields to draw: {known}")
     colors = [f"C{i % 10}" for i in range(len(runs))]
     last_iter = max((r.get("iter", 0) for run in runs for r in run.rows), default=0)
     scale, xlabel = x_unit(last_iter)

@@ -85,8 +85,15 @@ def _missing_message(root: Path, dataset: str) -> str:
     return (
         f"{dataset} not found: expected the directory {cifar_dir(root, dataset)} holding "
         f"{', '.join([*train, *test, meta])} (the python version from "
-        "https://www.cs.toronto.edu/~kriz/cifar.html, extracted). Put them there, or pass "
-        "--download to fetch them."
+        "https://www.cs.toronto.edu/~kriz/cifar.html, extracted). Put them there, or fetch "
+        f"them with `{_fetch_command(root, dataset)}` (train and demo also take --download)."
+    )
+
+
+def _fetch_command(root: Path, dataset: str) -> str:
+    # A command every subcommand's user can run: eval and reproduce have no --download flag.
+    return f"reslab data download {root}" + (
+        "" if dataset == "cifar10" else f" --dataset {dataset}"
     )
 
 
@@ -158,7 +165,8 @@ def _load_cached(root: str, dataset: str, part: str) -> CifarSplit:
         if base.is_dir():  # the directory is there but one file is not: name it
             raise DataError(
                 f"{e.filename} is missing ({dataset} needs {', '.join([*train, *test, meta_name])}"
-                f" in {base}); re-extract the archive there, or pass --download"
+                f" in {base}); re-extract the archive there, or fetch it again with "
+                f"`{_fetch_command(Path(root), dataset)}`"
             ) from None
         raise DataError(_missing_message(Path(root), dataset)) from None
     data = np.concatenate([b[0] for b in batches])

@@ -113,6 +113,8 @@ class ScanReport:
                 f"smaller than {self.min_size}px on the shorter side (upscaled): {len(self.small)}"
             )
             lines += [f"  {p}" for p in self.small[:max_list]]
+            if len(self.small) > max_list:
+                lines.append(f"  ... and {len(self.small) - max_list} more")
         lines.append("summary: " + self.summary())
         return "\n".join(lines)
 

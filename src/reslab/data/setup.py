@@ -152,8 +152,15 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
     else:
         raise ValueError(f"folder_augment must be imagenet or alexnet, got {cfg.folder_augment!r}")
     cores = os.cpu_count() or 1
+    train_classes = None
+    if train_dir == root and val_dir is not None:
+        # DIR/CLASS/* beside DIR/val/CLASS/*: val/ is the validation set, never a class of its
+        # own (its images would be trained on, and the model would get an extra output).
+        train_classes = sorted(e.name for e in os.scandir(root)
+                               if e.is_dir() and not e.name.startswith(".") and e.name != "val")  # fmt: skip
+        notes.append(f"validation: {val_dir} (not a class: its class folders are the val set)")
     train_ds = ImageFolder(train_dir, transform=train_tf, min_size=cfg.image_size,
-                           num_workers=min(cfg.workers or cores, cores))  # fmt: skip
+                           classes=train_classes, num_workers=min(cfg.workers or cores, cores))  # fmt: skip
     classes = list(train_ds.classes)
     with_images = [c for c, n in zip(classes, train_ds.report.per_class(), strict=True) if n]
     if len(with_images) < 2:

@@ -29,6 +29,12 @@ def banner(
         f"lr {cfg.lr:g} ({cfg.schedule}"
         + (f", /10 at {cfg.milestones}" if cfg.schedule == "step" else "")
         + (f", head x{cfg.head_lr_mult:g}" if cfg.head_lr_mult != 1 else "")
+        + (f", linear warm-up {cfg.warmup_iters:,} iterations" if cfg.warmup_iters else "")
+        + (
+            f", lr {cfg.warmup_lr:g} until training error < {cfg.warmup_until_error:g}%"
+            if cfg.warmup_lr is not None
+            else ""
+        )
         + ")"
         + small,
         f"  device     {device}, {precision}, {torch.get_num_threads()} CPU threads"

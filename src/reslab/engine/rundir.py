@@ -30,6 +30,7 @@ RESUME_MAY_CHANGE = frozenset({
 RUN_FILES = ("last.pt", "best.pt", "final.json", "metrics.jsonl")
 
 _held: dict[str, int] = {}  # resolved run dir -> lock file descriptor held by this process
+_created: set[str] = set()  # run dirs that acquire_lock made (removed again if left empty)
 
 
 class RunDirError(UserError):
@@ -53,10 +54,13 @@ def acquire_lock(out: Path) -> None:
     flock locks belong to the open file: the kernel releases them when the process exits or is
     killed, so a crashed run never leaves the directory locked.
     """
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     key = str(out.resolve())
     if key in _held:  # this process already owns it (a library user retrying after an error)
         return
+    if created:
+        _created.add(key)
     fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,9 +77,22 @@ def acquire_lock(out: Path) -> None:
 
 
 def release_lock(out: Path) -> None:
-    fd = _held.pop(str(out.resolve()), None)
-    if fd is not None:
-        os.close(fd)  # closing the last descriptor of the open file drops the flock
+    key = str(out.resolve())
+    fd = _held.pop(key, None)
+    if fd is None:
+        return
+    if key in _created:
+        _created.discard(key)
+        # A run refused before it wrote anything (bad data, a batch larger than the data set)
+        # leaves no directory behind that it made itself: only its lock file would be in it.
+        # Removed while the lock is still held, so no other run can be using it.
+        try:
+            if [e.name for e in os.scandir(out)] == [LOCK_NAME]:
+                (out / LOCK_NAME).unlink()
+                out.rmdir()
+        except OSError:
+            pass  # something appeared meanwhile: leave the directory as it is
+    os.close(fd)  # closing the last descriptor of the open file drops the flock
 
 
 def clean_stale_temps(out: Path) -> list[Path]:

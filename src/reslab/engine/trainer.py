@@ -349,12 +349,23 @@ class Trainer:
                 self._log.evaluation(row)
         return row
 
+    def _train_mode(self) -> None:
+        """Training mode, except BatchNorm layers whose parameters are frozen (freeze_backbone):
+        they keep the loaded running statistics and normalise with them, so a frozen backbone
+        computes exactly the features of the file it came from."""
+        self.net.train()
+        for m in self.model.modules():
+            params = list(m.parameters(recurse=False))
+            bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+            if bn and params and not any(p.requires_grad for p in params):
+                m.eval()
+
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, s, dev = self.cfg, self.state, self.device
         if self.dist.is_main:
             self._open_run_dir()
-        self.net.train()
+        self._train_mode()
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         iv = _Interval(torch.zeros((), device=dev, dtype=torch.float64),
                        torch.zeros((), device=dev, dtype=torch.int64))  # fmt: skip
@@ -479,7 +490,7 @@ class Trainer:
         """Evaluate, then last.pt (and best.pt for a new best validation error)."""
         s = self.state
         row = self._evaluate_all(lr, ips)
-        self.net.train()
+        self._train_mode()
         iv.images, iv.since = 0, time.perf_counter()
         val = row.get("val_error")
         new_best = val is not None and val < s.best_val_error

@@ -104,6 +104,18 @@ def check_options(info: ModelInfo, options: dict[str, Any]) -> None:
             raise ModelOptionError(
                 f"unknown option(s) {unknown} for model {info.name!r}; it takes {known}"
             )
+    if "shortcut" in options and {**info.defaults, **options}.get("residual") is False:
+        # Section 4.1's plain baselines have no shortcut connections at all: option A/B/C
+        # changes nothing in them. Said once, not refused: create_model("resnet34",
+        # shortcut="A", residual=False) names a variant the way the paper's text does.
+        import logging
+
+        logging.getLogger("reslab.models").warning(
+            "%s with residual=False is a plain net without shortcuts: shortcut=%r changes "
+            "nothing (a resnet compares options A/B/C)",
+            info.name,
+            options["shortcut"],
+        )
     n = options.get("num_classes")
     if n is not None and (
         not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CLASSES
