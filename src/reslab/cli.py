@@ -86,9 +86,11 @@ def _fail(cmd: str, err: BaseException | str) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the model as ONNX or TorchScript with its preprocessing and classes inside."""
+    from reslab.errors import check_output_file
     from reslab.export import export_weights
 
     try:
+        check_output_file(args.out, "--out", [args.checkpoint, args.weights])
         model, info = _load_model_source(args)
         out, size = export_weights(model, info, args.out, format=args.format)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -116,6 +118,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
             raise PredictError(f"--csv {args.csv}: its folder does not exist; create it first")
         paths = collect_images(args.inputs)
+        from reslab.errors import check_output_file
+
+        check_output_file(args.csv, "--csv", [*paths, args.checkpoint, args.weights])
         model, info = _load_model_source(args)
         preds, seconds = predict_with(
             model, info, paths, normalize=args.normalize, device=args.device,
@@ -247,19 +252,20 @@ def _stored_config(args: argparse.Namespace):
     refuses any change other than the run's length and where it runs."""
     from pathlib import Path
 
-    import yaml
-
     from reslab.engine.config import TrainConfig
 
     path = Path(args.out or "runs/run") / "config.yaml"
     if not path.is_file():
         return None
+    from reslab.runtime.yaml_file import YamlFileError, read_yaml
+
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        doc = read_yaml(path)
+    except (OSError, YamlFileError) as e:
         from reslab.engine.config import ConfigError
 
-        raise ConfigError(f"{path}: cannot be read ({e}); resume with --recipe NAME") from None
+        reason = e if isinstance(e, YamlFileError) else e.strerror
+        raise ConfigError(f"{path}: cannot be read ({reason}); resume with --recipe NAME") from None
     if not isinstance(doc, dict):
         return None
     return TrainConfig.from_dict(
@@ -585,12 +591,18 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate one checkpoint, or several as an ensemble (softmax scores averaged)."""
+    import os
     from pathlib import Path
 
     from reslab.data.cifar import DataError
     from reslab.engine.eval_run import format_report, run_eval, write_outputs
+    from reslab.errors import check_output_file
 
     try:
+        # Before the (long) evaluation: its results must have somewhere to go.
+        check_output_file(args.json, "--json", [*(args.checkpoint or ()), args.weights])
+        if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a file; give a folder for the confusion PNGs")
         result, members, classes = run_eval(
             checkpoints=args.checkpoint or (),
             weights=args.weights,
@@ -701,9 +713,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Figure-6-style training curves of one or more RUN_DIRs on one PNG."""
+    from pathlib import Path
+
     from reslab.analysis.plots import load_runs, plot_curves
+    from reslab.errors import check_output_file
 
     try:
+        run_files = [Path(d) / n for d in args.run_dir for n in
+                     ("metrics.jsonl", "config.yaml", "steps.jsonl", "final.json", "last.pt",
+                      "best.pt")]  # fmt: skip
+        check_output_file(args.out, "--out", run_files, create_parent=True)
         runs = load_runs(args.run_dir)
         out = plot_curves(runs, out=args.out, title=args.title, test_key=args.test_key)
     except (FileNotFoundError, ValueError) as e:

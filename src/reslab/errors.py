@@ -57,3 +57,41 @@ def torch_load_failure(e: BaseException) -> str:
     if "weights_only" in line:
         line = ""
     return type(e).__name__ + (f": {line}" if line else "")
+
+
+def check_output_file(
+    out: object,
+    flag: str,
+    inputs: list[object] | tuple[object, ...] = (),
+    *,
+    create_parent: bool = False,
+) -> None:
+    """Refuse, before any work, an output FILE path that cannot be written or that is one of the
+    command's own inputs (`eval --json CKPT`, `export --out WEIGHTS`): writing it would destroy
+    what the command reads."""
+    import os
+
+    if out is None:
+        return
+    path = os.fspath(out)  # type: ignore[arg-type]
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; give a file name (e.g. {path}/out)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if create_parent:  # the command makes missing folders: only a file in the way is fatal
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        what = "is a file" if os.path.exists(parent) else "does not exist"
+        raise UserError(f"{flag} {path}: its folder {parent} {what}; choose another {flag}")
+    if not os.path.exists(path):
+        return
+    for src in inputs:
+        try:
+            same = src is not None and os.path.samefile(path, os.fspath(src))  # type: ignore[arg-type]
+        except OSError:
+            same = False
+        if same:
+            raise UserError(
+                f"{flag} {path} is one of this command's inputs ({src}); writing it would destroy "
+                f"it: choose another {flag}"
+            )

@@ -58,3 +58,33 @@ def test_fewer_than_two_classes_refused(tmp_path: Path, capsys, layout: str) -> 
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "images in 1 class folder(s) (only); a classifier needs at least two" in err
+
+
+def test_an_animation_decodes_one_frame_and_a_huge_file_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from reslab.data import images
+    from reslab.data.images import BadImageError, load_image
+
+    # 40 frames of 2000x2000: 160 Mpixels (480 MB as RGB) if every frame were decoded, which
+    # torchvision's decoder does; the header check only sees one frame's 4 Mpixels.
+    frames = [Image.new("P", (2000, 2000), i % 2) for i in range(40)]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    del frames
+    decoded = []
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    img = load_image(gif)
+    assert img.shape == (3, 2000, 2000) and not decoded  # PIL read the first frame alone
+    still = tmp_path / "still.png"
+    Image.new("RGB", (8, 8)).save(still)
+    assert load_image(still).shape == (3, 8, 8) and decoded == [1]  # the fast path otherwise
+    # A file bigger than any image under the pixel limit: refused from its size, never read.
+    big = tmp_path / "big.png"
+    big.write_bytes(gif.read_bytes()[:64])
+    os.truncate(big, 8 * 1000 * 1000 + (16 << 20) + 1)  # sparse: no disk used
+    with pytest.raises(BadImageError, match="more than any image of at most 1,000,000 pixels"):
+        load_image(big, max_pixels=1_000_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
 from pathlib import Path
 
@@ -104,3 +105,28 @@ def test_download_failure_says_where_to_put_files(
     msg = str(e.value)
     assert f"{tmp_path / 'cifar-100-python'}/" in msg and "train, test, meta" in msg
     assert isinstance(e.value.__context__, (urllib.error.URLError, OSError, RuntimeError))
+
+
+class _Marker:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch stats-code-ran",))
+
+
+def test_a_bad_stats_file_is_one_clear_error_and_never_runs_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reslab.data.stats import load_stats
+
+    monkeypatch.chdir(tmp_path)
+    evil, noise, partial = tmp_path / "evil.pt", tmp_path / "noise.pt", tmp_path / "partial.pt"
+    torch.save({"format": "reslab-stats", "mean_image": _Marker()}, evil)
+    noise.write_bytes(bytes(range(256)) * 8)
+    torch.save({"format": "reslab-stats", "mean_image": torch.zeros(3, 4, 4)}, partial)
+    for path, needle in ((evil, "cannot be loaded safely"), (noise, "cannot be loaded safely"),
+                         (partial, "is damaged (KeyError")):  # fmt: skip
+        with pytest.raises(DataError, match=r"stats file .*" + re.escape(needle)) as e:
+            load_stats(path)
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "stats-code-ran").exists()

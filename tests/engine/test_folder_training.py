@@ -72,3 +72,17 @@ def test_classes_beside_val_the_readme_layout(tmp_path: Path) -> None:
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["classes"] == ["class_0", "class_1", "class_2"]  # no "val" class
     assert ckpt["model_options"]["num_classes"] == 3
+
+
+def test_a_run_inside_its_image_folder_is_refused(tmp_path: Path) -> None:
+    from reslab.engine.rundir import RunDirError
+
+    data = make_folder(tmp_path / "imgs")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out in (data, data / "train" / "runs"):
+        cfg = TrainConfig(model="resnet20", dataset="folder", data=str(data), out=str(out),
+                          image_size=32, resize=36, batch_size=6, iters=1, workers=0,
+                          device="cpu")  # fmt: skip
+        with pytest.raises(RunDirError, match="inside the image folder"):
+            train(cfg, progress=False)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before

@@ -396,3 +396,71 @@ def test_resume_with_the_recipe_named_may_extend_iters(cifar_root: Path, tmp_pat
     assert main(longer) == 0
     ckpt = load_checkpoint(out / "last.pt")
     assert (ckpt["step"], ckpt["config"]["iters"], ckpt["config"]["milestones"]) == (6, 6, [2, 3])
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_work(
+    cifar_root: Path, run_copy: Path, tmp_path: Path, capsys
+) -> None:
+    from PIL import Image
+
+    ckpt = run_copy / "last.pt"
+    before = digest(run_copy)
+    img = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(img)
+    img_bytes = img.read_bytes()
+    data = ["--data", str(cifar_root), "--limit", "8"]
+    fails_cleanly(["eval", "--checkpoint", str(ckpt), *data, "--json", str(ckpt)], capsys,
+                  "--json", "one of this command's inputs")  # fmt: skip
+    fails_cleanly(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--out",
+                   str(ckpt)], capsys, "--out", "would destroy it")  # fmt: skip
+    fails_cleanly(["plot", str(run_copy), "--out", str(run_copy / "metrics.jsonl")], capsys,
+                  "--out", "one of this command's inputs")  # fmt: skip
+    fails_cleanly(["predict", str(img), "--checkpoint", str(ckpt), "--csv", str(img)], capsys,
+                  "--csv", "one of this command's inputs")  # fmt: skip
+    assert digest(run_copy) == before and img.read_bytes() == img_bytes
+    # Paths that cannot be written are refused up front too, not after the work is done.
+    fails_cleanly(["eval", "--checkpoint", str(ckpt), *data, "--json", str(tmp_path)], capsys,
+                  "is a directory")  # fmt: skip
+    fails_cleanly(["eval", "--checkpoint", str(ckpt), *data, "--out", str(img)], capsys,
+                  "is a file")  # fmt: skip
+    fails_cleanly(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out",
+                   str(img / "x.onnx")], capsys, "is a file")  # fmt: skip
+
+
+def test_recipes_and_run_configs_are_plain_utf8_yaml_without_aliases(
+    cifar_root: Path, run_copy: Path, tmp_path: Path, capsys
+) -> None:
+    laughs = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    ) + "model_options: {depth: *i}\n"  # fmt: skip
+    cases = {
+        "laughs.yaml": (laughs.encode(), "YAML aliases (*"),
+        "latin1.yaml": ("model: resnet20\n# caf\xe9\n".encode("latin-1"), "is not UTF-8 text"),
+        "tag.yaml": (b"lr: !!python/object/apply:os.system ['touch x']\n", "is not valid YAML"),
+    }
+    for name, (raw, needle) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        fails_cleanly(train_args(cifar_root, tmp_path / name.replace(".", "_"), "--recipe",
+                                 str(tmp_path / name)), capsys, f"recipe {tmp_path / name}", needle)  # fmt: skip
+    assert not (tmp_path / "x").exists() and not Path("x").exists()
+    # A run's own config.yaml damaged the same way: --resume says which file and what to do.
+    (run_copy / "config.yaml").write_bytes(b"model: resnet20\n\xff\xfe\n")
+    fails_cleanly(["train", "--out", str(run_copy), "--resume", "--data", str(cifar_root)],
+                  capsys, "config.yaml: cannot be read", "not UTF-8", "--recipe NAME")  # fmt: skip
+
+
+def test_devices_compile_modes_and_splits_are_checked_up_front(
+    cifar_root: Path, run_copy: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "r"
+    for extra, needle in (
+        (["--device", "gpu"], "device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        (["--set", "compile_mode=bogus", "--compile"], "compile_mode must be one of"),
+        (["--set", "eval_splits=[test, bogus]"], "eval_splits may hold val and test"),
+    ):
+        fails_cleanly(train_args(cifar_root, out, *extra), capsys, needle)
+    assert not out.exists()
+    if not torch.cuda.is_available():
+        fails_cleanly(train_args(cifar_root, out, "--device", "cuda:3"), capsys, "cuda:3")
+    fails_cleanly(["eval", "--checkpoint", str(run_copy / "last.pt"), "--data", str(cifar_root),
+                   "--device", "gpu"], capsys, "--device gpu: not a device")  # fmt: skip

@@ -46,6 +46,27 @@ def test_refuses_to_overwrite_a_run(cifar_root: Path, tmp_path: Path) -> None:
         train(cfg, progress=False)
 
 
+def test_refuses_to_overwrite_files_no_run_wrote(cifar_root: Path, tmp_path: Path) -> None:
+    """--out DIR where DIR/config.yaml is the user's own recipe (or DIR holds their own
+    steps.jsonl): nothing is overwritten, nothing is written."""
+    out = tmp_path / "proj"
+    out.mkdir()
+    mine = {"config.yaml": "description: mine\nlr: 0.05\n", "steps.jsonl": '{"my": "notes"}\n'}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    cfg = _cfg(cifar_root, out, iters=2, eval_every=2)
+    with pytest.raises(FileExistsError, match=r"config\.yaml, steps\.jsonl that no reslab run"):
+        train(cfg, progress=False)
+    assert {p.name: p.read_text() for p in out.iterdir() if p.name in mine} == mine
+    assert sorted(p.name for p in out.iterdir()) == [".reslab.lock", "config.yaml", "steps.jsonl"]
+    # A run killed before its first checkpoint (its own config.yaml, no last.pt) starts over.
+    run = tmp_path / "killed"
+    train(_cfg(cifar_root, run, iters=2, eval_every=2), progress=False)
+    for name in ("last.pt", "final.json"):
+        (run / name).unlink()
+    train(_cfg(cifar_root, run, iters=2, eval_every=2), progress=False)
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
     cifar_root: Path, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,39 @@ def test_head_reinit_for_fine_tuning(tmp_path: Path) -> None:
     assert torch.equal(model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
     with pytest.raises(WeightsError, match=r"layer1\.0\.conv3\.weight"):  # the backbone must fit
         load_weights(reslab.create_model("resnet50", num_classes=5), path, head="reinit")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("model_options", [1, 2], "its metadata cannot be read (TypeError"),
+        ("classes", 7, "classes is int 7, not a list of names"),
+        ("preprocess", "abc", "preprocess is a str, not a mapping"),
+        (
+            "preprocess",
+            {"mode": "per_channel", "std": [1, 1, 1]},
+            "preprocess is damaged (KeyError",
+        ),
+        ("preprocess", {"mean": [0.5, 0.5], "std": [1, 1, 1]}, "preprocess is damaged"),
+        ("preprocess", {"mean": [0.5] * 3, "input_size": 10**6}, "input_size 1000000"),
+        ("preprocess", {"mean": [0.5] * 3, "std": [0, 0, 0]}, "is not 3 positive numbers"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_one_error_naming_the_file(
+    tmp_path: Path, field: str, value: object, needle: str
+) -> None:
+    """A checkpoint whose metadata a hand or a bug got wrong: refused when read, not a
+    TypeError (or a terabyte allocation) deep inside predict, export or eval."""
+    from reslab.models.weight_formats import WeightsError, read_weights
+
+    good = {"format": "reslab", "version": 1, "model_name": "resnet20", "model_options": {},
+            "model": reslab.create_model("resnet20").state_dict(), "classes": list("abcdefghij"),
+            "preprocess": {"kind": "cifar", "input_size": 32, "mode": "per_channel",
+                           "mean": [0.5] * 3, "std": [0.25] * 3}}  # fmt: skip
+    path = tmp_path / "ck.pt"
+    torch.save(good, path)
+    read_weights(path)  # the good one reads
+    torch.save({**good, field: value}, path)
+    with pytest.raises(WeightsError, match=re.escape(needle)) as e:
+        read_weights(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

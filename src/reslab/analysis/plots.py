@@ -30,12 +30,12 @@ def run_label(run_dir: str | Path) -> str:
     """The model name from the run's config.yaml when there is one, else the directory name."""
     cfg = Path(run_dir) / "config.yaml"
     if cfg.is_file():
-        import yaml
+        from reslab.runtime.yaml_file import YamlFileError, read_yaml
 
         try:
-            data = yaml.safe_load(cfg.read_text()) or {}
-        except yaml.YAMLError:
-            data = {}
+            data = read_yaml(cfg) or {}
+        except YamlFileError:
+            data = {}  # only the label comes from it: the directory's name will do
         model = data.get("model") if isinstance(data, dict) else None
         if isinstance(model, str) and model:
             return model

@@ -146,7 +146,11 @@ def read_label_file(
             f"label file {path} does not exist (give --labels PATH: lines 'file label')"
         )
     rows: list[tuple[str, str]] = []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"label file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "save it as UTF-8") from None  # fmt: skip
     kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith(
         "imageid,predictionstring"
     )
@@ -165,6 +169,15 @@ def read_label_file(
     if not rows:
         raise DataError(f"label file {path} has no labels")
     numeric = all(lab.lstrip("-").isdigit() for _, lab in rows)
+    if numeric and classes is None:
+        from reslab.models.registry import MAX_CLASSES
+
+        # Numeric labels name classes 0..max: one stray huge label must not build a list of a
+        # billion class names (memory) before anything checks it.
+        top = max(rows, key=lambda r: int(r[1]))
+        if int(top[1]) >= MAX_CLASSES:
+            raise DataError(f"{path}: label {top[1]} for {top[0]} is beyond {MAX_CLASSES - 1}, "
+                            "the most classes reslab builds; fix that line")  # fmt: skip
     if classes is None:
         classes = (
             [str(i) for i in range(max(int(lab) for _, lab in rows) + 1)]

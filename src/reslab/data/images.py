@@ -85,10 +85,11 @@ def describe_mode(mode: str) -> str | None:
 class ImageHeader:
     """Width, height and PIL mode, from the header alone."""
 
-    __slots__ = ("height", "mode", "width")
+    __slots__ = ("animated", "height", "mode", "width")
 
-    def __init__(self, width: int, height: int, mode: str) -> None:
+    def __init__(self, width: int, height: int, mode: str, animated: bool = False) -> None:
         self.width, self.height, self.mode = width, height, mode
+        self.animated = animated  # GIF/WebP/APNG with more than one frame
 
 
 def _bomb(path: str | Path, w: int, h: int, limit: int) -> BadImageError:
@@ -122,6 +123,7 @@ def read_header(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(src) as im:
                 w, h, mode = im.size[0], im.size[1], im.mode
+                animated = bool(getattr(im, "is_animated", False))  # looks at frame 2 only
     except Image.DecompressionBombError as e:
         raise BadImageError(
             path,
@@ -136,7 +138,7 @@ def read_header(
         raise _bomb(path, w, h, limit)
     if w == 0 or h == 0:
         raise BadImageError(path, f"empty image ({w}x{h})")
-    return ImageHeader(w, h, mode)
+    return ImageHeader(w, h, mode, animated)
 
 
 def _pil_to_rgb(im: Image.Image) -> Tensor:
@@ -160,22 +162,30 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
     """Read and decode one file to RGB uint8 [3, H, W], converting grey / CMYK / RGBA /
     palette / 16-bit. Raises `BadImageError` (zero-byte, not an image, corrupt or truncated,
     decompression bomb), never a decoder's RuntimeError."""
+    limit = default_max_pixels() if max_pixels is None else max_pixels
     try:
+        # No compressed image outgrows its pixels at 16-bit RGBA (8 bytes each) by much: a
+        # bigger file is refused before it is read into memory.
+        size, most = Path(path).stat().st_size, 8 * limit + (16 << 20)
+        if size > most:
+            raise BadImageError(path, f"file of {size:,} bytes, more than any image of at most "
+                                f"{limit:,} pixels needs ({most:,}); not an image")  # fmt: skip
         data = Path(path).read_bytes()
     except OSError as e:
         raise BadImageError(path, f"cannot read: {e.strerror or e}") from None
-    read_header(path, data=data, max_pixels=max_pixels)
+    head = read_header(path, data=data, max_pixels=max_pixels)
     img: Tensor | None = None
-    try:
-        img = decode_image(
-            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
-        )
-    except (RuntimeError, ValueError):
-        img = None  # a format torchvision.io lacks (BMP, TIFF, ...) or a broken file: PIL decides
+    if not head.animated:  # torchvision decodes every frame of an animation: PIL reads one
+        try:
+            img = decode_image(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
+        except (RuntimeError, ValueError):
+            img = None  # a format torchvision.io lacks (BMP, TIFF, ...) or broken: PIL decides
     if img is None:
         try:
             with Image.open(io.BytesIO(data)) as im:
-                im.load()
+                im.load()  # the first frame only
                 img = _pil_to_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise BadImageError(path, f"corrupt or truncated: {e}") from None

@@ -230,4 +230,23 @@ def load_stats(path: str | Path) -> DataStats:
         raise DataError(
             f"stats file {path} does not exist; make it with `reslab data stats DIR --out {path}`"
         )
-    return DataStats.from_dict(safe_torch_load(path))
+    try:
+        raw = safe_torch_load(path)
+    except Exception as e:  # torch.load's errors: unpickling refused, truncated zip, not torch
+        # NOTE: never pass on torch's advice to retry with weights_only=False (that runs code).
+        raise DataError(
+            f"stats file {path} cannot be loaded safely ({type(e).__name__}); make it again with "
+            f"`reslab data stats DIR --out {path}`"
+        ) from None
+    if not isinstance(raw, dict):
+        raise DataError(f"stats file {path} holds a {type(raw).__name__}, not reslab stats; "
+                        f"make it again with `reslab data stats DIR --out {path}`")  # fmt: skip
+    try:
+        stats = DataStats.from_dict(raw)
+        stats.preprocess(mode="per_channel")  # the shapes and values it will be used with
+    except DataError as e:
+        raise DataError(f"stats file {path}: {e}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise DataError(f"stats file {path} is damaged ({type(e).__name__}: {e}); make it again "
+                        f"with `reslab data stats DIR --out {path}`") from None  # fmt: skip
+    return stats

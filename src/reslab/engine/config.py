@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,12 +180,26 @@ class TrainConfig:
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "folder_augment": ("imagenet", "alexnet"),
             "eval_views": ("center", "flip", "ten-crop"),
+            # torch.compile's modes (cli.COMPILE_MODES): checked here, not at the first step
+            "compile_mode": (
+                "default",
+                "reduce-overhead",
+                "max-autotune",
+                "max-autotune-no-cudagraphs",
+            ),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"{source}: {name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
                 )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
+            raise ConfigError(
+                f"{source}: device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+            )
+        bad_splits = sorted(set(self.eval_splits) - {"val", "test"})
+        if bad_splits:
+            raise ConfigError(f"{source}: eval_splits may hold val and test, got {bad_splits}")
         if any(m < 1 for m in self.milestones):
             raise ConfigError(
                 f"{source}: milestones must be iterations >= 1, got {self.milestones}"
@@ -288,10 +303,9 @@ def load_recipe(name_or_path: str) -> TrainConfig:
         raise RecipeNotFound(
             f"no recipe {name_or_path!r}: not a file, and not one of {list_recipes()} in {CONFIG_DIR}"
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    from reslab.runtime.yaml_file import read_yaml
+
+    data = read_yaml(path, what="recipe") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of config fields")
     data.pop("description", None)

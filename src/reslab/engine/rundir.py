@@ -48,6 +48,19 @@ def check_out_path(out: Path) -> None:
             raise RunDirError(f"--out {out}: {p} is a file, not a directory; choose another --out")
 
 
+def check_out_outside_data(out: Path, data: str | None, dataset: str) -> None:
+    """A run written into an image folder would become part of the data set (its folders new
+    classes, its files scanned as images): refused. CIFAR's directory is read by name only."""
+    if dataset != "folder" or not data:
+        return
+    root, o = Path(data).resolve(), out.resolve()
+    if o == root or root in o.parents:
+        raise RunDirError(
+            f"--out {out} is inside the image folder --data {data}: the run's files would join "
+            "the data set; choose an --out outside it"
+        )
+
+
 def acquire_lock(out: Path) -> None:
     """Take an exclusive lock on `out` for this process, or refuse naming the holder.
 
@@ -121,6 +134,28 @@ def check_start(out: Path, *, resume: bool) -> None:
             f"{out} already holds a run ({', '.join(present)}); pass --resume to continue it, "
             "or choose another --out"
         )
+    if not last.exists():
+        foreign = _foreign_files(out)
+        if foreign:
+            # e.g. --out DIR where DIR/config.yaml is the user's own recipe: starting a run
+            # there would replace it.
+            raise RunExistsError(
+                f"{out} holds {', '.join(foreign)} that no reslab run wrote (its config.yaml "
+                "has no _run record); a run there would overwrite them: choose another --out"
+            )
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Files a starting run writes (config.yaml, steps.jsonl, metrics.jsonl) that are already in
+    `out` without a reslab run's config.yaml beside them: the user's, not an earlier run's."""
+    names = [n for n in ("config.yaml", "steps.jsonl", "metrics.jsonl") if (out / n).exists()]
+    if not names:
+        return []
+    try:
+        doc = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        doc = None
+    return [] if isinstance(doc, dict) and "_run" in doc else names
 
 
 def config_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:

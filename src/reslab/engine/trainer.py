@@ -161,6 +161,7 @@ class Trainer:
         last = self.out / "last.pt"
         cfg.validate()
         rundir.check_out_path(self.out)
+        rundir.check_out_outside_data(self.out, cfg.data, cfg.dataset)
         if self.dist.is_main:
             rundir.acquire_lock(self.out)  # before anything in the directory is read or written
         resume = resume or self._elastic_restart(last)

@@ -21,11 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from reslab.analysis.records import read_metrics
 from reslab.data import resolve_data_root
 from reslab.engine.config import TrainConfig
+from reslab.runtime.yaml_file import read_yaml
 
 # cpu-long: the depth comparisons only (table6, fig6, fig7); cpu-xl: table6 only. Each
 # module's BUDGETS says which it has.
@@ -128,7 +127,7 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
     cfg.out = str(run_dir)
     cfg_file, final_file = run_dir / "config.yaml", run_dir / "final.json"
     if cfg_file.is_file():
-        _same_run(yaml.safe_load(cfg_file.read_text()) or {}, cfg, run_dir)
+        _same_run(read_yaml(cfg_file) or {}, cfg, run_dir)
     if final_file.is_file():
         final = json.loads(final_file.read_text())
         if int(final.get("iter", 0)) >= cfg.iters:
@@ -347,7 +346,7 @@ def describe_plan(ctx: Context, plan: Plan) -> str:
             state = "resume"
         if (d / "config.yaml").is_file():
             try:
-                _same_run(yaml.safe_load((d / "config.yaml").read_text()) or {}, spec.cfg, d)
+                _same_run(read_yaml(d / "config.yaml") or {}, spec.cfg, d)
             except ConfigMismatch:
                 state = "REFUSED: made with another config"
         opts = ", ".join(f"{k}={v}" for k, v in spec.cfg.model_options.items())

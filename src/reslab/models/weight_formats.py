@@ -54,10 +54,58 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist (or is not a file)")
-    if _is_safetensors(path):
-        return _read_safetensors(path)
-    obj = _torch_load(path)
-    return _interpret(obj, path)
+    try:
+        sd, meta = (
+            _read_safetensors(path)
+            if _is_safetensors(path)
+            else _interpret(_torch_load(path), path)
+        )
+    except UserError:  # WeightsError, CheckpointError: already one clear line
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise WeightsError(f"{path}: its metadata cannot be read ({type(e).__name__}: {e}); "
+                           "export the weights again") from None  # fmt: skip
+    _check_meta(meta, path)
+    return sd, meta
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """What the file says besides its tensors has the types and ranges reslab relies on: a
+    file cannot turn into a traceback (or a 24 TB allocation) deep inside predict or export."""
+
+    def bad(what: str) -> WeightsError:
+        return WeightsError(f"{path}: {what}; write the file again with reslab (a training run "
+                            "or models.weights.save_safetensors)")  # fmt: skip
+
+    if meta.get("model_name") is not None and not isinstance(meta["model_name"], str):
+        raise bad(f"model_name is {meta['model_name']!r}, not a model's name")
+    if not isinstance(meta.get("model_options"), dict):
+        raise bad(f"model_options is a {type(meta.get('model_options')).__name__}, not a mapping")
+    classes = meta.get("classes")
+    if classes is not None and not (
+        isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)
+    ):
+        raise bad(f"classes is {type(classes).__name__} {str(classes)[:40]}, not a list of names")
+    pre = meta.get("preprocess")
+    if pre is None:
+        return
+    if not isinstance(pre, dict):
+        raise bad(f"preprocess is a {type(pre).__name__}, not a mapping")
+    from reslab.data.preprocess import Preprocess
+
+    try:
+        p = Preprocess.from_dict(pre)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise bad(f"preprocess is damaged ({type(e).__name__}: {str(e)[:80]})") from None
+    resize = pre.get("resize")
+    if not 8 <= p.input_size <= 4096 or not (
+        resize is None or (isinstance(resize, int) and p.input_size <= resize <= 8192)
+    ):
+        raise bad(f"preprocess input_size {p.input_size} / resize {resize!r} is out of range")
+    if p.mean.dim() != 3 or p.mean.shape[0] != 3 or not torch.isfinite(p.mean).all():
+        raise bad(f"preprocess mean has shape {list(p.mean.shape)} or non-finite values")
+    if p.std.shape != (3, 1, 1) or not (torch.isfinite(p.std).all() and (p.std > 0).all()):
+        raise bad(f"preprocess std {p.std.flatten().tolist()} is not 3 positive numbers")
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -7,6 +7,7 @@ LOCAL_RANK, MASTER_ADDR/PORT; a process started without them runs alone (world s
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,13 @@ def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
     """reslab's one device rule. auto -> cuda:LOCAL_RANK if a GPU is there, else cpu;
     cuda -> cuda:LOCAL_RANK."""
     spec = auto_device(spec)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", spec):
+        raise UserError(f"--device {spec}: not a device; use auto, cpu, cuda, cuda:N or mps")
+    if spec.startswith("cuda:") and not int(spec[5:]) < torch.cuda.device_count():
+        raise UserError(f"--device {spec}: torch sees {torch.cuda.device_count()} CUDA "
+                        "device(s) here; use --device cuda or a smaller index")  # fmt: skip
+    if spec == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but torch sees no Apple GPU (MPS)")
     if spec == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for, but torch sees no CUDA device")

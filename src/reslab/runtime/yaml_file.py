@@ -1,0 +1,43 @@
+"""The one way reslab reads a YAML file from disk (recipes, a run's config.yaml): plain data only.
+
+`yaml.safe_load` already refuses tags that would build Python objects. Two more things are
+refused here, each as one `UserError` line naming the file: bytes that are not UTF-8 text, and
+aliases (`*name`). Recipes and run configs never need aliases, and nested ones are the "billion
+laughs": a file of a few hundred bytes that expands to gigabytes once a value is walked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reslab.errors import UserError
+
+
+class YamlFileError(UserError):
+    """A YAML file that cannot be read as plain data; the message names it and the fix."""
+
+
+def read_yaml(path: str | Path, *, what: str = "") -> Any:
+    """Parsed content of `path` (None for an empty file). `what` names the file's role in the
+    message, e.g. "recipe"."""
+    label = f"{what} {path}" if what else str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise YamlFileError(
+            f"{label} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise YamlFileError(
+                    f"{label}:{mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted; "
+                    "write the value out in full"
+                )
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise YamlFileError(f"{label} is not valid YAML: {str(e).splitlines()[0]}") from None
