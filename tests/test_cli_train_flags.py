@@ -99,3 +99,30 @@ def test_a_closed_pipe_ends_quietly() -> None:
     p.stdout.close()  # the reader is gone before the table is printed
     err = p.stderr.read().decode() if p.stderr else ""
     assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "x.png", "--checkpoint", "c.pt", "--topk", "0"],
+        ["predict", "x.png", "--checkpoint", "c.pt", "--batch-size", "0"],
+        ["eval", "--checkpoint", "c.pt", "--limit", "-5"],
+        ["eval", "--checkpoint", "c.pt", "--views", "multi-scale", "--scales", "0"],
+        ["data", "stats", "d", "--resize", "0"],
+        ["train", "--seed", "-1"],
+        ["train", "--seed", "999999999999999999999999"],
+        ["train", "--threads", "100000"],
+        ["demo", "--minutes", "nan"],
+        ["demo", "--minutes", "-1"],
+    ],
+)
+def test_numbers_no_command_can_use_are_refused_by_the_parser(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {argv[-2]}" in err and "Traceback" not in err
+
+
+def test_a_seed_out_of_range_in_set_is_refused(capsys) -> None:
+    assert main(["train", "--set", "seed=-1", "--iters", "1"]) == 2
+    assert "seed must be a whole number >= 0, got -1" in capsys.readouterr().err

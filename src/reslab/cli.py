@@ -155,11 +155,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify images (files or directories)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR")
     _add_model_source(p)
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=_positive, default=5)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     p.add_argument("--csv", metavar="FILE", help="also write path, top-k classes and "
                    "probabilities (or the error) per image to a CSV file")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware has native bf16, fp16 on a GPU "
@@ -356,7 +356,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--batch-size", type=_positive, help="mini-batch, over all processes")
     p.add_argument("--workers", type=int, help="image-folder loader processes (default: auto)")
-    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=_threads, help="CPU threads for torch (default: torch's)")
     p.add_argument("--out", help="run directory (config, metrics.jsonl, checkpoints)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
@@ -372,7 +372,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         choices=COMPILE_MODES,
         help="torch.compile mode (implies --compile); reduce-overhead: CUDA graphs",
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_seed)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--weights", help="initial weights (torchvision, reslab, safetensors, .th)")
     p.add_argument("--num-classes", type=int)
@@ -466,16 +466,16 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--quick", action="store_true", help="read headers only (no full decode)")
     c.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
     c.add_argument("--min-size", type=int, default=224, help="report images smaller than this")
-    c.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
+    c.add_argument("--max-pixels", type=_positive, default=None, help="decompression-bomb limit")
     c.add_argument("--workers", type=int, default=0)
     s = dsub.add_parser("stats", help="mean image, per-channel mean/std, RGB PCA -> a file")
     s.add_argument("dir")
     s.add_argument("--out", default="reslab-stats.pt", help="output file (default %(default)s)")
     s.add_argument("--split", default="train", choices=["train", "train45k"], help="CIFAR split")
     s.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
-    s.add_argument("--resize", type=int, default=256)
-    s.add_argument("--crop-size", type=int, default=224)
-    s.add_argument("--max-images", type=int, default=None, help="a fixed random subset")
+    s.add_argument("--resize", type=_positive, default=256)
+    s.add_argument("--crop-size", type=_positive, default=224)
+    s.add_argument("--max-images", type=_positive, default=None, help="a fixed random subset")
     s.add_argument("--workers", type=int, default=0)
     d = dsub.add_parser("download", help="fetch CIFAR with torchvision's downloader")
     d.add_argument("dir")
@@ -532,6 +532,29 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _threads(text: str) -> int:
+    n = _positive(text)
+    if n > 1024:  # torch allocates per-thread state up front: 10^5 threads is a MemoryError
+        raise argparse.ArgumentTypeError(f"must be at most 1024, got {text!r}")
+    return n
+
+
+def _seed(text: str) -> int:
+    if not text.isdigit() or int(text) >= 2**63:  # torch.manual_seed's range
+        raise argparse.ArgumentTypeError(f"must be a whole number in 0..2^63-1, got {text!r}")
+    return int(text)
+
+
+def _minutes(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not (0 < x < 10_000):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a number of minutes > 0, got {text!r}")
+    return x
+
+
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     from reslab.experiments.runner import BUDGETS, EXPERIMENTS
 
@@ -549,7 +572,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="directory holding cifar-10-batches-py (default $RESLAB_DATA)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--runs", help="RUN_DIR root shared between experiments (default OUT/runs)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=_threads, help="CPU threads for torch (default: torch's)")
     p.add_argument(
         "--jobs",
         type=int,
@@ -686,19 +709,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "(CIFAR: of the 4-pixel-padded image)")  # fmt: skip
     p.add_argument(
         "--scales",
-        type=int,
+        type=_positive,
         nargs="+",
         default=None,
         help="input sides for --views multi-scale (default 32 40 48 for 32px "
         "models, 224 256 384 480 640 for ImageNet ones)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=None, help="default 500 for CIFAR, 32 for folders"
+        "--batch-size", type=_positive, default=None, help="default 500 for CIFAR, 32 for folders"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32",
                    help="auto: as in train and predict (reslab.runtime.precision)")  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N images")
     p.add_argument(
         "--json", default=None, metavar="OUT", help="JSON report path (default OUT_DIR/eval.json)"
     )
@@ -761,7 +784,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: a few minutes of ResNet-20 on CIFAR-10")
     p.add_argument("--data", help="directory holding cifar-10-batches-py (default $RESLAB_DATA)")
     p.add_argument("--out", default="runs/demo", help="run directory")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time to plan for")
+    p.add_argument("--minutes", type=_minutes, default=4.0, help="training time to plan for")
     p.add_argument("--download", action="store_true", help="fetch CIFAR-10 if it is missing")
     p.set_defaults(func=cmd_demo)
 

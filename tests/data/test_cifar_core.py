@@ -44,6 +44,12 @@ def test_bad_cifar_files_name_the_file(tmp_path: Path) -> None:
     d.mkdir()
     with pytest.raises(DataError, match="reslab data download "):
         load_cifar(tmp_path, split="test")
+    for names in (5, ["a", "b", "c"]):  # the model's classes come from here: checked
+        with open(d / "batches.meta", "wb") as f:
+            pickle.dump({"label_names": names}, f)
+        _write_batch(d / "test_batch", np.zeros((4, 3072), np.uint8), [0, 1, 2, 7])
+        with pytest.raises(DataError, match=r"batches\.meta: expected 10 class names"):
+            load_cifar(tmp_path, split="test")
     with open(d / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
     _write_batch(d / "test_batch", np.zeros((4, 3000), np.uint8), [0, 1, 2, 3])

@@ -320,3 +320,14 @@ def test_metadata_of_the_wrong_type_is_one_error_naming_the_file(
     with pytest.raises(WeightsError, match=re.escape(needle)) as e:
         read_weights(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weights_holding_nan_are_refused(tmp_path: Path) -> None:
+    from reslab.models.weight_formats import WeightsError
+
+    sd = reslab.create_model("resnet20").state_dict()
+    sd["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsError, match=r"1 tensors hold nan or inf \(e\.g\. layer2\.0\.conv1"):
+        model_from_weights(path, model_name="resnet20")

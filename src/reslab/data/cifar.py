@@ -171,7 +171,17 @@ def _load_cached(root: str, dataset: str, part: str) -> CifarSplit:
         raise DataError(_missing_message(Path(root), dataset)) from None
     data = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
-    classes = list(meta.get("label_names") or meta.get("fine_label_names") or [])
+    names = (
+        meta.get("label_names") or meta.get("fine_label_names") if isinstance(meta, dict) else None
+    )
+    n = _NUM_CLASSES[dataset]
+    if not (isinstance(names, list) and len(names) == n and all(isinstance(c, str) for c in names)):
+        # The labels (checked per batch) index these names: the model's classes come from here.
+        raise DataError(
+            f"{base / meta_name}: expected {n} class names, got {str(names)[:60]}; re-extract the "
+            f"archive there, or fetch it again with `{_fetch_command(Path(root), dataset)}`"
+        )
+    classes = list(names)
     images = torch.from_numpy(data).view(-1, 3, 32, 32)  # rows are R plane, G plane, B plane
     return CifarSplit(images, torch.from_numpy(labels), classes)
 

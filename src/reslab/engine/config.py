@@ -141,11 +141,11 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{source}: {name} must be a whole number >= 1, got {v!r}")
-        for name in ("pad", "workers", "warmup_iters"):
+        for name in ("pad", "workers", "warmup_iters", "seed"):
             v = getattr(self, name)
             if name == "workers" and v is None:  # None: chosen from the cores and the data size
                 continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
                 raise ConfigError(f"{source}: {name} must be a whole number >= 0, got {v!r}")
         positive = ("lr", "gamma", "epochs", "time_limit", "warmup_lr")
         for name in positive:

@@ -164,6 +164,10 @@ def _load_state(
         info.missing, info.unexpected, info.mismatched = missing, unexpected, mismatched
         bad = {m.split(":")[0] for m in mismatched}
         sd = {k: v for k, v in sd.items() if k in expected and k not in bad}
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged run's weights: every prediction from them would be nan
+        raise WeightsError(f"{path}: {len(bad)} tensors hold nan or inf (e.g. {bad[0]}); use a "
+                           "checkpoint from before the run diverged")  # fmt: skip
     _check_stride(model, meta, info)
     # sd now holds exactly the checked keys: what is left out (a new head, or what strict=False
     # skipped with a warning) keeps its initial values.
