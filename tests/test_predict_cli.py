@@ -159,3 +159,13 @@ def test_csv_has_no_columns_beyond_the_model_classes(tmp_path: Path) -> None:
     with out.open() as f:
         head = next(csv.reader(f))
     assert head == ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3", "error"]
+
+
+def test_csv_keeps_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    import os
+
+    from reslab.predict import Prediction, write_csv
+
+    name = os.fsdecode(b"/photos/caf\xe9.png")
+    out = write_csv([Prediction(name, [("cat", 0.9)])], tmp_path / "p.csv", topk=1)
+    assert b"/photos/caf\xe9.png,cat,0.900000" in out.read_bytes()

@@ -141,7 +141,8 @@ def write_csv(preds: Sequence[Prediction], path: str | os.PathLike, *, topk: int
     topk = min(topk, max((len(p.top) for p in preds), default=0) or topk)
     head = ["path"] + [f"{c}_{i}" for i in range(1, topk + 1) for c in ("class", "prob")]
     try:
-        with tmp.open("w", newline="") as f:
+        # surrogateescape: a file name that is not UTF-8 is written back as its own bytes
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             w = csv.writer(f)
             w.writerow([*head, "error"])
             for p in preds:

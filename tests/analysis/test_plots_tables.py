@@ -71,6 +71,14 @@ def test_plot_cli_and_bad_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture)
     (a / "metrics.jsonl").write_text('{"iter": 1}\nnot json\n{"iter": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON object"):
         load_run(a)
+    for row, needle in (('{"iter": 1, "train_error": {"a": 1}}', "train_error is {'a': 1}"),
+                        ('{"iter": "x", "test_error": 5}', "iter is 'x', not a number")):  # fmt: skip
+        (a / "metrics.jsonl").write_text(row + '\n{"iter": 2}\n')
+        assert main(["plot", str(a), "--out", str(tmp_path / "x.png")]) == 2
+        assert needle in capsys.readouterr().err
+    (a / "metrics.jsonl").write_bytes(b'{"iter": 1}\n\xff\xfe\n')
+    assert main(["plot", str(a), "--out", str(tmp_path / "x.png")]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
 
 
 def test_confusion_png(tmp_path: Path) -> None:
@@ -95,3 +103,11 @@ def test_tables_exact() -> None:
     lines = table.splitlines()
     assert lines[2] == f"| resnet110 | 6.43 | {m:.2f} ± {s:.2f} | 5 | 6.43 | +0.00 |"
     assert lines[3] == "| resnet20 | 8.90 | 8.90 | 1 | 8.75 | +0.15 |"
+
+
+def test_confusion_png_with_a_class_name_that_is_not_utf8(tmp_path: Path) -> None:
+    import os
+
+    name = os.fsdecode(b"caf\xe9")  # a folder name from a Latin-1 file system
+    conf = torch.tensor([[3, 1], [0, 4]])
+    _check_png(plot_confusion(conf, classes=[name, "tea"], out=tmp_path / "c.png"), min_side=200)

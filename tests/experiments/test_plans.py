@@ -411,3 +411,15 @@ def test_shortcut_parts_and_fig7_facts(tmp_path: Path, monkeypatch: pytest.Monke
     assert f.claims == [Claim("ResNet-20 responds less than plain-20", "0.600 vs 1.100", "yes"),
                         Claim("ResNet-56 responds less than plain-56", "0.800 vs 0.900", "yes"),
                         Claim("ResNet-56 responds less than ResNet-20", "0.800 vs 0.600", "no")]  # fmt: skip
+
+
+def test_a_damaged_final_json_is_named_not_a_traceback(tmp_path) -> None:
+    from reslab.experiments.runner import _read_final
+
+    path = tmp_path / "final.json"
+    for raw in (b"[1, 2]", b"not json{", b'{"iter": "abc"}', b"\xff\xfe"):
+        path.write_bytes(raw)
+        with pytest.raises(ValueError, match=r"final\.json is damaged"):
+            _read_final(path)
+    path.write_text('{"iter": 64000, "test_error": 6.43}')
+    assert _read_final(path)["iter"] == 64000

@@ -174,7 +174,10 @@ def plot_confusion(
     im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     if c <= 20:
-        names = list(classes) if classes else [str(i) for i in range(c)]
+        # A class folder whose name is not UTF-8 reaches here with surrogate escapes, which no
+        # font can draw: shown with a replacement character instead.
+        names = [str(n).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                 for n in (classes or range(c))]  # fmt: skip
         ax.set_xticks(range(c), names, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(c), names, fontsize=8)
         for i in range(c):

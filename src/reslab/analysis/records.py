@@ -15,7 +15,11 @@ def read_metrics(run_dir: str | Path, *, missing_ok: bool = False) -> list[dict]
         if missing_ok:
             return []
         raise FileNotFoundError(f"{path}: no metrics.jsonl; is {run_dir} a reslab RUN_DIR?")
-    rows, lines = [], path.read_text().splitlines()
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text at byte {e.start}; the file is damaged") from None
+    rows: list[dict] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -27,5 +31,10 @@ def read_metrics(run_dir: str | Path, *, missing_ok: bool = False) -> list[dict]
             raise ValueError(f"{path}:{n}: not a JSON object; the file is damaged") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{n}: not a JSON object; the file is damaged")
+        for key, v in row.items():  # what tables and plots compute with must be numbers
+            numeric = key in ("iter", "epoch", "lr") or key.endswith(("_error", "_top5", "_loss"))
+            ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+            if numeric and (not ok or (key == "iter" and not isinstance(v, int))):
+                raise ValueError(f"{path}:{n}: {key} is {v!r}, not a number; the file is damaged")
         rows.append(row)
     return rows

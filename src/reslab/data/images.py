@@ -97,7 +97,8 @@ def _bomb(path: str | Path, w: int, h: int, limit: int) -> BadImageError:
         path,
         f"decompression bomb: {w}x{h} = {w * h:,} pixels is over the limit of {limit:,} "
         "(PIL.Image.MAX_IMAGE_PIXELS); if the image is genuine, raise the limit "
-        "(max_pixels=... / --max-pixels)",
+        "(PIL.Image.MAX_IMAGE_PIXELS or max_pixels=... in Python; `reslab data check "
+        "--max-pixels N` for a scan)",
     )
 
 
@@ -128,7 +129,8 @@ def read_header(
         raise BadImageError(
             path,
             f"decompression bomb: {e} If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
-            "(PIL refuses twice its value itself) and max_pixels=... / --max-pixels.",
+            "(PIL refuses twice its value itself) and max_pixels=... in Python (`reslab data "
+            "check --max-pixels N` for a scan).",
         ) from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image (unknown format despite its extension)") from None

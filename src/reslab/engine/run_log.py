@@ -59,7 +59,7 @@ def _truncate(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # damaged lines are dropped
         try:
             if json.loads(line)["iter"] <= step:
                 keep.append(line + "\n")

@@ -92,6 +92,18 @@ class Context:
     progress: bool = True
 
 
+def _read_final(path: Path) -> dict[str, Any]:
+    """A run's final.json, with a whole-number `iter`: damage is one ValueError naming it."""
+    try:
+        final = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        final = None
+    if not isinstance(final, dict) or not isinstance(final.get("iter", 0), int):
+        raise ValueError(f"{path} is damaged (not a run's final.json); delete it and the "
+                         "next call resumes (or restarts) that run")  # fmt: skip
+    return {**final, "iter": int(final.get("iter", 0))}
+
+
 class ConfigMismatch(RuntimeError):
     """A RUN_DIR holds a run made with a different configuration."""
 
@@ -129,8 +141,8 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
     if cfg_file.is_file():
         _same_run(read_yaml(cfg_file) or {}, cfg, run_dir)
     if final_file.is_file():
-        final = json.loads(final_file.read_text())
-        if int(final.get("iter", 0)) >= cfg.iters:
+        final = _read_final(final_file)
+        if final["iter"] >= cfg.iters:
             rows = read_metrics(run_dir, missing_ok=True)
             return RunResult(spec, run_dir, final, rows, "skipped", 0.0)
     resume = (run_dir / "last.pt").is_file()
@@ -340,7 +352,7 @@ def describe_plan(ctx: Context, plan: Plan) -> str:
         d = Path(spec.cfg.out)
         state = "new"
         if (d / "final.json").is_file():
-            it = int(json.loads((d / "final.json").read_text()).get("iter", 0))
+            it = _read_final(d / "final.json")["iter"]
             state = "finished" if it >= spec.cfg.iters else f"resume (stopped at {it})"
         elif (d / "last.pt").is_file():
             state = "resume"
