@@ -418,7 +418,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     """`reslab data check|stats|download`: the work lives in reslab.data."""
     import logging
 
-    from reslab.data.cifar import DataError
+    from reslab.errors import UserError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -436,7 +436,9 @@ def cmd_data(args: argparse.Namespace) -> int:
                 compute_folder_stats,
                 save_stats,
             )  # fmt: skip
+            from reslab.errors import check_output_file
 
+            check_output_file(args.out, "--out", create_parent=True)  # before the long scan
             found = cifar_datasets(args.dir)
             if found:
                 name, root = found[0]
@@ -452,7 +454,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             from reslab.data.cifar import download_cifar
 
             print(f"{args.dataset} ready in {download_cifar(args.dir, dataset=args.dataset)}")
-    except DataError as e:
+    except UserError as e:  # DataError, or an --out that cannot be written
         return _fail("data", e)
     return 0
 
@@ -485,6 +487,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """`reslab reproduce NAME`: train the experiment's runs, then write DIR/REPORT.md."""
+    import os
+
     from reslab.data.cifar import DataError
     from reslab.experiments.runner import ConfigMismatch, reproduce
 
@@ -495,6 +499,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     opts = reproduce_options(args)
     try:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a file; give a folder for REPORT.md and runs/")
         if args.dry_run:
             from reslab.experiments.runner import describe_plan, make_plan
 

@@ -464,3 +464,30 @@ def test_devices_compile_modes_and_splits_are_checked_up_front(
         fails_cleanly(train_args(cifar_root, out, "--device", "cuda:3"), capsys, "cuda:3")
     fails_cleanly(["eval", "--checkpoint", str(run_copy / "last.pt"), "--data", str(cifar_root),
                    "--device", "gpu"], capsys, "--device gpu: not a device")  # fmt: skip
+
+
+def test_eval_of_a_checkpoint_with_foreign_weights_or_metadata_is_one_line(
+    cifar_root: Path, run_copy: Path, capsys
+) -> None:
+    import reslab
+
+    ckpt = load_checkpoint(run_copy / "last.pt")
+    argv = ["eval", "--checkpoint", str(run_copy / "last.pt"), "--data", str(cifar_root),
+            "--limit", "8"]  # fmt: skip
+    save_atomic({**ckpt, "model": reslab.create_model("resnet20", num_classes=100).state_dict()},
+                run_copy / "last.pt")  # right keys, another head shape  # fmt: skip
+    fails_cleanly(argv, capsys, "last.pt: its weights do not fit resnet20")
+    save_atomic({**ckpt, "preprocess": "abc"}, run_copy / "last.pt")
+    fails_cleanly(argv, capsys, "last.pt: preprocess is a str, not a mapping")
+
+
+def test_report_and_stats_outputs_that_cannot_be_written_are_refused_first(
+    cifar_root: Path, tmp_path: Path, capsys
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    fails_cleanly(["reproduce", "table6", "--budget", "smoke", "--out", str(afile)], capsys,
+                  "is a file; give a folder")  # fmt: skip
+    fails_cleanly(["data", "stats", str(cifar_root), "--out", str(tmp_path)], capsys,
+                  "is a directory")  # fmt: skip
+    assert afile.read_text() == "mine"

@@ -48,12 +48,21 @@ def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> Lo
             f"{path}: not a model checkpoint (needs {list(REQUIRED_KEYS)}, found "
             f"{sorted(ckpt)[:8]}); for other weight files use --model NAME --weights FILE"
         )
+    from reslab.models.weight_formats import check_meta
+
+    # The same checks of what the file says as every other weights reader (types, ranges).
+    check_meta({k: ckpt.get(k) for k in ("model_name", "classes", "preprocess")}
+                | {"model_options": ckpt.get("model_options") or {}}, path)  # fmt: skip
     options = dict(ckpt.get("model_options") or {})
     try:
         model = create_model(ckpt["model_name"], **options)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot rebuild {ckpt['model_name']!r}: {e}") from None
-    result = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        result = model.load_state_dict(ckpt["model"], strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:  # shapes of another architecture
+        raise CheckpointError(f"{path}: its weights do not fit {ckpt['model_name']} {options} "
+                              f"({str(e).splitlines()[-1].strip()[:120]})") from None  # fmt: skip
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{path}: weights do not match {ckpt['model_name']} {options}: "

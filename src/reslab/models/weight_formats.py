@@ -65,11 +65,11 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
         raise WeightsError(f"{path}: its metadata cannot be read ({type(e).__name__}: {e}); "
                            "export the weights again") from None  # fmt: skip
-    _check_meta(meta, path)
+    check_meta(meta, path)
     return sd, meta
 
 
-def _check_meta(meta: dict[str, Any], path: Path) -> None:
+def check_meta(meta: dict[str, Any], path: Path) -> None:
     """What the file says besides its tensors has the types and ranges reslab relies on: a
     file cannot turn into a traceback (or a 24 TB allocation) deep inside predict or export."""
 
