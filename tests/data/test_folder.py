@@ -249,3 +249,16 @@ def test_scan_with_worker_processes_agrees(tmp_path: Path) -> None:
     parallel = scan_folder(tmp_path, check="decode", num_workers=2, warn=False)
     assert serial.samples == parallel.samples and serial.bad == parallel.bad
     assert serial.per_class() == [100, 99, 100]
+
+
+def test_label_files_with_a_huge_index_or_other_bytes_are_refused_at_once(tmp_path: Path) -> None:
+    from reslab.data.cifar import DataError
+
+    huge = tmp_path / "huge.txt"
+    huge.write_text("0.png 0\n1.png 99999999\n")  # once a list of 10^8 class names (23 GB)
+    with pytest.raises(DataError, match=r"huge\.txt: label 99999999 for 1\.png is beyond 99999"):
+        read_label_file(huge)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9.png 0\n")
+    with pytest.raises(DataError, match=r"latin\.txt is not UTF-8 text"):
+        read_label_file(latin)
