@@ -193,7 +193,9 @@ class TrainConfig:
                 raise ConfigError(
                     f"{source}: {name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
                 )
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
+        from reslab.runtime.distributed import DEVICE_SPEC
+
+        if not re.fullmatch(DEVICE_SPEC, str(self.device)):
             raise ConfigError(
                 f"{source}: device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
             )

@@ -151,9 +151,11 @@ def _foreign_files(out: Path) -> list[str]:
     names = [n for n in ("config.yaml", "steps.jsonl", "metrics.jsonl") if (out / n).exists()]
     if not names:
         return []
+    from reslab.runtime.yaml_file import YamlFileError, read_yaml
+
     try:
-        doc = yaml.safe_load((out / "config.yaml").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        doc = read_yaml(out / "config.yaml")
+    except (OSError, YamlFileError):
         doc = None
     return [] if isinstance(doc, dict) and "_run" in doc else names
 

@@ -33,6 +33,10 @@ class DistInfo:
         return self.world_size > 1 or self.forced
 
 
+# What --device / TrainConfig.device accept (checked by both, before any work).
+DEVICE_SPEC = r"auto|cpu|cuda(:\d+)?|mps"
+
+
 def auto_device(spec: str) -> str:
     """auto -> cuda if torch sees a GPU, else cpu; any other spec unchanged."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
@@ -42,7 +46,7 @@ def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
     """reslab's one device rule. auto -> cuda:LOCAL_RANK if a GPU is there, else cpu;
     cuda -> cuda:LOCAL_RANK."""
     spec = auto_device(spec)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", spec):
+    if spec != "auto" and not re.fullmatch(DEVICE_SPEC, spec):
         raise UserError(f"--device {spec}: not a device; use auto, cpu, cuda, cuda:N or mps")
     if spec.startswith("cuda:") and not int(spec[5:]) < torch.cuda.device_count():
         raise UserError(f"--device {spec}: torch sees {torch.cuda.device_count()} CUDA "
