@@ -169,3 +169,21 @@ def test_csv_keeps_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
     name = os.fsdecode(b"/photos/caf\xe9.png")
     out = write_csv([Prediction(name, [("cat", 0.9)])], tmp_path / "p.csv", topk=1)
     assert b"/photos/caf\xe9.png,cat,0.900000" in out.read_bytes()
+
+
+def test_text_output_prints_a_non_utf8_file_name_under_a_strict_encoding(tmp_path: Path) -> None:
+    """PYTHONIOENCODING=utf-8 makes stdout strict: the name prints escaped, not as a traceback."""
+    path = save_safetensors(
+        reslab.create_model("resnet20").eval(), tmp_path / "r20.safetensors",
+        model_name="resnet20", model_options={}, preprocess=PRE, classes=CIFAR10_CLASSES,
+    )  # fmt: skip
+    img = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png"))
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(img)
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONIOENCODING": "utf-8"}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "reslab", "predict", str(img), "--weights", str(path), "--topk", "1"],
+        capture_output=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().startswith(f"{tmp_path}/caf\\udce9.png: ")

@@ -443,6 +443,10 @@ def test_recipes_and_run_configs_are_plain_utf8_yaml_without_aliases(
         fails_cleanly(train_args(cifar_root, tmp_path / name.replace(".", "_"), "--recipe",
                                  str(tmp_path / name)), capsys, f"recipe {tmp_path / name}", needle)  # fmt: skip
     assert not (tmp_path / "x").exists() and not Path("x").exists()
+    # The same aliases typed as a --set value.
+    fails_cleanly(train_args(cifar_root, tmp_path / "s", "--set", "milestones=[&m 9, *m]"),
+                  capsys, "--set value", "YAML aliases (*m)")  # fmt: skip
+    assert not (tmp_path / "s").exists()
     # A run's own config.yaml damaged the same way: --resume says which file and what to do.
     (run_copy / "config.yaml").write_bytes(b"model: resnet20\n\xff\xfe\n")
     fails_cleanly(["train", "--out", str(run_copy), "--resume", "--data", str(cifar_root)],

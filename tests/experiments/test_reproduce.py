@@ -231,3 +231,21 @@ def test_a_time_limited_run_is_marked_stopped_then_resumed(cifar_root: Path, tmp
     assert _statuses(report) == {"relu-lr0.01-s0": "resumed", "tanh-lr0.01-s0": "resumed"}
     for run in ("relu-lr0.01-s0", "tanh-lr0.01-s0"):  # continued from iteration 1, not redone
         assert [r["iter"] for r in read_metrics(tmp_path / "runs" / "smoke" / run)] == [1, 4, 8, 12]
+
+
+def test_missing_data_is_named_before_anything_is_created(tmp_path: Path, capsys) -> None:
+    """A reproduce call on a machine without CIFAR leaves no empty OUT/runs/ behind."""
+    root = tmp_path / "data"
+    out = tmp_path / "out"
+    argv = ["reproduce", "table6", "--budget", "smoke", "--out", str(out), "--data", str(root),
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "reslab data download" in err and str(root) in err
+    (root / "cifar-10-batches-py").mkdir(parents=True)
+    for n in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "batches.meta"]:
+        (root / "cifar-10-batches-py" / n).write_bytes(b"")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data_batch_5 is missing" in err and "Traceback" not in err
+    assert not out.exists()

@@ -331,3 +331,33 @@ def test_weights_holding_nan_are_refused(tmp_path: Path) -> None:
     torch.save(sd, path)
     with pytest.raises(WeightsError, match=r"1 tensors hold nan or inf \(e\.g\. layer2\.0\.conv1"):
         model_from_weights(path, model_name="resnet20")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "ok"),
+    [(torch.float16, True), (torch.bfloat16, True), (torch.float64, True), (torch.bool, False),
+     (torch.int8, False), (torch.complex64, False), (torch.float8_e4m3fn, False)],
+)  # fmt: skip
+def test_safetensors_of_a_type_weights_cannot_have_are_refused(
+    tmp_path: Path, dtype: torch.dtype, ok: bool
+) -> None:
+    """A cast from bool, int8, fp8 or complex would load numbers that are not the weights."""
+    from safetensors.torch import save_file
+
+    from reslab.models.weight_formats import WeightsError
+
+    model = reslab.create_model("resnet20")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["layer2.0.conv1.weight"] = sd["layer2.0.conv1.weight"].to(dtype)
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path))
+    if ok:
+        loaded, _ = model_from_weights(path, model_name="resnet20")
+        want = sd["layer2.0.conv1.weight"].float()
+        assert torch.equal(loaded.state_dict()["layer2.0.conv1.weight"], want)
+        return
+    with pytest.raises(
+        WeightsError, match=r"1 tensors are stored as a type .*layer2\.0\.conv1"
+    ) as e:
+        model_from_weights(path, model_name="resnet20")
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

@@ -90,6 +90,21 @@ def _missing_message(root: Path, dataset: str) -> str:
     )
 
 
+def check_cifar_files(root: str | Path, dataset: str = "cifar10") -> None:
+    """DataError naming what is missing, before a command creates anything; reads no data."""
+    base = cifar_dir(root, dataset)
+    train, test, meta_name = _FILES[dataset]
+    if not base.is_dir():
+        raise DataError(_missing_message(Path(root), dataset))
+    for n in (*train, *test, meta_name):
+        if not (base / n).is_file():
+            raise DataError(
+                f"{base / n} is missing ({dataset} needs {', '.join([*train, *test, meta_name])} "
+                f"in {base}); re-extract the archive there, or fetch it again with "
+                f"`{_fetch_command(Path(root), dataset)}`"
+            )
+
+
 def _fetch_command(root: Path, dataset: str) -> str:
     # A command every subcommand's user can run: eval and reproduce have no --download flag.
     return f"reslab data download {root}" + (

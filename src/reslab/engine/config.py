@@ -224,9 +224,13 @@ class TrainConfig:
 
 
 def _yaml_value(text: str) -> Any:
+    from reslab.runtime.yaml_file import YamlAliasError, YamlFileError, loads_yaml
+
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return loads_yaml(text, label=f"--set value {text[:60]!r}")
+    except YamlAliasError as e:  # refused as in files: a value never needs one
+        raise ConfigError(str(e)) from None
+    except YamlFileError:
         return text  # e.g. an unbalanced bracket: kept as a string, then type-checked
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from reslab.errors import UserError
 from reslab.runtime.checkpoint import write_text_atomic
+from reslab.runtime.yaml_file import YamlFileError, read_yaml
 
 LOCK_NAME = ".reslab.lock"
 # Fields a resumed run may change: how long it runs and how often it reports or saves, and where
@@ -151,8 +152,6 @@ def _foreign_files(out: Path) -> list[str]:
     names = [n for n in ("config.yaml", "steps.jsonl", "metrics.jsonl") if (out / n).exists()]
     if not names:
         return []
-    from reslab.runtime.yaml_file import YamlFileError, read_yaml
-
     try:
         doc = read_yaml(out / "config.yaml")
     except (OSError, YamlFileError):
@@ -190,8 +189,8 @@ def write_run_config(path: Path, config: dict[str, Any], run: dict[str, Any]) ->
     earlier: list[Any] = []
     if path.is_file():
         try:
-            old = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
+            old = read_yaml(path) or {}
+        except YamlFileError:  # the run-dir check named it already; keep no provenance from it
             old = {}
         if isinstance(old, dict):
             earlier = list(old.get("_earlier_runs") or [])

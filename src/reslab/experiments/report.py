@@ -46,7 +46,12 @@ def trained_on(run_dir: Path) -> str:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return ""
-    info = (yaml.safe_load(path.read_text()) or {}).get("_run") or {}
+    from reslab.runtime.yaml_file import read_yaml
+
+    doc = read_yaml(path, what="run config")
+    info = doc.get("_run") if isinstance(doc, dict) else None
+    if not isinstance(info, dict):
+        return ""
     chip = info.get("gpu") if str(info.get("device", "")).startswith("cuda") else info.get("cpu")
     return " ".join(str(x) for x in (chip, info.get("precision")) if x)
 

@@ -394,6 +394,11 @@ def reproduce(
         jobs=jobs, compile=compile, progress=progress, only=only, time_limit=time_limit,
         fused=fused,
     )  # fmt: skip
+    from reslab.data.cifar import DIRS, check_cifar_files
+
+    # A missing CIFAR is named before OUT or any run directory is made (nothing is left behind).
+    for dataset in sorted({s.cfg.dataset for s in plan.specs} & set(DIRS)):
+        check_cifar_files(ctx.data, dataset)
     ctx.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if plan.fused:

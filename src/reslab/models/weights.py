@@ -164,6 +164,13 @@ def _load_state(
         info.missing, info.unexpected, info.mismatched = missing, unexpected, mismatched
         bad = {m.split(":")[0] for m in mismatched}
         sd = {k: v for k, v in sd.items() if k in expected and k not in bad}
+    wrong = [
+        f"{k} ({sd[k].dtype})" for k, v in expected.items() if k in sd and not _dtype_fits(sd[k], v)
+    ]
+    if wrong:  # load_state_dict would cast bool/int8/fp8/complex to float without a word
+        raise WeightsError(f"{path}: {len(wrong)} tensors are stored as a type these weights cannot "
+                           f"have (e.g. {wrong[0]}); save them as float32, float16 or bfloat16 "
+                           "(quantized weights are not supported)")  # fmt: skip
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # a diverged run's weights: every prediction from them would be nan
         raise WeightsError(f"{path}: {len(bad)} tensors hold nan or inf (e.g. {bad[0]}); use a "
@@ -173,6 +180,21 @@ def _load_state(
     # skipped with a warning) keeps its initial values.
     model.load_state_dict(sd, strict=False)
     return info
+
+
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INT_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _dtype_fits(stored: torch.Tensor, wanted: torch.Tensor) -> bool:
+    # Weights and BN statistics may be any of the usual float widths (the cast is exact or a
+    # rounding); a counter (BN num_batches_tracked) any integer. fp8 is a quantization format
+    # with scales that a plain cast ignores, so it is refused with bool and complex.
+    if wanted.is_floating_point():
+        return stored.dtype in _FLOAT_TYPES
+    if wanted.dtype in _INT_TYPES:
+        return stored.dtype in _INT_TYPES
+    return stored.dtype == wanted.dtype
 
 
 def _diff_report(

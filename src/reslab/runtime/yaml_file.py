@@ -20,6 +20,10 @@ class YamlFileError(UserError):
     """A YAML file that cannot be read as plain data; the message names it and the fix."""
 
 
+class YamlAliasError(YamlFileError):
+    """YAML holding an alias (`*name`): refused wherever it comes from."""
+
+
 def read_yaml(path: str | Path, *, what: str = "") -> Any:
     """Parsed content of `path` (None for an empty file). `what` names the file's role in the
     message, e.g. "recipe"."""
@@ -30,11 +34,16 @@ def read_yaml(path: str | Path, *, what: str = "") -> Any:
         raise YamlFileError(
             f"{label} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
         ) from None
+    return loads_yaml(text, label=label)
+
+
+def loads_yaml(text: str, *, label: str) -> Any:
+    """`text` parsed as plain data, aliases refused; `label` names where it came from."""
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
                 mark = event.start_mark
-                raise YamlFileError(
+                raise YamlAliasError(
                     f"{label}:{mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted; "
                     "write the value out in full"
                 )
