@@ -310,12 +310,26 @@ def test_fig6_analysis_checks_both_claims(tmp_path: Path, r56, train: str, test:
     assert facts.claims == [
         Claim("deeper plain nets have HIGHER training error (degradation)",
               "train 20 layers 25.00% -> 56 layers 40.00%", "yes"),
+        Claim("deeper plain nets have HIGHER test error",
+              "test 20 layers 14.00% -> 56 layers 30.00%", "yes"),
         Claim("deeper ResNets have LOWER training error",
               f"train 20 layers 25.00% -> 56 layers {r56[0]:.2f}%", train),
         Claim("deeper ResNets have LOWER test error",
               f"test 20 layers 12.00% -> 56 layers {r56[1]:.2f}%", test),
     ]  # fmt: skip
     assert facts.resnets_better == (train == test == "yes") and facts.last_iter == 4000
+    # A plain-56 that trains worse but tests better answers the two plain claims apart.
+    import dataclasses
+
+    def tests_at_13(r: RunResult) -> RunResult:
+        if r.spec.name != "plain56-s0":
+            return r
+        final = {**r.final, "test_error": 13.0}
+        return dataclasses.replace(r, final=final, rows=[*r.rows[:-1], final])
+
+    mixed = fig6.analyse(ctx, [tests_at_13(r) for r in results])
+    assert [c.answer for c in mixed.claims[:2]] == ["yes", "no"]
+    assert mixed.resnets_better == facts.resnets_better
     body = fig6.render(facts)  # the report says what the facts say
     for c in facts.claims:
         assert f"| {c.claim} | {c.ours} | **{c.answer}** |" in body
@@ -326,7 +340,7 @@ def test_fig6_analysis_checks_both_claims(tmp_path: Path, r56, train: str, test:
     smoke = fig6.analyse(Context("fig6", "smoke", tmp_path, tmp_path, 1, "data", "cpu", ""), [
         RunResult(r.spec, tmp_path, r.final, r.rows, "skipped", 0.0) for r in results
         if r.spec.tags["depth"] in (20, 56)])  # fmt: skip
-    assert [c.answer for c in smoke.claims] == ["not judged"] * 3
+    assert [c.answer for c in smoke.claims] == ["not judged"] * 4
     body = fig6.render(smoke)
     assert "**yes**" not in body and "**no**" not in body and "not judged" in body
 
@@ -423,3 +437,32 @@ def test_a_damaged_final_json_is_named_not_a_traceback(tmp_path) -> None:
             _read_final(path)
     path.write_text('{"iter": 64000, "test_error": 6.43}')
     assert _read_final(path)["iter"] == 64000
+
+
+def test_table6_at_full_with_the_papers_own_errors_says_yes_to_both_claims(tmp_path: Path) -> None:
+    """The paper's errors fall up to 110 layers and rise at 1202: a perfect reproduction must be
+    judged a reproduction (the 1202 rise is its own claim, not a break in the depth order)."""
+    from reslab.experiments import table6
+    from reslab.experiments.runner import RunResult
+    from reslab.models.cifar import TABLE6
+
+    ctx = Context("table6", "full", tmp_path, tmp_path / "runs", 1, "data", "cpu", "")
+    specs = table6.plan(ctx).specs
+    assert [s.tags["depth"] for s in specs] == [20, 32, 44, 56, 110, 1202]
+
+    def facts(errors: dict[int, float]) -> table6.Table6Facts:
+        res = [RunResult(s, tmp_path, {"iter": 64000, "test_error": errors[s.tags["depth"]]}, [],
+                         "skipped", 0.0) for s in specs]  # fmt: skip
+        return table6.analyse(ctx, res)
+
+    paper = facts({d: TABLE6[d][1] for d in TABLE6})
+    assert paper.ordered and paper.claim is not None and paper.claim.answer == "yes"
+    assert paper.overfit == Claim("ResNet-1202 tests worse than ResNet-110 (overfitting)",
+                                  "ResNet-1202 7.93 vs ResNet-110 6.43", "yes")  # fmt: skip
+    body = table6.render(paper)
+    assert "Monotonically falling with depth up to 110 layers: **yes**" in body
+    assert "worse at 1202 layers, as in the paper: **yes**" in body
+    # 1202 better than 110 breaks the second claim only; 56 better than 110 the first.
+    assert facts({**{d: TABLE6[d][1] for d in TABLE6}, 1202: 6.0}).overfit.answer == "no"
+    broken = facts({**{d: TABLE6[d][1] for d in TABLE6}, 110: 7.0})
+    assert broken.claim.answer == "no" and broken.overfit.answer == "yes"

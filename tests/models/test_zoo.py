@@ -213,3 +213,38 @@ def test_models_cli_prints_paper_figures(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["models", "--family", "cifar"]) == 0
     out = capsys.readouterr().out
     assert "resnet110" in out and "1.73M" in out and "6.43" in out
+
+
+# PAPER.md: Table 2/3 top-1 10-crop errors (ResNet-34 with option B, as the zoo builds it) and
+# Table 6's CIFAR test errors, as the registry stores them for `reslab models` and reports.
+PAPER_ERRORS = {
+    "resnet18": 27.88, "resnet34": 24.52, "resnet50": 22.85, "resnet101": 21.75,
+    "resnet152": 21.43, "plain18": 27.94, "plain34": 28.54, "resnet20": 8.75, "resnet32": 7.51,
+    "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43, "resnet1202": 7.93,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "error"), PAPER_ERRORS.items())
+def test_registry_holds_the_papers_errors(name: str, error: float) -> None:
+    assert model_info(name).paper_error == error
+
+
+def test_alexnet_is_the_notes_net() -> None:
+    """3x3/2 overlapping pools, dropout 0.5 on the first two fc layers, 55/27/13/6 maps from a
+    224 input, about 60M parameters (two towers)."""
+    m = reslab.create_model("alexnet").eval()
+    assert (m.pool.kernel_size, m.pool.stride) == (3, 2)
+    assert isinstance(m.drop, nn.Dropout) and m.drop.p == 0.5
+    dropped, sizes = [], []
+    hooks = [m.drop.register_forward_hook(lambda _m, i, _o: dropped.append(i[0].shape[1]))]
+    hooks += [mod.register_forward_hook(lambda _m, _i, o: sizes.append(o))
+              for mod in (m.conv1, m.conv2, m.conv5)]  # fmt: skip
+    with torch.no_grad():
+        m(torch.randn(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    side = [(o[0] if isinstance(o, (list, tuple)) else o).shape[-1] for o in sizes]
+    assert side == [55, 27, 13]
+    assert dropped == [2048, 2048, 2048, 2048]  # fc6 and fc7 outputs, per tower; not fc8's
+    assert m.pool(torch.zeros(1, 1, 13, 13)).shape[-1] == 6  # conv5's maps pooled to 6x6
+    assert count_params(m) == 60_965_224

@@ -94,7 +94,10 @@ def folder_preprocess(cfg: TrainConfig) -> tuple[Preprocess, torch.nn.Module | N
     else as the initial weights' network was trained (fine-tuning), else ImageNet's statistics.
 
     NOTE(paper): without a stats file the ImageNet per-channel mean/std stand in for the paper's
-    per-pixel mean (for random crops of varying position the two are nearly the same offset).
+    per-pixel mean. The subtracted mean is nearly the same (random crops of varying position and
+    scale see the per-pixel mean averaged over positions); dividing by the std as well is not the
+    paper's: it scales each channel's input by a constant, which conv1 and its BatchNorm absorb.
+    `reslab data stats DIR` then `--set stats=FILE` gives the paper's per-pixel mean exactly.
     """
     from reslab.data.folder_defaults import weights_normalization, weights_preprocess
     from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -137,6 +140,7 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
         alexnet_train_transform,
         center_crop_transform,
         imagenet_train_transform,
+        ten_crop_transform,
     )
 
     root = Path(resolve_data_root(cfg.data))
@@ -173,7 +177,12 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
             "subfolder of images per class)"
         )
     pre, lighting = folder_preprocess(cfg)
-    eval_tf = center_crop_transform(resize=cfg.resize, crop_size=cfg.image_size)
+    if cfg.eval_views == "ten-crop":
+        # Section 3.4's 10-crop test on the image (shorter side `resize`), as `reslab eval
+        # --views ten-crop` makes it: [10, 3, S, S] per image.
+        eval_tf = ten_crop_transform(resize=cfg.resize, crop_size=cfg.image_size)
+    else:  # center; "flip" mirrors the centre crop on the device
+        eval_tf = center_crop_transform(resize=cfg.resize, crop_size=cfg.image_size)
     held_out = None
     if val_dir is None and cfg.val_fraction > 0 and "val" in cfg.eval_splits:
         import copy
@@ -216,8 +225,10 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
                                  num_workers=min(cfg.workers or cores, cores))  # fmt: skip
         if cfg.eval_subset:
             val_ds = torch.utils.data.Subset(val_ds, range(min(cfg.eval_subset, len(val_ds))))
-        evals["val"] = FolderLoader(val_ds, batch_size=max(cfg.batch_size, dist.world_size),
-                                    train=False, **common)  # fmt: skip
+        # Ten-crop: a tenth of the images per batch, so a batch holds as many crops as in training.
+        per = cfg.batch_size // 10 if cfg.eval_views == "ten-crop" else cfg.batch_size
+        evals["val"] = FolderLoader(val_ds, batch_size=max(per, dist.world_size), train=False,
+                                    **common)  # fmt: skip
     return RunData(train, evals, classes, pre, len(train_ds), notes)
 
 

@@ -279,7 +279,15 @@ def prepare_batch(
     normalize(x) + rgb/std, so it is folded in after the fused pass. `x` may be the slice
     [first, first + N) of a global batch of `total` images (one rank's share): the lighting
     draws are made for all `total` and sliced, so they do not depend on the world size.
+    An evaluation batch of views [N, V, 3, H, W] (ten-crop) is normalised as its N*V crops.
     """
+    if x.dim() == 5:
+        if lighting is not None:
+            raise ValueError("PCA lighting is a training augmentation; views are for testing")
+        n, v = x.shape[:2]
+        flat = prepare_batch(x.flatten(0, 1), preprocess=preprocess, device=device,
+                             channels_last=channels_last, dtype=dtype)  # fmt: skip
+        return flat.view(n, v, *flat.shape[1:])  # the evaluator flattens it back, a view
     x = x.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -91,9 +91,11 @@ class TrainConfig:
     log_every: int = 50  # iterations between progress updates (one host sync each); one process
     # also updates once a second of wall time, whichever comes first
     eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
-    # section 4.2 tests CIFAR on the single image ("center"). NOTE(paper): "flip" averages the
-    # softmax of the image and its mirror (2x the eval cost); "ten-crop" 4 corners + centre and
-    # their mirrors (10x); reslab extensions, as in `reslab eval --views`.
+    # section 4.2 tests CIFAR on the single image ("center"). "flip" averages the softmax of
+    # the image and its mirror (2x the eval cost); "ten-crop" 4 corners + centre and their
+    # mirrors (10x): for image folders section 3.4's 10-crop of the image resized to `resize`,
+    # as `reslab eval --views ten-crop`. NOTE(paper): on CIFAR, flip and ten-crop (of the image
+    # padded by 4 pixels) are reslab extensions.
     eval_views: str = "center"
     out: str = "runs/run"  # RUN_DIR
     seed: int = 0

@@ -61,7 +61,12 @@ class ResNet(nn.Module):
 
 
 def init_resnet(model: nn.Module, *, zero_init_residual: bool = False) -> None:
-    """He init for convs (He et al. 2015b, as section 3.4 says), BN to identity."""
+    """He init for convs (He et al. 2015b, as section 3.4 says), BN to identity.
+
+    NOTE(paper): the fc layer keeps PyTorch's default (uniform, bound 1/sqrt(fan_in)) init, as
+    torchvision's ResNets do; He init's fan-out form is used for the convs (He et al. allow
+    either fan), so models and weights stay interchangeable with torchvision's.
+    """
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

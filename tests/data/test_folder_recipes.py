@@ -1,0 +1,84 @@
+"""The ImageNet and AlexNet recipes build the augmentation their descriptions and the paper name,
+and a training run's ten-crop validation on an image folder is section 3.4's 10-crop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from reslab.data import transforms as T
+from reslab.data.setup import build_data
+from reslab.engine.config import load_recipe
+from reslab.runtime.distributed import DistInfo
+
+
+def _folder(root: Path, *, size: tuple[int, int] = (300, 260)) -> Path:
+    """root/{train,val}/{a,b}/*.png: 3 real decoded PNGs per class and split, 300x260."""
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                px = g.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(px).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _data(recipe: str, root: Path, *sets: str):
+    cfg = load_recipe(recipe).override(
+        [f"data={root}", "batch_size=2", "workers=0", "device=cpu", *sets]
+    )
+    return cfg, build_data(cfg, torch.device("cpu"), DistInfo())
+
+
+def _train_transform(data) -> v2.Compose:
+    return data.train.dataset.transform
+
+
+@pytest.mark.parametrize(
+    ("recipe", "first"), [("imagenet-paper", T.RandomShorterSideCrop), ("alexnet", v2.Resize)]
+)
+def test_paper_recipes_train_with_their_augmentation_and_pca_colour(
+    tmp_path: Path, recipe: str, first: type
+) -> None:
+    cfg, data = _data(recipe, _folder(tmp_path))
+    assert cfg.pca_lighting and isinstance(data.train.lighting, T.PCALighting)
+    steps = _train_transform(data).transforms
+    assert isinstance(steps[0], first) and isinstance(steps[-1], v2.RandomHorizontalFlip)
+    if recipe == "imagenet-paper":  # section 3.4: shorter side uniform in [256, 480]
+        assert (steps[0].lo, steps[0].hi, steps[0].size) == (256, 480, 224)
+        assert (cfg.momentum, cfg.weight_decay, cfg.milestones) == (0.9, 1e-4, [150000, 300000])
+    else:  # the notes: 256x256, aspect not kept, then random 224 crops
+        assert list(steps[0].size) == [256, 256] and isinstance(steps[1], v2.RandomCrop)
+        assert (cfg.lr, cfg.weight_decay, cfg.batch_size) == (0.01, 5e-4, 2)
+        assert cfg.milestones == [300000, 600000, 800000] and cfg.iters == 900000
+    x, _ = next(iter(data.train))
+    assert x.shape == (2, 3, 224, 224) and torch.isfinite(x).all()
+
+
+def test_ten_crop_validation_of_a_folder_is_the_papers_10_crop(tmp_path: Path) -> None:
+    root = _folder(tmp_path)
+    _, data = _data("imagenet-paper", root, "eval_views=ten-crop")
+    x, y = next(iter(data.evals["val"]))
+    assert x.shape == (1, 10, 3, 224, 224) and y.tolist() == [0]  # batch_size // 10, at least 1
+    # The same views `reslab eval --views ten-crop` makes: the image's shorter side to 256,
+    # 4 corners + centre and their mirrors, each normalised like a training crop.
+    from torchvision.io import decode_image
+
+    img = decode_image(str(root / "val" / "a" / "0.png"))
+    views = T.ten_crop_transform(resize=256, crop_size=224)(img)  # [10, 3, 224, 224] uint8
+    want = data.preprocess.normalize(views.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(x[0], want)
+    # The evaluator turns them into one prediction per image, as for CIFAR's device views.
+    from reslab.engine.evaluator import evaluate
+    from reslab.models import create_model
+
+    model = create_model("resnet18", num_classes=2).eval()
+    r = evaluate(model, data.evals["val"], device=torch.device("cpu"), precision="fp32",
+                 num_classes=2, views="ten-crop")  # fmt: skip
+    assert r.num_samples == 6
