@@ -322,6 +322,14 @@ def _relaunch_torchrun(args: argparse.Namespace) -> int:
     --nproc-per-node N --max-restarts K -m reslab train ...` (one machine)."""
     import subprocess
 
+    from reslab.engine.config import check_batch_divides
+    from reslab.errors import UserError
+
+    try:  # what every worker would refuse, refused once here and not N times in tracebacks
+        cfg = _train_config(args)
+        check_batch_divides(cfg.batch_size, args.nproc)
+    except UserError as e:
+        return _fail("train", _one_line(e))
     argv, skip = [], False
     for a in args.argv:  # the command line without the launcher's own options
         if skip:

@@ -172,6 +172,28 @@ def test_late_failure_is_replaced_and_counted(bad_folder: Path) -> None:
     assert [Path(b.path).name for b in ds2.skipped()] == ["truncated.jpg"]
 
 
+def test_a_split_replaces_a_late_failure_from_its_own_samples(bad_folder: Path) -> None:
+    """A held-out file that fails to decode is replaced by the next VALIDATION sample, never by
+    the training image that follows it on disk (and the other way round)."""
+    broken = bad_folder / "c_broken"
+    for name in ("zero.jpg", "text.png", "bomb.png"):
+        (broken / name).unlink()
+    Image.fromarray(_rgb()).save(broken / "y_next.jpg")  # on disk right after truncated.jpg
+    Image.fromarray(_rgb()[::-1].copy()).save(broken / "z_last.jpg")
+    ds = ImageFolder(bad_folder, transform=center_crop_transform(resize=32, crop_size=24),
+                     min_size=24)  # fmt: skip
+    names = [Path(p).name for p, _ in ds.samples]
+    t, nxt, last = (names.index(n) for n in ("truncated.jpg", "y_next.jpg", "z_last.jpg"))
+    assert nxt == t + 1
+    val = ds.select([0, t, last])  # y_next.jpg belongs to the other split
+    train = ds.select([i for i in range(len(ds)) if i not in (0, t, last)])
+    assert len(val) == 3 and len(train) == len(ds) - 3
+    assert torch.equal(val[1][0], ds[last][0])  # the view's next sample, not y_next.jpg
+    assert not torch.equal(val[1][0], ds[nxt][0])
+    assert torch.equal(val.select([1, 2])[0][0], ds[last][0])  # views of views compose
+    assert [Path(b.path).name for b in ds.skipped()] == ["truncated.jpg"]  # marks are shared
+
+
 def test_small_images_are_upscaled(bad_folder: Path) -> None:
     ds = ImageFolder(bad_folder, min_size=32)
     i = [Path(p).name for p, _ in ds.samples].index("tiny.png")

@@ -130,3 +130,30 @@ def test_a_bad_stats_file_is_one_clear_error_and_never_runs_code(
             load_stats(path)
         assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "stats-code-ran").exists()
+
+
+def test_folder_stats_and_check_read_the_training_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """DIR/CLASS/* beside DIR/val/CLASS/*: training never sees val/ as a class, so neither do
+    `data check` and `data stats`; a file that fails to decode is left out of the statistics,
+    not replaced by (and counted as) its neighbour."""
+    root = tmp_path / "imgs"
+    for split, value in (("", 40), ("val", 200)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((30, 30, 3), value + i, np.uint8)).save(
+                    root / split / c / f"{i}.png"
+                )
+    good = (root / "cat" / "0.png").read_bytes()
+    (root / "cat" / "1.png").write_bytes(good[: len(good) // 2])  # passes the header scan
+    stats = compute_folder_stats(root, resize=24, crop_size=24, batch_size=4)
+    assert stats.count == 5  # 6 training images, one truncated; none of val/
+    want = (40 + 42 + 40 + 41 + 42) / 5 / 255  # cat 0, 2; dog 0, 1, 2 (cat/1.png truncated)
+    assert abs(stats.mean[0] - want) < 1e-6
+    assert main(["data", "check", str(root), "--min-size", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "training set:" in out and f"validation set ({root / 'val'}):" in out
+    train_part = out.split("validation set")[0]
+    assert "  val " not in train_part and "cat" in train_part and "dog" in train_part

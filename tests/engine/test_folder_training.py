@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from reslab.data.cifar import DataError
 from reslab.engine.config import TrainConfig
 from reslab.engine.trainer import train
 from reslab.runtime.checkpoint import load_checkpoint
@@ -86,3 +87,78 @@ def test_a_run_inside_its_image_folder_is_refused(tmp_path: Path) -> None:
         with pytest.raises(RunDirError, match="inside the image folder"):
             train(cfg, progress=False)
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_fine_tune_restarts_resumes_without_its_weights_and_refuses_changed_classes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The finetune recipe leaves image size and resize open: a torchrun restart (the same
+    command line again) must resolve them to the stored values and resume; a resume needs no
+    initial weights file (the checkpoint holds every weight); and a class folder renamed since
+    the start is refused, never trained as another class's output."""
+    import shutil
+
+    import reslab
+    from reslab.cli import main
+    from reslab.models.weights import CIFAR10_CLASSES, CIFAR10_PROJECT_PREPROCESS, save_safetensors
+
+    data = make_folder(tmp_path / "imgs")
+    init = save_safetensors(reslab.create_model("resnet20"), tmp_path / "init.safetensors",
+                            model_name="resnet20", model_options={},
+                            preprocess=CIFAR10_PROJECT_PREPROCESS, classes=CIFAR10_CLASSES)  # fmt: skip
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--weights", str(init), "--out", str(run), "--iters",
+            "4", "--save-every", "2", "--eval-every", "100", "--workers", "0", "--device", "cpu",
+            "--precision", "fp32"]  # fmt: skip
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    assert main(argv) == 0
+    first = load_checkpoint(run / "last.pt")
+    assert first["config"]["image_size"] == 32 and first["config"]["resize"] == 37
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun runs the same argv again
+    assert main(argv) == 0
+    assert "torchrun restart 1: resuming" in capsys.readouterr().err
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    init.unlink()
+    resume = ["train", "--out", str(run), "--resume", "--workers", "0", "--device", "cpu"]
+    assert main([*resume, "--iters", "6"]) == 0, capsys.readouterr().err
+    after = load_checkpoint(run / "last.pt")
+    assert after["step"] == 6 and after["model_options"] == first["model_options"]
+    shutil.move(data / "train" / "class_1", data / "train" / "zebra")
+    shutil.move(data / "val" / "class_1", data / "val" / "zebra")
+    assert main([*resume, "--iters", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on 3 classes" in err and "gone: class_1; new: zebra" in err
+    assert load_checkpoint(run / "last.pt")["step"] == 6
+
+
+def test_folders_outside_the_known_classes_are_refused_not_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An evaluation folder with a class folder the model does not know (plane/ for airplane/),
+    or a val/ class without a training class, would be scored on the rest without a word."""
+    import shutil
+
+    from reslab.cli import main
+
+    data = make_folder(tmp_path / "imgs")
+    run = tmp_path / "run"
+    cfg = TrainConfig(
+        model="resnet20", dataset="folder", data=str(data), out=str(run), image_size=32,
+        resize=36, batch_size=6, iters=2, eval_every=2, save_every=2, workers=0, device="cpu",
+        eval_splits=["val"], val_split=False, milestones=[],
+    )  # fmt: skip
+    train(cfg, progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(data / "val", other)
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--dataset", "folder",
+                 "--data", str(other)]) == 0  # fmt: skip
+    capsys.readouterr()
+    (other / "class_2").rename(other / "zebra")
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--dataset", "folder",
+                 "--data", str(other)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "has class folders that are not among the 3 known classes: zebra" in err
+    shutil.copytree(data / "val" / "class_0", data / "val" / "dog")
+    cfg.out = str(tmp_path / "run2")
+    with pytest.raises(DataError, match=r"val has class folders .* known classes: dog"):
+        train(cfg, progress=False)

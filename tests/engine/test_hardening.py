@@ -252,7 +252,7 @@ def test_second_writer_refused_and_lock_dies_with_its_process(
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; "
          f"fd = os.open({str(out / '.reslab.lock')!r}, os.O_RDWR | os.O_CREAT); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); "
+         "fcntl.lockf(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); "
          "time.sleep(120)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -263,6 +263,53 @@ def test_second_writer_refused_and_lock_dies_with_its_process(
         holder.kill()  # SIGKILL: the kernel drops the lock with the process
         holder.wait()
     assert main(train_args(cifar_root, out)) == 0
+
+
+def test_a_batch_that_does_not_divide_among_the_processes_is_one_line(
+    cifar_root: Path, tmp_path: Path, capsys
+) -> None:
+    """Refused by the launcher before torchrun starts (no rank tracebacks, nothing written)."""
+    out = tmp_path / "r"
+    fails_cleanly(train_args(cifar_root, out, "--nproc", "3"), capsys,
+                  "batch_size 32 does not divide among 3 processes", "--batch-size 30 or 33")  # fmt: skip
+    fails_cleanly(train_args(cifar_root, out, "--nproc", "2", "--batch-size", "33"), capsys,
+                  "batch_size 33 does not divide among 2 processes")  # fmt: skip
+    assert not out.exists()
+
+
+def test_the_lock_dies_with_the_trainer_not_with_its_forked_workers(tmp_path: Path) -> None:
+    """A SIGKILLed trainer's DataLoader workers live on for seconds; the directory must be free
+    the moment the trainer itself is gone (a torchrun restart comes at once)."""
+    import signal
+    import subprocess
+    import sys
+
+    from reslab.engine import rundir
+
+    out = tmp_path / "run"
+    code = (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from reslab.engine import rundir\n"
+        f"rundir.acquire_lock(Path({str(out)!r}))\n"
+        "if os.fork() == 0:\n"  # a worker: inherits every descriptor, outlives its parent
+        "    time.sleep(60); os._exit(0)\n"
+        "print(os.getpid(), flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert int(proc.stdout.readline()) == proc.pid
+        with pytest.raises(
+            rundir.RunDirError, match=f"in use by another reslab run \\(pid {proc.pid}"
+        ):
+            rundir.acquire_lock(out)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rundir.acquire_lock(out)  # the forked child still runs, holding the descriptor
+    finally:
+        proc.kill()
+        rundir.release_lock(out)
+        subprocess.run(["pkill", "-f", f"acquire_lock\\(Path\\({str(out)!r}"], check=False)
 
 
 def test_best_pt_survives_a_kill_between_the_two_writes(

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from reslab.data.cifar import DataError, _load_cached, load_cifar
-from reslab.data.folder import scan_folder
+from reslab.data.folder import folder_layout, scan_folder
 from reslab.data.stats import cifar_datasets
 
 __all__ = ["check_cifar", "check_data", "check_folder"]
@@ -48,12 +48,19 @@ def check_folder(
     max_pixels: int | None = None,
     num_workers: int = 0,
 ) -> str:
-    """Decode every image (or only read headers with quick=True) and report."""
-    report = scan_folder(
-        root, labels_file=labels_file, check="header" if quick else "decode", min_size=min_size,
-        max_pixels=max_pixels, num_workers=num_workers, warn=False,
-    )  # fmt: skip
-    return report.format()
+    """Decode every image (or only read headers with quick=True) and report, split by split as
+    training reads the folder (a val/ beside the class folders is the validation set)."""
+    opts = dict(check="header" if quick else "decode", min_size=min_size, max_pixels=max_pixels,
+                num_workers=num_workers, warn=False)  # fmt: skip
+    if labels_file is not None:
+        return scan_folder(root, labels_file=labels_file, **opts).format()  # type: ignore[arg-type]
+    train_dir, val_dir, classes = folder_layout(root)
+    train = scan_folder(train_dir, classes=classes, **opts)  # type: ignore[arg-type]
+    if val_dir is None:
+        return train.format()
+    val = scan_folder(val_dir, classes=train.classes, unknown="refuse", **opts)  # type: ignore[arg-type]
+    return "\n".join(["training set:", train.format(), "", f"validation set ({val_dir}):",
+                      val.format()])  # fmt: skip
 
 
 def check_data(root: str | Path, **folder_options: object) -> str:

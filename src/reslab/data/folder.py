@@ -10,6 +10,7 @@ reported by `ImageFolder.skipped()`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import Counter
@@ -206,11 +207,14 @@ def list_samples(
     *,
     labels_file: str | Path | None = None,
     classes: Sequence[str] | None = None,
+    unknown: Literal["ignore", "refuse"] = "ignore",
 ) -> tuple[list[str], list[tuple[str, int]], list[str], list[BadFile], int]:
     """Walk a folder (no decoding) -> (classes, [(path, label)], empty classes, unlabelled, ignored).
 
     Without `labels_file`: one subfolder per class (nested folders inside a class are walked),
     classes sorted by name unless given. With it: the images directly in `root`, labelled by it.
+    unknown="refuse": with `classes` given, a subfolder that is not one of them is an error (an
+    evaluation or validation set would otherwise leave its images out without a word).
     """
     root = Path(root)
     _require_dir(root)
@@ -234,6 +238,14 @@ def list_samples(
     found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if classes is None:
         classes = found
+    extra = [f for f in found if f not in classes]
+    if extra and unknown == "refuse":
+        raise DataError(
+            f"{root} has class folders that are not among the {len(classes)} known classes: "
+            f"{', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}; their images would be "
+            f"left out. Rename them to known ones ({', '.join(list(classes)[:8])}"
+            f"{', ...' if len(classes) > 8 else ''}) or move them out"
+        )
     missing = [c for c in classes if c not in found]
     if not classes:
         raise DataError(
@@ -299,6 +311,21 @@ def _warn_each(bad: Sequence[BadFile]) -> None:
         )
 
 
+def folder_layout(root: str | Path) -> tuple[Path, Path | None, list[str] | None]:
+    """How training reads an image folder -> (training dir, validation dir or None, training
+    class names, None for every subfolder). DIR/train + DIR/val, or DIR/CLASS/* beside
+    DIR/val/CLASS/* (val/ is then the validation set, never a class), or DIR/CLASS/* alone.
+    `data check` and `data stats` read the same layout, so they count what training sees."""
+    root = Path(root)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    val_dir = root / "val" if (root / "val").is_dir() else None
+    classes = None
+    if train_dir == root and val_dir is not None:
+        classes = sorted(e.name for e in os.scandir(root)
+                         if e.is_dir() and not e.name.startswith(".") and e.name != "val")  # fmt: skip
+    return train_dir, val_dir, classes
+
+
 def scan_folder(
     root: str | Path,
     *,
@@ -309,6 +336,7 @@ def scan_folder(
     max_pixels: int | None = None,
     num_workers: int = 0,
     warn: bool = True,
+    unknown: Literal["ignore", "refuse"] = "ignore",
 ) -> ScanReport:
     """List and check every image file of a folder data set.
 
@@ -319,7 +347,7 @@ def scan_folder(
     if check not in ("none", "header", "decode"):
         raise ValueError(f"check must be 'none', 'header' or 'decode', got {check!r}")
     classes_, listed, empty, unlabelled, ignored = list_samples(
-        root, labels_file=labels_file, classes=classes
+        root, labels_file=labels_file, classes=classes, unknown=unknown
     )
     report = ScanReport(
         str(root), classes_, empty_classes=empty, ignored=ignored, min_size=min_size, check=check
@@ -404,12 +432,14 @@ class ImageFolder(Dataset):
         min_size: int = 0,
         max_pixels: int | None = None,
         num_workers: int = 0,
+        unknown: Literal["ignore", "refuse"] = "ignore",
+        on_bad: Literal["replace", "drop"] = "replace",
     ) -> None:
-        self.root, self.transform = str(root), transform
+        self.root, self.transform, self.on_bad = str(root), transform, on_bad
         self.min_size, self.max_pixels = min_size, max_pixels
         self.report = scan_folder(
             root, labels_file=labels_file, classes=classes, check=check, min_size=min_size,
-            max_pixels=max_pixels, num_workers=num_workers,
+            max_pixels=max_pixels, num_workers=num_workers, unknown=unknown,
         )  # fmt: skip
         self.classes = self.report.classes
         self.samples = self.report.samples
@@ -420,9 +450,19 @@ class ImageFolder(Dataset):
         self._labels = np.array(self.targets, dtype=np.int64)
         # One byte per sample in shared memory: workers mark files that fail late (0 = fine).
         self._skip = torch.zeros(len(self.samples), dtype=torch.int8).share_memory_()
+        self._index: np.ndarray | None = None  # select(): this view's samples, in order
+
+    def select(self, indices: Sequence[int]) -> ImageFolder:
+        """A view of these samples (a split) sharing the skip marks. Unlike a torch Subset, a
+        file that fails to decode is replaced by the next usable sample OF THE VIEW, so a
+        validation image can never stand in for a training one, nor the other way round."""
+        view = copy.copy(self)
+        idx = np.asarray(indices, dtype=np.int64)
+        view._index = idx if self._index is None else self._index[idx]
+        return view
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self._labels) if self._index is None else len(self._index)
 
     def _load(self, i: int) -> Tensor:
         img = load_image(os.fsdecode(self._paths[i]), max_pixels=self.max_pixels)
@@ -430,10 +470,13 @@ class ImageFolder(Dataset):
             img = F.resize(img, self.min_size, antialias=True)
         return img
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        n = len(self._labels)
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        """The sample; a file that fails to decode is marked in skipped() and replaced by the
+        next usable sample (on_bad="replace": batches stay full) or None (on_bad="drop")."""
+        n = len(self)
         for step in range(min(n, 64)):
             i = (index + step) % n
+            i = i if self._index is None else int(self._index[i])
             try:
                 img = self._load(i)
             except BadImageError as e:
@@ -445,6 +488,8 @@ class ImageFolder(Dataset):
                         e.reason,
                         index,
                     )
+                if self.on_bad == "drop":
+                    return None
                 continue
             out = self.transform(img) if self.transform is not None else img
             return out, int(self._labels[i])

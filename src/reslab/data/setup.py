@@ -89,7 +89,9 @@ def build_cifar(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDa
     return RunData(loader(train_split, is_train=True), evals, train.classes, pre, len(train.labels))
 
 
-def folder_preprocess(cfg: TrainConfig) -> tuple[Preprocess, torch.nn.Module | None]:
+def folder_preprocess(
+    cfg: TrainConfig, *, resumed: Preprocess | None = None
+) -> tuple[Preprocess, torch.nn.Module | None]:
     """Normalisation and PCA lighting for image folders: from a `reslab data stats` file if given,
     else as the initial weights' network was trained (fine-tuning), else ImageNet's statistics.
 
@@ -104,31 +106,37 @@ def folder_preprocess(cfg: TrainConfig) -> tuple[Preprocess, torch.nn.Module | N
     from reslab.data.transforms import PCALighting
 
     geometry = dict(kind="imagenet", input_size=cfg.image_size, resize=cfg.resize)
-    wpre = None if cfg.stats else weights_preprocess(cfg.weights)
+    stats = None
     if cfg.stats:
         from reslab.data.stats import load_stats
 
         stats = load_stats(cfg.stats)
+    wpre = None if stats or resumed is not None else weights_preprocess(cfg.weights)
+    if resumed is not None:  # a resumed run normalises exactly as it did before
+        pre = resumed
+    elif stats is not None:
         pre = stats.preprocess(mode=cfg.normalization, **geometry)
-        lighting = stats.lighting() if cfg.pca_lighting else None
     elif wpre is not None and wpre.get("mean") is not None:
         mode, mean, std = weights_normalization(wpre, image_size=int(cfg.image_size or 0))
         pre = Preprocess(**geometry, mode=mode, mean=mean, std=std)
-        lighting = PCALighting.imagenet() if cfg.pca_lighting else None
     else:
         pre = Preprocess(**geometry, mode="per_channel", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        lighting = PCALighting.imagenet() if cfg.pca_lighting else None
+    lighting = None
+    if cfg.pca_lighting:
+        lighting = stats.lighting() if stats is not None else PCALighting.imagenet()
     # config.yaml records what the run really does, not the recipe's default.
     cfg.normalization = pre.mode
     return pre, lighting
 
 
-def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunData:
+def build_folder(
+    cfg: TrainConfig, device: torch.device, dist: DistInfo, *, resumed: Preprocess | None = None
+) -> RunData:
     """DIR/train and DIR/val (class subfolders) when present, else DIR is the training set."""
     import os
     from pathlib import Path
 
-    from reslab.data.folder import ImageFolder
+    from reslab.data.folder import ImageFolder, folder_layout
     from reslab.data.folder_defaults import (
         choose_workers,
         fit_batch,
@@ -144,9 +152,9 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
     )
 
     root = Path(resolve_data_root(cfg.data))
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    val_dir = root / "val" if (root / "val").is_dir() else None
-    notes = resolve_geometry(cfg, weights_preprocess(cfg.weights))
+    train_dir, val_dir, train_classes = folder_layout(root)
+    unresolved = cfg.image_size is None or cfg.resize is None
+    notes = resolve_geometry(cfg, weights_preprocess(cfg.weights) if unresolved else None)
     if cfg.folder_augment == "imagenet":
         # Section 3.4: shorter side in [256, 480] for 224 crops; scaled with `resize` elsewhere.
         scale = (cfg.resize, round(cfg.resize * 480 / 256))
@@ -156,12 +164,9 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
     else:
         raise ValueError(f"folder_augment must be imagenet or alexnet, got {cfg.folder_augment!r}")
     cores = os.cpu_count() or 1
-    train_classes = None
-    if train_dir == root and val_dir is not None:
+    if train_classes is not None:
         # DIR/CLASS/* beside DIR/val/CLASS/*: val/ is the validation set, never a class of its
         # own (its images would be trained on, and the model would get an extra output).
-        train_classes = sorted(e.name for e in os.scandir(root)
-                               if e.is_dir() and not e.name.startswith(".") and e.name != "val")  # fmt: skip
         notes.append(f"validation: {val_dir} (not a class: its class folders are the val set)")
     train_ds = ImageFolder(train_dir, transform=train_tf, min_size=cfg.image_size,
                            classes=train_classes, num_workers=min(cfg.workers or cores, cores))  # fmt: skip
@@ -176,7 +181,7 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
             f"({', '.join(with_images) or 'none'}); a classifier needs at least two (one "
             "subfolder of images per class)"
         )
-    pre, lighting = folder_preprocess(cfg)
+    pre, lighting = folder_preprocess(cfg, resumed=resumed)
     if cfg.eval_views == "ten-crop":
         # Section 3.4's 10-crop test on the image (shorter side `resize`), as `reslab eval
         # --views ten-crop` makes it: [10, 3, S, S] per image.
@@ -195,12 +200,12 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
                                               seed=cfg.seed)  # fmt: skip
         held_out = copy.copy(train_ds)  # same files and skip marks, test-time transform
         held_out.transform = eval_tf
-        held_out = torch.utils.data.Subset(held_out, val_idx)
+        held_out = held_out.select(val_idx)
         notes.append(f"validation: {len(val_idx)} of {len(train_ds)} images held out "
                      f"(val_fraction {cfg.val_fraction}, stratified, seed {cfg.seed})")  # fmt: skip
-        train_ds = torch.utils.data.Subset(train_ds, train_idx)
+        train_ds = train_ds.select(train_idx)
     if cfg.train_subset:
-        train_ds = torch.utils.data.Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))
+        train_ds = train_ds.select(range(min(cfg.train_subset, len(train_ds))))
     workers = choose_workers(cfg.workers, images=len(train_ds), cores=cores)
     if cfg.fit_batch:  # otherwise the trainer refuses a batch larger than the training set
         cfg.batch_size, note = fit_batch(cfg.batch_size, images=len(train_ds),
@@ -221,10 +226,10 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
     if (val_dir is not None or held_out is not None) and "val" in cfg.eval_splits:
         val_ds = held_out
         if val_dir is not None:
-            val_ds = ImageFolder(val_dir, transform=eval_tf, classes=classes,
+            val_ds = ImageFolder(val_dir, transform=eval_tf, classes=classes, unknown="refuse",
                                  num_workers=min(cfg.workers or cores, cores))  # fmt: skip
         if cfg.eval_subset:
-            val_ds = torch.utils.data.Subset(val_ds, range(min(cfg.eval_subset, len(val_ds))))
+            val_ds = val_ds.select(range(min(cfg.eval_subset, len(val_ds))))
         # Ten-crop: a tenth of the images per batch, so a batch holds as many crops as in training.
         per = cfg.batch_size // 10 if cfg.eval_views == "ten-crop" else cfg.batch_size
         evals["val"] = FolderLoader(val_ds, batch_size=max(per, dist.world_size), train=False,
@@ -232,7 +237,11 @@ def build_folder(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunD
     return RunData(train, evals, classes, pre, len(train_ds), notes)
 
 
-def build_data(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunData:
+def build_data(
+    cfg: TrainConfig, device: torch.device, dist: DistInfo, *, resumed: Preprocess | None = None
+) -> RunData:
+    """The run's loaders. `resumed`: the preprocessing a resumed run's checkpoint stored, used
+    for image folders instead of deriving it again (the initial weights file is not needed)."""
     from pathlib import Path
 
     from reslab.data.cifar import DataError
@@ -246,5 +255,5 @@ def build_data(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> RunDat
     if cfg.dataset in ("cifar10", "cifar100"):
         return build_cifar(cfg, device, dist)
     if cfg.dataset == "folder":
-        return build_folder(cfg, device, dist)
+        return build_folder(cfg, device, dist, resumed=resumed)
     raise ValueError(f"dataset must be cifar10, cifar100 or folder, got {cfg.dataset!r}")

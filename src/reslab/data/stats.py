@@ -197,25 +197,37 @@ def compute_folder_stats(
     use the evaluation view, which random crops average to. max_images draws a fixed random
     subset (seed) for a quicker estimate.
     """
-    from reslab.data.folder import ImageFolder
+    from reslab.data.folder import ImageFolder, folder_layout
 
+    # The training images only, as training reads the folder: never a val/ split.
+    train_dir, _, classes = folder_layout(root) if labels_file is None else (root, None, None)
     ds = ImageFolder(
-        root,
+        train_dir,
         transform=center_crop_transform(resize=resize, crop_size=crop_size),
         labels_file=labels_file,
+        classes=classes,
         min_size=crop_size,
         num_workers=num_workers,
+        on_bad="drop",  # a file that fails to decode is left out, not counted twice
     )
     subset: Any = ds
     if max_images is not None and max_images < len(ds):
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_images]
         subset = Subset(ds, idx.sort().values.tolist())
-    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
-    stats = compute_stats((x for x, _ in loader), source=str(Path(root).resolve()))
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate_usable)  # fmt: skip
+    stats = compute_stats((x for x, _ in loader if len(x)), source=str(Path(root).resolve()))
     skipped = ds.skipped()
     if skipped:
         stats.source += f" ({len(skipped)} files skipped while reading)"
     return stats
+
+
+def _collate_usable(items: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, list]:
+    usable = [it for it in items if it is not None]
+    if not usable:
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), []
+    return torch.stack([x for x, _ in usable]), [y for _, y in usable]
 
 
 def save_stats(stats: DataStats, path: str | Path) -> Path:

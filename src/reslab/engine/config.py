@@ -322,3 +322,14 @@ def load_recipe(name_or_path: str) -> TrainConfig:
 
 def save_config(cfg: TrainConfig, path: Path, extra: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump({**cfg.to_dict(), "_run": extra}, sort_keys=False))
+
+
+def check_batch_divides(batch_size: int, processes: int) -> None:
+    """batch_size is the global batch: each process takes an equal share of it."""
+    if processes > 1 and batch_size % processes:
+        lo = max(processes, batch_size // processes * processes)
+        raise ConfigError(
+            f"batch_size {batch_size} does not divide among {processes} processes (each takes an "
+            f"equal share of the global batch); use --batch-size {lo} or {lo + processes}, or "
+            "a --nproc that divides it"
+        )

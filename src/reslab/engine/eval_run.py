@@ -187,7 +187,8 @@ def folder_batches(
         sides = tuple(scales or T.MULTISCALE_SHORTER_SIDES)
         tf = functools.partial(T.multiscale_views, shorter_sides=sides)
         batch_size = 1  # every image has its own aspect ratio at every scale
-    ds = ImageFolder(data, transform=tf, labels_file=labels_file, classes=classes)
+    ds = ImageFolder(data, transform=tf, labels_file=labels_file, classes=classes,
+                     unknown="refuse")  # fmt: skip
     part = Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
     # pin_memory (for a CUDA device): the evaluator's non_blocking copies are asynchronous only
     # from pinned memory; from pageable memory each one blocks the host.

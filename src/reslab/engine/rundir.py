@@ -1,12 +1,13 @@
 """Who owns a run directory, and what a run may find in it when it starts.
 
-One writer at a time (an flock that the kernel drops when the process dies, however it dies), a
-resume only with the configuration the run was started with, and no temporary files left over
-from a killed write.
+One writer at a time (a POSIX record lock that the kernel drops when the process dies, however
+it dies), a resume only with the configuration the run was started with, and no temporary files
+left over from a killed write.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sys
@@ -23,9 +24,11 @@ LOCK_NAME = ".reslab.lock"
 # Fields a resumed run may change: how long it runs and how often it reports or saves, and where
 # and how it executes (the same set that `reslab reproduce` lets differ between calls). Anything
 # else (model, data set, normalisation, optimiser, schedule, seed...) would mix two runs in one.
+# `weights` only initialises a new run: a resumed one takes every weight from its checkpoint.
 RESUME_MAY_CHANGE = frozenset({
     "iters", "epochs", "time_limit", "eval_every", "save_every", "log_every",
     "out", "data", "download", "device", "precision", "compile", "compile_mode", "workers",
+    "weights",
 })  # fmt: skip
 # Files whose presence means the directory holds a run worth keeping.
 RUN_FILES = ("last.pt", "best.pt", "final.json", "metrics.jsonl")
@@ -65,8 +68,11 @@ def check_out_outside_data(out: Path, data: str | None, dataset: str) -> None:
 def acquire_lock(out: Path) -> None:
     """Take an exclusive lock on `out` for this process, or refuse naming the holder.
 
-    flock locks belong to the open file: the kernel releases them when the process exits or is
-    killed, so a crashed run never leaves the directory locked.
+    A POSIX record lock (fcntl F_SETLK): it belongs to this process alone, so the kernel
+    releases it the moment the process exits or is killed. (An flock would be shared with every
+    forked child, DataLoader workers included, and outlive a killed trainer by the seconds its
+    orphaned workers take to notice.) Such a lock also drops when this process closes any
+    descriptor of the lock file, so nothing else here opens it.
     """
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -77,8 +83,11 @@ def acquire_lock(out: Path) -> None:
         _created.add(key)
     fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            raise
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise RunDirError(
@@ -106,7 +115,7 @@ def release_lock(out: Path) -> None:
                 out.rmdir()
         except OSError:
             pass  # something appeared meanwhile: leave the directory as it is
-    os.close(fd)  # closing the last descriptor of the open file drops the flock
+    os.close(fd)  # drops the lock
 
 
 def clean_stale_temps(out: Path) -> list[Path]:
@@ -171,6 +180,24 @@ def config_differences(stored: dict[str, Any], requested: dict[str, Any]) -> lis
         if old != new:
             diffs.append(f"{key}: {old!r} -> {new!r}")
     return diffs
+
+
+def check_resume_classes(path: Path, stored: list[str] | None, found: list[str]) -> None:
+    """The model's outputs mean the classes the run started with: a class folder renamed,
+    added or removed since would silently train output i as another class."""
+    if stored is None or list(stored) == list(found):
+        return
+    gone = [c for c in stored if c not in found]
+    new = [c for c in found if c not in stored]
+    what = "; ".join(
+        x for x in (f"gone: {', '.join(gone[:5])}" if gone else "",
+                    f"new: {', '.join(new[:5])}" if new else "") if x
+    ) or "the same names in another order"  # fmt: skip
+    raise RunDirError(
+        f"--resume: {path} was trained on {len(stored)} classes and the data now has "
+        f"{len(found)} ({what}); restore the class folders as they were, or start a new run "
+        "(--weights LAST.pt fine-tunes from it)"
+    )
 
 
 def check_resume_config(path: Path, stored: dict[str, Any], requested: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from reslab.data.setup import RunData, build_data
 from reslab.engine import rundir
-from reslab.engine.config import TrainConfig
+from reslab.engine.config import TrainConfig, check_batch_divides
 from reslab.engine.evaluator import evaluate
 from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
 from reslab.engine.run_length import iters_from_epochs
@@ -109,12 +109,28 @@ def run_info() -> dict[str, Any]:
     return info
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+def _resumed_pre(ckpt: dict[str, Any] | None):
+    if ckpt is None or not isinstance(ckpt.get("preprocess"), dict):
+        return None
+    from reslab.data.preprocess import Preprocess
+
+    return Preprocess.from_dict(ckpt["preprocess"])
+
+
+def build_model(
+    cfg: TrainConfig, num_classes: int, *, resumed: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the options that rebuild it. With `cfg.weights`, the file's own options
     (e.g. torchvision's stride_in_3x3=True) apply unless the config sets them, and the
-    classifier is re-initialised when the file has another number of classes (fine-tuning)."""
+    classifier is re-initialised when the file has another number of classes (fine-tuning).
+    `resumed`: a resumed run's stored options; its checkpoint then holds every weight, so the
+    initial weights file is neither read nor needed."""
     options = dict(cfg.model_options)
     file_classes = None
+    if resumed is not None:
+        model = create_model(cfg.model, **{**resumed, "num_classes": num_classes})
+        _freeze(model, cfg)
+        return model, {**resumed, "num_classes": num_classes}
     if cfg.weights:
         from reslab.models.weights import read_weights
 
@@ -129,11 +145,15 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str
 
         head = "load" if file_classes == num_classes else "reinit"
         load_weights(model, cfg.weights, head=head)
+    _freeze(model, cfg)
+    return model, options
+
+
+def _freeze(model: nn.Module, cfg: TrainConfig) -> None:
     if cfg.freeze_backbone:
         head = {id(p) for p in get_classifier(model).parameters()}
         for p in model.parameters():
             p.requires_grad = id(p) in head
-    return model, options
 
 
 @dataclass
@@ -160,6 +180,8 @@ class Trainer:
         tune_cuda(self.device)
         last = self.out / "last.pt"
         cfg.validate()
+        if self.dist.world_size > 1:  # torchrun started directly, not via --nproc
+            check_batch_divides(cfg.batch_size, self.dist.world_size)
         rundir.check_out_path(self.out)
         rundir.check_out_outside_data(self.out, cfg.data, cfg.dataset)
         if self.dist.is_main:
@@ -167,13 +189,11 @@ class Trainer:
         resume = resume or self._elastic_restart(last)
         rundir.check_start(self.out, resume=resume)
         ckpt = load_checkpoint(last, map_location=self.device) if resume and last.exists() else None
-        if ckpt is not None:
-            rundir.check_resume_config(last, ckpt.get("config") or {}, cfg.to_dict())
         if self.dist.is_main:
             rundir.clean_stale_temps(self.out)
         self._saved_step = None if ckpt is None else int(ckpt["step"])
         torch.manual_seed(cfg.seed)
-        self.data: RunData = build_data(cfg, self.device, self.dist)
+        self.data: RunData = build_data(cfg, self.device, self.dist, resumed=_resumed_pre(ckpt))
         if self.data.train_size < cfg.batch_size:  # no full batch: the loop would never step
             raise rundir.RunDirError(
                 f"the training set has {self.data.train_size} images but one batch needs "
@@ -181,8 +201,16 @@ class Trainer:
             )
         note = iters_from_epochs(cfg, train_size=self.data.train_size)
         self.data.notes += [note] if note else []
+        if ckpt is not None:
+            # Compared once the run has filled in what its recipe leaves open (image size from
+            # the weights, iterations from epochs, a fitted batch): a torchrun restart starts
+            # from the original command line and must resolve to the stored values.
+            rundir.check_resume_config(last, ckpt.get("config") or {}, cfg.to_dict())
+            rundir.check_resume_classes(last, ckpt.get("classes"), self.data.classes)
         num_classes = cfg.num_classes or len(self.data.classes)
-        self.model, self.model_options = build_model(cfg, num_classes)
+        self.model, self.model_options = build_model(
+            cfg, num_classes, resumed=None if ckpt is None else ckpt.get("model_options")
+        )
         self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
