@@ -200,7 +200,12 @@ def _train_config(args: argparse.Namespace):
     stored = _stored_config(args) if args.resume and args.recipe is None else None
     recipe = None if stored is not None else args.recipe or _auto_recipe(args)
     if recipe is not None and args.recipe is None:
-        _notice(f"--data {args.data} is an image folder: recipe finetune (see train --help)")
+        why = (
+            "--dataset folder"
+            if args.dataset == "folder"
+            else f"--data {args.data} is an image folder"
+        )
+        _notice(f"{why}: recipe finetune (see train --help)")
     cfg = stored or (load_recipe(recipe) if recipe else TrainConfig())
     cfg = cfg.override(args.set or [])
     named = None

@@ -63,7 +63,7 @@ def fit_to_input(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     shorter side goes straight to 32, since they only ever saw 32x32 images.
     """
     size = pre.input_size
-    img = TF.resize(img, [pre.resize or size], antialias=True)
+    img = TF.resize(img, [pre.test_resize], antialias=True)
     return TF.center_crop(img, [size, size])
 
 

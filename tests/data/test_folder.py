@@ -284,3 +284,19 @@ def test_label_files_with_a_huge_index_or_other_bytes_are_refused_at_once(tmp_pa
     latin.write_bytes(b"caf\xe9.png 0\n")
     with pytest.raises(DataError, match=r"latin\.txt is not UTF-8 text"):
         read_label_file(latin)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+def test_exif_orientation_turns_a_photo_upright(tmp_path: Path, suffix: str) -> None:
+    """A phone photo stored sideways with Orientation=6 ("rotate 90 clockwise to show") is
+    decoded as it is shown: the stored left half is the shown top half."""
+    px = np.zeros((20, 40, 3), np.uint8)
+    px[:, :20] = 255  # stored 20 high x 40 wide, left half white
+    im = Image.fromarray(px)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / f"rot{suffix}"
+    im.save(path, exif=exif.tobytes(), **({"quality": 95} if suffix == ".jpg" else {}))
+    x = load_image(path)
+    assert tuple(x.shape) == (3, 40, 20)
+    assert x[:, :15].float().mean() > 240 and x[:, -15:].float().mean() < 15

@@ -102,3 +102,27 @@ def test_model_weights_of_the_cifar_project(cifar_root: Path, tmp_path: Path) ->
         pred = model(x).argmax(1)
     want = 100 * (1 - (pred == test.labels[:100]).double().mean().item())
     assert doc["members"][0]["top1_error"] == pytest.approx(want)
+
+
+def test_a_cifar_net_is_shown_the_same_crop_by_eval_and_predict(tmp_path: Path) -> None:
+    """A CIFAR net's stored preprocessing has no resize: eval (centre view) and predict both
+    shrink the whole image to 32, and multi-scale defaults to the CIFAR sides (32, 40, 48)."""
+    from reslab.data.images import load_image
+    from reslab.engine.eval_run import folder_batches
+    from reslab.models.weights import CIFAR10_PROJECT_PREPROCESS
+    from reslab.predict import fit_to_input
+
+    root = _folder(tmp_path / "imgs")
+    pre = Preprocess.from_dict(dict(CIFAR10_PROJECT_PREPROCESS))
+    assert pre.test_resize == 32 and Preprocess.from_dict(PRE).test_resize == 18
+    batches, classes = folder_batches(root, pre=pre, views="center", scales=None,
+                                      labels_file=None, classes=None, limit=None, batch_size=4,
+                                      workers=0)  # fmt: skip
+    x, _ = next(iter(batches))
+    paths = [root / c / f for c in classes for f in sorted(p.name for p in (root / c).iterdir())]
+    want = torch.stack([fit_to_input(load_image(p), pre) for p in paths])
+    assert torch.equal(x, want)
+    multi, _ = folder_batches(root, pre=pre, views="multi-scale", scales=None, labels_file=None,
+                              classes=None, limit=None, batch_size=4, workers=0)  # fmt: skip
+    views, _ = next(iter(multi))
+    assert [min(v.shape[-2:]) for v in views] == [32, 40, 48]

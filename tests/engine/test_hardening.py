@@ -277,6 +277,18 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_one_line(
     assert not out.exists()
 
 
+def test_a_missing_data_directory_is_named_as_such(tmp_path: Path, capsys) -> None:
+    """Not "cifar10 not found" for a folder the user meant to fine-tune on, and no notice that
+    a directory that is not there is an image folder."""
+    gone = tmp_path / "nope"
+    fails_cleanly(["train", "--data", str(gone), "--out", str(tmp_path / "r")], capsys,
+                  f"--data {gone} does not exist", f"reslab data download {gone}",
+                  "or an image folder")  # fmt: skip
+    fails_cleanly(["train", "--data", str(gone), "--dataset", "folder", "--out",
+                   str(tmp_path / "r")], capsys, "does not exist; give a folder with one")  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
 def test_the_lock_dies_with_the_trainer_not_with_its_forked_workers(tmp_path: Path) -> None:
     """A SIGKILLed trainer's DataLoader workers live on for seconds; the directory must be free
     the moment the trainer itself is gone (a torchrun restart comes at once)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
@@ -85,11 +85,15 @@ def describe_mode(mode: str) -> str | None:
 class ImageHeader:
     """Width, height and PIL mode, from the header alone."""
 
-    __slots__ = ("animated", "height", "mode", "width")
+    __slots__ = ("animated", "height", "mode", "turned", "width")
 
-    def __init__(self, width: int, height: int, mode: str, animated: bool = False) -> None:
+    def __init__(
+        self, width: int, height: int, mode: str, animated: bool = False, turned: bool = False
+    ) -> None:
         self.width, self.height, self.mode = width, height, mode
         self.animated = animated  # GIF/WebP/APNG with more than one frame
+        # An EXIF orientation that torchvision.io would not apply (it does for JPEG and PNG).
+        self.turned = turned
 
 
 def _bomb(path: str | Path, w: int, h: int, limit: int) -> BadImageError:
@@ -125,6 +129,7 @@ def read_header(
             with Image.open(src) as im:
                 w, h, mode = im.size[0], im.size[1], im.mode
                 animated = bool(getattr(im, "is_animated", False))  # looks at frame 2 only
+                turned = im.format not in ("JPEG", "PNG") and _orientation(im) not in (0, 1)
     except Image.DecompressionBombError as e:
         raise BadImageError(
             path,
@@ -133,14 +138,16 @@ def read_header(
             "check --max-pixels N` for a scan).",
         ) from None
     except UnidentifiedImageError:
-        raise BadImageError(path, "not an image (unknown format despite its extension)") from None
+        ext = Path(path).suffix.lower()
+        why = "despite its extension" if ext in IMAGE_EXTENSIONS else "no image format found"
+        raise BadImageError(path, f"not an image (unknown format, {why})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImageError(path, f"corrupt header: {e}") from None
     if w * h > limit:
         raise _bomb(path, w, h, limit)
     if w == 0 or h == 0:
         raise BadImageError(path, f"empty image ({w}x{h})")
-    return ImageHeader(w, h, mode, animated)
+    return ImageHeader(w, h, mode, animated, turned)
 
 
 def _pil_to_rgb(im: Image.Image) -> Tensor:
@@ -160,10 +167,29 @@ def _pil_to_rgb(im: Image.Image) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
 
 
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block is no orientation
+        return 1
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im) or im
+    except Exception:  # a damaged EXIF block: the pixels are still the image
+        return im
+
+
 def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
     """Read and decode one file to RGB uint8 [3, H, W], converting grey / CMYK / RGBA /
-    palette / 16-bit. Raises `BadImageError` (zero-byte, not an image, corrupt or truncated,
-    decompression bomb), never a decoder's RuntimeError."""
+    palette / 16-bit, and turned upright as its EXIF orientation says (a phone photo stored
+    sideways is seen as it is shown). Raises `BadImageError` (zero-byte, not an image, corrupt
+    or truncated, decompression bomb), never a decoder's RuntimeError.
+
+    NOTE(paper): not a choice the paper makes; torchvision's PIL-based ImageFolder ignores the
+    orientation tag. ImageNet's JPEGs carry almost none, so it changes nothing there.
+    """
     limit = default_max_pixels() if max_pixels is None else max_pixels
     try:
         # No compressed image outgrows its pixels at 16-bit RGBA (8 bytes each) by much: a
@@ -177,18 +203,19 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
         raise BadImageError(path, f"cannot read: {e.strerror or e}") from None
     head = read_header(path, data=data, max_pixels=max_pixels)
     img: Tensor | None = None
-    if not head.animated:  # torchvision decodes every frame of an animation: PIL reads one
+    # torchvision decodes every frame of an animation (PIL reads one), and turns only JPEG and
+    # PNG upright: PIL takes those cases.
+    if not (head.animated or head.turned):
         try:
-            img = decode_image(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
-            )
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                               mode=ImageReadMode.RGB, apply_exif_orientation=True)  # fmt: skip
         except (RuntimeError, ValueError):
             img = None  # a format torchvision.io lacks (BMP, TIFF, ...) or broken: PIL decides
     if img is None:
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()  # the first frame only
-                img = _pil_to_rgb(im)
+                img = _pil_to_rgb(_upright(im))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise BadImageError(path, f"corrupt or truncated: {e}") from None
     if img.dim() == 4:  # animated GIF/WebP: [frames, 3, H, W]; the first frame is the image

@@ -50,6 +50,18 @@ class Preprocess:
             self._cache[key] = (scale, shift)
         return self._cache[key]
 
+    @property
+    def test_resize(self) -> int:
+        """The shorter side an image is resized to before the single centre crop at test time:
+        `resize` when stored; else the whole image for a CIFAR net (it only ever saw whole
+        32x32 images), section 3.4's 256-for-224 ratio for an ImageNet one. predict, eval and
+        export all use this one rule."""
+        if self.resize:
+            return int(self.resize)
+        if self.kind == "cifar":
+            return self.input_size
+        return round(self.input_size * 256 / 224)
+
     def channel_std(self, device: torch.device) -> torch.Tensor:
         """std as 3 float32 values on `device`, copied there once (PCA lighting divides by it
         every batch; a copy per batch would be a host-to-device transfer per training step)."""

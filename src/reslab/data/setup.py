@@ -247,6 +247,13 @@ def build_data(
     from reslab.data.cifar import DataError
 
     root = Path(resolve_data_root(cfg.data))
+    if not root.exists() and not cfg.download:
+        raise DataError(
+            f"--data {root} does not exist; give "
+            + ("a folder with one subfolder of images per class" if cfg.dataset == "folder"
+               else f"the directory for {cfg.dataset} (`reslab data download {root}` fetches it)"
+               " or an image folder (one subfolder of images per class)")
+        )  # fmt: skip
     if root.exists() and not root.is_dir():
         raise DataError(
             f"--data {root} is a file; give the directory that holds "

@@ -178,13 +178,17 @@ def folder_batches(
     from reslab.data import transforms as T
     from reslab.data.folder import ImageFolder
 
-    resize, crop = pre.resize or round(pre.input_size * 256 / 224), pre.input_size
+    resize, crop = pre.test_resize, pre.input_size
     if views in ("center", "flip"):  # "flip": the evaluator mirrors the centre crop
         tf = T.center_crop_transform(resize=resize, crop_size=crop)
     elif views == "ten-crop":
+        # Corners need an image larger than the crop: at least section 3.4's 256-for-224.
+        resize = max(resize, round(crop * 256 / 224))
         tf = T.ten_crop_transform(resize=resize, crop_size=crop)
     else:
-        sides = tuple(scales or T.MULTISCALE_SHORTER_SIDES)
+        from reslab.engine.views import default_scales
+
+        sides = tuple(scales or default_scales(pre.input_size))
         tf = functools.partial(T.multiscale_views, shorter_sides=sides)
         batch_size = 1  # every image has its own aspect ratio at every scale
     ds = ImageFolder(data, transform=tf, labels_file=labels_file, classes=classes,

@@ -24,6 +24,11 @@ CIFAR_SCALES = (32, 40, 48)
 Views = torch.Tensor | list[torch.Tensor]
 
 
+def default_scales(input_size: int) -> tuple[int, ...]:
+    """The multi-scale test's sides for a model trained on `input_size` px inputs."""
+    return CIFAR_SCALES if input_size <= 64 else IMAGENET_SCALES
+
+
 def ten_crop(x: torch.Tensor, *, size: int | None = None, pad: int = 4) -> torch.Tensor:
     """[B, C, H, W] -> [B, 10, C, size, size]: 4 corners + centre, then their mirror images.
 
@@ -81,5 +86,5 @@ def make_views(
     if views == "ten-crop":
         return ten_crop(x, size=size)
     if scales is None:
-        scales = CIFAR_SCALES if min(x.shape[-2:]) <= 64 else IMAGENET_SCALES
+        scales = default_scales(min(x.shape[-2:]))
     return multi_scale(x, scales=scales)
