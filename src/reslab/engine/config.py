@@ -106,7 +106,9 @@ class TrainConfig:
     # torch.compile the model. Off by default: on a 2-core CPU the gain is small or negative and
     # the first compile is slow (results/benchmarks/bench_train_session6.txt; as built here,
     # x1.01-1.03 for ResNet-20/56 at 24x24 and 32x32 against 35-67 s per shape to compile,
-    # results/resnet{20,56}-cpu-progressive/compile_session11.txt).
+    # results/resnet{20,56}-cpu-progressive/compile_session11.txt). On Intel Xeon with AMX it
+    # is x1.27-1.31 in alternating benchmark rounds but x0.97-0.99 in whole runs
+    # (scripts/compile_ab.sh, results/cpu-kind/intel-amx-20261201), so off there too.
     compile: bool = False
     # torch.compile mode: "default"; "reduce-overhead" replays each step as a CUDA graph (small
     # CIFAR nets on a GPU are launch-bound: ResNet-110's forward alone is 109 conv + 109 BN +

@@ -195,8 +195,8 @@ class FusedTrainer:
                     raise FileExistsError(f"members' last.pt are at different iterations "
                                           f"{sorted(steps)}; resume them one by one")  # fmt: skip
         self.net: nn.Module = self.model
-        if cfg0.compile:
-            self.net = torch.compile(self.net, mode=cfg0.compile_mode)
+        if cfg0.compile:  # one graph per input shape, as the single trainer (trainer.py)
+            self.net = torch.compile(self.net, mode=cfg0.compile_mode, dynamic=False)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _save_last(self) -> None:

@@ -235,7 +235,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         if cfg.compile:
-            self.net = torch.compile(self.net, mode=cfg.compile_mode)
+            # dynamic=False: one graph specialised per input shape ([B,3,24,24] then
+            # [B,3,32,32] under small_size). With torch's default the second shape recompiles
+            # with symbolic sizes, whose steps ran x0.84-0.90 of the specialised ones on Intel
+            # AMX and about as fast on AMD Zen 4 (bench_compile.py --static, results/cpu-kind/).
+            self.net = torch.compile(self.net, mode=cfg.compile_mode, dynamic=False)
 
     def _elastic_restart(self, last: Path) -> bool:
         """Under `torchrun --max-restarts K`, a restarted worker group resumes from the last
