@@ -40,6 +40,9 @@ out, iters = Path(sys.argv[1]), int(sys.argv[2])
 half = iters // 2
 rates: dict[str, dict[str, list[float]]] = {}
 for run in sorted(p for p in out.iterdir() if p.is_dir()):
+    if not (run / "steps.jsonl").is_file():  # a run that failed: its .err file says why
+        print(f"{run.name:16s} no steps.jsonl: see {run}.err")
+        continue
     rows = [r for r in map(json.loads, (run / "steps.jsonl").read_text().splitlines()) if "iter" in r]
     def at(i):
         return min(rows, key=lambda r: abs(r["iter"] - i))
@@ -53,7 +56,7 @@ for run in sorted(p for p in out.iterdir() if p.is_dir()):
     rates[mode]["24"].append(r24)
     rates[mode]["32"].append(r32)
     print(f"{run.name:16s} 24x24 {r24:6.0f} img/s   32x32 {r32:6.0f} img/s")
-for size in ("24", "32"):
+for size in ("24", "32") if len(rates) == 2 else ():
     e, c = (statistics.median(rates[m][size]) for m in ("no-compile", "compile"))
     print(f"{size}x{size}: compiled / eager = x{c / e:.2f} (medians {c:.0f} / {e:.0f} img/s)")
 PYEOF
