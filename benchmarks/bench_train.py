@@ -3,7 +3,9 @@
 reference: ResNet-20 in eager fp32 NCHW, fed by torchvision transforms on PIL images (RandomCrop
 with padding 4, RandomHorizontalFlip, ToTensor, Normalize) per sample through a DataLoader.
 reslab: the same net in channels_last with bf16 autocast (where the CPU has native bf16), fed by
-the on-device TensorLoader (whole split as one uint8 tensor, batched pad/crop/flip).
+the on-device TensorLoader (whole split as one uint8 tensor, batched pad/crop/flip), with each
+relu(bn(x) [+ shortcut]) as one fused kernel (models/bn_act.py), as `reslab train` runs it; beside
+it the same without the kernel (fused_bn_act=false), timed in alternating rounds.
 Same model, optimizer, batch (--batch, 128 by default) and real CIFAR-10 images; prints img/s,
 the ratio, and the fraction of the machine's measured bf16 matmul peak that the training step
 reaches.
@@ -36,6 +38,7 @@ from reslab.data.loaders import TensorLoader
 from reslab.data.setup import cifar_preprocess
 from reslab.engine.schedules import make_sgd
 from reslab.models import create_model
+from reslab.models.bn_act import kernel_status, load_kernel, use_fused_bn_act
 from reslab.runtime.precision import autocast, resolve_precision
 
 
@@ -112,10 +115,26 @@ def main() -> None:
     pre = cifar_preprocess("per_pixel", train.images)
     loader = TensorLoader(train.images, train.labels, batch_size=args.batch, preprocess=pre,
                           train=True, channels_last=True)  # fmt: skip
+    # reslab's default, as the trainer runs it: relu(bn(x) [+ shortcut]) as one fused kernel.
     ours_model = create_model(args.model).to(memory_format=torch.channels_last)
+    use_fused_bn_act(ours_model)
+    load_kernel()  # built (or loaded from torch's cache) before any timing
     ours_step = make_step(ours_model, (b for _ in range(100) for b in loader), precision)
-    ours = time_steps(ours_step, args.steps, args.warmup)
-    profiles = [format_profile(step_profile(ours_step), f"reslab default ({precision} eager)")]
+    # The same without the kernel (--set fused_bn_act=false): BN, ReLU and adds as eager ops.
+    unfused_model = create_model(args.model).to(memory_format=torch.channels_last)
+    unfused_step = make_step(unfused_model, (b for _ in range(100) for b in loader), precision)
+    # Alternating rounds: this VM's speed drifts, so both see the same drift.
+    ours_r, unfused_r = [], []
+    for _ in range(3):
+        ours_r.append(time_steps(ours_step, max(args.steps // 3, 1), args.warmup))
+        unfused_r.append(time_steps(unfused_step, max(args.steps // 3, 1), args.warmup))
+    ours, unfused = max(ours_r), max(unfused_r)
+    profiles = [
+        format_profile(step_profile(ours_step), f"reslab default ({precision}, {kernel_status()})"),
+        format_profile(
+            step_profile(unfused_step), f"reslab fused_bn_act=false ({precision} eager)"
+        ),
+    ]
 
     compiled_model = torch.compile(create_model(args.model).to(memory_format=torch.channels_last))
     compiled_step = make_step(compiled_model, (b for _ in range(100) for b in loader), precision)
@@ -136,6 +155,7 @@ def main() -> None:
     rows = [
         ("reference: eager fp32 NCHW, PIL/torchvision DataLoader", ref),
         (f"reslab: {precision} autocast, channels_last, on-device data", ours),
+        ("  the same with fused_bn_act=false (eager BN, ReLU, adds)", unfused),
         ("reslab --compile: the same + torch.compile (after compiling)", compiled),
     ]
     for name, ips in rows:

@@ -51,6 +51,8 @@ def matmul_peak(
 # Where a training step's time goes, by what the op does. First match wins; names are matched
 # lower-case against the profiler's op names (eager aten ops and inductor's fused kernels).
 _CATEGORIES = (
+    ("fused BN+ReLU(+add) kernel backward", ("_bnactbackward",)),
+    ("fused BN+ReLU(+add) kernel forward", ("_bnact",)),
     ("convolution backward", ("convolution_backward",)),
     ("convolution forward", ("convolution", "conv2d")),
     ("batch norm backward", ("batch_norm_backward",)),

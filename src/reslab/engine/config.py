@@ -115,6 +115,11 @@ class TrainConfig:
     # ReLU/add ops, each a kernel of a few microseconds at batch 128); or
     # "max-autotune" / "max-autotune-no-cudagraphs". Only read when compile is on.
     compile_mode: str = "default"
+    # On the CPU, compute each relu(bn(x) [+ shortcut]) of training as one fused C++ kernel
+    # (models/bn_act.py, built on first use; the eager path where it cannot be built). Same
+    # model, parameters and math; bf16 rounds once instead of after BN, add and ReLU. Not used
+    # with compile (inductor fuses these itself) or on GPUs (cuDNN).
+    fused_bn_act: bool = True
     workers: int | None = None  # DataLoader workers for image folders; None: from cores and size
     sync_bn: bool = False  # distributed: SyncBatchNorm (the paper keeps BN per device)
     time_limit: float | None = None  # seconds of training, then stop with a final evaluation

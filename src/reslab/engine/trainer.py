@@ -27,6 +27,7 @@ from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
 from reslab.models import create_model
+from reslab.models.bn_act import load_kernel, use_fused_bn_act
 from reslab.models.registry import get_classifier
 from reslab.runtime import distributed as D
 from reslab.runtime.checkpoint import (
@@ -234,6 +235,9 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        if cfg.fused_bn_act and self.device.type == "cpu" and not cfg.compile:
+            use_fused_bn_act(self.model)
+            load_kernel()  # built (or found cached) now, not inside the first timed step
         if cfg.compile:
             # dynamic=False: one graph specialised per input shape ([B,3,24,24] then
             # [B,3,32,32] under small_size). With torch's default the second shape recompiles

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reslab.models.bn_act import bn_relu
 from reslab.models.layers import conv1x1, conv3x3, make_shortcut
 
 
@@ -12,6 +13,9 @@ class BasicBlock(nn.Module):
     """Two 3x3 convs (Table 1, ResNet-18/34; section 4.2, CIFAR nets)."""
 
     expansion = 1
+    # How relu(bn(x) [+ shortcut]) is computed in training: one fused CPU kernel when True
+    # (models/bn_act.py; set by use_fused_bn_act), else eager ops. Same math, same weights.
+    fused_bn_act = False
 
     def __init__(
         self,
@@ -36,11 +40,13 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))  # [N, planes, H/s, W/s]: F(x), after BN, before add
+        fused = self.fused_bn_act
+        out = bn_relu(self.bn1, self.conv1(x), fused=fused)
+        out = self.conv2(out)  # [N, planes, H/s, W/s]; bn2(out) is F(x), added before the ReLU
+        short = None
         if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
+            short = x if self.downsample is None else self.downsample(x)
+        return bn_relu(self.bn2, out, short, fused=fused)
 
 
 class Bottleneck(nn.Module):
@@ -50,6 +56,7 @@ class Bottleneck(nn.Module):
     """
 
     expansion = 4
+    fused_bn_act = False  # as in BasicBlock
 
     def __init__(
         self,
@@ -77,12 +84,14 @@ class Bottleneck(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        fused = self.fused_bn_act
+        out = bn_relu(self.bn1, self.conv1(x), fused=fused)
+        out = bn_relu(self.bn2, self.conv2(out), fused=fused)
+        out = self.conv3(out)
+        short = None
         if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
+            short = x if self.downsample is None else self.downsample(x)
+        return bn_relu(self.bn3, out, short, fused=fused)
 
 
 Block = type[BasicBlock] | type[Bottleneck]

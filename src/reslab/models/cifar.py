@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from reslab.models.blocks import BasicBlock
+from reslab.models.bn_act import bn_relu
 from reslab.models.registry import ModelInfo, register_model
 from reslab.models.resnet import init_resnet
 
@@ -48,8 +49,10 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
         init_resnet(self, zero_init_residual=zero_init_residual)
 
+    fused_bn_act = False  # the stem's relu(bn1(conv1)), as in BasicBlock
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = bn_relu(self.bn1, self.conv1(x), fused=self.fused_bn_act)  # [N, 16, 32, 32]
         return self.layer3(self.layer2(self.layer1(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,199 @@
+"""BatchNorm + (residual add) + ReLU as one op on the CPU: relu(bn(x) [+ r]) in training mode.
+
+On a 2-core CPU a CIFAR ResNet's training step spends about half its time in batch norm, ReLU
+and the residual adds, each a separate pass over memory (results/cpu-kind/). This op makes the
+forward two passes (channel sums, then normalise+add+ReLU) and the backward two (masked sums,
+then the input gradient and, with a residual, the shortcut's gradient), with a C++ kernel
+(kernels/bn_act.cpp) compiled on first use for this CPU and cached by torch. The model is
+unchanged: the same BatchNorm2d modules, parameters, running statistics and state_dict; only how
+`relu(bn(x) + r)` is computed differs.
+
+Used where every condition holds (see `usable`): the block's `fused_bn_act` flag (set by
+`use_fused_bn_act`, which the trainer calls for CPU runs), training mode, an nn.BatchNorm2d with
+affine weights, running statistics and a momentum, CPU tensors in channels_last, bf16 or fp32,
+channels a multiple of 16, and not inside torch.compile. Anything else takes the eager path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import threading
+import time
+import warnings
+from importlib import resources
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LOCK = threading.Lock()
+_EXT: Any = None
+_FAILED: str | None = None
+
+
+def _cpu_key() -> str:
+    """The build targets this CPU (-march=native): a cached build must not be loaded on another
+    kind of CPU (the machine may change under the same home directory), so the CPU's model name
+    and flags are part of the extension's name."""
+    text = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        text += "".join(lines)
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _clear_stale_lock(lock: str, max_age_s: float = 600.0) -> None:
+    """torch's build waits for as long as its lock file exists, and a build killed midway leaves
+    it behind: every later run would hang. A build takes under a minute, so a lock older than
+    max_age_s is a dead one and is removed."""
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return  # no lock: nobody is building
+    if age > max_age_s:
+        warnings.warn(f"reslab: removing a stale kernel build lock {lock} ({age:.0f} s old)",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch runs `ninja` from PATH; the pip package's copy is not on it unless the venv is
+    activated (`.venv/bin/reslab ...`), so its folder goes first for the build."""
+    old = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    except (ImportError, AttributeError):
+        pass  # a system ninja, if any, is used
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def load_kernel() -> Any | None:
+    """The compiled extension, built on the first call (about 30 s) and cached by torch under
+    TORCH_EXTENSIONS_DIR; None (with one warning) where it cannot be built, and None without a
+    warning under RESLAB_BN_KERNEL=0 (the eager path, e.g. to compare)."""
+    global _EXT, _FAILED
+    if _EXT is not None or _FAILED is not None:
+        return _EXT
+    with _LOCK:
+        if _EXT is not None or _FAILED is not None:
+            return _EXT
+        if os.environ.get("RESLAB_BN_KERNEL") == "0":
+            _FAILED = "off: RESLAB_BN_KERNEL=0"
+            return None
+        try:
+            from torch.utils.cpp_extension import get_default_build_root, load
+
+            name = f"reslab_bn_act_{_cpu_key()}"
+            build = os.path.join(get_default_build_root(), name)
+            os.makedirs(build, exist_ok=True)
+            _clear_stale_lock(os.path.join(build, "lock"))
+            src = resources.files("reslab.models") / "kernels" / "bn_act.cpp"
+            with resources.as_file(src) as path, _ninja_on_path():
+                _EXT = load(
+                    name=name,
+                    sources=[str(path)],
+                    extra_cflags=["-O3", "-march=native", "-fno-math-errno"],
+                    build_directory=build,
+                    verbose=False,
+                )
+        except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, once
+            _FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+            warnings.warn(
+                "reslab: the fused batch-norm/ReLU kernel could not be built "
+                f"({_FAILED}); training uses the eager path (slower on CPUs). "
+                "Install a C++ compiler and ninja to enable it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _EXT
+
+
+def usable(bn: nn.Module, x: torch.Tensor, r: torch.Tensor | None) -> bool:
+    """Whether relu(bn(x) [+ r]) can run through the fused kernel (see the module docstring)."""
+    if not (bn.training and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats):
+        return False
+    if bn.momentum is None or torch.compiler.is_compiling() or torch.jit.is_scripting():
+        return False
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 4:
+        return False
+    if x.shape[1] % 16 or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if r is not None and (r.dtype != x.dtype or r.shape != x.shape):
+        return False
+    if x.numel() // x.shape[1] < 2:  # batch norm of one value per channel: eager raises
+        return False
+    return load_kernel() is not None
+
+
+class _BNAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r, weight, bias, shift, eps):  # type: ignore[override]
+        ext = load_kernel()
+        if r is not None:
+            r = r.contiguous(memory_format=torch.channels_last)
+        y, mean, var, rstd = ext.forward(x, r, weight, bias, shift, eps)
+        ctx.save_for_backward(x, y, mean, rstd, weight)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.with_residual = r is not None
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
+        x, y, mean, rstd, weight = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        dx, dw, db, dr = load_kernel().backward(dy, x, y, mean, rstd, weight, ctx.with_residual)
+        return dx, (dr if ctx.with_residual else None), dw, db, None, None
+
+
+def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, r: torch.Tensor | None = None,
+            *, fused: bool = False) -> torch.Tensor:  # fmt: skip
+    """relu(bn(x) + r) (r optional): the fused kernel when `fused` and `usable`, else eager."""
+    if not (fused and usable(bn, x, r)):
+        out = bn(x)
+        return F.relu(out if r is None else out + r, inplace=True)  # `out` is a new tensor
+    # Under autocast the conv output x is bf16 and BN's parameters fp32, as in eager autocast.
+    with torch.autocast(x.device.type, enabled=False):
+        y, mean, var = _BNAct.apply(x, r, bn.weight, bn.bias, bn.running_mean.detach(), bn.eps)
+        with torch.no_grad():
+            # torch's update: the running variance takes the unbiased batch variance.
+            m = x.numel() // x.shape[1]
+            bn.running_mean.lerp_(mean, bn.momentum)
+            bn.running_var.lerp_(var * (m / (m - 1)), bn.momentum)
+            bn.num_batches_tracked.add_(1)
+    return y
+
+
+def use_fused_bn_act(model: nn.Module, on: bool = True) -> int:
+    """Set every block's `fused_bn_act` flag; returns how many modules take it. The flag only
+    chooses how training-mode BN+ReLU is computed: weights, outputs and state_dict stay the
+    same (tests/models/test_bn_act.py checks outputs and gradients against the eager path)."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "fused_bn_act"):
+            m.fused_bn_act = on
+            n += 1
+    return n
+
+
+def kernel_status() -> str:
+    """One line for run banners and benchmarks: whether the fused kernel is in use."""
+    if _FAILED is not None:
+        return f"eager (kernel build failed: {_FAILED})"
+    return "fused kernel" if _EXT is not None else "not built yet"
+
+
+__all__ = ["bn_relu", "kernel_status", "load_kernel", "usable", "use_fused_bn_act"]
