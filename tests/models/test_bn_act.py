@@ -90,6 +90,7 @@ def test_the_kernel_is_taken_only_where_it_applies():
     assert not usable(_bn(8), torch.randn(2, 8, 4, 4).contiguous(memory_format=CL), None)  # 8 ch
     assert not usable(bn, x.double(), None)
     assert not usable(bn, x, torch.randn(2, 16, 4, 4).double().contiguous(memory_format=CL))
+    assert not usable(_bn(16).bfloat16(), x.bfloat16(), None)  # BN parameters not fp32
     bn.eval()
     assert not usable(bn, x, None)  # eval mode: running statistics, the eager path
     bn.train()

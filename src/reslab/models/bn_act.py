@@ -128,6 +128,8 @@ def usable(bn: nn.Module, x: torch.Tensor, r: torch.Tensor | None) -> bool:
         return False
     if bn.momentum is None or torch.compiler.is_compiling() or torch.jit.is_scripting():
         return False
+    if bn.weight.dtype != torch.float32 or bn.running_mean.dtype != torch.float32:
+        return False  # the kernel keeps BN's parameters and statistics in fp32, as autocast does
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 4:
         return False
     if x.shape[1] % 16 or not x.is_contiguous(memory_format=torch.channels_last):
