@@ -119,7 +119,10 @@ def test_watched_run_banner_timed_progress_loss_warning_and_logs(
     argv = ["train", "--data", str(data), "--weights", str(weights), "--out", str(out),
             "--device", "cpu", "--precision", "fp32", "--iters", "40", "--lr", "3",
             "--set", "schedule=step", "--set", "log_every=1000000",
-            "--set", "eval_every=1000000", "--set", "save_every=1000000"]  # fmt: skip
+            "--set", "eval_every=1000000", "--set", "save_every=1000000",
+            # The blow-up must stay finite for 40 steps; calibrated on the eager BN ops, whose
+            # rounding differs from the fused kernel's (with it the loss was nan by step 16).
+            "--set", "fused_bn_act=false"]  # fmt: skip
     assert main(argv) == 0
     err = capsys.readouterr().err
     for text in ("recipe finetune, new run", "66 training images, 3 classes; evaluated: val 6",
