@@ -2,8 +2,8 @@
 // memory each way, for the CPU. Built on first use by reslab/models/bn_act.py.
 //
 // A channels_last [N, C, H, W] tensor is M = N*H*W rows of C contiguous channels. Every loop
-// below walks rows and, inside a row, blocks of 16 channels: one AVX-512 register of fp32 lanes,
-// so each block is a fixed-length loop the compiler turns into vector code. Activations are bf16
+// below walks rows and, inside a row, the channels as one fixed-length loop the compiler turns
+// into vector code (rows of 16/32 channels are packed 64 wide: see CT below). Activations are bf16
 // (stored as raw uint16) or fp32; every sum is accumulated in fp32 per task and in double across
 // tasks.
 //
@@ -22,7 +22,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 16;    // channels per inner loop (C must be a multiple)
+constexpr int64_t kBlock = 16;    // C must be a multiple: one AVX-512 register of fp32
 constexpr int64_t kGrain = 1024;  // rows per parallel task
 
 inline float load(const float* p, int64_t i) { return p[i]; }
