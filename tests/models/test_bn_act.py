@@ -149,3 +149,19 @@ def test_switched_off_by_environment_without_a_warning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)  # fmt: skip
     assert "RESLAB_BN_KERNEL=0" in out.stdout
+
+
+def test_a_dead_build_lock_is_removed_and_a_live_one_kept(tmp_path):
+    """torch waits for as long as its build lock exists; one left by a killed build would hang
+    every later run."""
+    from reslab.models.bn_act import _clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    _clear_stale_lock(str(lock))
+    assert lock.exists()  # fresh: another process may be building right now
+    old = lock.stat().st_mtime - 3600
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale kernel build lock"):
+        _clear_stale_lock(str(lock))
+    assert not lock.exists()
