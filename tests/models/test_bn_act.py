@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -48,8 +49,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-# 16/32/64 channels run packed 64 wide; 48 and an odd pixel count take the run-time-width loop.
-SHAPES = [(8, 16, 12, 12), (8, 32, 8, 8), (4, 64, 5, 5), (3, 48, 5, 5), (3, 16, 5, 5)]
+# 16/32/64 channels run packed 64 wide; 48, 128 and an odd pixel count take the run-time-width
+# loop. The last two span several 256-row chunks of fp32 sums on each thread.
+SHAPES = [(8, 16, 12, 12), (8, 32, 8, 8), (4, 64, 5, 5), (3, 48, 5, 5), (3, 16, 5, 5),
+          (32, 16, 32, 32), (16, 128, 9, 9)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -69,6 +72,49 @@ def test_fused_matches_float64_as_closely_as_eager(shape, residual, dtype):
     floor = 1e-5 if dtype == torch.float32 else 1e-2
     for k in exact:
         assert _rel(fused[k], exact[k]) <= 1.5 * _rel(eager[k], exact[k]) + floor, k
+
+
+def test_nan_propagates_as_in_eager():
+    """A NaN from a diverging run must reach the loss (the trainer stops on a non-finite loss):
+    relu(NaN) is NaN in torch, and the fused kernel must not turn it into 0."""
+    x = torch.randn(4, 16, 6, 6)
+    x[1, 3, 2, 2] = float("nan")
+    r = torch.randn(4, 16, 6, 6)
+    for dtype in (torch.float32, torch.bfloat16):
+        xs, rs = x.to(dtype).contiguous(memory_format=CL), r.to(dtype).contiguous(memory_format=CL)
+        fused = bn_relu(_bn(16), xs, rs, fused=True)
+        eager = bn_relu(_bn(16), xs, rs, fused=False)
+        assert torch.equal(fused.isnan(), eager.isnan()) and fused.isnan().any()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 target")
+def test_the_portable_build_matches_float64_too(monkeypatch):
+    """Built for AVX2 (x86-64-v3), the kernel takes its portable vector code, which CPUs without
+    AVX-512 run; it must pass the same accuracy checks (about 40 s to compile, cached after)."""
+    from reslab.models import bn_act
+
+    ext = bn_act._build("reslab_bn_act_test_x86_64_v3", march="x86-64-v3")
+    assert ext.simd().startswith("portable")
+    monkeypatch.setattr(bn_act, "_EXT", ext)
+    for shape in [(8, 16, 12, 12), (3, 48, 5, 5), (16, 128, 9, 9)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            test_fused_matches_float64_as_closely_as_eager(shape, True, dtype)
+            test_fused_matches_float64_as_closely_as_eager(shape, False, dtype)
+    test_nan_propagates_as_in_eager()
+
+
+def test_repeated_calls_give_identical_results():
+    """The channel sums are split into parts by rows, not by whichever thread came first."""
+    x = torch.randn(32, 16, 32, 32).bfloat16().contiguous(memory_format=CL).requires_grad_()
+    gy = torch.randn(32, 16, 32, 32).bfloat16()
+    outs = []
+    for _ in range(2):
+        bn = _bn(16)
+        y = bn_relu(bn, x, fused=True)
+        (gx,) = torch.autograd.grad(y, x, gy)
+        outs.append((y, gx, bn.running_var.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 def test_running_statistics_and_counter_follow_torch():
@@ -165,3 +211,26 @@ def test_a_dead_build_lock_is_removed_and_a_live_one_kept(tmp_path):
     with pytest.warns(RuntimeWarning, match="stale kernel build lock"):
         _clear_stale_lock(str(lock))
     assert not lock.exists()
+
+
+def test_the_kernel_loads_past_an_old_lock_file_without_a_warning():
+    """torch 2.14 keeps its build lock file and locks it with the OS: an old file is no sign of a
+    dead build, and removing it (with a warning on every run) would let two builds race. Under
+    an existence-blocking torch the old file is a dead build's and goes, with one warning."""
+    from reslab.models.bn_act import _lock_file_blocks
+
+    code = (
+        "import os, time, warnings; warnings.simplefilter('error');"
+        "from torch.utils.cpp_extension import get_default_build_root;"
+        "from reslab.models import bn_act;"
+        "lock = os.path.join(get_default_build_root(), f'reslab_bn_act_{bn_act._cpu_key()}', 'lock');"
+        "os.makedirs(os.path.dirname(lock), exist_ok=True); open(lock, 'a').close();"
+        "old = time.time() - 3600; os.utime(lock, (old, old));"
+        "assert bn_act.load_kernel() is not None; print(os.path.exists(lock))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if _lock_file_blocks():
+        assert "stale kernel build lock" in out.stderr
+    else:
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == "True"

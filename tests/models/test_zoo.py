@@ -141,6 +141,24 @@ def test_option_a_shortcut_is_subsample_and_zero_pad() -> None:
     assert (y[:, :8] == 0).all() and (y[:, 24:] == 0).all()
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_option_a_gradient_matches_slicing_and_keeps_the_layout(fmt) -> None:
+    """The shortcut's backward is its own (layers._SubsamplePad): the same gradient as autograd
+    through x[:, :, ::2, ::2] and F.pad, in x's memory format (an NCHW gradient for a
+    channels_last net cost a layout copy every step)."""
+    from reslab.models.layers import PadShortcut
+
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=fmt).requires_grad_()
+    g = torch.randn(2, 32, 4, 4)
+    y = PadShortcut(16, 32, 2)(x)
+    assert y.is_contiguous(memory_format=fmt)
+    (dx,) = torch.autograd.grad(y, x, g)
+    ref = torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+    (dref,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(y, ref) and torch.equal(dx, dref)
+    assert dx.is_contiguous(memory_format=fmt)
+
+
 def test_any_6n_plus_2_depth_and_bad_depth() -> None:
     from reslab.models.cifar import cifar_resnet
 

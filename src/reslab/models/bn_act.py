@@ -4,7 +4,9 @@ On a 2-core CPU a CIFAR ResNet's training step spends about half its time in bat
 and the residual adds, each a separate pass over memory (results/cpu-kind/). This op makes the
 forward two passes (channel sums, then normalise+add+ReLU) and the backward two (masked sums,
 then the input gradient and, with a residual, the shortcut's gradient), with a C++ kernel
-(kernels/bn_act.cpp) compiled on first use for this CPU and cached by torch. The model is
+(kernels/bn_act.cpp: AVX-512 code where the CPU has it, portable vector code elsewhere)
+compiled on first use for this CPU and cached by torch. The ReLU's mask is kept as one bit per
+value, so the backward reads x, dy and the bits rather than x, dy and y. The model is
 unchanged: the same BatchNorm2d modules, parameters, running statistics and state_dict; only how
 `relu(bn(x) + r)` is computed differs.
 
@@ -49,10 +51,19 @@ def _cpu_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _lock_file_blocks() -> bool:
+    """Whether torch's extension build waits for as long as its lock file exists (FileBaton,
+    torch <= 2.13, e.g. the GPU image's 2.11), so that one left by a killed build hangs every
+    later run. torch 2.14 holds an OS advisory lock on a file that stays (released by the kernel
+    when its holder dies): that file must be left alone, or two builds could run at once."""
+    from torch.utils import cpp_extension
+
+    return not hasattr(cpp_extension, "FileLock")
+
+
 def _clear_stale_lock(lock: str, max_age_s: float = 600.0) -> None:
-    """torch's build waits for as long as its lock file exists, and a build killed midway leaves
-    it behind: every later run would hang. A build takes under a minute, so a lock older than
-    max_age_s is a dead one and is removed."""
+    """For torch's existence-blocking lock (see `_lock_file_blocks`): a build takes under a
+    minute, so a lock file older than max_age_s is a dead build's and is removed."""
     try:
         age = time.time() - os.path.getmtime(lock)
     except OSError:
@@ -81,6 +92,25 @@ def _ninja_on_path():
         os.environ["PATH"] = old
 
 
+def _build(name: str, *, march: str) -> Any:
+    """Compile kernels/bn_act.cpp for `march` (or load torch's cached build of it) as `name`."""
+    from torch.utils.cpp_extension import get_default_build_root, load
+
+    build = os.path.join(get_default_build_root(), name)
+    os.makedirs(build, exist_ok=True)
+    if _lock_file_blocks():
+        _clear_stale_lock(os.path.join(build, "lock"))
+    src = resources.files("reslab.models") / "kernels" / "bn_act.cpp"
+    with resources.as_file(src) as path, _ninja_on_path():
+        return load(
+            name=name,
+            sources=[str(path)],
+            extra_cflags=["-O3", f"-march={march}", "-fno-math-errno"],
+            build_directory=build,
+            verbose=False,
+        )
+
+
 def load_kernel() -> Any | None:
     """The compiled extension, built on the first call (about 30 s) and cached by torch under
     TORCH_EXTENSIONS_DIR; None (with one warning) where it cannot be built, and None without a
@@ -95,21 +125,7 @@ def load_kernel() -> Any | None:
             _FAILED = "off: RESLAB_BN_KERNEL=0"
             return None
         try:
-            from torch.utils.cpp_extension import get_default_build_root, load
-
-            name = f"reslab_bn_act_{_cpu_key()}"
-            build = os.path.join(get_default_build_root(), name)
-            os.makedirs(build, exist_ok=True)
-            _clear_stale_lock(os.path.join(build, "lock"))
-            src = resources.files("reslab.models") / "kernels" / "bn_act.cpp"
-            with resources.as_file(src) as path, _ninja_on_path():
-                _EXT = load(
-                    name=name,
-                    sources=[str(path)],
-                    extra_cflags=["-O3", "-march=native", "-fno-math-errno"],
-                    build_directory=build,
-                    verbose=False,
-                )
+            _EXT = _build(f"reslab_bn_act_{_cpu_key()}", march="native")
         except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, once
             _FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
             warnings.warn(
@@ -147,17 +163,18 @@ class _BNAct(torch.autograd.Function):
         ext = load_kernel()
         if r is not None:
             r = r.contiguous(memory_format=torch.channels_last)
-        y, mean, var, rstd = ext.forward(x, r, weight, bias, shift, eps)
-        ctx.save_for_backward(x, y, mean, rstd, weight)
+        # mask: one bit per value of y (y > 0) for the ReLU's backward, [numel / 16] int16.
+        y, mask, mean, var, rstd = ext.forward(x, r, weight, bias, shift, eps)
+        ctx.save_for_backward(x, mask, mean, rstd, weight)
         ctx.mark_non_differentiable(mean, var)
         ctx.with_residual = r is not None
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
-        x, y, mean, rstd, weight = ctx.saved_tensors
+        x, mask, mean, rstd, weight = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
-        dx, dw, db, dr = load_kernel().backward(dy, x, y, mean, rstd, weight, ctx.with_residual)
+        dx, dw, db, dr = load_kernel().backward(dy, x, mask, mean, rstd, weight, ctx.with_residual)
         return dx, (dr if ctx.with_residual else None), dw, db, None, None
 
 
@@ -195,7 +212,7 @@ def kernel_status() -> str:
     """One line for run banners and benchmarks: whether the fused kernel is in use."""
     if _FAILED is not None:
         return f"eager (kernel build failed: {_FAILED})"
-    return "fused kernel" if _EXT is not None else "not built yet"
+    return f"fused kernel, {_EXT.simd()}" if _EXT is not None else "not built yet"
 
 
 __all__ = ["bn_relu", "kernel_status", "load_kernel", "usable", "use_fused_bn_act"]

@@ -1,242 +1,357 @@
 // Training-mode BatchNorm + (residual add) + ReLU over channels_last tensors in two passes over
 // memory each way, for the CPU. Built on first use by reslab/models/bn_act.py.
 //
-// A channels_last [N, C, H, W] tensor is M = N*H*W rows of C contiguous channels. Every loop
-// below walks rows and, inside a row, the channels as one fixed-length loop the compiler turns
-// into vector code (rows of 16/32 channels are packed 64 wide: see CT below). Activations are bf16
-// (stored as raw uint16) or fp32; every sum is accumulated in fp32 per task and in double across
-// tasks.
+// A channels_last [N, C, H, W] tensor is N*H*W pixels of C contiguous channels. The loops walk
+// it as rows of R values, R = 64 where C divides 64 (16 or 32 channels: 4 or 2 pixels a row) and
+// R = C otherwise, each row as R/16 vectors of 16 fp32 lanes (one AVX-512 register; a plain
+// 16-float struct elsewhere). Column k of a row is channel k % C. Activations are bf16 (raw
+// uint16) or fp32; sums run in fp32 over chunks of kChunk rows and in double across chunks.
 //
 // forward : pass 1 sums (x - shift) and its square per channel; pass 2 writes
-//           y = relu(x * a + b' [+ r]) with a = weight * rstd, b' = bias - mean * a.
-// backward: pass 1 sums g and g * (x - mean) with g = dy masked by y > 0; pass 2 writes
-//           dx = a * (g - sum_g / M - (x - mean) * rstd^2 * sum_gx / M) and, with a residual,
-//           dr = g (the gradient the shortcut receives).
+//           y = relu(x * a + b' [+ r]) with a = weight * rstd, b' = bias - mean * a, and one
+//           bit per value, z > 0: the ReLU's mask, 1/16 of a bf16 tensor's bytes.
+// backward: pass 1 sums g and g * (x - mean) with g = dy where the mask is set, else 0; pass 2
+//           writes dx = a * (g - sum_g / M - (x - mean) * rstd^2 * sum_gx / M) and, with a
+//           residual, dr = g (the gradient the shortcut receives). Reading the mask instead of
+//           y saves 2 of the 8 bytes each bf16 value costs in both passes.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define RESLAB_AVX512 1
+#endif
+
 namespace {
 
-constexpr int64_t kBlock = 16;    // C must be a multiple: one AVX-512 register of fp32
-constexpr int64_t kGrain = 1024;  // rows per parallel task
+constexpr int64_t kLanes = 16;   // C must be a multiple: one vector of fp32
+static_assert(sizeof(uint64_t) == 4 * sizeof(uint16_t), "a packed row's mask is 4 words");
+constexpr int64_t kGrain = 512;  // rows per parallel task, at least (a part of the sums too)
+constexpr int64_t kChunk = 256;  // rows summed in fp32 before the double totals
+constexpr int64_t kChunkValues = 32768;  // at most, for rows of run-time width
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
+#ifdef RESLAB_AVX512
+using V = __m512;
+using Mask = uint16_t;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vload(const uint16_t* p) {  // bf16 -> fp32 is exact: the bits go to the high half
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline void vstore(uint16_t* p, V v) {  // fp32 -> bf16, round to nearest even
+#ifdef __AVX512BF16__
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+#endif
+}
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a * b + c
+inline V vfnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+inline Mask vpositive(V z) { return _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ); }
+// max(0, z) returns its second operand when one is NaN: a NaN stays NaN, as in torch.relu.
+inline V vrelu(V z) { return _mm512_max_ps(_mm512_setzero_ps(), z); }
+inline V vkeep(Mask m, V g) { return _mm512_maskz_mov_ps(m, g); }
+#else
+// Portable: 16 floats as a struct whose loops the compiler vectorises for the CPU it targets.
+struct V {
+  float f[kLanes];
+};
+using Mask = uint16_t;
+inline float sload(const float* p, int64_t i) { return p[i]; }
+inline float sload(const uint16_t* p, int64_t i) {
   uint32_t u = uint32_t(p[i]) << 16;
   float v;
   std::memcpy(&v, &u, 4);
   return v;
 }
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) {
-  // Round to nearest even, as torch's own float -> bf16 conversion does for finite values.
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  p[i] = uint16_t(u >> 16);
+inline V vzero() { return V{}; }
+template <typename T>
+inline V vload(const T* p) {
+  V r;
+  for (int i = 0; i < kLanes; ++i) r.f[i] = sload(p, i);
+  return r;
+}
+inline void vstore(float* p, V v) { std::memcpy(p, v.f, sizeof v.f); }
+inline void vstore(uint16_t* p, V v) {
+  for (int i = 0; i < kLanes; ++i) {  // round to nearest even, as torch's conversion does
+    uint32_t u;
+    std::memcpy(&u, &v.f[i], 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    p[i] = uint16_t(u >> 16);
+  }
+}
+#define RESLAB_V_OP(name, expr)                           \
+  inline V name(V a, V b) {                               \
+    V r;                                                  \
+    for (int i = 0; i < kLanes; ++i) r.f[i] = (expr);     \
+    return r;                                             \
+  }
+RESLAB_V_OP(vadd, a.f[i] + b.f[i])
+RESLAB_V_OP(vsub, a.f[i] - b.f[i])
+#undef RESLAB_V_OP
+inline V vfma(V a, V b, V c) {
+  for (int i = 0; i < kLanes; ++i) c.f[i] = a.f[i] * b.f[i] + c.f[i];
+  return c;
+}
+inline V vfnma(V a, V b, V c) {
+  for (int i = 0; i < kLanes; ++i) c.f[i] = c.f[i] - a.f[i] * b.f[i];
+  return c;
+}
+inline Mask vpositive(V z) {
+  Mask m = 0;
+  for (int i = 0; i < kLanes; ++i) m |= Mask(z.f[i] > 0.f) << i;
+  return m;
+}
+inline V vrelu(V z) {
+  for (int i = 0; i < kLanes; ++i) z.f[i] = z.f[i] <= 0.f ? 0.f : z.f[i];  // NaN stays NaN
+  return z;
+}
+inline V vkeep(Mask m, V g) {
+  for (int i = 0; i < kLanes; ++i) g.f[i] = (m >> i) & 1 ? g.f[i] : 0.f;
+  return g;
+}
+#endif
+
+// Adds a vector's lanes into 16 double totals.
+inline void flush(V v, double* t) {
+  alignas(64) float f[kLanes];
+  vstore(f, v);
+  for (int i = 0; i < kLanes; ++i) t[i] += f[i];
 }
 
-// Per-thread fp32 partial sums, added in double at the end: acc is [threads, 2, C].
-struct Partials {
-  int nt;
-  int64_t C;
-  std::vector<float> acc;
-  Partials(int64_t C_) : nt(at::get_num_threads()), C(C_), acc(static_cast<size_t>(2 * nt * C_), 0.f) {}
-  void add(const float* l1, const float* l2) {
-    float* a = acc.data() + 2 * at::get_thread_num() * C;
-    for (int64_t c = 0; c < C; ++c) {
-      a[c] += l1[c];
-      a[C + c] += l2[c];
-    }
+// The row geometry: R values a row, NV = R / 16 vectors; NVT > 0 fixes NV at compile time
+// (the packed 64-wide rows), so row loops unroll and per-column constants stay in registers.
+template <int64_t NVT>
+struct Rows {
+  int64_t C, NV, R, M;
+  explicit Rows(const at::Tensor& x)
+      : C(x.size(1)), NV(NVT > 0 ? NVT : x.size(1) / kLanes), R(NV * kLanes), M(x.numel() / R) {}
+  // One value per column from a per-channel array.
+  std::vector<float> columns(const float* per_channel) const {
+    std::vector<float> out(static_cast<size_t>(R));
+    for (int64_t k = 0; k < R; ++k) out[k] = per_channel[k % C];
+    return out;
   }
-  // Sums per real channel: column k of a packed row is channel k % Cr.
-  void total(std::vector<double>& s1, std::vector<double>& s2, int64_t Cr) const {
-    s1.assign(static_cast<size_t>(Cr), 0.0);
-    s2.assign(static_cast<size_t>(Cr), 0.0);
-    for (int t = 0; t < nt; ++t)
-      for (int64_t k = 0; k < C; ++k) {
-        s1[k % Cr] += acc[2 * t * C + k];
-        s2[k % Cr] += acc[2 * t * C + C + k];
+};
+
+// Column sums are taken in parts, one per thread: part p covers rows [M p / P, M (p + 1) / P)
+// and owns its slot of 2 x R doubles ([sum 1 | sum 2] per column), so the totals do not depend
+// on which thread ran which part.
+struct Totals {
+  int64_t R, parts;
+  std::vector<double> t;
+  Totals(int64_t R_, int64_t M)
+      : R(R_),
+        parts(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / kGrain))),
+        t(static_cast<size_t>(2 * R_ * parts), 0.0) {}
+  template <typename F>
+  void run(int64_t M, F&& f) {  // f(slot, m0, m1) for every part, in parallel
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) f(t.data() + 2 * R * p, M * p / parts, M * (p + 1) / parts);
+    });
+  }
+  void per_channel(int64_t C, std::vector<double>& s1, std::vector<double>& s2) const {
+    s1.assign(static_cast<size_t>(C), 0.0);
+    s2.assign(static_cast<size_t>(C), 0.0);
+    for (size_t base = 0; base < t.size(); base += 2 * R)
+      for (int64_t k = 0; k < R; ++k) {
+        s1[k % C] += t[base + k];
+        s2[k % C] += t[base + R + k];
       }
   }
 };
 
-// CT > 0: rows are CT = 64 values wide, a compile-time constant, so every row loop is fully
-// unrolled vector code; 16 and 32 channels are packed 4 or 2 pixels to a row (measured on Intel
-// Xeon with AMX: 16-wide rows ran 4x slower per value than 64-wide). CT == 0 reads C at run time
-// (any multiple of 16).
+// Sums over rows [m0, m1) of f(row, j) -> (v1, v2) per vector j into tot (2 x R doubles),
+// in fp32 per chunk of rows. Run-time-width rows are summed a column of vectors at a time, so
+// their chunk is kept to kChunkValues values (it stays in cache from one column to the next).
+template <int64_t NVT, typename F>
+inline void column_sums(const Rows<NVT>& g, int64_t m0, int64_t m1, double* tot, F&& f) {
+  constexpr int64_t kMaxNV = NVT > 0 ? NVT : 1;
+  const int64_t chunk = NVT > 0 ? kChunk : std::clamp<int64_t>(kChunkValues / g.R, 8, kChunk);
+  for (int64_t c0 = m0; c0 < m1; c0 += chunk) {
+    const int64_t c1 = std::min(m1, c0 + chunk);
+    if constexpr (NVT > 0) {
+      V s1[kMaxNV], s2[kMaxNV];
+      for (int64_t j = 0; j < NVT; ++j) s1[j] = s2[j] = vzero();
+      for (int64_t m = c0; m < c1; ++m)
+        for (int64_t j = 0; j < NVT; ++j) f(m, j, s1[j], s2[j]);
+      for (int64_t j = 0; j < NVT; ++j) {
+        flush(s1[j], tot + j * kLanes);
+        flush(s2[j], tot + g.R + j * kLanes);
+      }
+    } else {
+      for (int64_t j = 0; j < g.NV; ++j) {
+        V s1 = vzero(), s2 = vzero();
+        for (int64_t m = c0; m < c1; ++m) f(m, j, s1, s2);
+        flush(s1, tot + j * kLanes);
+        flush(s2, tot + g.R + j * kLanes);
+      }
+    }
+  }
+}
 
-template <typename T, int64_t CT>
+// Per-column constants as vectors: held in registers for NVT > 0, loaded from memory otherwise.
+template <int64_t NVT>
+struct Consts {
+  static constexpr int64_t kN = NVT > 0 ? NVT : 1;
+  V v[kN];
+  const float* p;
+  explicit Consts(const float* p_) : p(p_) {
+    if constexpr (NVT > 0)
+      for (int64_t j = 0; j < NVT; ++j) v[j] = vload(p_ + j * kLanes);
+  }
+  V operator[](int64_t j) const {
+    if constexpr (NVT > 0)
+      return v[j];
+    else
+      return vload(p + j * kLanes);
+  }
+};
+
+template <typename T, int64_t NVT>
 void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& weight,
                   const at::Tensor& bias, const at::Tensor& shift, double eps, at::Tensor& y,
-                  at::Tensor& mean, at::Tensor& var, at::Tensor& rstd) {
-  // The loops see rows of C = CT values: with CT = 64 and 16 or 32 real channels (Cr), one
-  // row holds 4 or 2 consecutive pixels and column k is channel k % Cr.
-  const int64_t Cr = x.size(1), C = CT > 0 ? CT : Cr, M = x.numel() / C;
+                  at::Tensor& mask, at::Tensor& mean, at::Tensor& var, at::Tensor& rstd) {
+  const Rows<NVT> g(x);
   const T* __restrict__ xp = reinterpret_cast<const T*>(x.data_ptr());
   const T* __restrict__ rp = r.defined() ? reinterpret_cast<const T*>(r.data_ptr()) : nullptr;
   T* __restrict__ yp = reinterpret_cast<T*>(y.data_ptr());
-  std::vector<float> shift_w(static_cast<size_t>(C));
-  for (int64_t k = 0; k < C; ++k) shift_w[k] = shift.data_ptr<float>()[k % Cr];
-  const float* shift_p = shift_w.data();
-  Partials part(C);
-  at::parallel_for(0, M, kGrain, [=, &part](int64_t m0, int64_t m1) {
-    alignas(64) float buf[CT > 0 ? 3 * CT : 1];
-    std::vector<float> heap(CT > 0 ? 0 : static_cast<size_t>(3 * C));
-    float* __restrict__ l1 = CT > 0 ? buf : heap.data();
-    float* __restrict__ l2 = l1 + C;
-    float* __restrict__ sh = l2 + C;
-    for (int64_t c = 0; c < C; ++c) {
-      l1[c] = l2[c] = 0.f;
-      sh[c] = shift_p[c];
-    }
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* __restrict__ row = xp + m * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const float v = load(row, c) - sh[c];
-        l1[c] += v;
-        l2[c] += v * v;
-      }
-    }
-    part.add(l1, l2);
+  Mask* __restrict__ mp = reinterpret_cast<Mask*>(mask.data_ptr());
+  const std::vector<float> shift_c = g.columns(shift.data_ptr<float>());
+  Totals totals(g.R, g.M);
+  totals.run(g.M, [&](double* slot, int64_t m0, int64_t m1) {
+    const Consts<NVT> sh(shift_c.data());
+    column_sums(g, m0, m1, slot, [&](int64_t m, int64_t j, V& s1, V& s2) {
+      const V v = vsub(vload(xp + m * g.R + j * kLanes), sh[j]);
+      s1 = vadd(s1, v);
+      s2 = vfma(v, v, s2);
+    });
   });
   std::vector<double> s1, s2;
-  part.total(s1, s2, Cr);
+  totals.per_channel(g.C, s1, s2);
   // Shifted sums keep the variance exact to fp32 when |mean| >> std (shift = running mean).
-  const int64_t Mr = x.numel() / Cr;  // values per channel
-  std::vector<float> ab(static_cast<size_t>(2 * C));
+  const double n = double(x.numel() / g.C);  // values per channel
   const float* w = weight.data_ptr<float>();
   const float* bi = bias.data_ptr<float>();
-  float* mp = mean.data_ptr<float>();
-  float* vp = var.data_ptr<float>();
+  const float* sp = shift.data_ptr<float>();
+  float* mu = mean.data_ptr<float>();
+  float* va = var.data_ptr<float>();
   float* rs = rstd.data_ptr<float>();
-  for (int64_t c = 0; c < Cr; ++c) {
-    const double d = s1[c] / double(Mr);
-    const double v = std::max(s2[c] / double(Mr) - d * d, 0.0);
-    mp[c] = float(d + shift_p[c]);
-    vp[c] = float(v);
+  std::vector<float> a(static_cast<size_t>(g.C)), b(static_cast<size_t>(g.C));
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double d = s1[c] / n;
+    const double v = std::max(s2[c] / n - d * d, 0.0);
+    mu[c] = float(d + sp[c]);
+    va[c] = float(v);
     rs[c] = float(1.0 / std::sqrt(v + eps));
+    a[c] = w[c] * rs[c];
+    b[c] = bi[c] - mu[c] * a[c];
   }
-  for (int64_t k = 0; k < C; ++k) {
-    const int64_t c = k % Cr;
-    ab[k] = w[c] * rs[c];
-    ab[C + k] = bi[c] - mp[c] * ab[k];
-  }
-  const float* abp = ab.data();
-  at::parallel_for(0, M, kGrain, [=](int64_t m0, int64_t m1) {
-    alignas(64) float buf[CT > 0 ? 2 * CT : 1];
-    std::vector<float> heap(CT > 0 ? 0 : static_cast<size_t>(2 * C));
-    float* __restrict__ a = CT > 0 ? buf : heap.data();
-    float* __restrict__ b = a + C;
-    for (int64_t c = 0; c < 2 * C; ++c) a[c] = abp[c];
-    for (int64_t m = m0; m < m1; ++m) {
-      const int64_t o = m * C;
-      if (rp) {
-        for (int64_t c = 0; c < C; ++c) {
-          const float z = load(xp, o + c) * a[c] + b[c] + load(rp, o + c);
-          store(yp, o + c, z > 0.f ? z : 0.f);
+  const std::vector<float> a_c = g.columns(a.data()), b_c = g.columns(b.data());
+  auto pass2 = [&](auto with_r) {
+    at::parallel_for(0, g.M, kGrain, [&](int64_t m0, int64_t m1) {
+      const Consts<NVT> av(a_c.data()), bv(b_c.data());
+      for (int64_t m = m0; m < m1; ++m) {
+        uint64_t bits = 0;  // a packed row's 4 masks go out as one 8-byte store
+        for (int64_t j = 0; j < g.NV; ++j) {
+          const int64_t o = m * g.R + j * kLanes;
+          V z = vfma(vload(xp + o), av[j], bv[j]);
+          if constexpr (decltype(with_r)::value) z = vadd(z, vload(rp + o));
+          if constexpr (NVT > 0)
+            bits |= uint64_t(vpositive(z)) << (16 * j);
+          else
+            mp[m * g.NV + j] = vpositive(z);
+          vstore(yp + o, vrelu(z));
         }
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          const float z = load(xp, o + c) * a[c] + b[c];
-          store(yp, o + c, z > 0.f ? z : 0.f);
-        }
+        if constexpr (NVT > 0) std::memcpy(mp + m * NVT, &bits, sizeof bits);
       }
-    }
-  });
+    });
+  };
+  if (rp)
+    pass2(std::true_type{});
+  else
+    pass2(std::false_type{});
 }
 
-template <typename T, int64_t CT>
-void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+template <typename T, int64_t NVT>
+void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
                    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
                    at::Tensor& dx, at::Tensor& dr, at::Tensor& dw, at::Tensor& db) {
-  const int64_t Cr = x.size(1), C = CT > 0 ? CT : Cr, M = x.numel() / C;  // as in forward
+  const Rows<NVT> g(x);
   const T* __restrict__ gp = reinterpret_cast<const T*>(dy.data_ptr());
   const T* __restrict__ xp = reinterpret_cast<const T*>(x.data_ptr());
-  const T* __restrict__ yp = reinterpret_cast<const T*>(y.data_ptr());
+  const Mask* __restrict__ mp = reinterpret_cast<const Mask*>(mask.data_ptr());
   T* __restrict__ dxp = reinterpret_cast<T*>(dx.data_ptr());
   T* __restrict__ drp = dr.defined() ? reinterpret_cast<T*>(dr.data_ptr()) : nullptr;
-  std::vector<float> mean_w(static_cast<size_t>(C));
-  for (int64_t k = 0; k < C; ++k) mean_w[k] = mean.data_ptr<float>()[k % Cr];
-  const float* mean_p = mean_w.data();
-  Partials part(C);
-  at::parallel_for(0, M, kGrain, [=, &part](int64_t m0, int64_t m1) {
-    alignas(64) float buf[CT > 0 ? 3 * CT : 1];
-    std::vector<float> heap(CT > 0 ? 0 : static_cast<size_t>(3 * C));
-    float* __restrict__ l1 = CT > 0 ? buf : heap.data();
-    float* __restrict__ l2 = l1 + C;
-    float* __restrict__ mu = l2 + C;
-    for (int64_t c = 0; c < C; ++c) {
-      l1[c] = l2[c] = 0.f;
-      mu[c] = mean_p[c];
-    }
-    for (int64_t m = m0; m < m1; ++m) {
-      const int64_t o = m * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const float g = load(yp, o + c) > 0.f ? load(gp, o + c) : 0.f;
-        l1[c] += g;
-        l2[c] += g * (load(xp, o + c) - mu[c]);
-      }
-    }
-    part.add(l1, l2);
+  const std::vector<float> mean_c = g.columns(mean.data_ptr<float>());
+  Totals totals(g.R, g.M);
+  totals.run(g.M, [&](double* slot, int64_t m0, int64_t m1) {
+    const Consts<NVT> mu(mean_c.data());
+    column_sums(g, m0, m1, slot, [&](int64_t m, int64_t j, V& s1, V& s2) {
+      const int64_t o = m * g.R + j * kLanes;
+      const V gv = vkeep(mp[m * g.NV + j], vload(gp + o));
+      s1 = vadd(s1, gv);
+      s2 = vfma(gv, vsub(vload(xp + o), mu[j]), s2);
+    });
   });
   std::vector<double> sg, sgx;
-  part.total(sg, sgx, Cr);
-  const int64_t Mr = x.numel() / Cr;
-  std::vector<float> coef(static_cast<size_t>(4 * C));  // a, k1, k2, mean per column
+  totals.per_channel(g.C, sg, sgx);
+  const double n = double(x.numel() / g.C);
   const float* w = weight.data_ptr<float>();
   const float* rs = rstd.data_ptr<float>();
   float* dwp = dw.data_ptr<float>();
   float* dbp = db.data_ptr<float>();
-  for (int64_t c = 0; c < Cr; ++c) {
+  // dx = a * g - a * sum_g / n - a * rstd^2 * sum_gx / n * (x - mean), per channel.
+  std::vector<float> a(static_cast<size_t>(g.C)), k1(a.size()), k2(a.size());
+  for (int64_t c = 0; c < g.C; ++c) {
     dwp[c] = float(sgx[c]) * rs[c];
     dbp[c] = float(sg[c]);
+    a[c] = w[c] * rs[c];
+    k1[c] = float(-double(a[c]) * sg[c] / n);
+    k2[c] = float(double(a[c]) * rs[c] * rs[c] * sgx[c] / n);
   }
-  for (int64_t k = 0; k < C; ++k) {
-    const int64_t c = k % Cr;
-    coef[k] = w[c] * rs[c];
-    coef[C + k] = float(sg[c] / double(Mr));
-    coef[2 * C + k] = float(sgx[c] / double(Mr)) * rs[c] * rs[c];
-    coef[3 * C + k] = mean_p[k];
-  }
-  const float* cp = coef.data();
-  at::parallel_for(0, M, kGrain, [=](int64_t m0, int64_t m1) {
-    alignas(64) float buf[CT > 0 ? 4 * CT : 1];
-    std::vector<float> heap(CT > 0 ? 0 : static_cast<size_t>(4 * C));
-    float* __restrict__ a = CT > 0 ? buf : heap.data();
-    for (int64_t c = 0; c < 4 * C; ++c) a[c] = cp[c];
-    const float* __restrict__ k1 = a + C;
-    const float* __restrict__ k2 = a + 2 * C;
-    const float* __restrict__ mu = a + 3 * C;
-    for (int64_t m = m0; m < m1; ++m) {
-      const int64_t o = m * C;
-      if (drp) {
-        for (int64_t c = 0; c < C; ++c) {
-          const float g = load(yp, o + c) > 0.f ? load(gp, o + c) : 0.f;
-          store(dxp, o + c, a[c] * (g - k1[c] - (load(xp, o + c) - mu[c]) * k2[c]));
-          store(drp, o + c, g);
+  const std::vector<float> a_c = g.columns(a.data()), k1_c = g.columns(k1.data()),
+                           k2_c = g.columns(k2.data());
+  auto pass2 = [&](auto with_r) {
+    at::parallel_for(0, g.M, kGrain, [&](int64_t m0, int64_t m1) {
+      const Consts<NVT> av(a_c.data()), k1v(k1_c.data()), k2v(k2_c.data()), mu(mean_c.data());
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t j = 0; j < g.NV; ++j) {
+          const int64_t o = m * g.R + j * kLanes;
+          const V gv = vkeep(mp[m * g.NV + j], vload(gp + o));
+          const V t = vsub(vload(xp + o), mu[j]);
+          vstore(dxp + o, vfnma(k2v[j], t, vfma(av[j], gv, k1v[j])));
+          if constexpr (decltype(with_r)::value) vstore(drp + o, gv);
         }
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          const float g = load(yp, o + c) > 0.f ? load(gp, o + c) : 0.f;
-          store(dxp, o + c, a[c] * (g - k1[c] - (load(xp, o + c) - mu[c]) * k2[c]));
-        }
-      }
-    }
-  });
+    });
+  };
+  if (drp)
+    pass2(std::true_type{});
+  else
+    pass2(std::false_type{});
 }
 
-// Calls f(integral_constant<CT>): 64 where C divides 64 and whole packed rows fit, else 0.
+// Calls f(integral_constant<NVT>): 4 (64-wide packed rows) where C divides 64 and whole rows
+// fit, else 0 (rows of C values, NV read at run time).
 template <typename F>
 void dispatch_width(const at::Tensor& x, F&& f) {
   const int64_t C = x.size(1);
   if (64 % C == 0 && (x.numel() / C) % (64 / C) == 0)
-    f(std::integral_constant<int64_t, 64>{});
+    f(std::integral_constant<int64_t, 4>{});
   else
     f(std::integral_constant<int64_t, 0>{});
 }
@@ -252,13 +367,14 @@ void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "x must be [N, C, H, W]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "x must be bf16 or fp32");
-  TORCH_CHECK(x.size(1) % kBlock == 0, "channels must be a multiple of 16");
+  TORCH_CHECK(x.size(1) % kLanes == 0, "channels must be a multiple of 16");
   check(x, x, "x");
 }
 
 }  // namespace
 
-// -> (y, mean, biased var, rstd); r may be None (no residual).
+// -> (y, mask, mean, biased var, rstd); r may be None (no residual). mask holds one bit per
+// value of y (y > 0), numel / 16 int16 words, for the backward.
 std::vector<at::Tensor> bn_act_forward(const at::Tensor& x, const c10::optional<at::Tensor>& r,
                                        const at::Tensor& weight, const at::Tensor& bias,
                                        const at::Tensor& shift, double eps) {
@@ -271,43 +387,60 @@ std::vector<at::Tensor> bn_act_forward(const at::Tensor& x, const c10::optional<
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == C && t->is_contiguous(),
                 "weight, bias and shift must be contiguous fp32 [C]");
   at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  at::Tensor mask = at::empty({x.numel() / kLanes}, x.options().dtype(at::kShort));
   at::Tensor mean = at::empty({C}, f), var = at::empty({C}, f), rstd = at::empty({C}, f);
-  auto run = [&](auto ct) {
-    constexpr int64_t CT = decltype(ct)::value;
+  auto run = [&](auto nv) {
+    constexpr int64_t NVT = decltype(nv)::value;
     if (x.scalar_type() == at::kBFloat16)
-      forward_impl<uint16_t, CT>(x, res, weight, bias, shift, eps, y, mean, var, rstd);
+      forward_impl<uint16_t, NVT>(x, res, weight, bias, shift, eps, y, mask, mean, var, rstd);
     else
-      forward_impl<float, CT>(x, res, weight, bias, shift, eps, y, mean, var, rstd);
+      forward_impl<float, NVT>(x, res, weight, bias, shift, eps, y, mask, mean, var, rstd);
   };
   dispatch_width(x, run);
-  return {y, mean, var, rstd};
+  return {y, mask, mean, var, rstd};
 }
 
 // -> (dx, dweight, dbias, dresidual); dresidual is computed only when with_residual.
 std::vector<at::Tensor> bn_act_backward(const at::Tensor& dy, const at::Tensor& x,
-                                        const at::Tensor& y, const at::Tensor& mean,
+                                        const at::Tensor& mask, const at::Tensor& mean,
                                         const at::Tensor& rstd, const at::Tensor& weight,
                                         bool with_residual) {
   check_x(x);
   check(dy, x, "grad");
-  check(y, x, "y");
+  TORCH_CHECK(mask.scalar_type() == at::kShort && mask.numel() * kLanes == x.numel() &&
+                  mask.is_contiguous(),
+              "mask must be the forward's");
   const int64_t C = x.size(1);
   auto f = weight.options().dtype(at::kFloat);
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   at::Tensor dr = with_residual ? at::empty_like(x, at::MemoryFormat::ChannelsLast) : at::Tensor();
   at::Tensor dw = at::empty({C}, f), db = at::empty({C}, f);
-  auto run = [&](auto ct) {
-    constexpr int64_t CT = decltype(ct)::value;
+  auto run = [&](auto nv) {
+    constexpr int64_t NVT = decltype(nv)::value;
     if (x.scalar_type() == at::kBFloat16)
-      backward_impl<uint16_t, CT>(dy, x, y, mean, rstd, weight, dx, dr, dw, db);
+      backward_impl<uint16_t, NVT>(dy, x, mask, mean, rstd, weight, dx, dr, dw, db);
     else
-      backward_impl<float, CT>(dy, x, y, mean, rstd, weight, dx, dr, dw, db);
+      backward_impl<float, NVT>(dy, x, mask, mean, rstd, weight, dx, dr, dw, db);
   };
   dispatch_width(x, run);
   return {dx, dw, db, dr};
 }
 
+// Which vector code this build runs: for run banners and the tests of both paths.
+std::string bn_act_simd() {
+#ifdef RESLAB_AVX512
+#ifdef __AVX512BF16__
+  return "avx512 + avx512_bf16";
+#else
+  return "avx512";
+#endif
+#else
+  return "portable (compiler-vectorised)";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("simd", &bn_act_simd, "the vector code this build runs");
   m.def("forward", &bn_act_forward, "BatchNorm (+residual) + ReLU forward, training mode");
   m.def("backward", &bn_act_backward, "BatchNorm (+residual) + ReLU backward");
 }
