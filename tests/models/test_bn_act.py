@@ -185,6 +185,12 @@ def test_a_training_step_with_the_kernel_matches_the_eager_one(name):
         assert _rel(grads(True, True), ref) <= 1.5 * _rel(grads(True, False), ref) + 0.02
 
 
+@pytest.mark.parametrize(("name", "n"), [("resnet20", 10), ("resnet18", 9), ("resnet50", 17)])
+def test_every_block_and_the_stem_take_the_flag(name, n):
+    """Blocks plus the stem's relu(bn1(conv1)) (the largest activation of an ImageNet net)."""
+    assert use_fused_bn_act(create_model(name)) == n
+
+
 def test_switched_off_by_environment_without_a_warning():
     code = (
         "import warnings; warnings.simplefilter('error');"

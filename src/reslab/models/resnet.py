@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from reslab.models.blocks import BasicBlock, Block, Bottleneck
+from reslab.models.bn_act import bn_relu
 from reslab.models.registry import ModelInfo, register_model
 
 
@@ -50,8 +51,10 @@ class ResNet(nn.Module):
             self.inplanes = planes * block.expansion
         return nn.Sequential(*layers)
 
+    fused_bn_act = False  # the stem's relu(bn1(conv1)), as in BasicBlock (models/bn_act.py)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(bn_relu(self.bn1, self.conv1(x), fused=self.fused_bn_act))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
