@@ -1,0 +1,154 @@
+"""Session 16's two training-step changes against the code they replaced, in one process.
+
+On this VM the speed of bf16 work drifts by up to 1.4x within minutes, so two benchmark runs
+minutes apart cannot show a 5-10% change. Here one model trains on real CIFAR-10 batches (the
+TensorLoader path `reslab train` uses) while the code path switches every round:
+
+  session 15: the BN+ReLU kernel of commit a553b98 (auto-vectorised loops; the backward reads the
+              saved output y for the ReLU's mask) and the option-A shortcut as autograd's own
+              x[:, :, ::2, ::2] + F.pad, whose backward returns an NCHW gradient in a
+              channels_last net;
+  session 16: the current kernel (AVX-512 code, the mask kept as 1 bit per value) and
+              layers._SubsamplePad (gradient in x's layout).
+
+The old kernel is compiled from git history (`git show a553b98:...`), so this needs the
+repository's history and a C++ compiler. `--change kernel` or `--change shortcut` reverts only
+that one. Prints img/s per round and the per-round ratio.
+
+    python benchmarks/ab_session16.py --data ../shared/data [--change both] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import hardware
+from reslab.data.cifar import load_cifar
+from reslab.data.loaders import TensorLoader
+from reslab.data.setup import cifar_preprocess
+from reslab.engine.schedules import make_sgd
+from reslab.models import bn_act, create_model
+from reslab.models.bn_act import _ninja_on_path, load_kernel, use_fused_bn_act
+from reslab.models.layers import PadShortcut
+from reslab.runtime.precision import autocast, resolve_precision
+
+OLD = "a553b98"  # the last session-15 commit
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_old_kernel():
+    from torch.utils.cpp_extension import load
+
+    src = subprocess.run(
+        ["git", "show", f"{OLD}:src/reslab/models/kernels/bn_act.cpp"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    d = tempfile.mkdtemp(prefix="reslab-ab16-")
+    path = os.path.join(d, "bn_act_old.cpp")
+    with open(path, "w") as f:
+        f.write(src)
+    with _ninja_on_path():
+        return load(name="reslab_bn_act_old", sources=[path], build_directory=d,
+                    extra_cflags=["-O3", "-march=native", "-fno-math-errno"])  # fmt: skip
+
+
+def old_function(ext):
+    class OldBNAct(torch.autograd.Function):
+        """Session 15's _BNAct: saves y and reads it in backward for the ReLU's mask."""
+
+        @staticmethod
+        def forward(ctx, x, r, weight, bias, shift, eps):  # type: ignore[override]
+            if r is not None:
+                r = r.contiguous(memory_format=torch.channels_last)
+            y, mean, var, rstd = ext.forward(x, r, weight, bias, shift, eps)
+            ctx.save_for_backward(x, y, mean, rstd, weight)
+            ctx.mark_non_differentiable(mean, var)
+            ctx.with_residual = r is not None
+            return y, mean, var
+
+        @staticmethod
+        def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
+            x, y, mean, rstd, weight = ctx.saved_tensors
+            dy = dy.contiguous(memory_format=torch.channels_last)
+            dx, dw, db, dr = ext.backward(dy, x, y, mean, rstd, weight, ctx.with_residual)
+            return dx, (dr if ctx.with_residual else None), dw, db, None, None
+
+    return OldBNAct
+
+
+def old_pad_forward(self, x):
+    """Session 15's PadShortcut.forward."""
+    if self.stride > 1:
+        x = x[:, :, :: self.stride, :: self.stride]
+    if self.pad != (0, 0):
+        x = F.pad(x, (0, 0, 0, 0, *self.pad))
+    return x
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round and path")
+    p.add_argument("--change", choices=("both", "kernel", "shortcut"), default="both",
+                   help="which of the two changes the 'session 15' path reverts")  # fmt: skip
+    args = p.parse_args()
+    print(hardware())
+    load_kernel()
+    new = (bn_act._BNAct, PadShortcut.forward)
+    old = (
+        old_function(build_old_kernel()) if args.change in ("both", "kernel") else new[0],
+        old_pad_forward if args.change in ("both", "shortcut") else new[1],
+    )
+    paths = {"session 15": old, "session 16": new}
+    dev = torch.device("cpu")
+    precision = resolve_precision("auto", dev)
+    train = load_cifar(args.data, split="train")
+    torch.manual_seed(0)
+    pre = cifar_preprocess("per_pixel", train.images)
+    loader = TensorLoader(train.images, train.labels, batch_size=128, preprocess=pre,
+                          train=True, channels_last=True)  # fmt: skip
+    batches = (b for _ in range(1000) for b in loader)
+    model = create_model(args.model).to(memory_format=torch.channels_last)
+    use_fused_bn_act(model)
+    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        x, y = next(batches)
+        with autocast(precision, dev):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    rates: dict[str, list[float]] = {k: [] for k in paths}
+    for i in range(args.rounds):
+        for k in list(paths) if i % 2 == 0 else list(paths)[::-1]:
+            bn_act._BNAct, PadShortcut.forward = paths[k]
+            for _ in range(3):
+                step()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            rates[k].append(128 * args.steps / (time.perf_counter() - t0))
+    bn_act._BNAct, PadShortcut.forward = new
+    print(f"{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
+          f"of {args.steps} steps each; reverted in 'session 15': {args.change}")  # fmt: skip
+    for k, v in rates.items():
+        print(f"{k}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
+              + f"; best {max(v):.0f}, median {sorted(v)[len(v) // 2]:.0f}")  # fmt: skip
+    ratio = sorted(b / a for a, b in zip(*rates.values()))
+    print("session 16 / session 15 per round: " + " ".join(f"{r:.3f}" for r in ratio)
+          + f" (sorted); median x{ratio[len(ratio) // 2]:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
