@@ -159,6 +159,26 @@ def test_option_a_gradient_matches_slicing_and_keeps_the_layout(fmt) -> None:
     assert dx.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("grad", [True, False])
+def test_grouped_option_a_pads_each_member_and_keeps_the_layout(fmt, grad) -> None:
+    """K nets fused into one (models/fused.py) pad each member's channel group: the result and
+    its gradient equal padding each group alone, in x's memory format with or without autograd."""
+    from reslab.models.layers import subsample_pad
+
+    x = torch.randn(2, 3 * 16, 8, 8).contiguous(memory_format=fmt).requires_grad_(grad)
+    y = subsample_pad(x, 2, 8, 8, groups=3)
+    ref = torch.cat([torch.nn.functional.pad(x[:, 16 * i : 16 * (i + 1), ::2, ::2],
+                                             (0, 0, 0, 0, 8, 8)) for i in range(3)], 1)  # fmt: skip
+    assert y.shape == (2, 96, 4, 4) and torch.equal(y, ref)
+    assert y.is_contiguous(memory_format=fmt)
+    if grad:
+        g = torch.randn(2, 96, 4, 4)
+        (dx,) = torch.autograd.grad(y, x, g)
+        (dref,) = torch.autograd.grad(ref, x, g)
+        assert torch.equal(dx, dref) and dx.is_contiguous(memory_format=fmt)
+
+
 def test_any_6n_plus_2_depth_and_bad_depth() -> None:
     from reslab.models.cifar import cifar_resnet
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from reslab.models.blocks import BasicBlock
 from reslab.models.cifar import CifarResNet
-from reslab.models.layers import PadShortcut
+from reslab.models.layers import PadShortcut, subsample_pad
 
 SHORTCUTS = ("A", "B", "C")  # all three options of section 3.3 are supported
 
@@ -113,21 +113,7 @@ class FusedCifarNet(nn.Module):
 
     def _pad(self, sc: PadShortcut, x: torch.Tensor) -> torch.Tensor:
         """Option A within each member's channel group: [N, K*C, H, W] -> [N, K*C', H/s, W/s]."""
-        if sc.stride > 1:
-            x = x[:, :, :: sc.stride, :: sc.stride]
-        lo, hi = sc.pad
-        if (lo, hi) == (0, 0):
-            return x
-        n, kc, h, w = x.shape
-        c = kc // self.k
-        fmt = (
-            torch.channels_last
-            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            else torch.contiguous_format
-        )
-        out = x.new_zeros(n, self.k * (c + lo + hi), h, w).contiguous(memory_format=fmt)
-        out.view(n, self.k, c + lo + hi, h, w)[:, :, lo : lo + c] = x.view(n, self.k, c, h, w)
-        return out
+        return subsample_pad(x, sc.stride, *sc.pad, groups=self.k)
 
     def _block(self, blocks: list[BasicBlock], bn_index: dict[str, int], path: str,
                x: torch.Tensor) -> torch.Tensor:  # fmt: skip
