@@ -71,8 +71,9 @@ def subsample_pad(x: torch.Tensor, stride: int, lo: int, hi: int, groups: int = 
     """Option A's shortcut on x [N, groups * C, H, W] -> [N, groups * (lo + C + hi), H/s, W/s]."""
     if _eager_training(x):
         return _SubsamplePad.apply(x, stride, lo, hi, groups)
-    # Plain ops for inference, export, torch.fx and torch.compile (which picks its own layouts).
-    fmt = _memory_format(x)
+    # Plain ops for inference, export, torch.fx and torch.compile (which picks its own layouts);
+    # no layout test on the one-group path, which torch.fx traces with proxies.
+    fmt = _memory_format(x) if groups > 1 else torch.contiguous_format
     if stride > 1:
         x = x[:, :, ::stride, ::stride]
     if (lo, hi) == (0, 0):
