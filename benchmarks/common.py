@@ -108,7 +108,8 @@ def conv_ceiling(
     """Seconds per training step that the model's convolutions alone need at `batch` (forward,
     gradient of the input except for the first layer, gradient of the weight), timed shape by
     shape in `dtype` channels_last on the CPU: the step time if every other op were free.
-    Returns (seconds, one line per distinct shape with its GFLOP/s)."""
+    Returns (seconds, one line per distinct shape with each phase's time and GFLOP/s: which
+    phase of which shape is slow is where a faster convolution would pay)."""
     shapes: dict[tuple, int] = {}
 
     def hook(mod, inp, _out):
@@ -121,6 +122,15 @@ def conv_ceiling(
         model(torch.zeros(batch, 3, size, size))
     for h in handles:
         h.remove()
+
+    def seconds(op, *op_args, reps: int = 10) -> float:
+        for _ in range(3):
+            op(*op_args)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            op(*op_args)
+        return (time.perf_counter() - t0) / reps
+
     total, lines = 0.0, []
     for i, ((xs, ws, stride, pad, groups), count) in enumerate(shapes.items()):
         cl = torch.channels_last
@@ -129,23 +139,20 @@ def conv_ceiling(
         args = (stride, pad, (1, 1), False, (0, 0), groups)
         y = torch.ops.aten.convolution(x, w, None, *args)
         gy = torch.randn_like(y)
-        mask = [i > 0, True, False]  # the input image needs no gradient
-
-        def both(x=x, w=w, gy=gy, args=args, mask=mask):
-            torch.ops.aten.convolution(x, w, None, *args)
-            torch.ops.aten.convolution_backward(gy, x, w, None, *args, mask)
-
-        for _ in range(3):
-            both()
-        reps, t0 = 10, time.perf_counter()
-        for _ in range(reps):
-            both()
-        dt = (time.perf_counter() - t0) / reps
-        macs = y.numel() * ws[1] * ws[2] * ws[3]
-        flops = 2 * macs * (1 + sum(mask))
+        conv, back = torch.ops.aten.convolution, torch.ops.aten.convolution_backward
+        phases = {"fwd": seconds(conv, x, w, None, *args)}
+        if i > 0:  # the input image needs no gradient
+            phases["dgrad"] = seconds(back, gy, x, w, None, *args, [True, False, False])
+        phases["wgrad"] = seconds(back, gy, x, w, None, *args, [False, True, False])
+        flops = 2 * y.numel() * ws[1] * ws[2] * ws[3]  # each phase does as many multiply-adds
+        dt = sum(phases.values())
         total += dt * count
+        detail = ", ".join(
+            f"{k} {v * 1e3:.2f} ms {flops / v / 1e9:4.0f}" for k, v in phases.items()
+        )
         lines.append(
             f"  {count:2d} x conv {ws[1]}->{ws[0]} {ws[2]}x{ws[3]} stride {stride[0]} on "
-            f"{xs[2]}x{xs[3]}: {dt * 1e3:6.2f} ms fwd+bwd, {flops / dt / 1e9:5.0f} GFLOP/s"
+            f"{xs[2]}x{xs[3]}: {dt * 1e3:6.2f} ms, {flops * len(phases) / dt / 1e9:5.0f} GFLOP/s "
+            f"({detail} GFLOP/s)"
         )
     return total, lines

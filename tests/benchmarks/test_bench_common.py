@@ -47,3 +47,6 @@ def test_conv_ceiling_times_every_convolution_once_per_shape():
     counts = [int(line.split(" x conv")[0]) for line in lines]
     assert sum(counts) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 19
     assert len(lines) == 6  # 3->16, 16->16, 16->32 s2, 32->32, 32->64 s2, 64->64
+    # Each phase timed apart; the image (first conv's input) needs no input gradient.
+    assert "fwd" in lines[0] and "wgrad" in lines[0] and "dgrad" not in lines[0]
+    assert all("fwd" in line and "dgrad" in line and "wgrad" in line for line in lines[1:])
