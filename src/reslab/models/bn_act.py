@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import sys
 import threading
 import time
 import warnings
@@ -49,6 +50,19 @@ def _cpu_key() -> str:
     except OSError:
         pass
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _build_dir(name: str) -> str:
+    """Where torch builds and caches the extension `name`. The directory is per torch and Python
+    version too: one home directory may serve several environments (the GPU image's torch 2.11
+    beside 2.14 here), a build made against one torch's headers must never be loaded by another,
+    and torch 2.14's lock file (kept on purpose) would otherwise look like a dead build to an
+    older torch's clean-up below."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}.{sys.version_info[1]}"
+    digest = hashlib.sha256(tag.encode()).hexdigest()[:8]
+    return os.path.join(get_default_build_root(), f"{name}_{digest}")
 
 
 def _lock_file_blocks() -> bool:
@@ -94,9 +108,9 @@ def _ninja_on_path():
 
 def _build(name: str, *, march: str) -> Any:
     """Compile kernels/bn_act.cpp for `march` (or load torch's cached build of it) as `name`."""
-    from torch.utils.cpp_extension import get_default_build_root, load
+    from torch.utils.cpp_extension import load
 
-    build = os.path.join(get_default_build_root(), name)
+    build = _build_dir(name)
     os.makedirs(build, exist_ok=True)
     if _lock_file_blocks():
         _clear_stale_lock(os.path.join(build, "lock"))
