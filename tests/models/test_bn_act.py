@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reslab.models import create_model
-from reslab.models.bn_act import bn_relu, load_kernel, usable, use_fused_bn_act
+from reslab.models.bn_act import _openmp_library, bn_relu, load_kernel, usable, use_fused_bn_act
 
 CL = torch.channels_last
 
@@ -94,7 +94,9 @@ def test_the_portable_build_matches_float64_too(monkeypatch):
     AVX-512 run; it must pass the same accuracy checks (about 40 s to compile, cached after)."""
     from reslab.models import bn_act
 
-    ext = bn_act._build("reslab_bn_act_test_x86_64_v3", march="x86-64-v3")
+    omp = bn_act._openmp_library()
+    name = "reslab_bn_act_test_x86_64_v3" + ("_omp" if omp else "")
+    ext = bn_act._build(name, march="x86-64-v3", openmp=omp)
     assert ext.simd().startswith("portable")
     monkeypatch.setattr(bn_act, "_EXT", ext)
     for shape in [(8, 16, 12, 12), (3, 48, 5, 5), (16, 128, 9, 9)]:
@@ -102,6 +104,50 @@ def test_the_portable_build_matches_float64_too(monkeypatch):
             test_fused_matches_float64_as_closely_as_eager(shape, True, dtype)
             test_fused_matches_float64_as_closely_as_eager(shape, False, dtype)
     test_nan_propagates_as_in_eager()
+
+
+@pytest.mark.skipif(
+    _openmp_library() is None,
+    reason="torch here does not run on a GNU OpenMP runtime the kernel can share",
+)
+def test_the_kernel_runs_on_torchs_threads_and_only_its_openmp_runtime():
+    """Sessions 15-19 shipped the kernel compiled without -fopenmp: ATen's parallel_for then ran
+    every loop on one thread (half this 2-core machine). It must use as many threads as torch,
+    from the one OpenMP runtime torch loaded (a second one can deadlock)."""
+    ext = load_kernel()
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert ext.threads() == n
+    finally:
+        torch.set_num_threads(old)
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        gomp = {ln.split()[-1] for ln in f if "libgomp" in ln}
+    assert len(gomp) == 1, gomp
+
+
+def test_a_compiler_without_openmp_still_gives_the_kernel(monkeypatch):
+    """Where the OpenMP build fails, the same kernel is built for one thread, not the eager path."""
+    from reslab.models import bn_act
+
+    calls = []
+
+    def build(name, *, march, openmp=None):
+        calls.append((name, openmp))
+        if openmp:
+            raise RuntimeError("error: unsupported option '-fopenmp'")
+        return types.SimpleNamespace(simd=lambda: "portable", threads=lambda: 1)
+
+    monkeypatch.setattr(bn_act, "_EXT", None)
+    monkeypatch.setattr(bn_act, "_FAILED", None)
+    monkeypatch.setattr(bn_act, "_openmp_library", lambda: "/lib/libgomp.so.1")
+    monkeypatch.setattr(bn_act, "_build", build)
+    monkeypatch.delenv("RESLAB_BN_KERNEL", raising=False)
+    assert bn_act.load_kernel() is not None
+    assert [o for _, o in calls] == ["/lib/libgomp.so.1", None]
+    assert calls[0][0] == calls[1][0] + "_omp"
+    assert bn_act.kernel_status() == "fused kernel, portable, 1 thread"
 
 
 def test_repeated_calls_give_identical_results():

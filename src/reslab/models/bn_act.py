@@ -5,7 +5,8 @@ and the residual adds, each a separate pass over memory (results/cpu-kind/). Thi
 forward two passes (channel sums, then normalise+add+ReLU) and the backward two (masked sums,
 then the input gradient and, with a residual, the shortcut's gradient), with a C++ kernel
 (kernels/bn_act.cpp: AVX-512 code where the CPU has it, portable vector code elsewhere)
-compiled on first use for this CPU and cached by torch. The ReLU's mask is kept as one bit per
+compiled on first use for this CPU and cached by torch, its loops on torch's own OpenMP threads
+(`_openmp_library`; one thread where that runtime cannot be found). The ReLU's mask is kept as one bit per
 value, so the backward reads x, dy and the bits rather than x, dy and y. The model is
 unchanged: the same BatchNorm2d modules, parameters, running statistics and state_dict; only how
 `relu(bn(x) + r)` is computed differs.
@@ -106,10 +107,36 @@ def _ninja_on_path():
         os.environ["PATH"] = old
 
 
-def _build(name: str, *, march: str) -> Any:
-    """Compile kernels/bn_act.cpp for `march` (or load torch's cached build of it) as `name`."""
+def _openmp_library() -> str | None:
+    """The GNU OpenMP library (its path) that this process's torch runs its parallel loops on, or
+    None where that is not known: the kernel's loops are ATen's header-only `parallel_for`, which
+    runs on one thread unless the extension is compiled with -fopenmp, and it must then use the
+    very runtime torch loaded (its own copy in pip wheels, beside libtorch_cpu.so) and not a
+    second one from the system compiler (two OpenMP runtimes in one process can deadlock)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            maps = {ln.split()[-1] for ln in f if "/" in ln}
+    except OSError:
+        return None  # not Linux: the loops stay on one thread
+    if any("iomp" in os.path.basename(p) for p in maps):
+        return None  # Intel's runtime: gcc's -fopenmp would bring in a second one
+    gomp = sorted(p for p in maps if os.path.basename(p).startswith("libgomp"))
+    return gomp[0] if len(gomp) == 1 else None
+
+
+def _build(name: str, *, march: str, openmp: str | None = None) -> Any:
+    """Compile kernels/bn_act.cpp for `march` (or load torch's cached build of it) as `name`;
+    with `openmp` (a libgomp path from `_openmp_library`) its loops run on torch's threads."""
     from torch.utils.cpp_extension import load
 
+    cflags, ldflags = ["-O3", f"-march={march}", "-fno-math-errno"], []
+    if openmp:
+        # Compiled with -fopenmp but linked against torch's loaded libgomp, not the compiler's:
+        # the extension's libgomp.so.1 then resolves to the copy already in the process.
+        cflags.append("-fopenmp")
+        ldflags.append(openmp)
     build = _build_dir(name)
     os.makedirs(build, exist_ok=True)
     if _lock_file_blocks():
@@ -119,7 +146,8 @@ def _build(name: str, *, march: str) -> Any:
         return load(
             name=name,
             sources=[str(path)],
-            extra_cflags=["-O3", f"-march={march}", "-fno-math-errno"],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
             build_directory=build,
             verbose=False,
         )
@@ -138,8 +166,16 @@ def load_kernel() -> Any | None:
         if os.environ.get("RESLAB_BN_KERNEL") == "0":
             _FAILED = "off: RESLAB_BN_KERNEL=0"
             return None
+        name = f"reslab_bn_act_{_cpu_key()}"
         try:
-            _EXT = _build(f"reslab_bn_act_{_cpu_key()}", march="native")
+            openmp = _openmp_library()
+            try:
+                _EXT = _build(f"{name}_omp" if openmp else name, march="native", openmp=openmp)
+            except Exception:
+                if not openmp:
+                    raise
+                # A compiler without OpenMP support: the same kernel on one thread.
+                _EXT = _build(name, march="native")
         except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, once
             _FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
             warnings.warn(
@@ -226,7 +262,10 @@ def kernel_status() -> str:
     """One line for run banners and benchmarks: whether the fused kernel is in use."""
     if _FAILED is not None:
         return f"eager (kernel build failed: {_FAILED})"
-    return f"fused kernel, {_EXT.simd()}" if _EXT is not None else "not built yet"
+    if _EXT is None:
+        return "not built yet"
+    n = _EXT.threads()
+    return f"fused kernel, {_EXT.simd()}, {n} thread{'s' if n > 1 else ''}"
 
 
 __all__ = ["bn_relu", "kernel_status", "load_kernel", "usable", "use_fused_bn_act"]

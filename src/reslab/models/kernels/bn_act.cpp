@@ -426,6 +426,19 @@ std::vector<at::Tensor> bn_act_backward(const at::Tensor& dy, const at::Tensor& 
   return {dx, dw, db, dr};
 }
 
+// How many threads the kernel's parallel loops run on, counted by running one: at::parallel_for
+// is compiled into this extension from ATen's header, and without -fopenmp its OpenMP pragma is
+// dropped and every loop runs on the calling thread alone (sessions 15-19 shipped it so).
+int64_t bn_act_threads() {
+  const int64_t n = 4 * at::get_num_threads();
+  std::vector<int> seen(static_cast<size_t>(n), -1);
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) seen[i] = at::get_thread_num();
+  });
+  std::sort(seen.begin(), seen.end());
+  return std::unique(seen.begin(), seen.end()) - seen.begin();
+}
+
 // Which vector code this build runs: for run banners and the tests of both paths.
 std::string bn_act_simd() {
 #ifdef RESLAB_AVX512
@@ -441,6 +454,7 @@ std::string bn_act_simd() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd", &bn_act_simd, "the vector code this build runs");
+  m.def("threads", &bn_act_threads, "threads the kernel's parallel loops run on");
   m.def("forward", &bn_act_forward, "BatchNorm (+residual) + ReLU forward, training mode");
   m.def("backward", &bn_act_backward, "BatchNorm (+residual) + ReLU backward");
 }

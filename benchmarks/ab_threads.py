@@ -1,0 +1,132 @@
+"""The BN+ReLU kernel on torch's threads against the one-thread build sessions 15-19 shipped.
+
+Until session 20 the kernel was compiled without -fopenmp, so ATen's header-only parallel_for in
+it ran every loop on the calling thread: on a 2-core CPU the kernel used half the machine (its
+forward took the same 0.8 ms at ResNet-20's first stage with 1 or 2 torch threads). Now it is
+compiled with -fopenmp against the OpenMP runtime torch loaded (bn_act._openmp_library).
+
+One model trains on real CIFAR-10 batches (the TensorLoader path `reslab train` uses) while the
+kernel switches every round between the two builds of the same source; the convolutions and
+everything else run on torch's threads in both. This VM's speed drifts by up to 1.4x within
+minutes, so only the per-round ratio means anything. Also times each build's forward and
+backward alone at the three CIFAR stage shapes. The one-thread build costs about 40 s to compile
+the first time (cached after).
+
+    python benchmarks/ab_threads.py --data ../shared/data [--rounds 10] [--model resnet20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import hardware
+from reslab.data.cifar import load_cifar
+from reslab.data.loaders import TensorLoader
+from reslab.data.setup import cifar_preprocess
+from reslab.engine.schedules import make_sgd
+from reslab.models import bn_act, create_model
+from reslab.models.bn_act import _cpu_key, kernel_status, load_kernel, use_fused_bn_act
+from reslab.runtime.precision import autocast, resolve_precision
+
+
+def seconds(f, reps: int = 50) -> float:
+    for _ in range(5):
+        f()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def forward_backward(ext, x, r, dy, w, b, shift) -> tuple[float, float]:
+    """Median seconds of one build's forward and of its backward (with the residual)."""
+    _, mask, mean, _, rstd = ext.forward(x, r, w, b, shift, 1e-5)
+    fwd = seconds(lambda: ext.forward(x, r, w, b, shift, 1e-5))
+    bwd = seconds(lambda: ext.backward(dy, x, mask, mean, rstd, w, True))
+    return fwd, bwd
+
+
+def alone(builds: dict) -> None:
+    """Each build's forward and backward (with a residual) at the CIFAR stages' shapes, bf16."""
+    for shape in [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]:
+        g = torch.Generator().manual_seed(0)
+        x, r, dy = (torch.randn(shape, generator=g).bfloat16().contiguous(
+            memory_format=torch.channels_last) for _ in range(3))  # fmt: skip
+        c = shape[1]
+        w, b, shift = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), torch.zeros(c)
+        line = []
+        for k, ext in builds.items():
+            fwd, bwd = forward_backward(ext, x, r, dy, w, b, shift)
+            line.append(f"{k}: fwd {fwd * 1e3:.3f} ms, bwd {bwd * 1e3:.3f} ms")
+        print(f"  {list(shape)} bf16 + residual: " + "; ".join(line))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--steps", type=int, default=15, help="timed steps per round and build")
+    args = p.parse_args()
+    print(hardware())
+    new = load_kernel()
+    if new is None or new.threads() < 2:
+        raise SystemExit(f"the kernel does not run on several threads here: {kernel_status()}")
+    old = bn_act._build(f"reslab_bn_act_{_cpu_key()}", march="native")  # no -fopenmp
+    builds = {"1 thread (sessions 15-19)": old, f"{new.threads()} threads (OpenMP)": new}
+    print(f"threads the kernel's loops run on: {', '.join(builds)}")
+    print("each build alone (median of 50 calls):")
+    alone(builds)
+
+    dev = torch.device("cpu")
+    precision = resolve_precision("auto", dev)
+    train = load_cifar(args.data, split="train")
+    torch.manual_seed(0)
+    pre = cifar_preprocess("per_pixel", train.images)
+    loader = TensorLoader(train.images, train.labels, batch_size=128, preprocess=pre,
+                          train=True, channels_last=True)  # fmt: skip
+    batches = (b for _ in range(1000) for b in loader)
+    model = create_model(args.model).to(memory_format=torch.channels_last)
+    use_fused_bn_act(model)
+    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        x, y = next(batches)
+        with autocast(precision, dev):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    rates: dict[str, list[float]] = {k: [] for k in builds}
+    try:
+        for i in range(args.rounds):
+            for k in list(builds) if i % 2 == 0 else list(builds)[::-1]:
+                bn_act._EXT = builds[k]
+                for _ in range(3):
+                    step()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                rates[k].append(128 * args.steps / (time.perf_counter() - t0))
+    finally:
+        bn_act._EXT = new
+    print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
+          f"of {args.steps} steps each (after 3 untimed)")  # fmt: skip
+    for k, v in rates.items():
+        print(f"{k}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
+              + f"; median {statistics.median(v):.0f}")  # fmt: skip
+    ratio = [b / a for a, b in zip(*rates.values())]
+    print("OpenMP / one thread, per round: " + " ".join(f"{r:.3f}" for r in ratio)
+          + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
