@@ -39,6 +39,18 @@ def test_overfits_a_small_batch(cifar_root: Path, tmp_path: Path) -> None:
     assert ckpt["preprocess"]["mode"] == "per_pixel" and len(ckpt["classes"]) == 10
 
 
+def test_the_banner_says_how_bn_relu_runs(cifar_root: Path, tmp_path: Path, capsys) -> None:
+    from reslab.models.bn_act import load_kernel
+
+    train(_cfg(cifar_root, tmp_path / "on", iters=1, eval_every=1, precision="auto"))
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("  BN+ReLU "))
+    ext = load_kernel()
+    assert (f"fused kernel, {ext.simd()}, {ext.threads()} thread" if ext else "eager") in line
+    train(_cfg(cifar_root, tmp_path / "off", iters=1, eval_every=1, fused_bn_act=False))
+    assert "BN+ReLU" not in capsys.readouterr().err  # the eager ops: nothing to say
+
+
 def test_refuses_to_overwrite_a_run(cifar_root: Path, tmp_path: Path) -> None:
     cfg = _cfg(cifar_root, tmp_path / "run", iters=2, eval_every=2, precision="auto")
     train(cfg, progress=False)

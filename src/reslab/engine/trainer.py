@@ -27,7 +27,7 @@ from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
 from reslab.models import create_model
-from reslab.models.bn_act import load_kernel, use_fused_bn_act
+from reslab.models.bn_act import kernel_status, load_kernel, use_fused_bn_act
 from reslab.models.registry import get_classifier
 from reslab.runtime import distributed as D
 from reslab.runtime.checkpoint import (
@@ -236,9 +236,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         on_cpu = cfg.fused_bn_act and self.device.type == "cpu" and not cfg.compile
+        self._kernel: str | None = None  # for the banner: how relu(bn(x) [+ r]) is computed
         # AlexNet has no such blocks (0 flagged): then there is nothing to build.
         if on_cpu and use_fused_bn_act(self.model):
             load_kernel()  # built (or found cached) now, not inside the first timed step
+            self._kernel = kernel_status()
         if cfg.compile:
             # dynamic=False: one graph specialised per input shape ([B,3,24,24] then
             # [B,3,32,32] under small_size). With torch's default the second shape recompiles
@@ -564,7 +566,7 @@ class Trainer:
             cfg, recipe_note=f"recipe {self.recipe or 'defaults (no --recipe)'}, {resumed}",
             train_size=self.data.train_size, classes=len(self.data.classes), evals=evals,
             device=self.device, precision=self.precision, world_size=self.dist.world_size,
-            notes=self.data.notes,
+            notes=self.data.notes, kernel=self._kernel,
         )  # fmt: skip
 
     def _lr(self, it: int) -> float:
