@@ -30,7 +30,7 @@ from reslab.data.loaders import TensorLoader
 from reslab.data.setup import cifar_preprocess
 from reslab.engine.schedules import make_sgd
 from reslab.models import bn_act, create_model
-from reslab.models.bn_act import _cpu_key, kernel_status, load_kernel, use_fused_bn_act
+from reslab.models.bn_act import _kernel_name, kernel_status, load_kernel, use_fused_bn_act
 from reslab.runtime.precision import autocast, resolve_precision
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     new = load_kernel()
     if new is None or new.threads() < 2:
         raise SystemExit(f"the kernel does not run on several threads here: {kernel_status()}")
-    old = bn_act._build(f"reslab_bn_act_{_cpu_key()}", march="native")  # no -fopenmp
+    old = bn_act._build(_kernel_name(None), march="native")  # no -fopenmp
     builds = {"1 thread (sessions 15-19)": old, f"{new.threads()} threads (OpenMP)": new}
     print(f"threads the kernel's loops run on: {', '.join(builds)}")
     print("each build alone (median of 50 calls):")

@@ -153,6 +153,11 @@ def _build(name: str, *, march: str, openmp: str | None = None) -> Any:
         )
 
 
+def _kernel_name(openmp: str | None) -> str:
+    """The extension's name, and so its build directory, for this CPU with or without OpenMP."""
+    return f"reslab_bn_act_{_cpu_key()}" + ("_omp" if openmp else "")
+
+
 def load_kernel() -> Any | None:
     """The compiled extension, built on the first call (about 30 s) and cached by torch under
     TORCH_EXTENSIONS_DIR; None (with one warning) where it cannot be built, and None without a
@@ -166,16 +171,15 @@ def load_kernel() -> Any | None:
         if os.environ.get("RESLAB_BN_KERNEL") == "0":
             _FAILED = "off: RESLAB_BN_KERNEL=0"
             return None
-        name = f"reslab_bn_act_{_cpu_key()}"
         try:
             openmp = _openmp_library()
             try:
-                _EXT = _build(f"{name}_omp" if openmp else name, march="native", openmp=openmp)
+                _EXT = _build(_kernel_name(openmp), march="native", openmp=openmp)
             except Exception:
                 if not openmp:
                     raise
                 # A compiler without OpenMP support: the same kernel on one thread.
-                _EXT = _build(name, march="native")
+                _EXT = _build(_kernel_name(None), march="native")
         except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, once
             _FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
             warnings.warn(
