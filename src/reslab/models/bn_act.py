@@ -6,10 +6,10 @@ forward two passes (channel sums, then normalise+add+ReLU) and the backward two 
 then the input gradient and, with a residual, the shortcut's gradient), with a C++ kernel
 (kernels/bn_act.cpp: AVX-512 code where the CPU has it, portable vector code elsewhere)
 compiled on first use for this CPU and cached by torch, its loops on torch's own OpenMP threads
-(`_openmp_library`; one thread where that runtime cannot be found). The ReLU's mask is kept as one bit per
-value, so the backward reads x, dy and the bits rather than x, dy and y. The model is
-unchanged: the same BatchNorm2d modules, parameters, running statistics and state_dict; only how
-`relu(bn(x) + r)` is computed differs.
+(`_openmp_library`; one thread where that runtime cannot be found). The ReLU's mask is kept as
+one bit per value, so the backward reads x, dy and the bits rather than x, dy and y. The model
+is unchanged: the same BatchNorm2d modules, parameters, running statistics and state_dict; only
+how `relu(bn(x) + r)` is computed differs.
 
 Used where every condition holds (see `usable`): the block's `fused_bn_act` flag (set by
 `use_fused_bn_act`, which the trainer calls for CPU runs), training mode, an nn.BatchNorm2d with
