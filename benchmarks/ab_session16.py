@@ -13,7 +13,9 @@ TensorLoader path `reslab train` uses) while the code path switches every round:
 
 The old kernel is compiled from git history (`git show a553b98:...`), so this needs the
 repository's history and a C++ compiler. `--change kernel` or `--change shortcut` reverts only
-that one. Prints img/s per round and the per-round ratio.
+that one. Prints img/s per round and the per-round ratio. Since session 20 the current kernel
+runs on torch's OpenMP threads while the old one, built here without -fopenmp, runs on one, so
+the kernel ratio now includes that change too (`ab_threads.py` measures it alone).
 
     python benchmarks/ab_session16.py --data ../shared/data [--change both] [--rounds 10]
 """
@@ -29,15 +31,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import hardware
-from reslab.data.cifar import load_cifar
-from reslab.data.loaders import TensorLoader
-from reslab.data.setup import cifar_preprocess
-from reslab.engine.schedules import make_sgd
-from reslab.models import bn_act, create_model
-from reslab.models.bn_act import _ninja_on_path, load_kernel, use_fused_bn_act
+from common import cifar_default_step, hardware
+from reslab.models import bn_act
+from reslab.models.bn_act import _ninja_on_path, load_kernel
 from reslab.models.layers import PadShortcut
-from reslab.runtime.precision import autocast, resolve_precision
 
 OLD = "a553b98"  # the last session-15 commit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,25 +106,7 @@ def main() -> None:
         old_pad_forward if args.change in ("both", "shortcut") else new[1],
     )
     paths = {"session 15": old, "session 16": new}
-    dev = torch.device("cpu")
-    precision = resolve_precision("auto", dev)
-    train = load_cifar(args.data, split="train")
-    torch.manual_seed(0)
-    pre = cifar_preprocess("per_pixel", train.images)
-    loader = TensorLoader(train.images, train.labels, batch_size=128, preprocess=pre,
-                          train=True, channels_last=True)  # fmt: skip
-    batches = (b for _ in range(1000) for b in loader)
-    model = create_model(args.model).to(memory_format=torch.channels_last)
-    use_fused_bn_act(model)
-    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-    def step() -> None:
-        x, y = next(batches)
-        with autocast(precision, dev):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    precision, step = cifar_default_step(args.data, args.model)
 
     rates: dict[str, list[float]] = {k: [] for k in paths}
     for i in range(args.rounds):

@@ -22,16 +22,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from common import hardware
-from reslab.data.cifar import load_cifar
-from reslab.data.loaders import TensorLoader
-from reslab.data.setup import cifar_preprocess
-from reslab.engine.schedules import make_sgd
-from reslab.models import bn_act, create_model
-from reslab.models.bn_act import _kernel_name, kernel_status, load_kernel, use_fused_bn_act
-from reslab.runtime.precision import autocast, resolve_precision
+from common import cifar_default_step, hardware
+from reslab.models import bn_act
+from reslab.models.bn_act import _kernel_name, kernel_status, load_kernel
 
 
 def seconds(f, reps: int = 50) -> float:
@@ -85,25 +79,7 @@ def main() -> None:
     print("each build alone (median of 50 calls):")
     alone(builds)
 
-    dev = torch.device("cpu")
-    precision = resolve_precision("auto", dev)
-    train = load_cifar(args.data, split="train")
-    torch.manual_seed(0)
-    pre = cifar_preprocess("per_pixel", train.images)
-    loader = TensorLoader(train.images, train.labels, batch_size=128, preprocess=pre,
-                          train=True, channels_last=True)  # fmt: skip
-    batches = (b for _ in range(1000) for b in loader)
-    model = create_model(args.model).to(memory_format=torch.channels_last)
-    use_fused_bn_act(model)
-    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-    def step() -> None:
-        x, y = next(batches)
-        with autocast(precision, dev):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    precision, step = cifar_default_step(args.data, args.model)
 
     rates: dict[str, list[float]] = {k: [] for k in builds}
     try:

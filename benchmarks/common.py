@@ -156,3 +156,41 @@ def conv_ceiling(
             f"({detail} GFLOP/s)"
         )
     return total, lines
+
+
+def cifar_default_step(data: str, model_name: str, batch: int = 128):
+    """reslab's default CPU training step on real CIFAR-10 batches, as `reslab train` runs it
+    (TensorLoader with batched augmentation, channels_last, autocast where native, the fused
+    BN+ReLU flag set): returns (precision, step) with step() one SGD step. For A/B scripts that
+    swap an implementation between rounds of the same step."""
+    import torch.nn.functional as F
+
+    from reslab.data.cifar import load_cifar
+    from reslab.data.loaders import TensorLoader
+    from reslab.data.setup import cifar_preprocess
+    from reslab.engine.schedules import make_sgd
+    from reslab.models import create_model
+    from reslab.models.bn_act import use_fused_bn_act
+    from reslab.runtime.precision import autocast, resolve_precision
+
+    dev = torch.device("cpu")
+    precision = resolve_precision("auto", dev)
+    train = load_cifar(data, split="train")
+    torch.manual_seed(0)
+    pre = cifar_preprocess("per_pixel", train.images)
+    loader = TensorLoader(train.images, train.labels, batch_size=batch, preprocess=pre,
+                          train=True, channels_last=True)  # fmt: skip
+    batches = (b for _ in range(1000) for b in loader)
+    model = create_model(model_name).to(memory_format=torch.channels_last)
+    use_fused_bn_act(model)
+    opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        x, y = next(batches)
+        with autocast(precision, dev):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return precision, step
