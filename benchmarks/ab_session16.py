@@ -106,7 +106,7 @@ def main() -> None:
         old_pad_forward if args.change in ("both", "shortcut") else new[1],
     )
     paths = {"session 15": old, "session 16": new}
-    precision, step = cifar_default_step(args.data, args.model)
+    precision, _, step = cifar_default_step(args.data, args.model)
 
     rates: dict[str, list[float]] = {k: [] for k in paths}
     for i in range(args.rounds):

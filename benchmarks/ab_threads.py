@@ -79,7 +79,7 @@ def main() -> None:
     print("each build alone (median of 50 calls):")
     alone(builds)
 
-    precision, step = cifar_default_step(args.data, args.model)
+    precision, _, step = cifar_default_step(args.data, args.model)
 
     rates: dict[str, list[float]] = {k: [] for k in builds}
     try:

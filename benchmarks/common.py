@@ -158,11 +158,12 @@ def conv_ceiling(
     return total, lines
 
 
-def cifar_default_step(data: str, model_name: str, batch: int = 128):
+def cifar_default_step(data: str, model_name: str, batch: int = 128, size: int = 32):
     """reslab's default CPU training step on real CIFAR-10 batches, as `reslab train` runs it
     (TensorLoader with batched augmentation, channels_last, autocast where native, the fused
-    BN+ReLU flag set): returns (precision, step) with step() one SGD step. For A/B scripts that
-    swap an implementation between rounds of the same step."""
+    BN+ReLU and tiled weight-gradient flags set; `size` < 32 downsamples every batch as
+    progressive resizing does): returns (precision, model, step) with step() one SGD step. For
+    A/B scripts that swap an implementation between rounds of the same step."""
     import torch.nn.functional as F
 
     from reslab.data.cifar import load_cifar
@@ -171,6 +172,7 @@ def cifar_default_step(data: str, model_name: str, batch: int = 128):
     from reslab.engine.schedules import make_sgd
     from reslab.models import create_model
     from reslab.models.bn_act import use_fused_bn_act
+    from reslab.models.tiled_wgrad import use_tiled_wgrad
     from reslab.runtime.precision import autocast, resolve_precision
 
     dev = torch.device("cpu")
@@ -178,11 +180,13 @@ def cifar_default_step(data: str, model_name: str, batch: int = 128):
     train = load_cifar(data, split="train")
     torch.manual_seed(0)
     pre = cifar_preprocess("per_pixel", train.images)
+    small = {} if size == 32 else {"small_size": size, "small_iters": 10**9}
     loader = TensorLoader(train.images, train.labels, batch_size=batch, preprocess=pre,
-                          train=True, channels_last=True)  # fmt: skip
+                          train=True, channels_last=True, **small)  # fmt: skip
     batches = (b for _ in range(1000) for b in loader)
     model = create_model(model_name).to(memory_format=torch.channels_last)
     use_fused_bn_act(model)
+    use_tiled_wgrad(model)
     opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
 
     def step() -> None:
@@ -193,4 +197,4 @@ def cifar_default_step(data: str, model_name: str, batch: int = 128):
         loss.backward()
         opt.step()
 
-    return precision, step
+    return precision, model, step

@@ -47,8 +47,15 @@ def test_the_banner_says_how_bn_relu_runs(cifar_root: Path, tmp_path: Path, caps
     line = next(ln for ln in err.splitlines() if ln.startswith("  BN+ReLU "))
     ext = load_kernel()
     assert (f"fused kernel, {ext.simd()}, {ext.threads()} thread" if ext else "eager") in line
-    train(_cfg(cifar_root, tmp_path / "off", iters=1, eval_every=1, fused_bn_act=False))
-    assert "BN+ReLU" not in capsys.readouterr().err  # the eager ops: nothing to say
+    from reslab.models.tiled_wgrad import status
+    from reslab.runtime.precision import resolve_precision
+
+    precision = resolve_precision("auto", torch.device("cpu"))
+    assert f"  conv wgrad {status(precision)}" in err.splitlines()
+    train(_cfg(cifar_root, tmp_path / "off", iters=1, eval_every=1, fused_bn_act=False,
+               tiled_wgrad=False))  # fmt: skip
+    err = capsys.readouterr().err
+    assert "BN+ReLU" not in err and "conv wgrad" not in err  # the eager ops: nothing to say
 
 
 def test_refuses_to_overwrite_a_run(cifar_root: Path, tmp_path: Path) -> None:

@@ -16,10 +16,11 @@ if TYPE_CHECKING:
 def banner(
     cfg: TrainConfig, *, recipe_note: str, train_size: int, classes: int, evals: dict[str, int],
     device: torch.device, precision: str, world_size: int, notes: list[str],
-    kernel: str | None = None,
+    kernel: str | None = None, wgrad: str | None = None,
 ) -> str:  # fmt: skip
     """A few lines that say what is about to run, before the first (slow) iteration; `kernel`
-    (bn_act.kernel_status) says how a CPU run computes relu(bn(x) [+ shortcut])."""
+    (bn_act.kernel_status) says how a CPU run computes relu(bn(x) [+ shortcut]), `wgrad`
+    (tiled_wgrad.status) how it sums small-map convolutions' weight gradients."""
     epochs = cfg.iters * cfg.batch_size / max(train_size, 1)
     val = ", ".join(f"{k} {n:,}" for k, n in evals.items()) or "none"
     size = cfg.small_size  # progressive resizing, None when off
@@ -46,6 +47,8 @@ def banner(
     ]
     if kernel:
         lines.insert(-1, f"  BN+ReLU    {kernel}")
+    if wgrad:
+        lines.insert(-1, f"  conv wgrad {wgrad}")
     lines += [f"  note       {n}" for n in notes]
     return "\n".join(lines)
 

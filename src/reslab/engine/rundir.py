@@ -28,7 +28,7 @@ LOCK_NAME = ".reslab.lock"
 RESUME_MAY_CHANGE = frozenset({
     "iters", "epochs", "time_limit", "eval_every", "save_every", "log_every",
     "out", "data", "download", "device", "precision", "compile", "compile_mode", "workers",
-    "fused_bn_act",
+    "fused_bn_act", "tiled_wgrad",
     "weights",
 })  # fmt: skip
 # Files whose presence means the directory holds a run worth keeping.

@@ -26,7 +26,7 @@ from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
 from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
-from reslab.models import create_model
+from reslab.models import create_model, tiled_wgrad
 from reslab.models.bn_act import kernel_status, load_kernel, use_fused_bn_act
 from reslab.models.registry import get_classifier
 from reslab.runtime import distributed as D
@@ -241,6 +241,10 @@ class Trainer:
         if on_cpu and use_fused_bn_act(self.model):
             load_kernel()  # built (or found cached) now, not inside the first timed step
             self._kernel = kernel_status()
+        self._wgrad: str | None = None  # for the banner: how small-map weight gradients sum
+        tiled = cfg.tiled_wgrad and self.device.type == "cpu" and not cfg.compile
+        if tiled and tiled_wgrad.use_tiled_wgrad(self.model):
+            self._wgrad = tiled_wgrad.status(self.precision)
         if cfg.compile:
             # dynamic=False: one graph specialised per input shape ([B,3,24,24] then
             # [B,3,32,32] under small_size). With torch's default the second shape recompiles
@@ -566,7 +570,7 @@ class Trainer:
             cfg, recipe_note=f"recipe {self.recipe or 'defaults (no --recipe)'}, {resumed}",
             train_size=self.data.train_size, classes=len(self.data.classes), evals=evals,
             device=self.device, precision=self.precision, world_size=self.dist.world_size,
-            notes=self.data.notes, kernel=self._kernel,
+            notes=self.data.notes, kernel=self._kernel, wgrad=self._wgrad,
         )  # fmt: skip
 
     def _lr(self, it: int) -> float:

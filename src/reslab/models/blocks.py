@@ -7,6 +7,7 @@ from torch import nn
 
 from reslab.models.bn_act import bn_relu
 from reslab.models.layers import conv1x1, conv3x3, make_shortcut
+from reslab.models.tiled_wgrad import apply_conv
 
 
 class BasicBlock(nn.Module):
@@ -16,6 +17,9 @@ class BasicBlock(nn.Module):
     # How relu(bn(x) [+ shortcut]) is computed in training: one fused CPU kernel when True
     # (models/bn_act.py; set by use_fused_bn_act), else eager ops. Same math, same weights.
     fused_bn_act = False
+    # How a training step sums the 3x3 convs' weight gradients on small maps: over tiled images
+    # when True (models/tiled_wgrad.py; set by use_tiled_wgrad), else directly. Same gradient.
+    tiled_wgrad = False
 
     def __init__(
         self,
@@ -40,9 +44,10 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fused_bn_act
-        out = bn_relu(self.bn1, self.conv1(x), fused=fused)
-        out = self.conv2(out)  # [N, planes, H/s, W/s]; bn2(out) is F(x), added before the ReLU
+        fused, tiled = self.fused_bn_act, self.tiled_wgrad
+        out = bn_relu(self.bn1, apply_conv(self.conv1, x, tiled=tiled), fused=fused)
+        # [N, planes, H/s, W/s]; bn2(out) is F(x), added before the ReLU
+        out = apply_conv(self.conv2, out, tiled=tiled)
         short = None
         if self.residual:
             short = x if self.downsample is None else self.downsample(x)
@@ -57,6 +62,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
     fused_bn_act = False  # as in BasicBlock
+    tiled_wgrad = False  # as in BasicBlock
 
     def __init__(
         self,
@@ -84,9 +90,9 @@ class Bottleneck(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fused_bn_act
+        fused, tiled = self.fused_bn_act, self.tiled_wgrad
         out = bn_relu(self.bn1, self.conv1(x), fused=fused)
-        out = bn_relu(self.bn2, self.conv2(out), fused=fused)
+        out = bn_relu(self.bn2, apply_conv(self.conv2, out, tiled=tiled), fused=fused)
         out = self.conv3(out)
         short = None
         if self.residual:

@@ -1,0 +1,161 @@
+"""Weight gradients of 3x3 convolutions on small maps, computed over tiled images (CPU, bf16).
+
+oneDNN's bf16 weight gradient of a 3x3 convolution on small feature maps runs far below its
+forward pass on Intel Xeon with AMX: 64->64 channels on 8x8 maps at batch 128 (a CIFAR ResNet's
+stage 3) took 3.0 ms against 0.9 ms forward, and 6x6 maps (stage 3 of a 24 px batch) were no
+faster than 8x8 (2 cores, torch 2.14.1; benchmarks/ab_tiled_wgrad.py). The cost goes with the
+number of images more than with the number of values: the same values laid out as fewer, larger
+images are 1.4-2.1x faster.
+
+So the backward pass of such a convolution lays the images out on canvases, t x t images side by
+side with one zero row or column between neighbours ([N, C, H, W] -> [ceil(N / t^2), C,
+t(H+1)-1, t(W+1)-1]), and takes the weight gradient of the same convolution over the canvases.
+With padding 1, a 3x3 window centred on an image pixel sees that image and zeros where the image
+has its padding (a gap is the padding of both of its neighbours), and the output gradient is
+zero on the gaps, so the canvas sum is the sum over the images: the same weight gradient,
+summed in another order (equal in float64 to rounding, tests/models/test_tiled_wgrad.py). The
+forward pass and the input gradient are computed as before (tiling did not speed them up).
+
+Used where every condition of `tile_factor` holds: the block's `tiled_wgrad` flag (set by
+`use_tiled_wgrad`, which the trainer calls for CPU runs), a weight gradient being recorded, a
+plain 3x3 stride-1 padding-1 convolution without bias or hooks, a bf16 channels_last CPU input
+on a CPU with AMX, and maps of at most 8x8 (t = 4) or at most 14x14 with 128+ channels (t = 2),
+the shapes where it was measured faster. Not inside torch.compile or a trace.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+_BACKWARD = torch.ops.aten.convolution_backward
+_CONV_ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)  # stride, padding, dilation, ..., groups
+
+
+@functools.cache
+def _amx() -> bool:
+    """Intel AMX tiles: the CPU kind on which tiling was measured faster. On others (AMD Zen 4's
+    AVX-512 bf16) oneDNN takes other code paths, not measured yet, so they keep the direct one."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def tile_images(x: torch.Tensor, t: int) -> torch.Tensor:
+    """[N, C, H, W] channels_last -> [ceil(N / t^2), C, t(H+1)-1, t(W+1)-1] channels_last.
+
+    Image n goes to canvas n // t^2, tile (i, j) = divmod(n % t^2, t), whose top-left pixel is
+    (i (H+1), j (W+1)); every other value (the gaps, and the tiles of a last canvas that has fewer
+    than t^2 images) is zero."""
+    n, c, h, w = x.shape
+    k = t * t
+    m = -(-n // k)
+    rows, cols = t * (h + 1) - 1, t * (w + 1) - 1
+    out = x.new_zeros(m, rows, cols, c)  # NHWC memory: channels_last once permuted back
+    src = x.permute(0, 2, 3, 1)  # [N, H, W, C], a view of channels_last memory
+    tile_strides = (rows * cols * c, (h + 1) * cols * c, (w + 1) * c, cols * c, c, 1)
+    full = n // k
+    if full:  # one copy for all whole canvases: [full, t, t, H, W, C]
+        tiles = out.as_strided((full, t, t, h, w, c), tile_strides)
+        tiles.copy_(src[: full * k].reshape(full, t, t, h, w, c))
+    if n > full * k:  # the last canvas, image by image
+        last = out[full:].as_strided((t, t, h, w, c), tile_strides[1:], full * rows * cols * c)
+        for r in range(n - full * k):
+            last[divmod(r, t)].copy_(src[full * k + r])
+    return out.permute(0, 3, 1, 2)
+
+
+class _TiledWgradConv(torch.autograd.Function):
+    """conv2d(x, weight) with 3x3 kernels, stride 1, padding 1; the weight gradient over
+    tile_images(.., t) of the input and of the output gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, t):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.t = t
+        return torch.ops.aten.convolution(x, weight, None, *_CONV_ARGS)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _BACKWARD(dy, x, weight, None, *_CONV_ARGS, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            dyt, xt = tile_images(dy, ctx.t), tile_images(x, ctx.t)
+            dw = _BACKWARD(dyt, xt, weight, None, *_CONV_ARGS, [False, True, False])[1]
+        return dx, dw, None
+
+
+def tile_factor(conv: nn.Conv2d, x: torch.Tensor) -> int:
+    """Images per canvas side for `conv(x)`'s weight gradient; 0 for the direct computation."""
+    if not isinstance(x, torch.Tensor):  # an fx Proxy: symbolic tracing records conv(x)
+        return 0
+    if type(conv) is not nn.Conv2d or conv.bias is not None or conv.padding_mode != "zeros":
+        return 0
+    if (conv.kernel_size, conv.stride, conv.padding) != ((3, 3), (1, 1), (1, 1)):
+        return 0
+    if conv.dilation != (1, 1) or conv.groups != 1:
+        return 0
+    if conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks:
+        return 0  # the tiled path does not call the module, so its hooks would not run
+    if not (torch.is_grad_enabled() and conv.weight.requires_grad):
+        return 0
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return 0
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4:
+        return 0
+    if not x.is_contiguous(memory_format=torch.channels_last) or not _amx():
+        return 0
+    n, c, h, w = x.shape
+    if h * w <= 64:
+        t = 4  # 8x8: x1.35 (t = 2: x1.38); 6x6: x2.14 (t = 2: x1.42); 4x4: x2.13
+    elif h * w <= 196 and c >= 128:
+        t = 2  # 14x14, 256 channels (ResNet-18/34 layer3 at 224 px): x1.47-1.54
+    else:
+        return 0  # 12x12 with 32 channels x1.03-1.17, 16x16 and larger slower (x0.56-0.71)
+    while t > 1 and n < t * t:  # a canvas mostly of zeros costs more than it saves
+        t //= 2
+    return t if t > 1 else 0
+
+
+def apply_conv(conv: nn.Conv2d, x: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
+    """conv(x); with `tiled`, its weight gradient over tiled images where `tile_factor` allows.
+    The output is conv(x)'s own (the same op); only the weight gradient's summation order
+    differs."""
+    t = tile_factor(conv, x) if tiled else 0
+    if not t:
+        return conv(x)
+    weight = conv.weight
+    if weight.dtype != x.dtype:
+        if not torch.is_autocast_enabled("cpu"):
+            return conv(x)  # mixed dtypes outside autocast: conv's own error or promotion
+        weight = weight.to(x.dtype)  # what autocast does for conv2d (the gradient flows back)
+    with torch.autocast("cpu", enabled=False):
+        return _TiledWgradConv.apply(x, weight, t)
+
+
+def use_tiled_wgrad(model: nn.Module, on: bool = True) -> int:
+    """Set every block's `tiled_wgrad` flag; returns how many modules take it. The flag only
+    chooses how a training step's weight gradients are summed: weights, outputs and state_dict
+    stay the same."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "tiled_wgrad"):
+            m.tiled_wgrad = on
+            n += 1
+    return n
+
+
+def status(precision: str) -> str:
+    """One line for run banners: how flagged blocks sum their small-map weight gradients."""
+    if not _amx():
+        return "direct (tiling was measured faster only on CPUs with AMX)"
+    if precision != "bf16":
+        return f"direct ({precision}: tiling was measured faster only in bf16)"
+    return "tiled on maps up to 8x8 (and up to 14x14 with 128+ channels)"
+
+
+__all__ = ["apply_conv", "status", "tile_factor", "tile_images", "use_tiled_wgrad"]

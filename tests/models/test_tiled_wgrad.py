@@ -1,0 +1,151 @@
+"""Weight gradients over tiled images (models/tiled_wgrad.py) against the direct convolution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from reslab.models import create_model, tiled_wgrad
+from reslab.models.tiled_wgrad import (
+    _TiledWgradConv,
+    apply_conv,
+    tile_factor,
+    tile_images,
+    use_tiled_wgrad,
+)
+
+CL = torch.channels_last
+
+
+@pytest.fixture
+def amx(monkeypatch):
+    """Tiling on whatever this CPU is (the rule is per CPU kind; the math is not)."""
+    monkeypatch.setattr(tiled_wgrad, "_amx", lambda: True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 35), t=st.integers(2, 4), h=st.integers(1, 9), w=st.integers(1, 9))
+def test_every_image_lands_on_its_tile_and_everything_else_is_zero(n, t, h, w):
+    x = (torch.arange(n * 3 * h * w, dtype=torch.float32).view(n, 3, h, w) + 1).contiguous(
+        memory_format=CL
+    )
+    out = tile_images(x, t)
+    assert out.shape == (-(-n // (t * t)), 3, t * (h + 1) - 1, t * (w + 1) - 1)
+    assert out.is_contiguous(memory_format=CL)
+    mask = torch.zeros_like(out, dtype=torch.bool)
+    for i in range(n):
+        b, (r, c) = i // (t * t), divmod(i % (t * t), t)
+        tile = (
+            b,
+            slice(None),
+            slice(r * (h + 1), r * (h + 1) + h),
+            slice(c * (w + 1), c * (w + 1) + w),
+        )
+        assert torch.equal(out[tile], x[i])
+        mask[tile] = True
+    assert not out[~mask].any()  # gaps and empty tiles
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 33])
+@pytest.mark.parametrize("t", [2, 3, 4])
+@pytest.mark.parametrize("h", [4, 7, 8])
+def test_tiled_gradients_equal_the_direct_ones_in_float64(n, t, h):
+    g = torch.Generator().manual_seed(n * 100 + t * 10 + h)
+    x = torch.randn(n, 16, h, h, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    w = torch.randn(24, 16, 3, 3, generator=g, dtype=torch.float64)
+    x.requires_grad_()
+    w.requires_grad_()
+    y = F.conv2d(x, w, padding=1)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    y2 = _TiledWgradConv.apply(x, w, t)
+    dx2, dw2 = torch.autograd.grad(y2, (x, w), dy)
+    assert torch.equal(y2, y)
+    torch.testing.assert_close(dx2, dx, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dw2, dw, rtol=1e-12, atol=1e-10)  # another summation order
+
+
+def _conv(c: int = 64) -> nn.Conv2d:
+    return nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=CL)
+
+
+def _x(n: int, c: int, h: int, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.randn(n, c, h, h).to(dtype).contiguous(memory_format=CL)
+
+
+def test_tiling_is_taken_only_where_it_was_measured_faster(amx):
+    conv = _conv()
+    assert tile_factor(conv, _x(128, 64, 8)) == 4
+    assert tile_factor(conv, _x(128, 64, 6)) == 4
+    assert tile_factor(conv, _x(8, 64, 8)) == 2  # fewer images than a 4x4 canvas holds
+    assert tile_factor(conv, _x(3, 64, 8)) == 0
+    assert tile_factor(_conv(256), _x(32, 256, 14)) == 2
+    assert tile_factor(_conv(32), _x(128, 32, 12)) == 0  # x1.03-1.17: not worth it
+    assert tile_factor(_conv(16), _x(128, 16, 32)) == 0  # slower on large maps
+    assert tile_factor(conv, _x(128, 64, 8, torch.float32)) == 0  # measured slower in fp32
+    assert tile_factor(conv, _x(128, 64, 8).contiguous()) == 0  # NCHW
+    strided = nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False)
+    assert tile_factor(strided, _x(128, 64, 8)) == 0
+    assert tile_factor(nn.Conv2d(64, 64, 3, padding=1), _x(128, 64, 8)) == 0  # bias
+    with torch.no_grad():
+        assert tile_factor(conv, _x(128, 64, 8)) == 0  # no gradient to compute
+    conv.register_forward_hook(lambda *a: None)
+    assert tile_factor(conv, _x(128, 64, 8)) == 0  # the hook must run
+
+
+def test_no_tiling_without_amx(monkeypatch):
+    monkeypatch.setattr(tiled_wgrad, "_amx", lambda: False)
+    assert tile_factor(_conv(), _x(128, 64, 8)) == 0
+    assert tiled_wgrad.status("bf16").startswith("direct")
+
+
+def test_under_autocast_output_is_the_direct_one_and_the_gradient_bf16_close(amx):
+    torch.manual_seed(0)
+    conv = _conv()
+    x = _x(64, 64, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = apply_conv(conv, x, tiled=True)
+        ref = conv(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=CL)
+    assert torch.equal(y, ref)
+    dy = torch.randn_like(y)
+    (dw,) = torch.autograd.grad(y, conv.weight, dy)
+    (dw_ref,) = torch.autograd.grad(ref, conv.weight, dy)
+    assert dw.dtype == torch.float32  # back through autocast's cast to the fp32 parameter
+    # Both are bf16 sums rounded once: one bf16 unit of the largest entry at most.
+    assert (dw - dw_ref).abs().max() <= dw_ref.abs().max() * 2**-7
+
+
+@pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet18", "resnet50"])
+def test_a_bf16_training_step_with_tiling_matches_the_direct_one(name, amx):
+    """Whole models at a size where their last stage is tiled: every parameter gets a finite
+    gradient and the gradients are the direct ones to bf16 rounding."""
+    torch.manual_seed(0)
+    size = 32 if name in ("resnet20", "plain20") else 64  # 8x8 / 4x4 and 2x2 last stages
+    model = create_model(name, num_classes=10).to(memory_format=CL)
+    x = torch.randn(16, 3, size, size).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (16,))
+
+    def grads(on: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        use_tiled_wgrad(model, on)
+        with torch.autocast("cpu", torch.bfloat16):
+            F.cross_entropy(model(x), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    direct, tiled = grads(False), grads(True)
+    assert all(torch.isfinite(g).all() for g in tiled.values())
+    differs = [n for n in tiled if not torch.equal(tiled[n], direct[n])]
+    assert differs, "no weight gradient was tiled"
+    for n in tiled:  # the same gradient; bf16 sums in another order
+        scale = direct[n].abs().max()
+        assert (tiled[n] - direct[n]).abs().max() <= 0.02 * scale + 1e-6, n
+
+
+@pytest.mark.parametrize(("name", "n"), [("resnet20", 9), ("resnet18", 8), ("resnet50", 16)])
+def test_every_block_takes_the_flag(name, n):
+    assert use_tiled_wgrad(create_model(name)) == n
