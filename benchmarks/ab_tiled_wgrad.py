@@ -12,7 +12,7 @@ On a CPU without AMX, tiling is off by default (not measured there); --force tur
 check off so that this script measures whether it would pay there.
 
     python benchmarks/ab_tiled_wgrad.py --data ../shared/data [--models resnet20,resnet56]
-        [--sizes 32,24] [--rounds 8] [--force]
+        [--sizes 32,24] [--batch 256] [--rounds 20] [--steps 4] [--force]
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from reslab.models import tiled_wgrad
 from reslab.models.tiled_wgrad import tile_images, use_tiled_wgrad
 
 _ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
-# (N, C, H): CIFAR stages at 32 and at 24 px (batch 128), ResNet-18/34 layer3 and layer4 at
-# 224 px (batch 32, the fine-tuning recipe's).
-SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8), (128, 16, 24), (128, 32, 12), (128, 64, 6),
-          (32, 256, 14), (32, 512, 7)]  # fmt: skip
+# (C, H): CIFAR stages at 32 and at 24 px (at --batch), then (N, C, H): ResNet-18/34 layer3 and
+# layer4 at 224 px (batch 32, the fine-tuning recipe's).
+CIFAR_SHAPES = [(16, 32), (32, 16), (64, 8), (16, 24), (32, 12), (64, 6)]
+IMAGENET_SHAPES = [(32, 256, 14), (32, 512, 7)]
 
 
 def per_round(fs: dict, rounds: int, reps: int) -> dict[str, list[float]]:
@@ -58,9 +58,9 @@ def wgrad_paths(x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, tiles: list[
     return fs
 
 
-def shapes_alone(tiles: list[int], rounds: int) -> None:
+def shapes_alone(tiles: list[int], rounds: int, batch: int) -> None:
     print(f"weight gradient alone, bf16 channels_last, medians of {rounds} alternating rounds:")
-    for n, c, h in SHAPES:
+    for n, c, h in [(batch, c, h) for c, h in CIFAR_SHAPES] + IMAGENET_SHAPES:
         g = torch.Generator().manual_seed(0)
         x, dy = (torch.randn(n, c, h, h, generator=g).bfloat16().contiguous(
             memory_format=torch.channels_last) for _ in range(2))  # fmt: skip
@@ -77,15 +77,15 @@ def shapes_alone(tiles: list[int], rounds: int) -> None:
         print(f"  N={n:3d} {c:3d}->{c:3d} on {h:2d}x{h:2d}: " + ", ".join(cells), flush=True)
 
 
-def steps(data: str, model_name: str, size: int, rounds: int, n_steps: int) -> None:
-    precision, model, step = cifar_default_step(data, model_name, size=size)
+def steps(data: str, model_name: str, size: int, rounds: int, n_steps: int, batch: int) -> None:
+    precision, model, step = cifar_default_step(data, model_name, batch=batch, size=size)
     fs = {}
     for on in (False, True):
         fs["tiled" if on else "direct"] = lambda on=on: (use_tiled_wgrad(model, on), step())
     times = per_round(fs, rounds, n_steps)
-    rate = {k: [128 / s for s in v] for k, v in times.items()}
+    rate = {k: [batch / s for s in v] for k, v in times.items()}
     ratio = [b / a for a, b in zip(rate["direct"], rate["tiled"])]
-    print(f"{model_name} training step at {size}x{size}, batch 128, {precision}: "
+    print(f"{model_name} training step at {size}x{size}, batch {batch}, {precision}: "
           f"img/s median direct {statistics.median(rate['direct']):.0f}, tiled "
           f"{statistics.median(rate['tiled']):.0f}; tiled / direct per round "
           + " ".join(f"{r:.3f}" for r in ratio) + f"; median x{statistics.median(ratio):.3f}",
@@ -97,8 +97,9 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--models", default="resnet20,resnet56")
     p.add_argument("--sizes", default="32,24")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round and path")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per round and path")
+    p.add_argument("--batch", type=int, default=256, help="the cifar10-fast recipes' batch")
     p.add_argument("--tiles", default="2,4", help="canvas sides t to time per shape")
     p.add_argument("--force", action="store_true", help="tile on a CPU without AMX too")
     p.add_argument("--skip-shapes", action="store_true")
@@ -111,10 +112,10 @@ def main() -> None:
     elif not amx:
         print("(the step comparison below is direct vs direct; pass --force to tile here)")
     if not args.skip_shapes:
-        shapes_alone([int(t) for t in args.tiles.split(",")], args.rounds)
+        shapes_alone([int(t) for t in args.tiles.split(",")], min(args.rounds, 8), args.batch)
     for name in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            steps(args.data, name, size, args.rounds, args.steps)
+            steps(args.data, name, size, args.rounds, args.steps, args.batch)
 
 
 if __name__ == "__main__":

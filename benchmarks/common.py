@@ -110,11 +110,15 @@ def conv_ceiling(
     shape in `dtype` channels_last on the CPU: the step time if every other op were free.
     Returns (seconds, one line per distinct shape with each phase's time and GFLOP/s: which
     phase of which shape is slow is where a faster convolution would pay)."""
+    from reslab.models.tiled_wgrad import tile_factor, tile_images
+
     shapes: dict[tuple, int] = {}
+    modules: dict[tuple, torch.nn.Conv2d] = {}
 
     def hook(mod, inp, _out):
         key = (tuple(inp[0].shape), tuple(mod.weight.shape), mod.stride, mod.padding, mod.groups)
         shapes[key] = shapes.get(key, 0) + 1
+        modules[key] = mod
 
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     handles = [c.register_forward_hook(hook) for c in convs]
@@ -131,8 +135,14 @@ def conv_ceiling(
             op(*op_args)
         return (time.perf_counter() - t0) / reps
 
+    def tiled_wgrad(gy, x, w, args, t):  # the tiling copies included
+        return torch.ops.aten.convolution_backward(
+            tile_images(gy, t), tile_images(x, t), w, None, *args, [False, True, False]
+        )
+
     total, lines = 0.0, []
-    for i, ((xs, ws, stride, pad, groups), count) in enumerate(shapes.items()):
+    for i, (key, count) in enumerate(shapes.items()):
+        xs, ws, stride, pad, groups = key
         cl = torch.channels_last
         x = torch.randn(xs).to(dtype).contiguous(memory_format=cl)
         w = torch.randn(ws).to(dtype).contiguous(memory_format=cl)
@@ -143,7 +153,13 @@ def conv_ceiling(
         phases = {"fwd": seconds(conv, x, w, None, *args)}
         if i > 0:  # the input image needs no gradient
             phases["dgrad"] = seconds(back, gy, x, w, None, *args, [True, False, False])
-        phases["wgrad"] = seconds(back, gy, x, w, None, *args, [False, True, False])
+        # The weight gradient as reslab's training computes it: over tiled images where the
+        # blocks' tiled_wgrad rule takes it (models/tiled_wgrad.py), else directly.
+        t = tile_factor(modules[key], x)
+        if t:
+            phases[f"wgrad tiled t={t}"] = seconds(tiled_wgrad, gy, x, w, args, t)
+        else:
+            phases["wgrad"] = seconds(back, gy, x, w, None, *args, [False, True, False])
         flops = 2 * y.numel() * ws[1] * ws[2] * ws[3]  # each phase does as many multiply-adds
         dt = sum(phases.values())
         total += dt * count

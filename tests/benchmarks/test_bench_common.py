@@ -50,3 +50,13 @@ def test_conv_ceiling_times_every_convolution_once_per_shape():
     # Each phase timed apart; the image (first conv's input) needs no input gradient.
     assert "fwd" in lines[0] and "wgrad" in lines[0] and "dgrad" not in lines[0]
     assert all("fwd" in line and "dgrad" in line and "wgrad" in line for line in lines[1:])
+
+
+def test_conv_ceiling_times_the_weight_gradient_as_training_computes_it(monkeypatch):
+    from reslab.models import tiled_wgrad
+
+    monkeypatch.setattr(tiled_wgrad, "_amx", lambda: True)  # the rule of CPUs with AMX
+    _, lines = common.conv_ceiling(create_model("resnet20"), batch=16)
+    tiled = [line for line in lines if "wgrad tiled t=4" in line]
+    assert len(tiled) == 1 and "64->64 3x3 stride 1 on 8x8" in tiled[0]  # stage 3 alone
+    assert all(" wgrad " in line for line in lines if line not in tiled)

@@ -52,10 +52,14 @@ def tile_images(x: torch.Tensor, t: int) -> torch.Tensor:
     k = t * t
     m = -(-n // k)
     rows, cols = t * (h + 1) - 1, t * (w + 1) - 1
-    out = x.new_zeros(m, rows, cols, c)  # NHWC memory: channels_last once permuted back
+    out = x.new_empty(m, rows, cols, c)  # NHWC memory: channels_last once permuted back
+    out[:, h :: h + 1].zero_()  # the gap rows and columns only: the tiles are written below
+    out[:, :, w :: w + 1].zero_()
     src = x.permute(0, 2, 3, 1)  # [N, H, W, C], a view of channels_last memory
     tile_strides = (rows * cols * c, (h + 1) * cols * c, (w + 1) * c, cols * c, c, 1)
     full = n // k
+    if n > full * k:  # a last canvas with empty tiles
+        out[full:].zero_()
     if full:  # one copy for all whole canvases: [full, t, t, H, W, C]
         tiles = out.as_strided((full, t, t, h, w, c), tile_strides)
         tiles.copy_(src[: full * k].reshape(full, t, t, h, w, c))
