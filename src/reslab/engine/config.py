@@ -121,7 +121,7 @@ class TrainConfig:
     # with compile (inductor fuses these itself) or on GPUs (cuDNN).
     fused_bn_act: bool = True
     # On CPUs with AMX, sum the weight gradients of 3x3 convs on small maps (CIFAR stage 3, 8x8
-    # or 6x6; ImageNet layer3/4) over images tiled side by side, which oneDNN computes 1.4-2.2x
+    # or 6x6; ImageNet layer3/4) over images tiled side by side, which oneDNN computes 1.2-2.2x
     # faster than over the separate small images (models/tiled_wgrad.py). The same gradient in
     # another summation order. Not used with compile or on GPUs.
     tiled_wgrad: bool = True

@@ -1,11 +1,11 @@
 """Weight gradients of 3x3 convolutions on small maps, computed over tiled images (CPU, bf16).
 
 oneDNN's bf16 weight gradient of a 3x3 convolution on small feature maps runs far below its
-forward pass on Intel Xeon with AMX: 64->64 channels on 8x8 maps at batch 128 (a CIFAR ResNet's
-stage 3) took 3.0 ms against 0.9 ms forward, and 6x6 maps (stage 3 of a 24 px batch) were no
-faster than 8x8 (2 cores, torch 2.14.1; benchmarks/ab_tiled_wgrad.py). The cost goes with the
-number of images more than with the number of values: the same values laid out as fewer, larger
-images are 1.4-2.1x faster.
+speed on larger maps on Intel Xeon with AMX: 64->64 channels on 8x8 maps at batch 128 (a CIFAR
+ResNet's stage 3) at 200 GFLOP/s and on 6x6 maps (stage 3 of a 24 px batch) at 146, against
+439 for 16->16 on 32x32 in the same run (2 cores, torch 2.14.1; benchmarks/ab_tiled_wgrad.py).
+The same values laid out as fewer, larger images were 1.2-2.2x faster (batch 256 / 128,
+results/cpu-kind/intel-amx-20261201/session21).
 
 So the backward pass of such a convolution lays the images out on canvases, t x t images side by
 side with one zero row or column between neighbours ([N, C, H, W] -> [ceil(N / t^2), C,
