@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reslab.models.layers import set_block_flag
+
 _LOCK = threading.Lock()
 _EXT: Any = None
 _FAILED: str | None = None
@@ -254,12 +256,7 @@ def use_fused_bn_act(model: nn.Module, on: bool = True) -> int:
     """Set every block's `fused_bn_act` flag; returns how many modules take it. The flag only
     chooses how training-mode BN+ReLU is computed: weights, outputs and state_dict stay the
     same (tests/models/test_bn_act.py checks outputs and gradients against the eager path)."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "fused_bn_act"):
-            m.fused_bn_act = on
-            n += 1
-    return n
+    return set_block_flag(model, "fused_bn_act", on)
 
 
 def kernel_status() -> str:

@@ -15,6 +15,17 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
+def set_block_flag(model: nn.Module, name: str, on: bool) -> int:
+    """Set the class-level switch `name` (e.g. `fused_bn_act`, `tiled_wgrad`: how a block
+    computes, never what) on every module that has it; returns how many have it."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, name):
+            setattr(m, name, on)
+            n += 1
+    return n
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if (
         x.dim() == 4

@@ -30,6 +30,8 @@ import functools
 import torch
 from torch import nn
 
+from reslab.models.layers import set_block_flag
+
 _BACKWARD = torch.ops.aten.convolution_backward
 _CONV_ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)  # stride, padding, dilation, ..., groups
 
@@ -145,12 +147,7 @@ def use_tiled_wgrad(model: nn.Module, on: bool = True) -> int:
     """Set every block's `tiled_wgrad` flag; returns how many modules take it. The flag only
     chooses how a training step's weight gradients are summed: weights, outputs and state_dict
     stay the same."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "tiled_wgrad"):
-            m.tiled_wgrad = on
-            n += 1
-    return n
+    return set_block_flag(model, "tiled_wgrad", on)
 
 
 def status(precision: str) -> str:
