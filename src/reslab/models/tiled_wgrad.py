@@ -117,11 +117,11 @@ def tile_factor(conv: nn.Conv2d, x: torch.Tensor) -> int:
         return 0
     n, c, h, w = x.shape
     if h * w <= 64:
-        t = 4  # 8x8: x1.35 (t = 2: x1.38); 6x6: x2.14 (t = 2: x1.42); 4x4: x2.13
+        t = 4  # 8x8: x1.17-1.36 (t = 2: x1.04-1.38); 6x6: x1.76-2.19 (t = 2: x1.39-1.42)
     elif h * w <= 196 and c >= 128:
-        t = 2  # 14x14, 256 channels (ResNet-18/34 layer3 at 224 px): x1.47-1.54
+        t = 2  # 14x14, 256 channels (ResNet-18/34 layer3 at 224 px): x1.14-1.52
     else:
-        return 0  # 12x12 with 32 channels x1.03-1.17, 16x16 and larger slower (x0.56-0.71)
+        return 0  # 12x12 with 32 channels x0.69-1.19; 16x16 and larger x0.49-0.85
     while t > 1 and n < t * t:  # a canvas mostly of zeros costs more than it saves
         t //= 2
     return t if t > 1 else 0
