@@ -6,13 +6,16 @@ CIFAR stages at 32 and 24 px and ResNet-18's layer3/layer4 at 224 px, each t in 
 a training step of reslab's default CPU path on real CIFAR-10 batches with the blocks'
 `tiled_wgrad` flag on and off in alternating rounds, at each size in --sizes (24 is what
 progressive resizing trains most iterations at). This VM's speed drifts by up to 2x within
-minutes, so only per-round ratios mean anything; medians over rounds are printed.
+seconds, so only per-round ratios mean anything; medians over rounds are printed. A round is one
+timed step per path by default (after 2 untimed ones), in 150 rounds: session 21's rounds of 4
+steps (20 rounds) spread from x0.74 to x1.59 and could not tell a 2% gain from none; one-step
+rounds put it at x1.015-1.084 (results/cpu-kind/intel-amx-20261201/session22).
 
 On a CPU without AMX, tiling is off by default (not measured there); --force turns the CPU
 check off so that this script measures whether it would pay there.
 
     python benchmarks/ab_tiled_wgrad.py --data ../shared/data [--models resnet20,resnet56]
-        [--sizes 32,24] [--batch 256] [--rounds 20] [--steps 4] [--force]
+        [--sizes 32,24] [--batch 256] [--rounds 150] [--steps 1] [--force]
 """
 
 from __future__ import annotations
@@ -97,8 +100,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--models", default="resnet20,resnet56")
     p.add_argument("--sizes", default="32,24")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per round and path")
+    p.add_argument("--rounds", type=int, default=150)
+    p.add_argument("--steps", type=int, default=1, help="timed steps per round and path")
     p.add_argument("--batch", type=int, default=256, help="the cifar10-fast recipes' batch")
     p.add_argument("--tiles", default="2,4", help="canvas sides t to time per shape")
     p.add_argument("--force", action="store_true", help="tile on a CPU without AMX too")
