@@ -305,6 +305,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail("train", f"{e.strerror or e}{where}")
     if os.environ.get("RANK", "0") == "0":
         print(_summary(final, cfg.out))
+        done = int(final.get("iter", 0))
+        if cfg.time_limit is not None and 0 < done < cfg.iters:
+            print(f"stopped by the time limit ({cfg.time_limit:g} s) at iteration {done:,} of "
+                  f"{cfg.iters:,}; `reslab train --out {cfg.out} --resume` continues it")  # fmt: skip
     return 0
 
 
@@ -391,7 +395,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--eval-every", type=int)
-    p.add_argument("--time-limit", type=float, help="seconds of training, then a final eval")
+    p.add_argument("--time-limit", type=float,
+                   help="wall-clock seconds for this call (evaluations included), then a final "
+                   "eval; --resume continues a stopped run with the limit afresh")  # fmt: skip
     p.add_argument("--download", action="store_true", help="fetch CIFAR if it is missing")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
     p.add_argument("--nproc", type=int, help="processes on this machine (wraps torchrun)")
@@ -663,9 +669,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     except (DataError, ValueError, FileNotFoundError) as e:  # WeightsError is a ValueError
         return _fail("eval", e)
+    from reslab.runtime.distributed import resolve_device
+    from reslab.runtime.precision import resolve_precision
+
+    precision = resolve_precision(args.precision, resolve_device(args.device))  # "auto" -> used
     print(
         f"{args.dataset} {args.split}, {args.views} view(s), {result.ensemble.num_samples} "
-        f"images, {args.precision}"
+        f"images, {precision}"
     )
     print(format_report(result, classes))
     files = args.checkpoint or [args.weights]
@@ -676,7 +686,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "dataset": args.dataset,
         "split": args.split,
         "views": args.views,
-        "precision": args.precision,
+        "precision": precision,
         "limit": args.limit,
     }
     written = write_outputs(

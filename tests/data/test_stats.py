@@ -105,6 +105,10 @@ def test_download_failure_says_where_to_put_files(
     msg = str(e.value)
     assert f"{tmp_path / 'cifar-100-python'}/" in msg and "train, test, meta" in msg
     assert isinstance(e.value.__context__, (urllib.error.URLError, OSError, RuntimeError))
+    # The directories it made for the download are not left behind, empty; existing ones stay.
+    with pytest.raises(DataError):
+        download_cifar(tmp_path / "new" / "data", dataset="cifar100")
+    assert tmp_path.is_dir() and not (tmp_path / "new").exists()
 
 
 class _Marker:

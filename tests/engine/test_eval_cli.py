@@ -115,10 +115,15 @@ def test_eval_cli_views_and_bad_files(
     assert doc["views"] == "ten-crop" and doc["members"][0]["num_samples"] == 30
     assert doc["ensemble"] is None and (tmp_path / "o" / "confusion-resnet20_best.png").is_file()
     flip_out = tmp_path / "flip.json"
+    capsys.readouterr()
     assert main(["eval", "--checkpoint", str(checkpoints[0]), "--data", str(cifar_root),
                  "--limit", "30", "--views", "flip", "--json", str(flip_out),
-                 "--out", str(tmp_path / "o")]) == 0  # fmt: skip
-    assert json.loads(flip_out.read_text())["views"] == "flip"
+                 "--out", str(tmp_path / "o"), "--precision", "auto"]) == 0  # fmt: skip
+    flip_doc = json.loads(flip_out.read_text())
+    assert flip_doc["views"] == "flip"
+    # "auto" is reported as what it resolved to, on the screen and in the JSON
+    assert flip_doc["precision"] in ("bf16", "fp32")
+    assert f"30 images, {flip_doc['precision']}\n" in capsys.readouterr().out
     monkeypatch.setenv("RESLAB_DATA", str(cifar_root))  # no --data: $RESLAB_DATA, as in train
     assert main(["eval", "--checkpoint", str(checkpoints[0]), "--limit", "20",
                  "--json", str(tmp_path / "env.json"), "--out", str(tmp_path / "o")]) == 0  # fmt: skip

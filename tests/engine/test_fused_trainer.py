@@ -197,3 +197,20 @@ def test_a_member_continues_alone_from_its_fused_checkpoint(
     train_fused(cfgs("split", 3), progress=False)
     train(cfgs("split", 6)[1], resume=True, progress=False)
     _assert_same_run(tmp_path / "split" / "s1", tmp_path / "fused" / "s1", tol=1e-10)
+
+
+def test_time_limit_counts_this_call_only(cifar_root: Path, tmp_path: Path) -> None:
+    """As for one net (tests/engine/test_trainer.py): the limit is each call's, so a stopped
+    fused run resumed with time to spare runs to the end, not one more iteration."""
+    from reslab.runtime.checkpoint import save_atomic
+
+    outs = [tmp_path / "s0", tmp_path / "s1"]
+    cfgs = lambda limit: [_cfg(cifar_root, o, i, time_limit=limit) for i, o in enumerate(outs)]  # noqa: E731
+    train_fused(cfgs(1e-9), progress=False)  # stops after the first iteration
+    for o in outs:
+        ckpt = load_checkpoint(o / "last.pt")
+        assert ckpt["step"] == 1
+        ckpt["train_state"]["wall"] = 1e6  # as if the calls before had trained for days
+        save_atomic(ckpt, o / "last.pt")
+    train_fused(cfgs(600.0), resume=True, progress=False)
+    assert [load_checkpoint(o / "last.pt")["step"] for o in outs] == [6, 6]

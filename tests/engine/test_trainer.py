@@ -167,3 +167,31 @@ def test_eval_views_flip_reports_the_mirror_averaged_error(
     net = m.model.to(memory_format=torch.channels_last)
     flip = evaluate(net, [(x, y)], device="cpu", views="flip")
     assert final["test_error"] == pytest.approx(flip.top1_error)
+
+
+def test_time_limit_counts_this_call_only(
+    cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--time-limit is each call's budget: a run it stopped, resumed with time to spare, runs to
+    the end (it compared the seconds of all calls before, so every resume trained one
+    iteration), and the stopped call says how to continue."""
+    from reslab.cli import main
+    from reslab.runtime.checkpoint import save_atomic
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "resnet20", "--data", str(cifar_root), "--out", str(out),
+            "--device", "cpu", "--precision", "fp32", "--iters", "6", "--eval-every", "100",
+            "--set", "train_subset=64", "--set", "eval_subset=32", "--set", "batch_size=16",
+            "--set", "eval_splits=[test]", "--set", "val_split=false"]  # fmt: skip
+    assert main([*argv, "--time-limit", "1e-9"]) == 0  # stops after its first iteration
+    said = capsys.readouterr().out
+    assert "done: 1 iterations" in said
+    stopped = f"stopped by the time limit (1e-09 s) at iteration 1 of 6; `reslab train --out {out}"
+    assert f"{stopped} --resume` continues it" in said
+    ckpt = load_checkpoint(out / "last.pt")
+    ckpt["train_state"]["wall"] = 1e6  # as if the calls before had trained for days
+    save_atomic(ckpt, out / "last.pt")
+    assert main(["train", "--out", str(out), "--resume", "--time-limit", "600"]) == 0
+    said = capsys.readouterr().out
+    assert "done: 6 iterations" in said and "stopped by" not in said
+    assert json.loads((out / "final.json").read_text())["iter"] == 6

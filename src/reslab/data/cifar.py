@@ -6,6 +6,7 @@ common, and a wrong file is caught by its shape and label range instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import pickle
@@ -239,10 +240,14 @@ def download_cifar(root: str | Path, *, dataset: str = "cifar10") -> Path:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    made = [p for p in (Path(root), *Path(root).parents) if not p.exists()]  # deepest first
     Path(root).mkdir(parents=True, exist_ok=True)
     try:
         cls(str(root), train=True, download=True)
     except Exception as e:  # URLError, socket timeout, HTTP error, bad archive
+        for p in made:  # the directories made for it, if still empty (an offline call leaves none)
+            with contextlib.suppress(OSError):
+                p.rmdir()
         train, test, meta = _FILES[dataset]
         raise DataError(
             f"could not download {dataset} ({type(e).__name__}: {e}). Offline: fetch "

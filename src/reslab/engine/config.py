@@ -127,7 +127,9 @@ class TrainConfig:
     tiled_wgrad: bool = True
     workers: int | None = None  # DataLoader workers for image folders; None: from cores and size
     sync_bn: bool = False  # distributed: SyncBatchNorm (the paper keeps BN per device)
-    time_limit: float | None = None  # seconds of training, then stop with a final evaluation
+    # Wall-clock seconds of this call (evaluations included), then stop with a final evaluation;
+    # a resumed run gets the limit afresh.
+    time_limit: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

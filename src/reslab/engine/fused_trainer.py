@@ -273,7 +273,8 @@ class FusedTrainer:
             for m in ms:
                 m.state.wall = wall
             at_eval = step % cfg.eval_every == 0 or step >= cfg.iters
-            out_of_time = cfg.time_limit is not None and wall >= cfg.time_limit
+            # This call's seconds: wall0 holds the calls' before a resume (see Trainer).
+            out_of_time = cfg.time_limit is not None and wall - wall0 >= cfg.time_limit
             saving = step % cfg.save_every == 0
             if step % cfg.log_every == 0 or at_eval or out_of_time or saving:
                 sums = torch.stack([loss_acc, wrong_acc.double()]).tolist()  # one host sync

@@ -226,6 +226,7 @@ class Trainer:
         # skipped on overflow. bf16 and fp32 need none (enabled=False makes it a pass-through).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = TrainState()
+        self._call_wall0 = 0.0  # s.wall when this call's fit() began (its time limit's zero)
         self._log: RunLog | None = None  # main process only, opened by fit()
         if ckpt is not None:
             self._restore(ckpt)
@@ -271,11 +272,14 @@ class Trainer:
         limit, s = self.cfg.time_limit, self.state
         if limit is None:
             return False
+        # The limit is this call's: s.wall also counts the seconds of the calls before a resume,
+        # and comparing that would let every resume of a stopped run train one iteration.
+        over = s.wall - self._call_wall0 >= limit
         if not self.dist.enabled:
-            return s.wall >= limit
+            return over
         # Each rank has its own clock: they agree (one collective, at log steps only) so that
         # none starts the final evaluation while the others still train.
-        return s.step % self.cfg.log_every == 0 and D.any_rank(s.wall >= limit, self.device)
+        return s.step % self.cfg.log_every == 0 and D.any_rank(over, self.device)
 
     # --- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self) -> dict[str, Any]:
@@ -420,6 +424,7 @@ class Trainer:
             dynamic_ncols=True, desc=cfg.model, unit="it",
         )  # fmt: skip
         t0, wall0 = time.perf_counter(), s.wall
+        self._call_wall0 = wall0  # where this call's time limit starts counting
         # Progress about once a second (one host sync each); on one process only, since under
         # torch.distributed the sync is a collective that every rank must enter at the same step.
         clock, watch = Clock(1.0), LossWatch()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -55,14 +56,27 @@ def _cpu_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _cpp_extension() -> Any:
+    """torch.utils.cpp_extension, imported without the warning that a CUDA build of torch logs
+    at import on a machine without a GPU ("No CUDA runtime is found, using CUDA_HOME=..."): the
+    kernel is CPU code, and the line otherwise opened every CPU run's output."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _build_dir(name: str) -> str:
     """Where torch builds and caches the extension `name`. The directory is per torch and Python
     version too: one home directory may serve several environments (the GPU image's torch 2.11
     beside 2.14 here), a build made against one torch's headers must never be loaded by another,
     and torch 2.14's lock file (kept on purpose) would otherwise look like a dead build to an
     older torch's clean-up below."""
-    from torch.utils.cpp_extension import get_default_build_root
-
+    get_default_build_root = _cpp_extension().get_default_build_root
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}.{sys.version_info[1]}"
     digest = hashlib.sha256(tag.encode()).hexdigest()[:8]
     return os.path.join(get_default_build_root(), f"{name}_{digest}")
@@ -73,9 +87,7 @@ def _lock_file_blocks() -> bool:
     torch <= 2.13, e.g. the GPU image's 2.11), so that one left by a killed build hangs every
     later run. torch 2.14 holds an OS advisory lock on a file that stays (released by the kernel
     when its holder dies): that file must be left alone, or two builds could run at once."""
-    from torch.utils import cpp_extension
-
-    return not hasattr(cpp_extension, "FileLock")
+    return not hasattr(_cpp_extension(), "FileLock")
 
 
 def _clear_stale_lock(lock: str, max_age_s: float = 600.0) -> None:
@@ -131,8 +143,7 @@ def _openmp_library() -> str | None:
 def _build(name: str, *, march: str, openmp: str | None = None) -> Any:
     """Compile kernels/bn_act.cpp for `march` (or load torch's cached build of it) as `name`;
     with `openmp` (a libgomp path from `_openmp_library`) its loops run on torch's threads."""
-    from torch.utils.cpp_extension import load
-
+    load = _cpp_extension().load
     cflags, ldflags = ["-O3", f"-march={march}", "-fno-math-errno"], []
     if openmp:
         # Compiled with -fopenmp but linked against torch's loaded libgomp, not the compiler's:

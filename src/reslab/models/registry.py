@@ -83,7 +83,8 @@ def list_models(family: str | None = None) -> list[str]:
 def create_model(name: str, **options: Any) -> nn.Module:
     """Build a registered model; `options` override the name's defaults.
 
-    >>> create_model("resnet34", shortcut="A", residual=False)  # doctest: +SKIP
+    >>> create_model("resnet34", shortcut="A")  # doctest: +SKIP
+    >>> create_model("resnet34", residual=False)  # its plain twin  # doctest: +SKIP
     """
     info = model_info(name)
     check_options(info, options)
