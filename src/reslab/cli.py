@@ -84,6 +84,12 @@ def _fail(cmd: str, err: BaseException | str) -> int:
     return 2
 
 
+def _os_error(e: OSError) -> str:
+    """One line for a failed file operation: what failed and on which file."""
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the model as ONNX or TorchScript with its preprocessing and classes inside."""
     from reslab.errors import check_output_file
@@ -95,6 +101,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         out, size = export_weights(model, info, args.out, format=args.format)
     except (ValueError, KeyError, FileNotFoundError) as e:
         return _fail("export", e)
+    except OSError as e:  # e.g. the folder became unwritable, or the disk is full
+        return _fail("export", _os_error(e))
     print(f"wrote {out} ({args.format}, {info.model_name}, input [N, 3, {size}, {size}])")
     return 0
 
@@ -301,8 +309,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (UserError, TrainingDiverged) as e:
         return _fail("train", _one_line(e))
     except OSError as e:  # e.g. permission denied: name the file
-        where = f" ({e.filename})" if e.filename else ""
-        return _fail("train", f"{e.strerror or e}{where}")
+        return _fail("train", _os_error(e))
     if os.environ.get("RANK", "0") == "0":
         print(_summary(final, cfg.out))
         done = int(final.get("iter", 0))
@@ -372,7 +379,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=float, help="passes over the training set (sets --iters)")
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--batch-size", type=_positive, help="mini-batch, over all processes")
-    p.add_argument("--workers", type=int, help="image-folder loader processes (default: auto)")
+    p.add_argument("--workers", type=_workers, help="image-folder loader processes (default: auto)")
     p.add_argument("--threads", type=_threads, help="CPU threads for torch (default: torch's)")
     p.add_argument("--out", help="run directory (config, metrics.jsonl, checkpoints)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -457,7 +464,9 @@ def cmd_data(args: argparse.Namespace) -> int:
             )  # fmt: skip
             from reslab.errors import check_output_file
 
-            check_output_file(args.out, "--out", create_parent=True)  # before the long scan
+            # Before the long scan; never into the data it reads (a stats file written over an
+            # image or a CIFAR batch would destroy it).
+            check_output_file(args.out, "--out", create_parent=True, input_dirs=[args.dir])
             found = cifar_datasets(args.dir)
             if found:
                 name, root = found[0]
@@ -475,6 +484,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             print(f"{args.dataset} ready in {download_cifar(args.dir, dataset=args.dataset)}")
     except UserError as e:  # DataError, or an --out that cannot be written
         return _fail("data", e)
+    except OSError as e:  # e.g. `data download FILE`, a folder that became unwritable
+        return _fail("data", _os_error(e))
     return 0
 
 
@@ -488,7 +499,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
     c.add_argument("--min-size", type=int, default=224, help="report images smaller than this")
     c.add_argument("--max-pixels", type=_positive, default=None, help="decompression-bomb limit")
-    c.add_argument("--workers", type=int, default=0)
+    c.add_argument("--workers", type=_workers, default=0)
     s = dsub.add_parser("stats", help="mean image, per-channel mean/std, RGB PCA -> a file")
     s.add_argument("dir")
     s.add_argument("--out", default="reslab-stats.pt", help="output file (default %(default)s)")
@@ -497,7 +508,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resize", type=_positive, default=256)
     s.add_argument("--crop-size", type=_positive, default=224)
     s.add_argument("--max-images", type=_positive, default=None, help="a fixed random subset")
-    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--workers", type=_workers, default=0)
     d = dsub.add_parser("download", help="fetch CIFAR with torchvision's downloader")
     d.add_argument("dir")
     d.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
@@ -554,6 +565,12 @@ def _names(text: str) -> list[str]:
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or int(text) > 1024:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 1024, got {text!r}")
     return int(text)
 
 
@@ -649,8 +666,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         # Before the (long) evaluation: its results must have somewhere to go.
         check_output_file(args.json, "--json", [*(args.checkpoint or ()), args.weights])
+        files = args.checkpoint or [args.weights]
+        out = Path(args.out) if args.out else Path(files[0]).parent / "eval"
         if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a file; give a folder for the confusion PNGs")
+        # A PNG in an image folder's class folder would train as an image of that class.
+        data_dirs = [args.data] if args.dataset == "folder" else []
+        check_output_file(out, "--out", folder=True, input_dirs=data_dirs)
         result, members, classes = run_eval(
             checkpoints=args.checkpoint or (),
             weights=args.weights,
@@ -678,8 +700,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"images, {precision}"
     )
     print(format_report(result, classes))
-    files = args.checkpoint or [args.weights]
-    out = Path(args.out) if args.out else Path(files[0]).parent / "eval"
     meta = {
         "checkpoints": [str(p) for p in files],
         "models": [m.model_name for m in members],
@@ -689,9 +709,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "precision": precision,
         "limit": args.limit,
     }
-    written = write_outputs(
-        result, classes, out_dir=out, json_path=Path(args.json) if args.json else None, meta=meta
-    )
+    try:
+        written = write_outputs(
+            result, classes, out_dir=out, json_path=Path(args.json) if args.json else None,
+            meta=meta,
+        )  # fmt: skip
+    except OSError as e:  # the table above is printed; the files could not be written
+        return _fail("eval", _os_error(e))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -730,7 +754,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="label file of a flat folder (ImageNet val layout), --dataset folder",
     )
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for folders")
+    p.add_argument("--workers", type=_workers, default=2, help="DataLoader workers for folders")
     p.add_argument("--split", choices=["test", "val5k"], default="test")
     p.add_argument("--views", choices=["center", "flip", "ten-crop", "multi-scale"],
                    default="center", help="test-time views whose softmax scores are averaged: "
@@ -779,6 +803,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         out = plot_curves(runs, out=args.out, title=args.title, test_key=args.test_key)
     except (FileNotFoundError, ValueError) as e:
         return _fail("plot", e)
+    except OSError as e:
+        return _fail("plot", _os_error(e))
     print(f"wrote {out}")
     return 0
 

@@ -65,25 +65,42 @@ def check_output_file(
     inputs: list[object] | tuple[object, ...] = (),
     *,
     create_parent: bool = False,
+    input_dirs: list[object] | tuple[object, ...] = (),
+    folder: bool = False,
 ) -> None:
-    """Refuse, before any work, an output FILE path that cannot be written or that is one of the
-    command's own inputs (`eval --json CKPT`, `export --out WEIGHTS`): writing it would destroy
-    what the command reads."""
+    """Refuse, before any work, an output FILE path (a folder with `folder`) that cannot be
+    written, that is one of the command's own inputs (`eval --json CKPT`, `export --out
+    WEIGHTS`), or that lies inside one of its input folders (`data stats DIR --out
+    DIR/cat/0.jpg`): writing it would destroy or change what the command reads."""
     import os
 
     if out is None:
         return
     path = os.fspath(out)  # type: ignore[arg-type]
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not folder:
         raise UserError(f"{flag} {path} is a directory; give a file name (e.g. {path}/out)")
-    parent = os.path.dirname(os.path.abspath(path))
-    if create_parent:  # the command makes missing folders: only a file in the way is fatal
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; give a folder")
+    full = os.path.realpath(path)
+    for d in input_dirs:
+        if d is not None and os.path.isdir(os.fspath(d)):  # type: ignore[arg-type]
+            root = os.path.realpath(os.fspath(d))  # type: ignore[arg-type]
+            if full == root or full.startswith(root.rstrip(os.sep) + os.sep):
+                raise UserError(
+                    f"{flag} {path} is inside this command's data {d}; writing there would "
+                    f"change the data set: choose another {flag}"
+                )
+    parent = path if folder and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if create_parent or folder:  # the command makes missing folders: only a file in the way
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         what = "is a file" if os.path.exists(parent) else "does not exist"
         raise UserError(f"{flag} {path}: its folder {parent} {what}; choose another {flag}")
-    if not os.path.exists(path):
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable (permission denied); "
+                        f"choose another {flag}")  # fmt: skip
+    if not os.path.exists(path) or folder:
         return
     for src in inputs:
         try:

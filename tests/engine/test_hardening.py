@@ -554,3 +554,71 @@ def test_report_and_stats_outputs_that_cannot_be_written_are_refused_first(
     fails_cleanly(["data", "stats", str(cifar_root), "--out", str(tmp_path)], capsys,
                   "is a directory")  # fmt: skip
     assert afile.read_text() == "mine"
+
+
+def test_outputs_into_the_data_or_an_unwritable_folder_are_refused_first(
+    cifar_root: Path, run_copy: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data stats DIR --out DIR/...` had written its .pt over an image (or a CIFAR batch) of
+    the data it read; `eval --out` into an image folder's class folder would add a PNG that the
+    next training run reads as an image; an unwritable folder ended export, eval, plot and data
+    stats with a traceback, eval's after the whole evaluation."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (60 * i, 90, 20)).save(folder / c / f"{i}.png")
+    target = folder / "cat" / "0.png"
+    before = target.read_bytes()
+    fails_cleanly(["data", "stats", str(folder), "--out", str(target)], capsys,
+                  "inside this command's data", "choose another --out")  # fmt: skip
+    fails_cleanly(["data", "stats", str(folder), "--out", str(folder / "stats.pt")], capsys,
+                  "inside this command's data")  # fmt: skip
+    assert target.read_bytes() == before and not (folder / "stats.pt").exists()
+    ckpt = run_copy / "last.pt"
+    fails_cleanly(["eval", "--checkpoint", str(ckpt), "--dataset", "folder", "--data",
+                   str(folder), "--out", str(folder / "dog")], capsys,
+                  "inside this command's data")  # fmt: skip
+    assert sorted(p.name for p in (folder / "dog").iterdir()) == ["0.png", "1.png", "2.png"]
+    # Unwritable (tests run as root, which may write anywhere: the check is os.access's answer).
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: os.fspath(p) != str(ro) and real_access(p, m))
+    for argv in (
+        ["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(ro / "m.onnx")],
+        ["plot", str(run_copy), "--out", str(ro / "c.png")],
+        ["data", "stats", str(folder), "--out", str(ro / "s.pt")],
+        ["eval", "--checkpoint", str(ckpt), "--data", str(cifar_root), "--limit", "8",
+         "--out", str(ro / "eval")],
+    ):  # fmt: skip
+        fails_cleanly(argv, capsys, f"{ro} is not writable (permission denied)")
+    assert list(ro.iterdir()) == []
+
+
+def test_atomically_written_files_get_the_usual_mode(tmp_path: Path) -> None:
+    """mkstemp makes files owner-only: checkpoints and records were 0600 where every other file
+    of a run is 0644 (under umask 022), unreadable to the group in a shared results folder."""
+    from reslab.runtime.checkpoint import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+        save_atomic({"x": torch.zeros(2)}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "a.json": 0o644, "b.pt": 0o644,
+    }  # fmt: skip
+
+
+def test_a_download_onto_a_file_and_negative_workers_are_one_line(tmp_path: Path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    fails_cleanly(["data", "download", str(afile)], capsys, str(afile))
+    assert afile.read_text() == "mine"
+    with pytest.raises(SystemExit) as e:
+        main(["data", "stats", str(tmp_path), "--out", str(tmp_path / "s.pt"), "--workers", "-3"])
+    assert e.value.code == 2 and "must be a whole number from 0 to 1024" in capsys.readouterr().err

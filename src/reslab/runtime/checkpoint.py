@@ -25,6 +25,12 @@ class DiskFullError(UserError):
     """No space left while writing a file; the previous version of the file is unchanged."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """write() into a temporary file in the same directory, fsync, rename over `path`.
 
@@ -34,6 +40,9 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file owner-only (0600); give it the mode any new file gets, so that
+        # checkpoints and records in a shared results folder stay readable by the group.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
