@@ -330,7 +330,7 @@ def _summary(final: dict, out: str) -> str:
         f"{k.removesuffix('_error')} error {final[k]:.2f}%" for k in ("val_error", "test_error")
         if k in final
     )  # fmt: skip
-    return f"done: {final.get('iter', 0)} iterations, {errs}; run in {out}"
+    return f"done: {final.get('iter', 0)} iterations, {errs or 'nothing evaluated'}; run in {out}"
 
 
 def _relaunch_torchrun(args: argparse.Namespace) -> int:

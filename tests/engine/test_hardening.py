@@ -622,3 +622,24 @@ def test_a_download_onto_a_file_and_negative_workers_are_one_line(tmp_path: Path
     with pytest.raises(SystemExit) as e:
         main(["data", "stats", str(tmp_path), "--out", str(tmp_path / "s.pt"), "--workers", "-3"])
     assert e.value.code == 2 and "must be a whole number from 0 to 1024" in capsys.readouterr().err
+
+
+def test_too_few_classes_or_images_to_validate(cifar_root: Path, tmp_path: Path, capsys) -> None:
+    """--num-classes below the data's class count was an IndexError at the first step; a folder
+    with one image per class held out none, trained, then crashed evaluating an empty split."""
+    from PIL import Image
+
+    fails_cleanly(train_args(cifar_root, tmp_path / "nc", "--num-classes", "5"), capsys,
+                  "num_classes 5 is fewer than the 10 classes")  # fmt: skip
+    assert not (tmp_path / "nc").exists()
+    tiny = tmp_path / "tiny"
+    for i, c in enumerate(("cat", "dog")):
+        (tiny / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200 * i, 40, 90)).save(tiny / c / "0.png")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny), "--model", "resnet20", "--iters", "2",
+                 "--set", "image_size=32", "--set", "resize=32", "--out", str(out)]) == 0  # fmt: skip
+    said = capsys.readouterr()
+    assert "validation: none (no class has 2 images to spare one of)" in said.err
+    assert "done: 2 iterations, nothing evaluated" in said.out
+    assert load_checkpoint(out / "last.pt")["step"] == 2

@@ -198,12 +198,16 @@ def build_folder(
         # stratified share of its images so that the run has a validation error and a best.pt.
         train_idx, val_idx = stratified_split(train_ds.targets, fraction=cfg.val_fraction,
                                               seed=cfg.seed)  # fmt: skip
-        held_out = copy.copy(train_ds)  # same files and skip marks, test-time transform
-        held_out.transform = eval_tf
-        held_out = held_out.select(val_idx)
-        notes.append(f"validation: {len(val_idx)} of {len(train_ds)} images held out "
-                     f"(val_fraction {cfg.val_fraction}, stratified, seed {cfg.seed})")  # fmt: skip
-        train_ds = train_ds.select(train_idx)
+        if not val_idx:  # every class has a single image: none can be spared
+            notes.append(f"validation: none (no class has 2 images to spare one of); add "
+                         f"images or a {cfg.data}/val/ folder for a validation error and best.pt")  # fmt: skip
+        else:
+            held_out = copy.copy(train_ds)  # same files and skip marks, test-time transform
+            held_out.transform = eval_tf
+            held_out = held_out.select(val_idx)
+            notes.append(f"validation: {len(val_idx)} of {len(train_ds)} images held out "
+                         f"(val_fraction {cfg.val_fraction}, stratified, seed {cfg.seed})")  # fmt: skip
+            train_ds = train_ds.select(train_idx)
     if cfg.train_subset:
         train_ds = train_ds.select(range(min(cfg.train_subset, len(train_ds))))
     workers = choose_workers(cfg.workers, images=len(train_ds), cores=cores)

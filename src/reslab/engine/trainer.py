@@ -209,6 +209,12 @@ class Trainer:
             rundir.check_resume_config(last, ckpt.get("config") or {}, cfg.to_dict())
             rundir.check_resume_classes(last, ckpt.get("classes"), self.data.classes)
         num_classes = cfg.num_classes or len(self.data.classes)
+        if num_classes < len(self.data.classes):  # a label past the head: IndexError mid-step
+            raise rundir.RunDirError(
+                f"num_classes {num_classes} is fewer than the {len(self.data.classes)} classes "
+                f"of {cfg.data}; leave it unset (the data's count) or give at least "
+                f"{len(self.data.classes)}"
+            )
         self.model, self.model_options = build_model(
             cfg, num_classes, resumed=None if ckpt is None else ckpt.get("model_options")
         )
