@@ -343,7 +343,7 @@ class Trainer:
         if not bool(finite.all()):
             raise self._diverged(f"weights became NaN/Inf at iteration {self.state.step}")
         if self.dist.is_main:
-            save_atomic(self._checkpoint(), self.out / name)
+            save_atomic(self._checkpoint(), self.out / name)  # with its digest
         self._saved_step = self.state.step
 
     def _save_best(self) -> None:

@@ -200,7 +200,10 @@ def _interpret(obj: Any, path: Path) -> tuple[StateDict, dict[str, Any]]:
         "classes": None, "extra": {}, "notes": [],
     }  # fmt: skip
     if isinstance(obj, dict) and obj.get("format") == "reslab":
+        from reslab.runtime.checkpoint import check_digest
+
         check_checkpoint_version(obj, path)
+        check_digest(obj, path)
         sd, meta["notes"] = _normalize_keys(_tensor_dict(obj.get("model"), path, "'model'"))
         meta.update(
             format="reslab",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -77,7 +78,10 @@ def _is_disk_full(e: BaseException | None) -> bool:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` atomically (see _write_atomic)."""
+    """torch.save `obj` to `path` atomically (see _write_atomic); a reslab checkpoint (a dict
+    with "format": "reslab") is written with its content digest (`seal`)."""
+    if isinstance(obj, dict) and obj.get("format") == "reslab":
+        obj = seal(obj)
     _write_atomic(Path(path), lambda f: torch.save(obj, f))
 
 
@@ -89,6 +93,57 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def copy_atomic(src: str | Path, dst: str | Path) -> None:
     """Copy a file atomically (best.pt from the last.pt written at the same step)."""
     _write_atomic(Path(dst), lambda f: f.write(Path(src).read_bytes()))
+
+
+DIGEST_KEY = "digest"  # sha256 over every other entry of a checkpoint (`seal`)
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 over a checkpoint's contents: every tensor's dtype, shape and bytes and every
+    other value's repr, with the key path of each. torch's zip reader checks no CRC, so bytes
+    flipped inside a tensor (a bad disk, a broken copy) would otherwise load without a word."""
+    h = hashlib.sha256()
+
+    def walk(x: Any, where: str) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach()
+            h.update(f"{where}:tensor:{t.dtype}:{tuple(t.shape)};".encode())
+            if t.numel():
+                flat = t.reshape(-1).to("cpu").contiguous()
+                h.update(memoryview(flat.view(torch.uint8).numpy()))
+        elif isinstance(x, dict):
+            h.update(f"{where}:dict:{len(x)};".encode())
+            for k, v in x.items():
+                walk(v, f"{where}/{k!r}")
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{where}:{type(x).__name__}:{len(x)};".encode())
+            for i, v in enumerate(x):
+                walk(v, f"{where}/{i}")
+        else:
+            h.update(f"{where}:{type(x).__name__}:{x!r};".encode())
+
+    walk(obj, "")
+    return h.hexdigest()
+
+
+def seal(ckpt: dict) -> dict:
+    """The checkpoint with its content digest added (verified by `check_digest` on load)."""
+    body = {k: v for k, v in ckpt.items() if k != DIGEST_KEY}
+    return {**body, DIGEST_KEY: content_digest(body)}
+
+
+def check_digest(ckpt: dict, path: object) -> None:
+    """Refuse a checkpoint whose contents no longer match the digest it was saved with. Files
+    without one (written before it existed, or by hand) are taken as they are."""
+    want = ckpt.get(DIGEST_KEY)
+    if want is None:
+        return
+    body = {k: v for k, v in ckpt.items() if k != DIGEST_KEY}
+    if not isinstance(want, str) or content_digest(body) != want:
+        raise CheckpointError(
+            f"{path}: damaged: its contents no longer match the digest it was saved with (a bad "
+            "disk or a broken copy); use another copy, or best.pt / last.pt of the same run"
+        )
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
@@ -111,6 +166,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             "files use --weights FILE"
         )
     check_checkpoint_version(ckpt, path)
+    check_digest(ckpt, path)
     return ckpt
 
 
