@@ -667,7 +667,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # Before the (long) evaluation: its results must have somewhere to go.
         check_output_file(args.json, "--json", [*(args.checkpoint or ()), args.weights])
         files = args.checkpoint or [args.weights]
-        out = Path(args.out) if args.out else Path(files[0]).parent / "eval"
+        out = Path(args.out) if args.out else None
+        if out is None and files[0] is not None:  # (neither source given: run_eval says so)
+            out = Path(files[0]).parent / "eval"
         if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a file; give a folder for the confusion PNGs")
         # A PNG in an image folder's class folder would train as an image of that class.
@@ -709,6 +711,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "precision": precision,
         "limit": args.limit,
     }
+    assert out is not None  # run_eval had a checkpoint or weights file
     try:
         written = write_outputs(
             result, classes, out_dir=out, json_path=Path(args.json) if args.json else None,
