@@ -7,6 +7,8 @@ import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
+from reslab.models.registry import MAX_INPUT_SIZE, MAX_RESIZE  # torch-free
+
 # torch.compile's modes (torch.compile(mode=...)); reduce-overhead adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -467,6 +469,11 @@ def cmd_data(args: argparse.Namespace) -> int:
             # Before the long scan; never into the data it reads (a stats file written over an
             # image or a CIFAR batch would destroy it).
             check_output_file(args.out, "--out", create_parent=True, input_dirs=[args.dir])
+            if args.crop_size > args.resize:
+                raise UserError(
+                    f"--crop-size {args.crop_size} is larger than --resize {args.resize}: the "
+                    "crop is taken from the image resized to that shorter side"
+                )
             found = cifar_datasets(args.dir)
             if found:
                 name, root = found[0]
@@ -497,7 +504,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("dir")
     c.add_argument("--quick", action="store_true", help="read headers only (no full decode)")
     c.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
-    c.add_argument("--min-size", type=int, default=224, help="report images smaller than this")
+    c.add_argument("--min-size", type=_count, default=224,
+                   help="report images smaller than this")  # fmt: skip
     c.add_argument("--max-pixels", type=_positive, default=None, help="decompression-bomb limit")
     c.add_argument("--workers", type=_workers, default=0)
     s = dsub.add_parser("stats", help="mean image, per-channel mean/std, RGB PCA -> a file")
@@ -505,8 +513,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default="reslab-stats.pt", help="output file (default %(default)s)")
     s.add_argument("--split", default="train", choices=["train", "train45k"], help="CIFAR split")
     s.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
-    s.add_argument("--resize", type=_positive, default=256)
-    s.add_argument("--crop-size", type=_positive, default=224)
+    s.add_argument("--resize", type=_pixels(MAX_RESIZE), default=256)
+    s.add_argument("--crop-size", type=_pixels(MAX_INPUT_SIZE), default=224)
     s.add_argument("--max-images", type=_positive, default=None, help="a fixed random subset")
     s.add_argument("--workers", type=_workers, default=0)
     d = dsub.add_parser("download", help="fetch CIFAR with torchvision's downloader")
@@ -565,6 +573,23 @@ def _names(text: str) -> list[str]:
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _pixels(hi: int) -> Callable[[str], int]:
+    """An argparse type for an image side: 8..hi pixels (a typo must not become a huge batch)."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not 8 <= int(text) <= hi:
+            raise argparse.ArgumentTypeError(f"must be 8..{hi} pixels, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
     return int(text)
 
 
@@ -879,6 +904,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, torch's CPU allocator or CUDA's OOM (a
+    RuntimeError subclass)."""
+    if isinstance(e, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return "can't allocate memory" in str(e)
+
+
+def _oom_detail(e: BaseException) -> str:
+    import re
+
+    m = re.search(r"tried to allocate (\d+) bytes", str(e))
+    if m:
+        n = int(m.group(1))
+        return f"{n / 2**30:,.1f} GiB asked for" if n >= 2**30 else f"{n / 2**20:.1f} MiB asked for"
+    m = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", str(e))  # CUDA's wording
+    return f"{m.group(1)} asked for" if m else type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for stream in (sys.stdout, sys.stderr):
@@ -892,6 +939,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = args.func(args)
         sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at exit
         return rc
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        # Whatever the run had saved (checkpoints are written atomically) is intact.
+        return _fail(args.command, f"out of memory ({_oom_detail(e)}); lower --batch-size or "
+                     "the image size, or run where more memory is free")  # fmt: skip
     except BrokenPipeError:
         # `reslab models | head`: the reader has gone. Nothing more can be printed; send the
         # rest of stdout (Python flushes it at exit) nowhere, and exit as a SIGPIPE'd tool does.

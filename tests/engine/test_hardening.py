@@ -671,3 +671,54 @@ def test_a_checkpoint_with_damaged_tensor_bytes_is_refused_everywhere(
     # Re-saved through reslab (a test or tool editing a checkpoint), the digest is recomputed.
     save_atomic({**good, "step": 1}, last)
     assert load_checkpoint(last)["step"] == 1
+
+
+def test_absurd_image_sizes_are_refused_before_any_allocation(
+    cifar_root: Path, tmp_path: Path, capsys
+) -> None:
+    """`pad: 1000000` reached a 3 PB allocation traceback at the first batch; `data stats
+    --crop-size 100000` a 36 GB one."""
+    out = tmp_path / "run"
+    for setting, needle in (
+        ("pad=1000000", "pad must be 0..32 pixels"),
+        ("image_size=100000", "image_size must be 8..4096 pixels"),
+        ("resize=100000", "resize must be 8..8192 pixels"),
+    ):
+        fails_cleanly(train_args(cifar_root, out, "--set", setting), capsys, needle)
+    assert not out.exists()
+    stats = ["data", "stats", str(cifar_root), "--out", str(tmp_path / "s.pt")]
+    for flag, value in (("--crop-size", "100000"), ("--resize", "5"), ("--min-size", "-5")):
+        argv = (
+            [*stats, flag, value]
+            if flag != "--min-size"
+            else ["data", "check", str(tmp_path), flag, value]
+        )
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and value in capsys.readouterr().err
+    folder = tmp_path / "imgs"
+    fails_cleanly(
+        ["data", "stats", str(folder), "--out", str(tmp_path / "s.pt"), "--crop-size", "300"],
+        capsys, "--crop-size 300 is larger than --resize 256",
+    )  # fmt: skip
+
+
+def test_running_out_of_memory_is_one_line_and_keeps_the_run(
+    run_copy: Path, cifar_root: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch too large for the machine: torch's allocator fails (a RuntimeError, or CUDA's
+    OutOfMemoryError); the user gets one line that says so, and the run's files survive."""
+    from reslab.engine.trainer import Trainer
+
+    before = digest(run_copy)
+
+    def fit(self, *a, **k):
+        torch.empty(2**62, dtype=torch.uint8)  # the allocator's own refusal, not a stand-in
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    line = fails_cleanly(
+        ["train", "--out", str(run_copy), "--resume", "--data", str(cifar_root), "--iters", "4"],
+        capsys, "out of memory (4,294,967,296.0 GiB asked for)", "lower --batch-size",
+    )  # fmt: skip
+    assert line.startswith("reslab train: error:")
+    assert digest(run_copy) == before

@@ -13,7 +13,9 @@ from typing import Any
 import yaml
 
 from reslab.errors import UserError
-from reslab.models.registry import MAX_CLASSES
+from reslab.models.registry import MAX_CLASSES, MAX_INPUT_SIZE, MAX_RESIZE
+
+MAX_PAD = 32  # section 4.2 pads 4; 32 already crops 32x32 out of a 96x96 canvas
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data (pyproject.toml)
 
@@ -157,6 +159,13 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{source}: {name} must be a whole number >= 1, got {v!r}")
+        # Sizes an image can have: a typo (pad: 1000000, image_size: 100000) would otherwise
+        # surface as a multi-terabyte allocation at the first batch.
+        for name, lo, hi in (("image_size", 8, MAX_INPUT_SIZE), ("resize", 8, MAX_RESIZE),
+                             ("pad", 0, MAX_PAD)):  # fmt: skip
+            v = getattr(self, name)
+            if v is not None and isinstance(v, int) and not lo <= v <= hi:
+                raise ConfigError(f"{source}: {name} must be {lo}..{hi} pixels, got {v!r}")
         for name in ("pad", "workers", "warmup_iters", "seed"):
             v = getattr(self, name)
             if name == "workers" and v is None:  # None: chosen from the cores and the data size

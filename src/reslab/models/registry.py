@@ -13,6 +13,10 @@ if TYPE_CHECKING:  # annotations only: listing names must not import torch
 from reslab.errors import UserError
 
 MAX_CLASSES = 100_000  # far above ImageNet-21k's 21,841: refused before a classifier is allocated
+# Image sides a run, a stats scan or a weights file may ask for: 4096 is 18x the paper's 224
+# crop; beyond these a typo (image_size: 100000) is a terabyte-sized first batch.
+MAX_INPUT_SIZE = 4096
+MAX_RESIZE = 8192
 
 
 class UnknownModelError(UserError, KeyError):

@@ -92,14 +92,15 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
     if not isinstance(pre, dict):
         raise bad(f"preprocess is a {type(pre).__name__}, not a mapping")
     from reslab.data.preprocess import Preprocess
+    from reslab.models.registry import MAX_INPUT_SIZE, MAX_RESIZE
 
     try:
         p = Preprocess.from_dict(pre)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise bad(f"preprocess is damaged ({type(e).__name__}: {str(e)[:80]})") from None
     resize = pre.get("resize")
-    if not 8 <= p.input_size <= 4096 or not (
-        resize is None or (isinstance(resize, int) and p.input_size <= resize <= 8192)
+    if not 8 <= p.input_size <= MAX_INPUT_SIZE or not (
+        resize is None or (isinstance(resize, int) and p.input_size <= resize <= MAX_RESIZE)
     ):
         raise bad(f"preprocess input_size {p.input_size} / resize {resize!r} is out of range")
     if p.mean.dim() != 3 or p.mean.shape[0] != 3 or not torch.isfinite(p.mean).all():
