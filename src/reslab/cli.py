@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -404,7 +405,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--eval-every", type=int)
-    p.add_argument("--time-limit", type=float,
+    p.add_argument("--time-limit", type=_seconds,
                    help="wall-clock seconds for this call (evaluations included), then a final "
                    "eval; --resume continues a stopped run with the limit afresh")  # fmt: skip
     p.add_argument("--download", action="store_true", help="fetch CIFAR if it is missing")
@@ -530,11 +531,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from reslab.data.cifar import DataError
     from reslab.experiments.runner import ConfigMismatch, reproduce
 
-    if args.threads:
-        import torch
-
-        # On a CPU shared with other jobs, 1 thread per process avoids OpenMP oversubscription.
-        torch.set_num_threads(args.threads)
     opts = reproduce_options(args)
     try:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -559,7 +555,7 @@ def reproduce_options(args: argparse.Namespace) -> dict:
         budget=args.budget, out=args.out, seeds=args.seeds, data=args.data, device=args.device,
         runs=args.runs, jobs=args.jobs, compile=args.compile or args.compile_mode or False,
         progress=not args.quiet, only=args.only, time_limit=args.time_limit,
-        fused={"auto": None, "on": True, "off": False}[args.fused],
+        fused={"auto": None, "on": True, "off": False}[args.fused], threads=args.threads,
     )  # fmt: skip
 
 
@@ -585,6 +581,16 @@ def _pixels(hi: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return v
 
 
 def _count(text: str) -> int:
@@ -659,7 +665,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--time-limit",
-        type=float,
+        type=_seconds,
         help="seconds of training per run in this call; a run stopped by it gets a final "
         "evaluation, is marked STOPPED in the report, and resumes on the next call",
     )

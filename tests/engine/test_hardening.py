@@ -496,6 +496,16 @@ def test_recipes_and_run_configs_are_plain_utf8_yaml_without_aliases(
         "laughs.yaml": (laughs.encode(), "YAML aliases (*"),
         "latin1.yaml": ("model: resnet20\n# caf\xe9\n".encode("latin-1"), "is not UTF-8 text"),
         "tag.yaml": (b"lr: !!python/object/apply:os.system ['touch x']\n", "is not valid YAML"),
+        # The last of two `lr:` lines had silently won.
+        "twice.yaml": (
+            b"lr: 0.1\nmomentum: 0.9\nlr: 0.2\n",
+            ":3: 'lr' is given twice (first on line 1)",
+        ),
+        "nested.yaml": (b"model_options: {depth: 20, depth: 32}\n", "'depth' is given twice"),
+        "nan.yaml": (
+            b"warmup_lr: 0.01\nwarmup_until_error: .nan\n",
+            "warmup_until_error must be a percentage",
+        ),
     }
     for name, (raw, needle) in cases.items():
         (tmp_path / name).write_bytes(raw)
@@ -505,6 +515,14 @@ def test_recipes_and_run_configs_are_plain_utf8_yaml_without_aliases(
     # The same aliases typed as a --set value.
     fails_cleanly(train_args(cifar_root, tmp_path / "s", "--set", "milestones=[&m 9, *m]"),
                   capsys, "--set value", "YAML aliases (*m)")  # fmt: skip
+    fails_cleanly(train_args(cifar_root, tmp_path / "s", "--set", "model_options={a: 1, a: 2}"),
+                  capsys, "--set value", "'a' is given twice")  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(train_args(cifar_root, tmp_path / "s", "--time-limit", "nan"))
+    assert (
+        e.value.code == 2
+        and "must be a number of seconds > 0, got 'nan'" in capsys.readouterr().err
+    )
     assert not (tmp_path / "s").exists()
     # A run's own config.yaml damaged the same way: --resume says which file and what to do.
     (run_copy / "config.yaml").write_bytes(b"model: resnet20\n\xff\xfe\n")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from reslab.experiments.recipes import Claim
 from reslab.experiments.relu_tanh import Reached, iterations_to
@@ -181,6 +182,12 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         reproduce("table6", budget="tiny", out=tmp_path)
     with pytest.raises(ValueError, match="--seeds and --jobs must be at least 1"):
         reproduce("table6", budget="smoke", out=tmp_path, seeds=0)
+    with pytest.raises(ValueError, match="--time-limit must be a number of seconds > 0, got nan"):
+        reproduce("table6", budget="smoke", out=tmp_path, time_limit=float("nan"))
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ValueError, match=r"--runs .*afile is a file; give a folder"):
+        reproduce("table6", budget="smoke", out=tmp_path / "o", runs=tmp_path / "afile")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(
@@ -198,6 +205,7 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
             only=["resnet20-s0", "resnet56-s1"],
             time_limit=420.5,
             fused=False,
+            threads=1,
         ),
         dict(budget="full", out="o", compile=True, fused=True, time_limit=60.0),
     ],
@@ -209,12 +217,16 @@ def test_reproduce_command_parses_back_to_the_plans_options(opts: dict) -> None:
     from reslab.cli import build_parser, reproduce_options
     from reslab.experiments.runner import make_plan
 
-    ctx, _, _ = make_plan("table6", **opts)
+    threads = torch.get_num_threads()
+    try:
+        ctx, _, _ = make_plan("table6", **opts)
+    finally:
+        torch.set_num_threads(threads)  # make_plan(threads=1) sets this process's
     argv = shlex.split(ctx.command)
     assert argv[:3] == ["reslab", "reproduce", "table6"]
     back = reproduce_options(build_parser().parse_args(argv[1:]))
     full = {**dict(seeds=1, runs=None, device="auto", jobs=1, compile=False, only=None,
-                   time_limit=None, fused=None), **opts}  # fmt: skip
+                   time_limit=None, fused=None, threads=None), **opts}  # fmt: skip
     assert {k: back[k] for k in full} == full
 
 

@@ -192,6 +192,12 @@ class TrainConfig:
                 f"{source}: small_size (progressive resizing) works with the CIFAR data sets "
                 f"only; for image folders set image_size instead"
             )
+        # A training error in percent; nan or <= 0 would keep warmup_lr for the whole run.
+        if not (
+            isinstance(self.warmup_until_error, (int, float)) and 0 < self.warmup_until_error <= 100
+        ):
+            raise ConfigError(f"{source}: warmup_until_error must be a percentage in (0, 100], "
+                              f"got {self.warmup_until_error!r}")  # fmt: skip
         for name in ("momentum", "label_smoothing", "val_fraction", "small_until"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be in [0, 1), got {getattr(self, name)}")
@@ -249,11 +255,16 @@ class TrainConfig:
 
 
 def _yaml_value(text: str) -> Any:
-    from reslab.runtime.yaml_file import YamlAliasError, YamlFileError, loads_yaml
+    from reslab.runtime.yaml_file import (
+        YamlAliasError,
+        YamlDuplicateKeyError,
+        YamlFileError,
+        loads_yaml,
+    )
 
     try:
         return loads_yaml(text, label=f"--set value {text[:60]!r}")
-    except YamlAliasError as e:  # refused as in files: a value never needs one
+    except (YamlAliasError, YamlDuplicateKeyError) as e:  # refused as in files
         raise ConfigError(str(e)) from None
     except YamlFileError:
         return text  # e.g. an unbalanced bracket: kept as a string, then type-checked

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 
 from reslab.analysis.records import read_metrics
 from reslab.engine.fused_trainer import MEMBER_FIELDS, recover_commit, train_fused
@@ -23,6 +22,7 @@ from reslab.experiments.runner import RunResult, RunSpec, _same_run, run_one
 from reslab.models import model_info
 from reslab.runtime.checkpoint import load_checkpoint
 from reslab.runtime.distributed import auto_device
+from reslab.runtime.yaml_file import read_yaml
 
 # Measured by benchmarks/bench_fused.py (K fused against K one after another, same iterations,
 # training img/s per member): device type -> (largest K fused by default, the measurement).
@@ -88,8 +88,8 @@ def run_group(group: list[RunSpec], *, runs_root: Path, progress: bool) -> list[
         run_dir = runs_root / spec.name
         spec.cfg.out = str(run_dir)
         if (run_dir / "config.yaml").is_file():
-            _same_run(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, spec.cfg,
-                      run_dir)  # fmt: skip
+            stored = read_yaml(run_dir / "config.yaml", what="run config") or {}
+            _same_run(stored, spec.cfg, run_dir)
         final = _finished(spec, run_dir)
         if final is not None:
             rows = read_metrics(run_dir, missing_ok=True)

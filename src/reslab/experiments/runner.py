@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import shlex
 import time
@@ -267,6 +268,7 @@ def make_plan(
     only: Sequence[str] | None = None,
     time_limit: float | None = None,
     fused: bool | None = None,
+    threads: int | None = None,
 ) -> tuple[Context, Any, Plan]:
     """The experiment's context, module and runs, with data/device/compile filled in.
 
@@ -274,23 +276,33 @@ def make_plan(
     only: run names to keep (the rest of the plan is left out of training and report).
     time_limit: seconds of training per run (this call); a run stopped by it resumes next call.
     fused: train each configuration's seeds as one fused net (None: the device's measured
-    default, fused_runs.FUSED_SPEEDUP)."""
+    default, fused_runs.FUSED_SPEEDUP).
+    threads: torch's CPU threads for this process (None: torch's default), split among jobs."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     if seeds < 1 or jobs < 1:
         raise ValueError(f"--seeds and --jobs must be at least 1, got {seeds} and {jobs}")
+    if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
+        raise ValueError(f"--time-limit must be a number of seconds > 0, got {time_limit}")
+    if runs is not None and Path(runs).exists() and not Path(runs).is_dir():
+        raise ValueError(f"--runs {runs} is a file; give a folder for the runs")
     out = Path(out)
     runs_root = Path(runs) / budget if runs else out / "runs" / budget
     argv = reproduce_argv(name, dict(budget=budget, out=str(out), seeds=seeds, runs=runs,
                                      device=device, jobs=jobs, compile=compile, only=only,
-                                     time_limit=time_limit, fused=fused))  # fmt: skip
+                                     time_limit=time_limit, fused=fused,
+                                     threads=threads))  # fmt: skip
     if budget not in _budgets(name):
         raise ValueError(
             f"{name} has no {budget!r} budget (it has {', '.join(_budgets(name))}); "
             f"`{budget}` is for {', '.join(n for n in EXPERIMENTS if budget in _budgets(n))}"
         )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # on a CPU shared with other jobs: avoid oversubscription
     data = data or default_data()
     ctx = Context(name, budget, out, runs_root, seeds, data, device, shlex.join(argv), progress)
     module = importlib.import_module(EXPERIMENTS[name])
@@ -323,7 +335,8 @@ def make_plan(
 
 # make_plan's options that `reslab reproduce` flags carry, with their defaults (left out of argv)
 _REPRODUCE_DEFAULTS = dict(budget=..., out=..., seeds=1, runs=None, device="auto", jobs=1,
-                           compile=False, only=None, time_limit=None, fused=None)  # fmt: skip
+                           compile=False, only=None, time_limit=None, fused=None,
+                           threads=None)  # fmt: skip
 
 
 def reproduce_argv(name: str, opts: dict[str, Any]) -> list[str]:
@@ -382,6 +395,7 @@ def reproduce(
     only: Sequence[str] | None = None,
     time_limit: float | None = None,
     fused: bool | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Run experiment `name` at `budget` (smoke | cpu | full) and write OUT/REPORT.md, its path.
 
@@ -392,7 +406,7 @@ def reproduce(
     ctx, module, plan = make_plan(
         name, budget=budget, out=out, seeds=seeds, data=data, device=device, runs=runs,
         jobs=jobs, compile=compile, progress=progress, only=only, time_limit=time_limit,
-        fused=fused,
+        fused=fused, threads=threads,
     )  # fmt: skip
     from reslab.data.cifar import DIRS, check_cifar_files
 
