@@ -25,6 +25,10 @@ def test_flags_set_the_config_and_iters_scale_paper_milestones(
     assert cfg.milestones == [500, 750]
     assert "milestones scaled" in capsys.readouterr().err
     assert _cfg(["--recipe", "cifar10-paper"]).milestones == [32000, 48000]
+    # A toy length keeps two distinct drops (rounded alone, both were 2: lr /100 in one step).
+    assert _cfg(["--recipe", "cifar10-paper", "--iters", "3"]).milestones == [2, 3]
+    assert "1 at or after the end" in capsys.readouterr().err
+    assert _cfg(["--recipe", "imagenet-paper", "--iters", "2"]).milestones == [1, 2]
     # Milestones the user gives are theirs: --iters does not move them.
     own = _cfg(["--recipe", "cifar10-paper", "--iters", "36", "--set", "milestones=[20]"])
     assert (own.iters, own.milestones) == (36, [20])

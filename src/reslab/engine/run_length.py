@@ -17,10 +17,17 @@ def scale_milestones(cfg: TrainConfig, new_iters: int) -> str | None:
     cfg.iters = new_iters
     if cfg.schedule != "step" or new_iters == old_iters or not old or old_iters <= 0:
         return None
-    cfg.milestones = [max(1, round(m * new_iters / old_iters)) for m in old]
+    scaled: list[int] = []
+    for m in sorted(old):
+        # Distinct milestones stay distinct: rounded alone, 32k/48k of 64k at 3 iterations
+        # both became 2 (lr /100 in one step); each now comes at least one step after the last.
+        scaled.append(max(1, round(m * new_iters / old_iters), scaled[-1] + 1 if scaled else 1))
+    cfg.milestones = scaled
+    short = [m for m in scaled if m >= new_iters]
     return (
         f"lr milestones scaled with the run length: {old} of {old_iters} iterations -> "
         f"{cfg.milestones} of {new_iters}"
+        + (f" ({len(short)} at or after the end: too short a run to reach them)" if short else "")
     )
 
 
