@@ -59,3 +59,15 @@ def test_runs_without_a_test_set_are_drawn_against_validation() -> None:
     bold = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-" and len(ln.get_xdata())]
     assert len(bold) == 1 and list(bold[0].get_ydata()) == [4.0, 4.0]
     assert ax.get_legend().get_texts()[-1].get_text() == "bold: validation error"
+
+
+def test_a_folder_run_beside_cifar_runs_keeps_its_validation_curve() -> None:
+    """Mixed runs had one key for all: test_error, so the folder run drew no bold line."""
+    ax = Figure().add_subplot()
+    folder = [{"iter": i, "train_error": 9.0, "val_error": 4.0} for i in (50, 62)]
+    draw_curves(ax, [Run("resnet20", _rows([50, 62], 30.0)), Run("finetune", folder)])
+    bold = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-" and len(ln.get_xdata())]
+    assert [list(ln.get_ydata()) for ln in bold] == [[32.0, 31.0], [4.0, 4.0]]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts == ["resnet20", "finetune (validation)", "dashed: training error",
+                     "bold: test error"]  # fmt: skip

@@ -79,29 +79,36 @@ def draw_curves(
     point is drawn as a marker (a line needs two). The legend sits outside the axes, so it never
     covers a curve, and ends with two black entries that say which line style is which."""
     if test_key is None:
-        # Runs without a test set (fine-tuning on a folder) are drawn against validation.
-        has_test = any(r.get("test_error") is not None for run in runs for r in run.rows)
-        test_key = "test_error" if has_test else "val_error"
+        # Each run's test error; a run without a test set (fine-tuning on a folder) is drawn
+        # against validation, and its legend entry says so.
+        keys = [
+            "test_error" if any(r.get("test_error") is not None for r in run.rows) else "val_error"
+            for run in runs
+        ]
     elif not any(r.get(test_key) is not None for run in runs for r in run.rows):
         # A misspelt field would draw no bold line under a legend that promises one.
         known = sorted({k for run in runs for r in run.rows for k in r
                         if k.endswith(("_error", "_top5", "_loss"))})  # fmt: skip
         raise ValueError(f"no run's metrics.jsonl has {test_key!r}; fields to draw: {known}")
+    else:
+        keys = [test_key] * len(runs)
+    mixed = len(set(keys)) > 1
     colors = [f"C{i % 10}" for i in range(len(runs))]
     last_iter = max((r.get("iter", 0) for run in runs for r in run.rows), default=0)
     scale, xlabel = x_unit(last_iter)
-    for run, color in zip(runs, colors):
+    for run, color, key in zip(runs, colors, keys):
         tx, ty = _series(run.rows, "train_error", scale)
-        vx, vy = _series(run.rows, test_key, scale)
+        vx, vy = _series(run.rows, key, scale)
         if not tx and not vx:
-            raise ValueError(f"run {run.label!r} has no train_error or {test_key} values to plot")
+            raise ValueError(f"run {run.label!r} has no train_error or {key} values to plot")
         if tx:
             ax.plot(tx, ty, color=color, linestyle="--", linewidth=0.8, clip_on=len(tx) > 1,
                     marker="o" if len(tx) == 1 else None, markersize=4, fillstyle="none")  # fmt: skip
         # A lone marker at 0% error would be cut in half by the axis: drawn unclipped.
-        ax.plot(vx, vy, color=color, linewidth=2.2, label=run.label, clip_on=len(vx) > 1,
+        label = f"{run.label} (validation)" if mixed and key.startswith("val") else run.label
+        ax.plot(vx, vy, color=color, linewidth=2.2, label=label, clip_on=len(vx) > 1,
                 marker="o" if len(vx) == 1 else None, markersize=6)  # fmt: skip
-    split = "validation" if test_key.startswith("val") else "test"
+    split = "validation" if all(k.startswith("val") for k in keys) else "test"
     ax.plot([], [], color="black", linestyle="--", linewidth=0.8, label="dashed: training error")
     ax.plot([], [], color="black", linewidth=2.2, label=f"bold: {split} error")
     ax.set_xlabel(xlabel)
