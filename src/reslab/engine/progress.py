@@ -49,8 +49,30 @@ def banner(
         lines.insert(-1, f"  BN+ReLU    {kernel}")
     if wgrad:
         lines.insert(-1, f"  conv wgrad {wgrad}")
-    lines += [f"  note       {n}" for n in notes]
+    busy = busy_cpu_note(device, torch.get_num_threads())
+    lines += [f"  note       {n}" for n in [*notes, *([busy] if busy else [])]]
     return "\n".join(lines)
+
+
+def busy_cpu_note(device: torch.device, threads: int) -> str | None:
+    """A warning when other jobs already keep the CPU busy: OpenMP threads that wait on each
+    other at every op run many times slower than one thread on a free core (README: 5x on two
+    busy cores). Judged from the 1-minute load average before the run computes anything."""
+    import os
+
+    if device.type != "cpu" or threads < 2 or not hasattr(os, "getloadavg"):
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no /proc/loadavg in some containers
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # Fewer idle cores than threads (with 3/4 of a core's slack for this process's own start-up).
+    if load < (cores or 1) - threads + 0.75:
+        return None
+    return (f"the CPU is busy before this run starts (load {load:.1f} on {cores} cores): "
+            f"{threads} threads will wait on each other; --threads 1 can be several times "
+            "faster")  # fmt: skip
 
 
 def preprocess_record(pre: Any) -> dict[str, Any]:
