@@ -83,7 +83,7 @@ def _fail(cmd: str, err: BaseException | str) -> int:
 
     for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line first
         bar.close()
-    print(f"reslab {cmd}: error: {err}", file=sys.stderr)
+    print(f"reslab {cmd}: error: {_one_line(err)}", file=sys.stderr)
     return 2
 
 
@@ -322,7 +322,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException | str) -> str:
     # Some library messages (a weights file that does not fit) list details on further lines.
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return "; ".join(lines) if len(lines) <= 4 else "; ".join(lines[:4]) + "; ..."

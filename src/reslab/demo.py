@@ -39,25 +39,41 @@ def seconds_per_step(cfg: TrainConfig, *, steps: int = 6) -> float:
     return sorted(times[2:])[len(times[2:]) // 2]  # median after warm-up
 
 
+# What the demo plans from the measured speed; everything else is the cifar10-fast recipe.
+_PLANNED = ("iters", "eval_every", "save_every", "warmup_iters", "time_limit")
+
+
 def run_demo(*, data: str | None, out: str, minutes: float, download: bool = False) -> dict:
     cfg = replace(load_recipe("cifar10-fast"), data=resolve_data_root(data), out=out,
                   download=download)  # fmt: skip
-    per_step = seconds_per_step(cfg)
-    # Plan the schedule to end on time: the cosine schedule needs to know its length. 10% of
-    # the time is left for the evaluations; time_limit is a hard stop if the machine is slower
-    # than measured.
-    iters = max(20, int(0.9 * minutes * 60 / per_step))
-    cfg = replace(cfg, iters=iters, eval_every=max(10, iters // 4),
-                  save_every=max(10, iters // 4), warmup_iters=min(cfg.warmup_iters, iters // 10),
-                  time_limit=minutes * 60 * 1.5)  # fmt: skip
-    print(
-        f"reslab demo: ResNet-20 on CIFAR-10 ({cfg.data}), recipe cifar10-fast (not the "
-        f"paper's), {cfg.iters} iterations of batch {cfg.batch_size} planned from a measured "
-        f"{cfg.batch_size / per_step:.0f} img/s, about {minutes:g} minutes"
-    )
+    if not download:  # a missing CIFAR is named before seconds of speed measurement
+        from reslab.data.cifar import check_cifar_files
+
+        check_cifar_files(cfg.data, cfg.dataset)
+    earlier = _earlier_demo(cfg)
+    if earlier is not None:
+        # An interrupted demo resumes on its own plan: planned again from today's speed it
+        # would differ (iterations, warm-up) and resuming would refuse it.
+        cfg = replace(cfg, **{k: earlier[k] for k in _PLANNED})
+        print(f"reslab demo: resuming the demo in {out} ({cfg.iters} iterations planned)")
+    else:
+        per_step = seconds_per_step(cfg)
+        # Plan the schedule to end on time: the cosine schedule needs to know its length. 10%
+        # of the time is left for the evaluations; time_limit is a hard stop if the machine is
+        # slower than measured.
+        iters = max(20, int(0.9 * minutes * 60 / per_step))
+        cfg = replace(cfg, iters=iters, eval_every=max(10, iters // 4),
+                      save_every=max(10, iters // 4),
+                      warmup_iters=min(cfg.warmup_iters, iters // 10),
+                      time_limit=minutes * 60 * 1.5)  # fmt: skip
+        print(
+            f"reslab demo: ResNet-20 on CIFAR-10 ({cfg.data}), recipe cifar10-fast (not the "
+            f"paper's), {cfg.iters} iterations of batch {cfg.batch_size} planned from a measured "
+            f"{cfg.batch_size / per_step:.0f} img/s, about {minutes:g} minutes"
+        )
     from reslab.engine.trainer import train
 
-    resume = (Path(out) / "last.pt").exists()
+    resume = earlier is not None
     final = train(cfg, resume=resume, recipe=f"cifar10-fast planned for {minutes:g} min (demo)")
     from reslab.analysis.plots import load_runs, plot_curves
 
@@ -68,3 +84,30 @@ def run_demo(*, data: str | None, out: str, minutes: float, download: bool = Fal
         f"{final['test_error']:.2f}% (the paper's, after 64k iterations: 8.75%)\ncurves: {png}"
     )
     return final
+
+
+def _earlier_demo(cfg: TrainConfig) -> dict | None:
+    """The stored config of a demo already in cfg.out (to resume), None for a fresh folder; a
+    folder holding any other run is refused, naming what differs."""
+    from reslab.errors import UserError
+    from reslab.runtime.yaml_file import read_yaml
+
+    out = Path(cfg.out)
+    stored_file = out / "config.yaml"
+    if not (out / "last.pt").exists() and not stored_file.exists():
+        return None  # nothing there to resume (or train's own checks refuse what is there)
+    stored = read_yaml(stored_file, what="run config") if stored_file.is_file() else None
+    mine = cfg.to_dict()
+    skip = {*_PLANNED, "data", "out", "download", "device", "precision", "workers"}
+    diff = (
+        sorted(k for k in mine if k not in skip and k in stored and stored[k] != mine[k])
+        if isinstance(stored, dict)
+        else ["config.yaml"]
+    )
+    if diff or not all(isinstance(stored.get(k), (int, float, type(None))) for k in _PLANNED):
+        raise UserError(
+            f"--out {out} holds another run, not a demo (its {', '.join(diff[:3]) or 'plan'} "
+            f"differ{'s' if len(diff) == 1 else ''}); give the demo a new --out, or continue "
+            f"that run with `reslab train --out {out} --resume`"
+        )
+    return stored

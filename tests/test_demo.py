@@ -1,0 +1,48 @@
+"""`reslab demo` on folders that already hold something, and without its data: refused or
+resumed before any speed measurement or training."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from reslab.cli import main
+from reslab.demo import _earlier_demo
+from reslab.engine.config import load_recipe, save_config
+from reslab.errors import UserError
+
+
+def test_missing_data_is_named_before_the_speed_is_measured(tmp_path: Path, capsys) -> None:
+    t = time.perf_counter()
+    rc = main(["demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cifar10 not found" in err and "Traceback" not in err
+    assert time.perf_counter() - t < 5  # was several seconds of measured steps first
+    assert not (tmp_path / "d").exists()
+
+
+def test_another_run_in_out_is_refused_in_the_demos_terms(tmp_path: Path) -> None:
+    """An existing train run as --out: the refusal had been train's --resume message about
+    warmup_iters and batch sizes the user never set."""
+    other = tmp_path / "base"
+    other.mkdir()
+    save_config(load_recipe("cifar10-paper"), other / "config.yaml", {})
+    (other / "last.pt").write_bytes(b"never read")
+    cfg = replace(load_recipe("cifar10-fast"), out=str(other))
+    with pytest.raises(UserError, match=r"holds another run, not a demo .*reslab train --out"):
+        _earlier_demo(cfg)
+
+
+def test_an_interrupted_demo_resumes_on_its_own_plan(tmp_path: Path) -> None:
+    d = tmp_path / "demo"
+    d.mkdir()
+    planned = replace(load_recipe("cifar10-fast"), out=str(d), data="/elsewhere", iters=37,
+                      eval_every=10, save_every=10, warmup_iters=3, time_limit=90.0)  # fmt: skip
+    save_config(planned, d / "config.yaml", {"git": "x"})
+    today = replace(load_recipe("cifar10-fast"), out=str(d), data="/here")
+    stored = _earlier_demo(today)
+    assert stored is not None and (stored["iters"], stored["warmup_iters"]) == (37, 3)
+    assert _earlier_demo(replace(today, out=str(tmp_path / "fresh"))) is None
