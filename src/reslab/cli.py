@@ -951,6 +951,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Whatever the run had saved (checkpoints are written atomically) is intact.
         return _fail(args.command, f"out of memory ({_oom_detail(e)}); lower --batch-size or "
                      "the image size, or run where more memory is free")  # fmt: skip
+    except KeyboardInterrupt:
+        # Ctrl-C: what the run had saved is intact (every file is written atomically); a
+        # traceback through whichever op was running says nothing useful.
+        out = getattr(args, "out", None)
+        hint = (
+            {
+                "train": f"; `reslab train --out {out} --resume` continues from its last checkpoint",
+                "demo": f"; `reslab demo --out {out}` again continues from its last checkpoint",
+                "reproduce": "; the same command again resumes the unfinished runs",
+            }.get(args.command, "")
+            if out
+            else ""
+        )
+        _fail(args.command, f"interrupted{hint}")
+        return 130
     except BrokenPipeError:
         # `reslab models | head`: the reader has gone. Nothing more can be printed; send the
         # rest of stdout (Python flushes it at exit) nowhere, and exit as a SIGPIPE'd tool does.

@@ -740,3 +740,21 @@ def test_running_out_of_memory_is_one_line_and_keeps_the_run(
     )  # fmt: skip
     assert line.startswith("reslab train: error:")
     assert digest(run_copy) == before
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_continue(
+    run_copy: Path, cifar_root: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reslab.engine.trainer import Trainer
+
+    before = digest(run_copy)
+
+    def fit(self, *a, **k):
+        raise KeyboardInterrupt  # what Python raises in the main thread on SIGINT
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    rc = main(["train", "--out", str(run_copy), "--resume", "--data", str(cifar_root)])
+    err = capsys.readouterr().err
+    assert rc == 130 and "Traceback" not in err
+    assert f"reslab train: error: interrupted; `reslab train --out {run_copy} --resume`" in err
+    assert digest(run_copy) == before
