@@ -187,3 +187,21 @@ def test_text_output_prints_a_non_utf8_file_name_under_a_strict_encoding(tmp_pat
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert proc.stdout.decode().startswith(f"{tmp_path}/caf\\udce9.png: ")
+
+
+def test_collect_images_names_an_unreadable_folder(tmp_path: Path, monkeypatch) -> None:
+    from reslab.predict import PredictError, collect_images
+
+    _write_images(tmp_path / "imgs", torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    (tmp_path / "imgs" / "sub").mkdir()
+    assert [p.name for p in collect_images([tmp_path / "imgs"])] == ["img00.png", "img01.png"]
+    real = os.scandir
+
+    def scandir(path="."):  # root reads any folder: make this one fail as chmod 000 would
+        if Path(path) == tmp_path / "imgs" / "sub":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PredictError, match=r"^permission denied: .*imgs/sub; fix its perm"):
+        collect_images([tmp_path / "imgs"])

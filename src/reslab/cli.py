@@ -186,9 +186,12 @@ def _is_image_folder(path: str | None) -> bool:
     """A directory of class subfolders (or train/ and val/), not a CIFAR download."""
     from pathlib import Path
 
+    from reslab.data.folder import check_listable
+
     if not path or not Path(path).is_dir():
         return False
     root = Path(path)
+    check_listable(root)  # an unreadable folder is refused by name, not guessed at
     if any((root / d).is_dir() for d in ("cifar-10-batches-py", "cifar-100-python")):
         return False
     return any(p.is_dir() for p in root.iterdir())

@@ -41,9 +41,7 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(
-                q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
-            )
+            found = sorted(_images_under(p))
             if not found:
                 raise PredictError(
                     f"{p} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -54,6 +52,24 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             raise PredictError(f"{p} does not exist")
     return out
+
+
+def _images_under(root: Path) -> Iterator[Path]:
+    """Image files below `root` (symlinked folders are not entered, as with Path.rglob). A
+    folder that cannot be listed is refused by name: Path.rglob would leave it out silently."""
+
+    def refuse(e: OSError) -> None:
+        where = e.filename if e.filename is not None else root
+        if isinstance(e, PermissionError):
+            raise PredictError(f"permission denied: {where}; fix its permissions (chmod) or "
+                               "remove it")  # fmt: skip
+        raise PredictError(f"cannot read the folder {where}: {e.strerror or e}")
+
+    for dirpath, _, filenames in os.walk(root, onerror=refuse):
+        for f in filenames:
+            q = Path(dirpath, f)
+            if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file():
+                yield q
 
 
 def fit_to_input(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:

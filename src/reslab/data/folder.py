@@ -39,6 +39,7 @@ __all__ = [
     "DataError",
     "ImageFolder",
     "ScanReport",
+    "check_listable",
     "list_samples",
     "read_label_file",
     "scan_folder",
@@ -129,6 +130,31 @@ def _require_dir(root: Path) -> None:
         raise DataError(f"data directory {root} does not exist (check the path)")
     if not root.is_dir():
         raise DataError(f"{root} is not a directory (give the folder holding the images)")
+
+
+def _unreadable_dir(e: OSError, path: object) -> DataError:
+    """A folder of the data set that cannot be listed. Never skipped: a class folder read as
+    empty would train as a class without samples, and a sub-folder left out shrinks a class,
+    with nothing but a count to show for it."""
+    where = e.filename if e.filename is not None else path
+    if isinstance(e, PermissionError):
+        return DataError(f"permission denied: {where}; fix its permissions (chmod) or remove it")
+    return DataError(f"cannot read the folder {where}: {e.strerror or e}")
+
+
+def check_listable(path: str | Path) -> None:
+    """Refuse a data folder that exists but cannot be listed, naming it: Path.is_dir() on
+    what lies inside raises a bare PermissionError that names a child (DIR/train) instead."""
+    if os.path.isdir(path):
+        _scandir(path)
+
+
+def _scandir(path: str | Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except OSError as e:
+        raise _unreadable_dir(e, path) from None
 
 
 def read_label_file(
@@ -223,7 +249,7 @@ def list_samples(
     ignored = 0
     if labels_file is not None:
         labels, classes = read_label_file(labels_file, classes=classes)
-        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        for entry in sorted(_scandir(root), key=lambda e: e.name):
             if not entry.is_file():
                 continue
             if not _is_image(entry.name):
@@ -235,7 +261,7 @@ def list_samples(
             else:
                 samples.append((entry.path, k))
         return list(classes), samples, [], unlabelled, ignored
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    found = sorted(e.name for e in _scandir(root) if e.is_dir() and not e.name.startswith("."))
     if classes is None:
         classes = found
     extra = [f for f in found if f not in classes]
@@ -258,7 +284,9 @@ def list_samples(
             continue
         n0 = len(samples)
         seen: set[tuple[int, int]] = set()  # (device, inode) of each real directory walked
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+        # os.walk skips a folder it cannot list without a word (its default onerror).
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True,
+                                                    onerror=_raise_unreadable):  # fmt: skip
             st = os.stat(dirpath)
             if (st.st_dev, st.st_ino) in seen:
                 # A symlink back into the tree (a loop) or a second link to one directory: its
@@ -276,6 +304,10 @@ def list_samples(
         if len(samples) == n0:
             empty.append(name)
     return list(classes), samples, empty, unlabelled, ignored
+
+
+def _raise_unreadable(e: OSError) -> None:
+    raise _unreadable_dir(e, e.filename)
 
 
 def _inspect(path: str, check: str, max_pixels: int | None) -> tuple[str | None, str | None, int]:
@@ -317,11 +349,12 @@ def folder_layout(root: str | Path) -> tuple[Path, Path | None, list[str] | None
     DIR/val/CLASS/* (val/ is then the validation set, never a class), or DIR/CLASS/* alone.
     `data check` and `data stats` read the same layout, so they count what training sees."""
     root = Path(root)
+    check_listable(root)
     train_dir = root / "train" if (root / "train").is_dir() else root
     val_dir = root / "val" if (root / "val").is_dir() else None
     classes = None
     if train_dir == root and val_dir is not None:
-        classes = sorted(e.name for e in os.scandir(root)
+        classes = sorted(e.name for e in _scandir(root)
                          if e.is_dir() and not e.name.startswith(".") and e.name != "val")  # fmt: skip
     return train_dir, val_dir, classes
 
@@ -403,6 +436,7 @@ _SKIP_CODES = {
     3: "corrupt or truncated",
     4: "decompression bomb",
     5: "unreadable",
+    6: "permission denied",
 }
 
 

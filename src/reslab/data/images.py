@@ -96,6 +96,14 @@ class ImageHeader:
         self.turned = turned
 
 
+def _os_failure(path: str | Path, e: OSError) -> BadImageError:
+    """A file the OS refuses to read. Permission denied is a reason of its own (the summary
+    counts reasons by their first words): the file may be a good image, and chmod fixes it."""
+    if isinstance(e, PermissionError):
+        return BadImageError(path, "permission denied: fix its permissions (chmod) or remove it")
+    return BadImageError(path, f"cannot read: {e.strerror or e}")
+
+
 def _bomb(path: str | Path, w: int, h: int, limit: int) -> BadImageError:
     return BadImageError(
         path,
@@ -117,7 +125,7 @@ def read_header(
             if Path(path).stat().st_size == 0:
                 raise BadImageError(path, "zero-byte file")
         except OSError as e:
-            raise BadImageError(path, f"cannot read: {e.strerror or e}") from None
+            raise _os_failure(path, e) from None
         src: io.BytesIO | str | Path = path
     else:
         if len(data) == 0:
@@ -141,6 +149,8 @@ def read_header(
         ext = Path(path).suffix.lower()
         why = "despite its extension" if ext in IMAGE_EXTENSIONS else "no image format found"
         raise BadImageError(path, f"not an image (unknown format, {why})") from None
+    except PermissionError as e:  # PIL opens the file itself: an OSError, not a bad header
+        raise _os_failure(path, e) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImageError(path, f"corrupt header: {e}") from None
     if w * h > limit:
@@ -200,7 +210,7 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
                                 f"{limit:,} pixels needs ({most:,}); not an image")  # fmt: skip
         data = Path(path).read_bytes()
     except OSError as e:
-        raise BadImageError(path, f"cannot read: {e.strerror or e}") from None
+        raise _os_failure(path, e) from None
     head = read_header(path, data=data, max_pixels=max_pixels)
     img: Tensor | None = None
     # torchvision decodes every frame of an animation (PIL reads one), and turns only JPEG and

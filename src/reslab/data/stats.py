@@ -160,7 +160,10 @@ def compute_stats(batches: Iterable[Tensor], *, source: str = "") -> DataStats:
 def cifar_datasets(root: str | Path) -> list[tuple[str, Path]]:
     """CIFAR data sets at `root` -> [(name, root holding its directory)]; `root` may be the
     parent of cifar-10-batches-py / cifar-100-python or one of them."""
+    from reslab.data.folder import check_listable
+
     root = Path(root)
+    check_listable(root)
     found = []
     for name, d in DIRS.items():
         if (root / d).is_dir():
