@@ -96,3 +96,22 @@ def test_run_info_names_the_cpu_kind() -> None:
     assert re.fullmatch(
         r"[A-Z0-9_]+ \((amx_bf16, avx512_bf16|amx_bf16|avx512_bf16|no native bf16)\)", isa
     ), isa
+
+
+def test_model_options_of_the_wrong_type_are_refused_naming_the_recipe(tmp_path) -> None:
+    """A builder takes any non-empty string as true: `residual: "no"` trained a residual net."""
+    from reslab.engine.config import ConfigError
+
+    path = tmp_path / "r.yaml"
+    path.write_text('model: plain20\nmodel_options: {residual: "yes"}\n')
+    with pytest.raises(ConfigError, match=r"^recipe .*r\.yaml: model_options\.residual must be "
+                       r"true or false, got 'yes'$"):  # fmt: skip
+        load_recipe(str(path))
+    path.write_text("model: plain20\nmodel_options: {residual: false, zero_init_residual: yes}\n")
+    assert load_recipe(str(path)).model_options == {"residual": False, "zero_init_residual": True}
+    c = TrainConfig()
+    with pytest.raises(ConfigError, match=r"model_options\.stride_in_3x3 must be true or false"):
+        c.override(["model_options.stride_in_3x3=maybe"])
+    with pytest.raises(ConfigError, match=r"model_options\.dropout must be a number, got 'x'"):
+        c.override(["model_options.dropout=x"])
+    assert c.override(["model_options.dropout=0"]).model_options == {"dropout": 0}

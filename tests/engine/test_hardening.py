@@ -560,6 +560,8 @@ def test_eval_of_a_checkpoint_with_foreign_weights_or_metadata_is_one_line(
     fails_cleanly(argv, capsys, "last.pt: its weights do not fit resnet20")
     save_atomic({**ckpt, "preprocess": "abc"}, run_copy / "last.pt")
     fails_cleanly(argv, capsys, "last.pt: preprocess is a str, not a mapping")
+    save_atomic({**ckpt, "classes": ckpt["classes"][:3]}, run_copy / "last.pt")
+    fails_cleanly(argv, capsys, "last.pt: its metadata names 3 classes but the model has 10")
 
 
 def test_report_and_stats_outputs_that_cannot_be_written_are_refused_first(
@@ -643,12 +645,16 @@ def test_a_download_onto_a_file_and_negative_workers_are_one_line(tmp_path: Path
 
 
 def test_too_few_classes_or_images_to_validate(cifar_root: Path, tmp_path: Path, capsys) -> None:
-    """--num-classes below the data's class count was an IndexError at the first step; a folder
+    """--num-classes below the data's class count was an IndexError at the first step (above
+    it, a head with unnamed outputs); a folder
     with one image per class held out none, trained, then crashed evaluating an empty split."""
     from PIL import Image
 
     fails_cleanly(train_args(cifar_root, tmp_path / "nc", "--num-classes", "5"), capsys,
                   "num_classes 5 is fewer than the 10 classes")  # fmt: skip
+    # More: outputs without a sample or a name, in files that reading would refuse.
+    fails_cleanly(train_args(cifar_root, tmp_path / "nc", "--num-classes", "12"), capsys,
+                  "num_classes 12 is more than the 10 classes")  # fmt: skip
     assert not (tmp_path / "nc").exists()
     tiny = tmp_path / "tiny"
     for i, c in enumerate(("cat", "dog")):

@@ -16,6 +16,7 @@ import reslab
 from reslab.errors import CheckpointError
 from reslab.models.weights import (
     CIFAR10_CLASSES,
+    CIFAR10_PROJECT_PREPROCESS,
     IMAGENET_MEAN,
     UnsafeWeightsError,
     WeightsError,
@@ -361,3 +362,51 @@ def test_safetensors_of_a_type_weights_cannot_have_are_refused(
     ) as e:
         model_from_weights(path, model_name="resnet20")
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "classes", "pre", "needle"),
+    [
+        ({}, list("abc"), None, "names 3 classes but the model has 10 outputs"),
+        ({}, list("abcdefghijk"), None, "names 11 classes but the model has 10 outputs"),
+        ({}, [*"abcdefghi", "a"], None, "classes names 'a' more than once"),
+        ({"residual": "no"}, None, None, "model_options.residual must be true or false, got 'no'"),
+        ({}, None, {"input_size": 32.5}, "preprocess input_size is 32.5, not a whole number"),
+    ],
+)  # fmt: skip
+def test_inconsistent_reslab_safetensors_metadata_is_refused(
+    tmp_path: Path, options: dict, classes: list[str] | None, pre: dict | None, needle: str
+) -> None:
+    """Metadata that does not describe the model: predict had printed names mixed with bare
+    indices, duplicate names, a plain net as a residual one (any string is true), a truncated
+    input size."""
+    pre = {"kind": "cifar", "input_size": 32, "resize": None, "mode": "per_channel",
+           "mean": [0.5] * 3, "std": [0.25] * 3, **(pre or {})}  # fmt: skip
+    path = save_safetensors(reslab.create_model("resnet20"), tmp_path / "w.safetensors",
+                            model_name="resnet20", model_options=options, preprocess=pre,
+                            classes=classes)  # fmt: skip
+    with pytest.raises(WeightsError, match=re.escape(needle)) as e:
+        model_from_weights(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_files_reslab_writes_still_load_with_their_metadata(tmp_path: Path) -> None:
+    """The checks above pass what reslab writes: boolean and integer options, a whole-number
+    input size, one name per output; torchvision's 1000 names; a pytorch_resnet_cifar10 file
+    of another class count loads without CIFAR-10's names."""
+    src = reslab.create_model("plain20", num_classes=4)
+    path = save_safetensors(src, tmp_path / "p.safetensors", model_name="plain20",
+                            model_options={"residual": False, "num_classes": 4},
+                            preprocess=dict(CIFAR10_PROJECT_PREPROCESS), classes=list("abcd"))  # fmt: skip
+    _, info = model_from_weights(path)
+    assert info.classes == list("abcd") and info.model_options["residual"] is False
+    tv = tmp_path / "tv.pth"
+    torch.save(tv_models.resnet18(weights=None).state_dict(), tv)
+    _, info = model_from_weights(tv)
+    assert info.format == "torchvision" and len(info.classes or []) in (0, 1000)
+    c100 = reslab.create_model("resnet20", num_classes=100).state_dict()
+    th = tmp_path / "r20.th"
+    torch.save({"state_dict": {"module." + k.replace("fc.", "linear."): v
+                               for k, v in c100.items()}, "best_prec1": 70.0}, th)  # fmt: skip
+    _, info = model_from_weights(th)
+    assert info.format == "pytorch_resnet_cifar10" and info.classes is None

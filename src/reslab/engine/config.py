@@ -201,6 +201,14 @@ class TrainConfig:
         for name in ("momentum", "label_smoothing", "val_fraction", "small_until"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be in [0, 1), got {getattr(self, name)}")
+        if not isinstance(self.model_options, dict):
+            raise ConfigError(f"{source}: model_options must be a mapping, got "
+                              f"{self.model_options!r}")  # fmt: skip
+        from reslab.models.registry import option_type_problem
+
+        problem = option_type_problem(self.model_options)
+        if problem:  # a builder takes residual: "no" as true; no model is built from that
+            raise ConfigError(f"{source}: model_options.{problem}")
         n = self.num_classes
         if n is not None and not 2 <= n <= MAX_CLASSES:
             raise ConfigError(f"{source}: num_classes must be 2..{MAX_CLASSES}, got {n}")

@@ -48,7 +48,7 @@ def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> Lo
             f"{path}: not a model checkpoint (needs {list(REQUIRED_KEYS)}, found "
             f"{sorted(ckpt)[:8]}); for other weight files use --model NAME --weights FILE"
         )
-    from reslab.models.weight_formats import check_meta
+    from reslab.models.weight_formats import check_classes_fit, check_meta
 
     # The same checks of what the file says as every other weights reader (types, ranges).
     check_meta({k: ckpt.get(k) for k in ("model_name", "classes", "preprocess")}
@@ -68,6 +68,7 @@ def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> Lo
             f"{path}: weights do not match {ckpt['model_name']} {options}: "
             f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
+    check_classes_fit(ckpt.get("classes"), model, path)
     pre = ckpt.get("preprocess")
     if not pre:
         raise CheckpointError(f"{path}: no 'preprocess' entry; cannot normalise inputs for it")

@@ -35,7 +35,14 @@ from reslab.engine import rundir
 from reslab.engine.config import TrainConfig
 from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.schedules import make_sgd, set_lr
-from reslab.engine.trainer import Trainer, TrainingDiverged, TrainState, build_model, run_info
+from reslab.engine.trainer import (
+    Trainer,
+    TrainingDiverged,
+    TrainState,
+    build_model,
+    check_num_classes,
+    run_info,
+)
 from reslab.models.cifar import CifarResNet
 from reslab.models.fused import FusedCifarNet, stack_inputs
 from reslab.runtime import distributed as D
@@ -148,6 +155,7 @@ class FusedTrainer:
         if not isinstance(data.train, TensorLoader):
             raise ValueError("fused training needs the on-device CIFAR loader")
         num_classes = cfg0.num_classes or len(data.classes)
+        check_num_classes(num_classes, data.classes, cfg0.data)
         self.members: list[Trainer] = []
         for cfg in cfgs:
             iters_from_epochs(cfg, train_size=data.train_size)  # as Trainer.__init__ does

@@ -150,6 +150,16 @@ def build_model(
     return model, options
 
 
+def check_num_classes(num_classes: int, classes: list[str], data: object) -> None:
+    """The head has one output per class of the data. Fewer: a label past the head, an
+    IndexError mid-step. More: outputs that never see a sample and have no class name; the
+    files the run writes would be refused when read (a file's classes must match its outputs)."""
+    if num_classes != len(classes):
+        than = "fewer" if num_classes < len(classes) else "more"
+        raise rundir.RunDirError(f"num_classes {num_classes} is {than} than the {len(classes)} "
+                                 f"classes of {data}; leave it unset (the data's count)")  # fmt: skip
+
+
 def _freeze(model: nn.Module, cfg: TrainConfig) -> None:
     if cfg.freeze_backbone:
         head = {id(p) for p in get_classifier(model).parameters()}
@@ -209,12 +219,7 @@ class Trainer:
             rundir.check_resume_config(last, ckpt.get("config") or {}, cfg.to_dict())
             rundir.check_resume_classes(last, ckpt.get("classes"), self.data.classes)
         num_classes = cfg.num_classes or len(self.data.classes)
-        if num_classes < len(self.data.classes):  # a label past the head: IndexError mid-step
-            raise rundir.RunDirError(
-                f"num_classes {num_classes} is fewer than the {len(self.data.classes)} classes "
-                f"of {cfg.data}; leave it unset (the data's count) or give at least "
-                f"{len(self.data.classes)}"
-            )
+        check_num_classes(num_classes, self.data.classes, cfg.data)
         self.model, self.model_options = build_model(
             cfg, num_classes, resumed=None if ckpt is None else ckpt.get("model_options")
         )

@@ -128,6 +128,45 @@ def check_options(info: ModelInfo, options: dict[str, Any]) -> None:
         raise ModelOptionError(
             f"num_classes must be a whole number in 1..{MAX_CLASSES}, got {n!r} (model {info.name})"
         )
+    for key, value in options.items():
+        p = params.get(key)
+        problem = None if p is None else _type_problem(key, value, p.default)
+        if problem:
+            raise ModelOptionError(f"{problem} (model {info.name})")
+
+
+def _type_problem(key: str, value: Any, default: Any) -> str | None:
+    """What is wrong with `value` for an option whose builder default is `default` (its type
+    is the option's type), or None. A builder would take "no" as a true `residual`."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            return f"{key} must be true or false, got {value!r}"
+    elif isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{key} must be a whole number, got {value!r}"
+    elif isinstance(default, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{key} must be a number, got {value!r}"
+    elif isinstance(default, str) and not isinstance(value, str):
+        return f"{key} must be a string, got {value!r}"
+    return None
+
+
+def option_type_problem(options: dict[str, Any]) -> str | None:
+    """The first option whose value has the wrong type for every model that takes it (a
+    recipe's or a weights file's options, judged before the model they go to is known)."""
+    _ensure_loaded()
+    for key, value in options.items():
+        defaults = [
+            p.default
+            for info in _REGISTRY.values()
+            for k, p in inspect.signature(info.builder).parameters.items()
+            if k == key and p.default is not p.empty
+        ]
+        problems = [_type_problem(key, value, d) for d in defaults]
+        if problems and all(problems):
+            return problems[0]
+    return None
 
 
 def _ensure_loaded() -> None:

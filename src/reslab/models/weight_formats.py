@@ -81,11 +81,19 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
         raise bad(f"model_name is {meta['model_name']!r}, not a model's name")
     if not isinstance(meta.get("model_options"), dict):
         raise bad(f"model_options is a {type(meta.get('model_options')).__name__}, not a mapping")
+    from reslab.models.registry import option_type_problem
+
+    problem = option_type_problem(meta["model_options"])
+    if problem:
+        raise bad(f"model_options.{problem}")
     classes = meta.get("classes")
     if classes is not None and not (
         isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)
     ):
         raise bad(f"classes is {type(classes).__name__} {str(classes)[:40]}, not a list of names")
+    if classes is not None and len(set(classes)) < len(classes):
+        twice = next(c for i, c in enumerate(classes) if c in classes[:i])
+        raise bad(f"classes names {twice!r} more than once (two outputs would print alike)")
     pre = meta.get("preprocess")
     if pre is None:
         return
@@ -94,6 +102,9 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
     from reslab.data.preprocess import Preprocess
     from reslab.models.registry import MAX_INPUT_SIZE, MAX_RESIZE
 
+    size = pre.get("input_size", 32)
+    if not isinstance(size, int) or isinstance(size, bool):  # from_dict's int() would truncate
+        raise bad(f"preprocess input_size is {size!r}, not a whole number of pixels")
     try:
         p = Preprocess.from_dict(pre)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -107,6 +118,20 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
         raise bad(f"preprocess mean has shape {list(p.mean.shape)} or non-finite values")
     if p.std.shape != (3, 1, 1) or not (torch.isfinite(p.std).all() and (p.std > 0).all()):
         raise bad(f"preprocess std {p.std.flatten().tolist()} is not 3 positive numbers")
+
+
+def check_classes_fit(classes: list[str] | None, model: torch.nn.Module, path: Path) -> None:
+    """A file's class names are one per output of the model: fewer, and predict would print
+    names for some outputs and bare indices for others; more, and names would be off by one
+    for all the model knows."""
+    from reslab.models.registry import get_classifier
+
+    weight = getattr(get_classifier(model), "weight", None)
+    if classes is None or weight is None or len(classes) == weight.shape[0]:
+        return
+    raise WeightsError(f"{path}: its metadata names {len(classes)} classes but the model has "
+                       f"{weight.shape[0]} outputs; write the file again with reslab (a training "
+                       "run or models.weights.save_safetensors)")  # fmt: skip
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -221,10 +246,12 @@ def _interpret(obj: Any, path: Path) -> tuple[StateDict, dict[str, Any]]:
         sd, notes = _normalize_keys(_tensor_dict(obj["state_dict"], path, "'state_dict'"))
         sd = {_rename_cifar_project(k): v for k, v in sd.items()}
         best = obj["best_prec1"]
+        fc = sd.get("fc.weight")
+        ten = isinstance(fc, torch.Tensor) and fc.dim() == 2 and fc.shape[0] == 10
         meta.update(
             format="pytorch_resnet_cifar10",
             preprocess=dict(CIFAR10_PROJECT_PREPROCESS),
-            classes=list(CIFAR10_CLASSES),
+            classes=list(CIFAR10_CLASSES) if ten else None,  # its CIFAR-100 files: no names
             extra={"best_prec1": float(best)},
             notes=[*notes, "inputs normalised with ImageNet per-channel mean/std"],
         )

@@ -35,6 +35,7 @@ from reslab.models.weight_formats import (
     StateDict,
     UnsafeWeightsError,
     WeightsError,
+    check_classes_fit,
     read_weights,
 )
 
@@ -164,6 +165,8 @@ def _load_state(
         info.missing, info.unexpected, info.mismatched = missing, unexpected, mismatched
         bad = {m.split(":")[0] for m in mismatched}
         sd = {k: v for k, v in sd.items() if k in expected and k not in bad}
+        if classifier_name(model) + ".weight" not in sd:  # the file's class names went with it
+            info.classes = None
     wrong = [
         f"{k} ({sd[k].dtype})" for k, v in expected.items() if k in sd and not _dtype_fits(sd[k], v)
     ]
@@ -175,6 +178,7 @@ def _load_state(
     if bad:  # a diverged run's weights: every prediction from them would be nan
         raise WeightsError(f"{path}: {len(bad)} tensors hold nan or inf (e.g. {bad[0]}); use a "
                            "checkpoint from before the run diverged")  # fmt: skip
+    check_classes_fit(info.classes, model, path)
     _check_stride(model, meta, info)
     # sd now holds exactly the checked keys: what is left out (a new head, or what strict=False
     # skipped with a warning) keeps its initial values.
