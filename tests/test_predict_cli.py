@@ -205,3 +205,16 @@ def test_collect_images_names_an_unreadable_folder(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(PredictError, match=r"^permission denied: .*imgs/sub; fix its perm"):
         collect_images([tmp_path / "imgs"])
+
+
+def test_a_named_pipe_is_not_a_regular_file(tmp_path: Path) -> None:
+    """It had been reported as not existing (and opening it would block)."""
+    from reslab.predict import PredictError, collect_images
+
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(PredictError, match=r"fifo\.jpg is not a regular file"):
+        collect_images([fifo])
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(PredictError, match=r"gone\.jpg is a symbolic link to a file that does not"):
+        collect_images([tmp_path / "gone.jpg"])

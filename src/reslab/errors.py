@@ -28,12 +28,46 @@ def check_checkpoint_version(ckpt: dict, path: object) -> None:
         )
 
 
+class TorchScriptFileError(UserError):
+    """A TorchScript archive (torch.jit.save) given where reslab reads tensors."""
+
+
+def is_torchscript_archive(path: object) -> bool:
+    """Whether `path` is a TorchScript archive: a zip whose top folder holds constants.pkl or
+    code/ (what torch.jit.save writes; torch.save's zips hold data.pkl). Only the zip's list of
+    names is read: nothing is unpickled."""
+    import os
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(os.fspath(path)) as z:  # type: ignore[arg-type]
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):  # not a zip (a pickle, safetensors, ...)
+        return False
+    inner = [n.split("/", 1)[1] for n in names if "/" in n]
+    return any(n == "constants.pkl" or n.startswith("code/") for n in inner)
+
+
 def safe_torch_load(path: object, *, map_location: object = "cpu") -> Any:
     """reslab's only torch.load: weights_only=True, so a file yields tensors and plain
-    containers but can never run code (pickled globals are refused)."""
+    containers but can never run code (pickled globals are refused). A TorchScript archive is
+    refused by name first: torch.load would only say it cannot use weights_only with it."""
+    import warnings
+
     import torch
 
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if is_torchscript_archive(path):
+        raise TorchScriptFileError(
+            f"{path} is a TorchScript export, not weights; pass the checkpoint or a safetensors "
+            "file it came from (or load it with torch.jit.load)"
+        )
+    with warnings.catch_warnings():
+        # torch warns (two lines on stderr) before it refuses a pickle of another protocol; the
+        # refusal itself becomes reslab's one line, so the warning only adds noise.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive",
+                                category=UserWarning)  # fmt: skip
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def first_line(text: object) -> str:

@@ -49,6 +49,11 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
             out += found
         elif p.is_file():
             out.append(p)
+        elif os.path.lexists(p) and not os.path.exists(p):
+            raise PredictError(f"{p} is a symbolic link to a file that does not exist")
+        elif os.path.exists(p):  # a named pipe, socket or device: reading it may block forever
+            raise PredictError(f"{p} is not a regular file (a named pipe, socket or device); "
+                               "give image files or folders of them")  # fmt: skip
         else:
             raise PredictError(f"{p} does not exist")
     return out

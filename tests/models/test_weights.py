@@ -410,3 +410,36 @@ def test_files_reslab_writes_still_load_with_their_metadata(tmp_path: Path) -> N
                                for k, v in c100.items()}, "best_prec1": 70.0}, th)  # fmt: skip
     _, info = model_from_weights(th)
     assert info.format == "pytorch_resnet_cifar10" and info.classes is None
+
+
+def test_a_torchscript_export_is_named_as_such_wherever_weights_are_read(tmp_path: Path) -> None:
+    """torch.load(weights_only=True) only said RuntimeError (after a warning) for reslab's own
+    TorchScript export; the archive is recognised from its zip listing, nothing unpickled."""
+    from reslab.errors import TorchScriptFileError, is_torchscript_archive
+    from reslab.export import export_model
+    from reslab.runtime.checkpoint import load_checkpoint
+
+    model = reslab.create_model("resnet20").eval()
+    ts = export_model(model, tmp_path / "m.pt", format="torchscript", input_size=32,
+                      model_name="resnet20", model_options={}, classes=CIFAR10_CLASSES)  # fmt: skip
+    ckpt = tmp_path / "sd.pt"
+    torch.save(model.state_dict(), ckpt)  # torch.save's zip: data.pkl, not a TorchScript one
+    assert is_torchscript_archive(ts) and not is_torchscript_archive(ckpt)
+    want = f"{ts} is a TorchScript export, not weights; pass the checkpoint or a safetensors file"
+    for read in (read_weights, load_checkpoint):
+        with pytest.raises(TorchScriptFileError) as e:
+            read(ts)
+        assert str(e.value).startswith(want)
+
+
+def test_a_pickle_of_another_protocol_is_refused_without_torch_warnings(tmp_path: Path) -> None:
+    """torch warned in two lines ('Detected pickle protocol 4 ...') before reslab's one."""
+    import warnings
+
+    path = tmp_path / "raw.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(WeightsError, match=re.escape(str(path))):
+            read_weights(path)
+    assert [str(w.message) for w in seen] == []

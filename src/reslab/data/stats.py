@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from reslab.data.cifar import DIRS, DataError, load_cifar
 from reslab.data.preprocess import Preprocess
 from reslab.data.transforms import PCALighting, center_crop_transform
-from reslab.errors import safe_torch_load
+from reslab.errors import TorchScriptFileError, safe_torch_load
 from reslab.runtime.checkpoint import save_atomic
 
 __all__ = [
@@ -247,6 +247,9 @@ def load_stats(path: str | Path) -> DataStats:
         )
     try:
         raw = safe_torch_load(path)
+    except TorchScriptFileError:
+        raise DataError(f"stats file {path} is a TorchScript export, not reslab stats; make it "
+                        f"with `reslab data stats DIR --out {path}`") from None  # fmt: skip
     except Exception as e:  # torch.load's errors: unpickling refused, truncated zip, not torch
         # NOTE: never pass on torch's advice to retry with weights_only=False (that runs code).
         raise DataError(

@@ -145,6 +145,8 @@ def _is_safetensors(path: Path) -> bool:
 def _torch_load(path: Path) -> Any:
     try:
         return safe_torch_load(path)
+    except UserError:  # a TorchScript export: already one line saying what to pass instead
+        raise
     except pickle.UnpicklingError as e:
         msg = str(e)
         reason = _unsafe_reason(msg)

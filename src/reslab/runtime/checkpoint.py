@@ -155,6 +155,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise CheckpointError(f"{path}: the file is empty (0 bytes), not a checkpoint")
     try:
         ckpt = safe_torch_load(path, map_location=map_location)
+    except UserError:  # a TorchScript export: already one line saying what to pass instead
+        raise
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot be loaded safely; truncated, or not a reslab checkpoint "
