@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,7 @@ def pngs(d: Path, n: int, seed: int = 0) -> None:
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
 
 
-def reslab_safetensors(path: Path, options: dict) -> Path:
+def reslab_safetensors(path: Path, options: dict, classes: list[str] | None = None) -> Path:
     from safetensors.torch import save_file
 
     from reslab.models import create_model
@@ -152,7 +153,7 @@ def reslab_safetensors(path: Path, options: dict) -> Path:
     sd = {k: v.contiguous() for k, v in create_model("resnet20").state_dict().items()}
     save_file(sd, str(path), metadata={"format": "reslab", "model_name": "resnet20",
                                        "model_options": json.dumps(options),
-                                       "preprocess": "null", "classes": "null"})  # fmt: skip
+                                       "preprocess": "null", "classes": json.dumps(classes)})  # fmt: skip
     return path
 
 
@@ -275,6 +276,42 @@ def build_cases(data: Path, w: Path, template: Path, marker: Path) -> list[Case]
                  "cifar10"], needle))  # fmt: skip
         if path is not wide:  # train re-sizes the head to the data's classes: not an error
             add(Case(f"{label}: train", train_argv(data, w / "r_w", "--weights", path), needle))
+    # Session 22-23 audit findings.
+    add(Case("--set pad=1000000 (a 3 PB batch)", train_argv(data, w / "r_pad", "--set",
+             "pad=1000000"), "pad must be 0..32 pixels"))  # fmt: skip
+    twice = w / "twice.yaml"
+    twice.write_text("lr: 0.1\nmomentum: 0.9\nlr: 0.2\n")
+    add(Case("recipe naming lr twice", train_argv(data, w / "r_twice", "--recipe", twice),
+             "'lr' is given twice"))  # fmt: skip
+    add(Case("--time-limit nan", train_argv(data, w / "r_tl", "--time-limit", "nan"),
+             "must be a number of seconds > 0"))  # fmt: skip
+    r = run_from_template("flipped_bytes")
+    raw = bytearray((r / "last.pt").read_bytes())
+    with zipfile.ZipFile(r / "last.pt") as z:  # the largest tensor's record, stored as is
+        big = max(z.infolist(), key=lambda i: i.file_size)
+    mid = big.header_offset + 30 + len(big.filename.encode()) + len(big.extra) + big.file_size // 2
+    for i in range(mid, mid + 64):  # torch's zip reader checks no CRC: only the digest sees it
+        raw[i] ^= 0x5A
+    (r / "last.pt").write_bytes(bytes(raw))
+    add(Case("last.pt with flipped tensor bytes", train_argv(data, r, "--resume"), "damaged",
+             keep=[r]))  # fmt: skip
+    pngs(w / "statsdata" / "a", 2)
+    pngs(w / "statsdata" / "b", 2, seed=3)
+    victim = w / "statsdata" / "a" / "0.png"
+    add(Case("data stats --out over an image", ["data", "stats", w / "statsdata", "--out",
+             victim], "is inside this command's data", check=lambda _: victim.read_bytes()[:4] == b"\x89PNG"))  # fmt: skip
+    script = w / "ts.pt"
+    subprocess.run([sys.executable, "-m", "reslab", "export", "--checkpoint", template / "last.pt",
+                    "--format", "torchscript", "--out", script], env=ENV, check=True,
+                   capture_output=True)  # fmt: skip
+    add(Case("a TorchScript export as --weights", ["predict", img, "--weights", script],
+             "TorchScript export"))  # fmt: skip
+    no = reslab_safetensors(w / "residual_no.safetensors", {"residual": "no"})
+    add(Case("metadata residual: \"no\"", ["predict", img, "--weights", no, "--normalize",
+             "cifar10"], "residual must be true or false"))  # fmt: skip
+    short = reslab_safetensors(w / "classes3.safetensors", {}, classes=["a", "b", "c"])
+    add(Case("metadata with 3 class names for 10 outputs", ["predict", img, "--weights", short,
+             "--normalize", "cifar10"], "names 3 classes but the model has 10 outputs"))  # fmt: skip
     # Divergence.
     add(Case("NaN before any checkpoint", train_argv(data, w / "r_nan", "--set", "lr=1e30",
              "--set", "log_every=1", "--iters", "20", "--eval-every", "20"),
