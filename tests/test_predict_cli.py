@@ -218,3 +218,34 @@ def test_a_named_pipe_is_not_a_regular_file(tmp_path: Path) -> None:
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     with pytest.raises(PredictError, match=r"gone\.jpg is a symbolic link to a file that does not"):
         collect_images([tmp_path / "gone.jpg"])
+
+
+def test_max_pixels_is_a_flag_of_every_command_that_reads_images(
+    tmp_path: Path, model_file, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README pointed at --max-pixels, which only `data check` had. A limit below an image
+    skips it; a limit above PIL's own (PIL refuses twice its MAX_IMAGE_PIXELS whatever reslab
+    says) is lent to PIL while the file is opened."""
+    from PIL import Image as PILImage
+
+    path, _ = model_file
+    img = tmp_path / "wide.png"
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(img)  # 2,000 pixels
+    # 1: no image could be read
+    assert main(["predict", str(img), "--checkpoint", str(path), "--max-pixels", "1999"]) == 1
+    assert "decompression bomb: 50x40 = 2,000 pixels is over the limit of 1,999" in (
+        capsys.readouterr().out
+    )
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)  # PIL alone: refused above 1,000
+    assert main(["predict", str(img), "--checkpoint", str(path), "--json"]) == 1
+    assert "decompression bomb" in capsys.readouterr().out
+    assert main(["predict", str(img), "--checkpoint", str(path), "--json", "--max-pixels",
+                 "4000"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert '"error"' not in out and "%" not in out and '"top"' in out
+    assert PILImage.MAX_IMAGE_PIXELS == 500  # lent, then given back
+    from reslab.cli import build_parser
+
+    for argv in (["train"], ["eval", "--checkpoint", "c.pt"], ["data", "stats", "d"],
+                 ["data", "check", "d"]):  # fmt: skip
+        assert build_parser().parse_args([*argv, "--max-pixels", "7"]).max_pixels == 7

@@ -14,6 +14,8 @@ from reslab.models.registry import MAX_INPUT_SIZE, MAX_RESIZE  # torch-free
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 Handler = Callable[[argparse.Namespace], int]
+MAX_PIXELS_HELP = ("decompression-bomb limit: images over N pixels are skipped and reported "
+                   "(default PIL's MAX_IMAGE_PIXELS, about 89.5 million)")  # fmt: skip
 
 
 def _fmt_count(x: float) -> str:
@@ -136,7 +138,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         preds, seconds = predict_with(
             model, info, paths, normalize=args.normalize, device=args.device,
             precision=args.precision, backend=args.backend, topk=args.topk,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, max_pixels=args.max_pixels,
         )  # fmt: skip
         if args.csv:
             write_csv(preds, args.csv, topk=args.topk)
@@ -171,6 +173,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", metavar="FILE", help="also write path, top-k classes and "
                    "probabilities (or the error) per image to a CSV file")  # fmt: skip
     p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--max-pixels", type=_positive, help=MAX_PIXELS_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware has native bf16, fp16 on a GPU "
@@ -240,6 +243,7 @@ def _train_config(args: argparse.Namespace):
         "compile": True if args.compile_mode else args.compile,
         "download": args.download or None, "sync_bn": args.sync_bn or None,
         "lr": args.lr, "batch_size": args.batch_size, "workers": args.workers,
+        "max_pixels": args.max_pixels,
         "fit_batch": False if chose_batch else None,  # the user's batch: refused if too large
     }  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
@@ -386,6 +390,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--batch-size", type=_positive, help="mini-batch, over all processes")
     p.add_argument("--workers", type=_workers, help="image-folder loader processes (default: auto)")
+    p.add_argument("--max-pixels", type=_positive, help=MAX_PIXELS_HELP)
     p.add_argument("--threads", type=_threads, help="CPU threads for torch (default: torch's)")
     p.add_argument("--out", help="run directory (config, metrics.jsonl, checkpoints)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -486,6 +491,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                 stats = compute_folder_stats(
                     args.dir, resize=args.resize, crop_size=args.crop_size, labels_file=args.labels,
                     max_images=args.max_images, num_workers=args.workers,
+                    max_pixels=args.max_pixels,
                 )  # fmt: skip
             print(stats.describe())
             print(f"saved {save_stats(stats, args.out)}")
@@ -510,7 +516,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--labels", default=None, help="label file of a flat (ImageNet val) folder")
     c.add_argument("--min-size", type=_count, default=224,
                    help="report images smaller than this")  # fmt: skip
-    c.add_argument("--max-pixels", type=_positive, default=None, help="decompression-bomb limit")
+    c.add_argument("--max-pixels", type=_positive, default=None, help=MAX_PIXELS_HELP)
     c.add_argument("--workers", type=_workers, default=0)
     s = dsub.add_parser("stats", help="mean image, per-channel mean/std, RGB PCA -> a file")
     s.add_argument("dir")
@@ -521,6 +527,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--crop-size", type=_pixels(MAX_INPUT_SIZE), default=224)
     s.add_argument("--max-images", type=_positive, default=None, help="a fixed random subset")
     s.add_argument("--workers", type=_workers, default=0)
+    s.add_argument("--max-pixels", type=_positive, default=None, help=MAX_PIXELS_HELP)
     d = dsub.add_parser("download", help="fetch CIFAR with torchvision's downloader")
     d.add_argument("dir")
     d.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
@@ -715,6 +722,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             model_name=args.model,
             labels_file=args.labels,
             workers=args.workers,
+            max_pixels=args.max_pixels,
             data=args.data,
             dataset=args.dataset,
             split=args.split,
@@ -792,6 +800,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="label file of a flat folder (ImageNet val layout), --dataset folder",
     )
     p.add_argument("--workers", type=_workers, default=2, help="DataLoader workers for folders")
+    p.add_argument("--max-pixels", type=_positive, help=MAX_PIXELS_HELP)
     p.add_argument("--split", choices=["test", "val5k"], default="test")
     p.add_argument("--views", choices=["center", "flip", "ten-crop", "multi-scale"],
                    default="center", help="test-time views whose softmax scores are averaged: "

@@ -101,8 +101,10 @@ def predict_files(
     classes: list[str] | None,
     topk: int = 5,
     batch_size: int = 64,
+    max_pixels: int | None = None,
 ) -> list[Prediction]:
-    """Top-k (class, probability) per file, in order; unreadable files get an `error` instead."""
+    """Top-k (class, probability) per file, in order; unreadable files get an `error` instead
+    (as do images over `max_pixels`, default PIL.Image.MAX_IMAGE_PIXELS)."""
     pre = Preprocess.from_dict(preprocess)
     results: list[Prediction] = []
     for chunk in _batches(list(paths), batch_size):
@@ -111,7 +113,7 @@ def predict_files(
         for p in chunk:
             pred = Prediction(str(p))
             try:
-                good.append(fit_to_input(load_image(p), pre))
+                good.append(fit_to_input(load_image(p, max_pixels=max_pixels), pre))
             except BadImageError as e:
                 pred.error = e.reason
             else:
@@ -132,6 +134,7 @@ def predict_files(
 def predict_with(
     model: torch.nn.Module, info: WeightsInfo, paths: Sequence[Path], *, normalize: str | None,
     device: str, precision: str, backend: str, topk: int, batch_size: int,
+    max_pixels: int | None = None,
 ) -> tuple[list[Prediction], float]:  # fmt: skip
     """`reslab predict`: predict_files with the preprocessing stored with the weights (or the
     named one, for a bare state_dict), and the seconds it took, decoding included."""
@@ -147,7 +150,7 @@ def predict_with(
                             backend=backend, input_size=int(pre["input_size"]))  # fmt: skip
     t0 = time.perf_counter()
     preds = predict_files(runner, paths, preprocess=pre, classes=info.classes, topk=topk,
-                          batch_size=batch_size)  # fmt: skip
+                          batch_size=batch_size, max_pixels=max_pixels)  # fmt: skip
     return preds, time.perf_counter() - t0
 
 

@@ -162,3 +162,23 @@ def test_folders_outside_the_known_classes_are_refused_not_left_out(
     cfg.out = str(tmp_path / "run2")
     with pytest.raises(DataError, match=r"val has class folders .* known classes: dog"):
         train(cfg, progress=False)
+
+
+def test_max_pixels_reaches_the_training_scan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--max-pixels` / max_pixels: images over it are skipped (and said so) like any bomb."""
+    import logging
+
+    data = make_folder(tmp_path / "imgs")
+    sizes = [Image.open(p).size for p in (data / "train").rglob("*.*") if p.name != "broken.jpg"]
+    limit = sorted(w * h for w, h in sizes)[len(sizes) // 2]  # about half the images are over
+    over = sum(w * h > limit for w, h in sizes)
+    cfg = TrainConfig(
+        model="resnet20", dataset="folder", data=str(data / "train"), out=str(tmp_path / "run"),
+        image_size=32, resize=36, batch_size=4, iters=1, eval_every=1, save_every=1, workers=0,
+        device="cpu", eval_splits=[], val_split=False, milestones=[], max_pixels=limit,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="reslab.data"):
+        train(cfg, progress=False)
+    assert f"{over} decompression bomb" in caplog.text

@@ -29,6 +29,7 @@ from reslab.data.cifar import DataError
 from reslab.data.images import (
     IMAGE_EXTENSIONS,
     BadImageError,
+    default_max_pixels,
     describe_mode,
     load_image,
     read_header,
@@ -470,6 +471,10 @@ class ImageFolder(Dataset):
         on_bad: Literal["replace", "drop"] = "replace",
     ) -> None:
         self.root, self.transform, self.on_bad = str(root), transform, on_bad
+        # Fixed here, in the process that builds the set: DataLoader workers started by spawn
+        # (macOS, Windows) import PIL afresh and would not see a limit raised in this one.
+        if max_pixels is None:
+            max_pixels = default_max_pixels()
         self.min_size, self.max_pixels = min_size, max_pixels
         self.report = scan_folder(
             root, labels_file=labels_file, classes=classes, check=check, min_size=min_size,

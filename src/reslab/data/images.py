@@ -7,8 +7,10 @@ before any pixel is allocated. Every failure is a `BadImageError` naming the fil
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,20 @@ def default_max_pixels() -> int:
     return int(Image.MAX_IMAGE_PIXELS or 2**62)
 
 
+@contextlib.contextmanager
+def _pil_unlimited() -> Iterator[None]:
+    """PIL refuses images over twice its own MAX_IMAGE_PIXELS whatever reslab's limit says, so
+    a limit raised with max_pixels= / --max-pixels would not reach past it. reslab checks the
+    header's size against its own limit before any pixel is decoded, so PIL's check is lifted
+    while one file is opened (in this process or a DataLoader worker; never across threads)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
 def describe_mode(mode: str) -> str | None:
     """What loading converts for a PIL mode, or None for plain RGB."""
     if mode.startswith("I;16"):
@@ -107,10 +123,9 @@ def _os_failure(path: str | Path, e: OSError) -> BadImageError:
 def _bomb(path: str | Path, w: int, h: int, limit: int) -> BadImageError:
     return BadImageError(
         path,
-        f"decompression bomb: {w}x{h} = {w * h:,} pixels is over the limit of {limit:,} "
-        "(PIL.Image.MAX_IMAGE_PIXELS); if the image is genuine, raise the limit "
-        "(PIL.Image.MAX_IMAGE_PIXELS or max_pixels=... in Python; `reslab data check "
-        "--max-pixels N` for a scan)",
+        f"decompression bomb: {w}x{h} = {w * h:,} pixels is over the limit of {limit:,}"
+        "; if the image is genuine, raise the limit (--max-pixels N on the command line, "
+        "max_pixels=N in Python; the default is PIL.Image.MAX_IMAGE_PIXELS)",
     )
 
 
@@ -132,7 +147,7 @@ def read_header(
             raise BadImageError(path, "zero-byte file")
         src = io.BytesIO(data)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pil_unlimited():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(src) as im:
                 w, h, mode = im.size[0], im.size[1], im.mode
@@ -141,9 +156,8 @@ def read_header(
     except Image.DecompressionBombError as e:
         raise BadImageError(
             path,
-            f"decompression bomb: {e} If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
-            "(PIL refuses twice its value itself) and max_pixels=... in Python (`reslab data "
-            "check --max-pixels N` for a scan).",
+            f"decompression bomb: {e} If the image is genuine, raise the limit (--max-pixels N "
+            "on the command line, max_pixels=N in Python).",
         ) from None
     except UnidentifiedImageError:
         ext = Path(path).suffix.lower()
@@ -223,9 +237,11 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
             img = None  # a format torchvision.io lacks (BMP, TIFF, ...) or broken: PIL decides
     if img is None:
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()  # the first frame only
-                img = _pil_to_rgb(_upright(im))
+            with _pil_unlimited(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as im:
+                    im.load()  # the first frame only
+                    img = _pil_to_rgb(_upright(im))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise BadImageError(path, f"corrupt or truncated: {e}") from None
     if img.dim() == 4:  # animated GIF/WebP: [frames, 3, H, W]; the first frame is the image

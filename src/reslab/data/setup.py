@@ -169,7 +169,8 @@ def build_folder(
         # own (its images would be trained on, and the model would get an extra output).
         notes.append(f"validation: {val_dir} (not a class: its class folders are the val set)")
     train_ds = ImageFolder(train_dir, transform=train_tf, min_size=cfg.image_size,
-                           classes=train_classes, num_workers=min(cfg.workers or cores, cores))  # fmt: skip
+                           classes=train_classes, num_workers=min(cfg.workers or cores, cores),
+                           max_pixels=cfg.max_pixels)  # fmt: skip
     classes = list(train_ds.classes)
     with_images = [c for c, n in zip(classes, train_ds.report.per_class(), strict=True) if n]
     if len(with_images) < 2:
@@ -231,7 +232,8 @@ def build_folder(
         val_ds = held_out
         if val_dir is not None:
             val_ds = ImageFolder(val_dir, transform=eval_tf, classes=classes, unknown="refuse",
-                                 num_workers=min(cfg.workers or cores, cores))  # fmt: skip
+                                 num_workers=min(cfg.workers or cores, cores),
+                                 max_pixels=cfg.max_pixels)  # fmt: skip
         if cfg.eval_subset:
             val_ds = val_ds.select(range(min(cfg.eval_subset, len(val_ds))))
         # Ten-crop: a tenth of the images per batch, so a batch holds as many crops as in training.

@@ -192,6 +192,7 @@ def compute_folder_stats(
     batch_size: int = 64,
     num_workers: int = 0,
     seed: int = 0,
+    max_pixels: int | None = None,
 ) -> DataStats:
     """Statistics of an image folder, each image seen as its centre view (shorter side
     `resize`, centre `crop_size` crop): the mean image is [3, crop_size, crop_size].
@@ -211,6 +212,7 @@ def compute_folder_stats(
         classes=classes,
         min_size=crop_size,
         num_workers=num_workers,
+        max_pixels=max_pixels,
         on_bad="drop",  # a file that fails to decode is left out, not counted twice
     )
     subset: Any = ds

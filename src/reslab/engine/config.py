@@ -55,6 +55,9 @@ class TrainConfig:
     fit_batch: bool = False  # folders: shrink batch_size to a smaller training set (finetune)
     pca_lighting: bool = False  # AlexNet's PCA colour augmentation (section 3.4 uses it)
     stats: str | None = None  # `reslab data stats` file: mean image / mean+std / PCA eigen
+    # folders: decompression-bomb limit in pixels per image; None: PIL.Image.MAX_IMAGE_PIXELS
+    # (about 89.5 Mpixels). Larger images are skipped and reported.
+    max_pixels: int | None = None
     pad: int = 4  # section 4.2: 4 pixels padded on each side, random 32x32 crop
     flip: bool = True  # section 4.2: random horizontal flip
     # NOTE(paper): not the paper's; for the fast recipe. Each image is mirrored in every other
@@ -154,7 +157,7 @@ class TrainConfig:
     def validate(self, *, source: str = "config") -> None:
         """Refuse values no run can use, naming the field (before any data is read)."""
         at_least_1 = ("batch_size", "iters", "eval_every", "save_every", "log_every", "image_size",
-                      "resize", "train_subset", "eval_subset")  # fmt: skip
+                      "resize", "train_subset", "eval_subset", "max_pixels")  # fmt: skip
         for name in at_least_1:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

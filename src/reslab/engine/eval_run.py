@@ -169,7 +169,7 @@ def cifar_batches(
 def folder_batches(
     data: str | Path, *, pre: Preprocess, views: str, scales: Sequence[int] | None,
     labels_file: str | Path | None, classes: Sequence[str] | None, limit: int | None,
-    batch_size: int, workers: int, pin_memory: bool = False,
+    batch_size: int, workers: int, pin_memory: bool = False, max_pixels: int | None = None,
 ) -> tuple[Iterable, list[str]]:  # fmt: skip
     """An image folder through the data pipeline's evaluation transforms (uint8, in workers):
     centre crop [B, 3, S, S] (also for flip), ten-crop [B, 10, 3, S, S], or the multi-scale
@@ -193,7 +193,7 @@ def folder_batches(
         tf = functools.partial(T.multiscale_views, shorter_sides=sides)
         batch_size = 1  # every image has its own aspect ratio at every scale
     ds = ImageFolder(data, transform=tf, labels_file=labels_file, classes=classes,
-                     unknown="refuse")  # fmt: skip
+                     unknown="refuse", max_pixels=max_pixels)  # fmt: skip
     part = Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
     # pin_memory (for a CUDA device): the evaluator's non_blocking copies are asynchronous only
     # from pinned memory; from pageable memory each one blocks the host.
@@ -217,6 +217,7 @@ def run_eval(
     device: str = "auto",
     precision: str = "fp32",
     limit: int | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[EnsembleResult, list[LoadedModel], list[str]]:
     """Evaluate reslab checkpoints (several = an ensemble) or one --weights file.
 
@@ -243,7 +244,7 @@ def run_eval(
         batches, classes = folder_batches(
             data, pre=first, views=views, scales=scales, labels_file=labels_file,
             classes=members[0].classes or None, limit=limit, batch_size=batch_size,
-            workers=workers, pin_memory=dev.type == "cuda",
+            workers=workers, pin_memory=dev.type == "cuda", max_pixels=max_pixels,
         )  # fmt: skip
         side = first.input_size
     else:
