@@ -154,7 +154,18 @@ def _torch_load(path: Path) -> Any:
         # asks for a global, or for an opcode beyond tensors and containers. Random bytes also
         # hit "Unsupported operand" but are no pickle: those are reported as corrupt below.
         with path.open("rb") as f:
-            pickled = "GLOBAL" in reason or f.read(1) == b"\x80"
+            head = f.read(2)
+        pickled = "GLOBAL" in reason or head[:1] == b"\x80"
+        if pickled and reason.startswith("Unsupported operand") and head[1:] >= b"\x03":
+            # pickle.dump's own output (protocol 3+; torch.save's non-zip format is protocol
+            # 2, its zip format no bare pickle): torch's loader cannot read it at all, so it is
+            # not "more than tensors" but another kind of file, harmless or not.
+            raise UnsafeWeightsError(
+                f"refusing to load {path}: a plain Python pickle (protocol {head[1]}), not a "
+                "file torch.save or safetensors writes; reslab never unpickles those (a pickle "
+                "can run code). If you trust it, load it yourself and save its state_dict with "
+                "torch.save or as safetensors."
+            ) from None
         if ("weights only" in msg.lower() or "weights_only" in msg) and pickled:
             raise UnsafeWeightsError(
                 f"refusing to load {path}: unpickling it needs more than tensors and plain "
