@@ -55,7 +55,10 @@ def run_demo(*, data: str | None, out: str, minutes: float, download: bool = Fal
         # An interrupted demo resumes on its own plan: planned again from today's speed it
         # would differ (iterations, warm-up) and resuming would refuse it.
         cfg = replace(cfg, **{k: earlier[k] for k in _PLANNED})
-        print(f"reslab demo: resuming the demo in {out} ({cfg.iters} iterations planned)")
+        if cfg.time_limit:  # planned as 1.5x the minutes asked for
+            minutes = cfg.time_limit / 90
+        print(f"reslab demo: resuming the demo in {out} ({cfg.iters} iterations planned for "
+              f"{minutes:g} min)")  # fmt: skip
     else:
         per_step = seconds_per_step(cfg)
         # Plan the schedule to end on time: the cosine schedule needs to know its length. 10%

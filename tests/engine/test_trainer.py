@@ -58,23 +58,30 @@ def test_the_banner_says_how_bn_relu_runs(cifar_root: Path, tmp_path: Path, caps
     assert "BN+ReLU" not in err and "conv wgrad" not in err  # the eager ops: nothing to say
 
 
-def test_the_banner_warns_when_other_jobs_already_load_the_cpu(monkeypatch) -> None:
+def test_the_banner_warns_when_other_jobs_already_load_the_cpu() -> None:
     """Beside another job, 2 OpenMP threads on 2 cores ran many times slower than 1 thread,
-    and nothing said so. The load average is the OS's; here it is set to each case."""
+    and nothing said so. Real busy processes, one per core, load the CPU here."""
     import os
+    import subprocess
+    import sys
+    import time
 
     from reslab.engine.progress import busy_cpu_note
 
     cores = len(os.sched_getaffinity(0))
     cpu = torch.device("cpu")
-    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
-    note = busy_cpu_note(cpu, 2)
-    assert note is not None and f"load {cores:.1f} on {cores} cores" in note
-    assert "--threads 1" in note
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 5: pass"
+    jobs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)  # the interpreters started and spinning
+        note = busy_cpu_note(cpu, max(2, cores))
+    finally:
+        for j in jobs:
+            j.kill()
+            j.wait()
+    assert note is not None and f"of its {cores} cores busy" in note and "--threads 1" in note
     assert busy_cpu_note(cpu, 1) is None  # one thread waits on nobody
     assert busy_cpu_note(torch.device("meta"), 2) is None  # not a CPU run
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
-    assert busy_cpu_note(cpu, cores) is None  # a quiet machine
 
 
 def test_refuses_to_overwrite_a_run(cifar_root: Path, tmp_path: Path) -> None:

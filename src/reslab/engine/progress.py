@@ -54,25 +54,62 @@ def banner(
     return "\n".join(lines)
 
 
-def busy_cpu_note(device: torch.device, threads: int) -> str | None:
-    """A warning when other jobs already keep the CPU busy: OpenMP threads that wait on each
+def busy_cpu_note(device: torch.device, threads: int, *, window: float = 0.2) -> str | None:
+    """A warning when other jobs keep the CPU busy right now: OpenMP threads that wait on each
     other at every op run many times slower than one thread on a free core (README: 5x on two
-    busy cores). Judged from the 1-minute load average before the run computes anything."""
+    busy cores). Measured over `window` seconds before the run computes anything: the CPU time
+    of this process's cores (/proc/stat) less this process's own. Linux only; elsewhere None."""
+    if device.type != "cpu" or threads < 2:
+        return None
+    others = _busy_cores_of_others(window)
+    if others is None:
+        return None
+    cores, busy = others
+    # Fewer idle cores than threads, with half a core's slack for measurement noise.
+    if busy < cores - threads + 0.5:
+        return None
+    return (f"the CPU is busy before this run starts (other jobs keep {busy:.1f} of its {cores} "
+            f"cores busy): {threads} threads will wait on each other; --threads 1 can be "
+            "several times faster")  # fmt: skip
+
+
+def _busy_cores_of_others(window: float) -> tuple[int, float] | None:
+    """(cores this process may run on, how many of them other processes kept busy on average
+    over `window` seconds), from the per-CPU lines of /proc/stat."""
     import os
 
-    if device.type != "cpu" or threads < 2 or not hasattr(os, "getloadavg"):
-        return None
     try:
-        load = os.getloadavg()[0]
-    except OSError:  # no /proc/loadavg in some containers
+        cpus = sorted(os.sched_getaffinity(0))
+        tick = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    # Fewer idle cores than threads (with 3/4 of a core's slack for this process's own start-up).
-    if load < (cores or 1) - threads + 0.75:
+
+    def sample() -> tuple[int, int] | None:
+        # cpuN user nice system idle iowait irq softirq steal ...: busy = user + nice + system
+        # + irq + softirq; steal (the hypervisor's) is neither ours nor another job's.
+        busy = idle = 0
+        try:
+            with open("/proc/stat") as f:
+                rows = {ln.split()[0]: ln.split()[1:] for ln in f if ln.startswith("cpu")}
+        except OSError:
+            return None
+        for c in cpus:
+            v = [int(x) for x in rows.get(f"cpu{c}", [])[:7]]
+            if len(v) < 7:
+                return None
+            busy, idle = busy + v[0] + v[1] + v[2] + v[5] + v[6], idle + v[3] + v[4]
+        return busy, idle
+
+    first, own0, wall0 = sample(), time.process_time(), time.perf_counter()
+    if first is None:
         return None
-    return (f"the CPU is busy before this run starts (load {load:.1f} on {cores} cores): "
-            f"{threads} threads will wait on each other; --threads 1 can be several times "
-            "faster")  # fmt: skip
+    time.sleep(window)
+    second, own1, wall1 = sample(), time.process_time(), time.perf_counter()
+    if second is None:
+        return None
+    wall = wall1 - wall0
+    busy = (second[0] - first[0]) / tick / wall - (own1 - own0) / wall
+    return len(cpus), max(0.0, busy)
 
 
 def preprocess_record(pre: Any) -> dict[str, Any]:
