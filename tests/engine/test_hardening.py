@@ -506,6 +506,8 @@ def test_recipes_and_run_configs_are_plain_utf8_yaml_without_aliases(
             b"warmup_lr: 0.01\nwarmup_until_error: .nan\n",
             "warmup_until_error must be a percentage",
         ),
+        # Silently ignored before: CIFAR runs compute their own statistics.
+        "stats.yaml": (b"stats: /nonexistent/stats.pt\n", "is for image folders"),
     }
     for name, (raw, needle) in cases.items():
         (tmp_path / name).write_bytes(raw)

@@ -54,7 +54,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # folders without val/: held-out share (stratified, seeded)
     fit_batch: bool = False  # folders: shrink batch_size to a smaller training set (finetune)
     pca_lighting: bool = False  # AlexNet's PCA colour augmentation (section 3.4 uses it)
-    stats: str | None = None  # `reslab data stats` file: mean image / mean+std / PCA eigen
+    stats: str | None = None  # folders: `reslab data stats` file: mean image / mean+std / PCA
     # folders: decompression-bomb limit in pixels per image; None: PIL.Image.MAX_IMAGE_PIXELS
     # (about 89.5 Mpixels). Larger images are skipped and reported.
     max_pixels: int | None = None
@@ -189,6 +189,12 @@ class TrainConfig:
             raise ConfigError(
                 f"{source}: small_size must be a whole number of pixels in 8..32 or null, "
                 f"got {self.small_size!r}"
+            )
+        if self.stats is not None and self.dataset != "folder":
+            # It would be ignored: a CIFAR run takes its mean from the images it trains on.
+            raise ConfigError(
+                f"{source}: stats (a `reslab data stats` file) is for image folders; a "
+                f"{self.dataset} run computes its statistics from its own training images"
             )
         if self.small_size is not None and self.dataset == "folder":
             raise ConfigError(
