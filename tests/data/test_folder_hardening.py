@@ -88,3 +88,24 @@ def test_an_animation_decodes_one_frame_and_a_huge_file_is_not_read(
     os.truncate(big, 8 * 1000 * 1000 + (16 << 20) + 1)  # sparse: no disk used
     with pytest.raises(BadImageError, match="more than any image of at most 1,000,000 pixels"):
         load_image(big, max_pixels=1_000_000)
+
+
+def test_an_ico_whose_embedded_png_is_a_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    """PIL decodes an ICO's embedded PNG inside Image.open, before reslab compares the
+    header's size (16x16 here) with its limit: PIL's own check must stay on, at reslab's limit
+    (a version that lifted it decoded a 40000x40000 payload during the header scan)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    from reslab.data.images import BadImageError, read_header
+
+    buf = io.BytesIO()
+    Image.new("1", (1000, 1000)).save(buf, "PNG")  # 1 Mpixel, a few hundred bytes
+    png = buf.getvalue()
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22)
+    path = tmp_path / "icon.png"  # PIL goes by the content, not the name
+    path.write_bytes(struct.pack("<HHH", 0, 1, 1) + entry + png)
+    with pytest.raises(BadImageError, match="decompression bomb: Image size \\(1000000 pixels"):
+        read_header(path, max_pixels=10_000)

@@ -78,13 +78,14 @@ def default_max_pixels() -> int:
 
 
 @contextlib.contextmanager
-def _pil_unlimited() -> Iterator[None]:
-    """PIL refuses images over twice its own MAX_IMAGE_PIXELS whatever reslab's limit says, so
-    a limit raised with max_pixels= / --max-pixels would not reach past it. reslab checks the
-    header's size against its own limit before any pixel is decoded, so PIL's check is lifted
-    while one file is opened (in this process or a DataLoader worker; never across threads)."""
+def _pil_limit(limit: int) -> Iterator[None]:
+    """PIL's own bomb check (refusing over twice MAX_IMAGE_PIXELS) set to reslab's limit while
+    one file is opened (in this process or a DataLoader worker; never across threads): a limit
+    raised with max_pixels= / --max-pixels then reaches past PIL's default, and PIL still
+    guards what it decodes inside Image.open itself (an ICO's embedded PNG is decoded there,
+    before reslab sees the header's size)."""
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+    Image.MAX_IMAGE_PIXELS = limit
     try:
         yield
     finally:
@@ -147,8 +148,10 @@ def read_header(
             raise BadImageError(path, "zero-byte file")
         src = io.BytesIO(data)
     try:
-        with warnings.catch_warnings(), _pil_unlimited():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(), _pil_limit(limit):
+            # Bomb warnings (reslab decides below) and PIL's notes on odd files ("Image was
+            # not the expected size") would print lines of their own before reslab's.
+            warnings.simplefilter("ignore")
             with Image.open(src) as im:
                 w, h, mode = im.size[0], im.size[1], im.mode
                 animated = bool(getattr(im, "is_animated", False))  # looks at frame 2 only
@@ -157,7 +160,8 @@ def read_header(
         raise BadImageError(
             path,
             f"decompression bomb: {e} If the image is genuine, raise the limit (--max-pixels N "
-            "on the command line, max_pixels=N in Python).",
+            "on the command line, max_pixels=N in Python; the default is "
+            "PIL.Image.MAX_IMAGE_PIXELS).",
         ) from None
     except UnidentifiedImageError:
         ext = Path(path).suffix.lower()
@@ -237,8 +241,8 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
             img = None  # a format torchvision.io lacks (BMP, TIFF, ...) or broken: PIL decides
     if img is None:
         try:
-            with _pil_unlimited(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pil_limit(limit), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 with Image.open(io.BytesIO(data)) as im:
                     im.load()  # the first frame only
                     img = _pil_to_rgb(_upright(im))
