@@ -42,7 +42,32 @@ def test_an_interrupted_demo_resumes_on_its_own_plan(tmp_path: Path) -> None:
     planned = replace(load_recipe("cifar10-fast"), out=str(d), data="/elsewhere", iters=37,
                       eval_every=10, save_every=10, warmup_iters=3, time_limit=90.0)  # fmt: skip
     save_config(planned, d / "config.yaml", {"git": "x"})
+    (d / "last.pt").write_bytes(b"never read here")
     today = replace(load_recipe("cifar10-fast"), out=str(d), data="/here")
     stored = _earlier_demo(today)
     assert stored is not None and (stored["iters"], stored["warmup_iters"]) == (37, 3)
     assert _earlier_demo(replace(today, out=str(tmp_path / "fresh"))) is None
+
+
+def test_a_demo_stopped_before_its_first_checkpoint_starts_again(tmp_path: Path) -> None:
+    """Its config.yaml alone is no run to resume (resuming it had been refused)."""
+    d = tmp_path / "demo"
+    d.mkdir()
+    save_config(replace(load_recipe("cifar10-fast"), out=str(d), iters=37), d / "config.yaml", {})
+    assert _earlier_demo(replace(load_recipe("cifar10-fast"), out=str(d))) is None
+
+
+@pytest.mark.parametrize("content", ["{}\n", "lr: 0.2\n", "- a list\n"])
+def test_a_checkpoint_beside_a_foreign_config_is_refused_not_a_traceback(
+    tmp_path: Path, content: str
+) -> None:
+    d = tmp_path / "u"
+    d.mkdir()
+    (d / "config.yaml").write_text(content)
+    (d / "last.pt").write_bytes(b"never read")
+    with pytest.raises(UserError, match="holds another run, not a demo"):
+        _earlier_demo(replace(load_recipe("cifar10-fast"), out=str(d)))
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(UserError, match="is a file; give the demo a folder"):
+        _earlier_demo(replace(load_recipe("cifar10-fast"), out=str(afile)))

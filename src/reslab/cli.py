@@ -944,6 +944,27 @@ def _oom_detail(e: BaseException) -> str:
     return f"{m.group(1)} asked for" if m else type(e).__name__
 
 
+def _interrupt_hint(args: argparse.Namespace) -> str:
+    """How to go on after Ctrl-C: resume where a checkpoint exists, else start again."""
+    import os
+    import shlex
+
+    out = getattr(args, "out", None)
+    if args.command == "reproduce":
+        return "; the same command again resumes the unfinished runs"
+    if args.command not in ("train", "demo") or not out:
+        return ""
+    saved = os.path.isfile(os.path.join(out, "last.pt"))
+    if args.command == "train":
+        if saved:
+            return (f"; `reslab train --out {shlex.quote(out)} --resume` continues from its "
+                    "last checkpoint")  # fmt: skip
+        return "; nothing was saved yet: the command without --resume starts it again"
+    data = f" --data {shlex.quote(args.data)}" if getattr(args, "data", None) else ""
+    again = f"`reslab demo --out {shlex.quote(out)}{data}` again "
+    return "; " + again + ("continues from its last checkpoint" if saved else "starts it again")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for stream in (sys.stdout, sys.stderr):
@@ -966,17 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C: what the run had saved is intact (every file is written atomically); a
         # traceback through whichever op was running says nothing useful.
-        out = getattr(args, "out", None)
-        hint = (
-            {
-                "train": f"; `reslab train --out {out} --resume` continues from its last checkpoint",
-                "demo": f"; `reslab demo --out {out}` again continues from its last checkpoint",
-                "reproduce": "; the same command again resumes the unfinished runs",
-            }.get(args.command, "")
-            if out
-            else ""
-        )
-        _fail(args.command, f"interrupted{hint}")
+        _fail(args.command, f"interrupted{_interrupt_hint(args)}")
         return 130
     except BrokenPipeError:
         # `reslab models | head`: the reader has gone. Nothing more can be printed; send the

@@ -96,9 +96,13 @@ def _earlier_demo(cfg: TrainConfig) -> dict | None:
     from reslab.runtime.yaml_file import read_yaml
 
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give the demo a folder")
+    if not (out / "last.pt").exists():
+        # Nothing saved to resume (a demo stopped before its first checkpoint starts again);
+        # train's own checks refuse files that no run of its own wrote.
+        return None
     stored_file = out / "config.yaml"
-    if not (out / "last.pt").exists() and not stored_file.exists():
-        return None  # nothing there to resume (or train's own checks refuse what is there)
     stored = read_yaml(stored_file, what="run config") if stored_file.is_file() else None
     mine = cfg.to_dict()
     skip = {*_PLANNED, "data", "out", "download", "device", "precision", "workers"}
@@ -107,7 +111,11 @@ def _earlier_demo(cfg: TrainConfig) -> dict | None:
         if isinstance(stored, dict)
         else ["config.yaml"]
     )
-    if diff or not all(isinstance(stored.get(k), (int, float, type(None))) for k in _PLANNED):
+    planned = isinstance(stored, dict) and all(
+        isinstance(stored.get(k), (int, float)) and not isinstance(stored.get(k), bool)
+        for k in ("iters", "eval_every", "save_every", "warmup_iters")
+    )
+    if diff or not planned:
         raise UserError(
             f"--out {out} holds another run, not a demo (its {', '.join(diff[:3]) or 'plan'} "
             f"differ{'s' if len(diff) == 1 else ''}); give the demo a new --out, or continue "

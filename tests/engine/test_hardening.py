@@ -766,3 +766,31 @@ def test_ctrl_c_is_one_line_that_says_how_to_continue(
     assert rc == 130 and "Traceback" not in err
     assert f"reslab train: error: interrupted; `reslab train --out {run_copy} --resume`" in err
     assert digest(run_copy) == before
+
+
+def test_a_real_sigint_before_the_first_checkpoint(cifar_root: Path, tmp_path: Path) -> None:
+    """SIGINT to a real `reslab train` process: exit 130, one line, no traceback, and advice
+    that works (nothing was saved, so not --resume: the same command again trains)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    never = ["--iters", "100000", "--eval-every", "100000", "--save-every", "100000"]
+    argv = [sys.executable, "-m", "reslab", *train_args(cifar_root, out, *never)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "steps.jsonl").exists() or not (out / "steps.jsonl").stat().st_size:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert [ln for ln in err.splitlines() if "error:" in ln] == [
+        "reslab train: error: interrupted; nothing was saved yet: the command without --resume "
+        "starts it again"
+    ]
+    assert not (out / "last.pt").exists()
+    assert main(train_args(cifar_root, out)) == 0  # the advice holds
