@@ -309,9 +309,10 @@ def build_cases(data: Path, w: Path, template: Path, marker: Path) -> list[Case]
     no = reslab_safetensors(w / "residual_no.safetensors", {"residual": "no"})
     add(Case("metadata residual: \"no\"", ["predict", img, "--weights", no, "--normalize",
              "cifar10"], "residual must be true or false"))  # fmt: skip
-    short = reslab_safetensors(w / "classes3.safetensors", {}, classes=["a", "b", "c"])
-    add(Case("metadata with 3 class names for 10 outputs", ["predict", img, "--weights", short,
-             "--normalize", "cifar10"], "names 3 classes but the model has 10 outputs"))  # fmt: skip
+    names = [f"c{i}" for i in range(12)]
+    extra = reslab_safetensors(w / "classes12.safetensors", {}, classes=names)
+    add(Case("metadata with 12 class names for 10 outputs", ["predict", img, "--weights", extra,
+             "--normalize", "cifar10"], "names 12 classes but the model has 10 outputs"))  # fmt: skip
     # Divergence.
     add(Case("NaN before any checkpoint", train_argv(data, w / "r_nan", "--set", "lr=1e30",
              "--set", "log_every=1", "--iters", "20", "--eval-every", "20"),

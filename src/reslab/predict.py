@@ -126,7 +126,9 @@ def predict_files(
         k = min(topk, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         for pred, vs, ix in zip(slots, values.tolist(), indices.tolist(), strict=True):
-            names = [classes[i] if classes and i < len(classes) else str(i) for i in ix]
+            # Outputs past the file's class names (a head wider than its data): not a class.
+            names = [(classes[i] if i < len(classes) else f"(output {i})") if classes else str(i)
+                     for i in ix]  # fmt: skip
             pred.top = list(zip(names, vs, strict=True))
     return results
 

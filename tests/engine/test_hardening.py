@@ -562,8 +562,8 @@ def test_eval_of_a_checkpoint_with_foreign_weights_or_metadata_is_one_line(
     fails_cleanly(argv, capsys, "last.pt: its weights do not fit resnet20")
     save_atomic({**ckpt, "preprocess": "abc"}, run_copy / "last.pt")
     fails_cleanly(argv, capsys, "last.pt: preprocess is a str, not a mapping")
-    save_atomic({**ckpt, "classes": ckpt["classes"][:3]}, run_copy / "last.pt")
-    fails_cleanly(argv, capsys, "last.pt: its metadata names 3 classes but the model has 10")
+    save_atomic({**ckpt, "classes": [*ckpt["classes"], "x", "y"]}, run_copy / "last.pt")
+    fails_cleanly(argv, capsys, "last.pt: its metadata names 12 classes but the model has 10")
 
 
 def test_report_and_stats_outputs_that_cannot_be_written_are_refused_first(
@@ -794,3 +794,41 @@ def test_a_real_sigint_before_the_first_checkpoint(cifar_root: Path, tmp_path: P
     ]
     assert not (out / "last.pt").exists()
     assert main(train_args(cifar_root, out)) == 0  # the advice holds
+
+
+def test_runs_trained_with_a_wider_head_than_their_classes_still_load_and_resume(
+    cifar_root: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--num-classes 12 on CIFAR-10 was allowed before this session's checks: such a run's
+    files (10 names, 12 outputs) must still predict and resume. (`reslab eval` has always
+    refused a head wider than the data set's classes.) The old run is made for real, with the
+    new refusal switched off."""
+    from PIL import Image
+
+    import reslab.engine.trainer as trainer_module
+
+    real_check = trainer_module.check_num_classes
+    monkeypatch.setattr(trainer_module, "check_num_classes", lambda *a, **k: None)
+    run = tmp_path / "wide"
+    assert main(train_args(cifar_root, run, "--num-classes", "12")) == 0
+    monkeypatch.setattr(trainer_module, "check_num_classes", real_check)
+    last = run / "last.pt"
+    ckpt = load_checkpoint(last)
+    assert len(ckpt["classes"]) == 10 and ckpt["model"]["fc.bias"].shape == (12,)
+    ckpt["model"]["fc.bias"][10:] = 50.0  # the unnamed outputs win: their label is checked
+    save_atomic(ckpt, last)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    assert main(["predict", str(img), "--checkpoint", str(last), "--topk", "2"]) == 0
+    assert "(output 1" in capsys.readouterr().out
+    assert main(train_args(cifar_root, run, "--resume", "--iters", "3",
+                           "--num-classes", "12")) == 0  # fmt: skip
+    assert load_checkpoint(last)["step"] == 3
+    # A momentum buffer that does not fit its parameter had aborted the process.
+    ckpt = load_checkpoint(last)
+    state = ckpt["optimizer"]["state"]
+    key = max(state, key=lambda k: state[k]["momentum_buffer"].numel())
+    state[key]["momentum_buffer"] = state[key]["momentum_buffer"].flatten()[:7].clone()
+    save_atomic(ckpt, last)
+    fails_cleanly(train_args(cifar_root, run, "--resume", "--iters", "4", "--num-classes", "12"),
+                  capsys, "momentum buffer of shape [7]")  # fmt: skip

@@ -369,7 +369,6 @@ def test_safetensors_of_a_type_weights_cannot_have_are_refused(
 @pytest.mark.parametrize(
     ("options", "classes", "pre", "needle"),
     [
-        ({}, list("abc"), None, "names 3 classes but the model has 10 outputs"),
         ({}, list("abcdefghijk"), None, "names 11 classes but the model has 10 outputs"),
         ({}, [*"abcdefghi", "a"], None, "classes names 'a' more than once"),
         ({"residual": "no"}, None, None, "model_options.residual must be true or false, got 'no'"),

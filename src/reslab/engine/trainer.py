@@ -150,11 +150,14 @@ def build_model(
     return model, options
 
 
-def check_num_classes(num_classes: int, classes: list[str], data: object) -> None:
+def check_num_classes(
+    num_classes: int, classes: list[str], data: object, *, resumed: bool = False
+) -> None:
     """The head has one output per class of the data. Fewer: a label past the head, an
     IndexError mid-step. More: outputs that never see a sample and have no class name; the
     files the run writes would be refused when read (a file's classes must match its outputs)."""
-    if num_classes != len(classes):
+    # A run started with a wider head before this was refused still resumes.
+    if num_classes != len(classes) and not (resumed and num_classes > len(classes)):
         than = "fewer" if num_classes < len(classes) else "more"
         raise rundir.RunDirError(f"num_classes {num_classes} is {than} than the {len(classes)} "
                                  f"classes of {data}; leave it unset (the data's count)")  # fmt: skip
@@ -219,7 +222,7 @@ class Trainer:
             rundir.check_resume_config(last, ckpt.get("config") or {}, cfg.to_dict())
             rundir.check_resume_classes(last, ckpt.get("classes"), self.data.classes)
         num_classes = cfg.num_classes or len(self.data.classes)
-        check_num_classes(num_classes, self.data.classes, cfg.data)
+        check_num_classes(num_classes, self.data.classes, cfg.data, resumed=ckpt is not None)
         self.model, self.model_options = build_model(
             cfg, num_classes, resumed=None if ckpt is None else ckpt.get("model_options")
         )
@@ -329,6 +332,14 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            # torch checks neither: a momentum buffer of another shape than its parameter
+            # aborts the process (not an exception) inside SGD's fused update.
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                    if buf is not None and buf.shape != p.shape:
+                        raise ValueError(f"a momentum buffer of shape {list(buf.shape)} for a "
+                                         f"parameter of shape {list(p.shape)}")  # fmt: skip
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(
                 f"{self.out / 'last.pt'} does not fit {self.cfg.model} "

@@ -121,13 +121,14 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
 
 
 def check_classes_fit(classes: list[str] | None, model: torch.nn.Module, path: Path) -> None:
-    """A file's class names are one per output of the model: fewer, and predict would print
-    names for some outputs and bare indices for others; more, and names would be off by one
-    for all the model knows."""
+    """A file names at most one class per output of the model: more names than outputs would
+    be off by one for all the model knows. Fewer are accepted: runs trained with --num-classes
+    above their data's class count (refused since session 23) wrote such files, and
+    their extra outputs, which never saw a sample, print as "(output N)"."""
     from reslab.models.registry import get_classifier
 
     weight = getattr(get_classifier(model), "weight", None)
-    if classes is None or weight is None or len(classes) == weight.shape[0]:
+    if classes is None or weight is None or len(classes) <= weight.shape[0]:
         return
     raise WeightsError(f"{path}: its metadata names {len(classes)} classes but the model has "
                        f"{weight.shape[0]} outputs; write the file again with reslab (a training "
