@@ -331,7 +331,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _one_line(e: BaseException | str) -> str:
     # Some library messages (a weights file that does not fit) list details on further lines.
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    # "... (file: x; model: y):" then detail lines: joined with "; ", the colon goes.
+    lines = [ln.strip().rstrip(":") for ln in str(e).splitlines() if ln.strip()]
     return "; ".join(lines) if len(lines) <= 4 else "; ".join(lines[:4]) + "; ..."
 
 
@@ -477,12 +478,12 @@ def cmd_data(args: argparse.Namespace) -> int:
 
             # Before the long scan; never into the data it reads (a stats file written over an
             # image or a CIFAR batch would destroy it).
-            check_output_file(args.out, "--out", create_parent=True, input_dirs=[args.dir])
-            if args.crop_size > args.resize:
+            if args.crop_size > args.resize:  # before check_output_file makes --out's folder
                 raise UserError(
                     f"--crop-size {args.crop_size} is larger than --resize {args.resize}: the "
                     "crop is taken from the image resized to that shorter side"
                 )
+            check_output_file(args.out, "--out", create_parent=True, input_dirs=[args.dir])
             found = cifar_datasets(args.dir)
             if found:
                 name, root = found[0]

@@ -115,3 +115,12 @@ def test_model_options_of_the_wrong_type_are_refused_naming_the_recipe(tmp_path)
     with pytest.raises(ConfigError, match=r"model_options\.dropout must be a number, got 'x'"):
         c.override(["model_options.dropout=x"])
     assert c.override(["model_options.dropout=0"]).model_options == {"dropout": 0}
+
+
+def test_yaml_merge_keys_still_read_and_repeats_beside_them_are_refused() -> None:
+    """The duplicate-key check must not break `<<:` merges (explicit keys override merged)."""
+    from reslab.runtime.yaml_file import YamlDuplicateKeyError, loads_yaml
+
+    assert loads_yaml("c: {<<: {b: 2, d: 5}, b: 3}", label="t") == {"c": {"b": 3, "d": 5}}
+    with pytest.raises(YamlDuplicateKeyError, match="'b' is given twice"):
+        loads_yaml("c: {<<: {b: 2}, b: 3, b: 4}", label="t")

@@ -832,3 +832,11 @@ def test_runs_trained_with_a_wider_head_than_their_classes_still_load_and_resume
     save_atomic(ckpt, last)
     fails_cleanly(train_args(cifar_root, run, "--resume", "--iters", "4", "--num-classes", "12"),
                   capsys, "momentum buffer of shape [7]")  # fmt: skip
+
+
+def test_resume_may_raise_the_bomb_limit(cifar_root: Path, run_copy: Path) -> None:
+    """The bomb message says to raise --max-pixels; resuming with it had been refused as
+    'another configuration'."""
+    assert main(train_args(cifar_root, run_copy, "--resume", "--iters", "3", "--max-pixels",
+                           "5000000000")) == 0  # fmt: skip
+    assert load_checkpoint(run_copy / "last.pt")["step"] == 3

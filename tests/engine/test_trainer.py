@@ -84,6 +84,18 @@ def test_the_banner_warns_when_other_jobs_already_load_the_cpu() -> None:
     assert busy_cpu_note(torch.device("meta"), 2) is None  # not a CPU run
 
 
+def test_more_threads_than_cores_on_an_idle_cpu_is_not_called_busy(monkeypatch) -> None:
+    """--threads 4 on 2 idle cores had always been warned about (the threshold went negative).
+    The measurement is set here to an idle and a loaded machine."""
+    import reslab.engine.progress as progress
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(progress, "_busy_cores_of_others", lambda window: (2, 0.1))
+    assert progress.busy_cpu_note(cpu, 4) is None
+    monkeypatch.setattr(progress, "_busy_cores_of_others", lambda window: (2, 0.9))
+    assert "keep 0.9 of its 2 cores busy" in progress.busy_cpu_note(cpu, 4)
+
+
 def test_refuses_to_overwrite_a_run(cifar_root: Path, tmp_path: Path) -> None:
     cfg = _cfg(cifar_root, tmp_path / "run", iters=2, eval_every=2, precision="auto")
     train(cfg, progress=False)

@@ -188,6 +188,9 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"--runs .*afile is a file; give a folder"):
         reproduce("table6", budget="smoke", out=tmp_path / "o", runs=tmp_path / "afile")
     assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match=r"--runs .*afile/sub: .*afile is a file"):
+        reproduce("table6", budget="smoke", out=tmp_path / "o", runs=tmp_path / "afile" / "sub")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

@@ -446,3 +446,10 @@ def test_a_pickle_of_another_protocol_is_refused_without_torch_warnings(tmp_path
     assert [str(w.message) for w in seen] == []
     # Not "needs more than tensors (Unsupported operand 149)": it is another kind of file.
     assert "a plain Python pickle (protocol 4), not a file torch.save" in str(e.value)
+    # torch.save's own non-zip format at protocol 4 is not called a plain pickle.
+    legacy = tmp_path / "legacy4.pth"
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False,
+               pickle_protocol=4)  # fmt: skip
+    said = re.escape("torch.save's old non-zip format written with pickle protocol 4")
+    with pytest.raises(WeightsError, match=said):
+        read_weights(legacy)

@@ -65,8 +65,9 @@ def busy_cpu_note(device: torch.device, threads: int, *, window: float = 0.2) ->
     if others is None:
         return None
     cores, busy = others
-    # Fewer idle cores than threads, with half a core's slack for measurement noise.
-    if busy < cores - threads + 0.5:
+    # Fewer idle cores than threads (more threads than cores is oversubscribed by itself, not
+    # by others), with half a core's slack for measurement noise.
+    if busy < cores - min(threads, cores) + 0.5:
         return None
     return (f"the CPU is busy before this run starts (other jobs keep {busy:.1f} of its {cores} "
             f"cores busy): {threads} threads will wait on each other; --threads 1 can be "

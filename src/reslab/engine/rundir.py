@@ -30,6 +30,9 @@ RESUME_MAY_CHANGE = frozenset({
     "out", "data", "download", "device", "precision", "compile", "compile_mode", "workers",
     "fused_bn_act", "tiled_wgrad",
     "weights",
+    # The bomb limit: raised to read an image a scan skipped (the message says how); the
+    # images a folder run reads then change from the resumed step on.
+    "max_pixels",
 })  # fmt: skip
 # Files whose presence means the directory holds a run worth keeping.
 RUN_FILES = ("last.pt", "best.pt", "final.json", "metrics.jsonl")

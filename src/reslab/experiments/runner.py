@@ -286,8 +286,13 @@ def make_plan(
         raise ValueError(f"--seeds and --jobs must be at least 1, got {seeds} and {jobs}")
     if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
         raise ValueError(f"--time-limit must be a number of seconds > 0, got {time_limit}")
-    if runs is not None and Path(runs).exists() and not Path(runs).is_dir():
-        raise ValueError(f"--runs {runs} is a file; give a folder for the runs")
+    for flag, path in (("--runs", runs), ("--out", out)):
+        if path is None:
+            continue
+        # The path itself or a folder it would be made in (`--runs afile/sub`).
+        above = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ValueError(f"{flag} {path}: {above} is a file; give a folder for the runs")
     out = Path(out)
     runs_root = Path(runs) / budget if runs else out / "runs" / budget
     argv = reproduce_argv(name, dict(budget=budget, out=str(out), seeds=seeds, runs=runs,

@@ -143,6 +143,9 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return safe_torch_load(path)
@@ -155,9 +158,18 @@ def _torch_load(path: Path) -> Any:
         # asks for a global, or for an opcode beyond tensors and containers. Random bytes also
         # hit "Unsupported operand" but are no pickle: those are reported as corrupt below.
         with path.open("rb") as f:
-            head = f.read(2)
+            head = f.read(32)
         pickled = "GLOBAL" in reason or head[:1] == b"\x80"
-        if pickled and reason.startswith("Unsupported operand") and head[1:] >= b"\x03":
+        # torch.save's non-zip format opens with a pickled magic number (a LONG1 of 10 bytes)
+        legacy = b"\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little") in head
+        if pickled and legacy and reason.startswith("Unsupported operand"):
+            raise UnsafeWeightsError(
+                f"refusing to load {path}: torch.save's old non-zip format written with pickle "
+                f"protocol {head[1]}, which torch's safe loader cannot read. If you trust the "
+                "file, load it yourself and save it again with torch.save's default (zip) "
+                "format or as safetensors."
+            ) from None
+        if pickled and reason.startswith("Unsupported operand") and head[1:2] >= b"\x03":
             # pickle.dump's own output (protocol 3+; torch.save's non-zip format is protocol
             # 2, its zip format no bare pickle): torch's loader cannot read it at all, so it is
             # not "more than tensors" but another kind of file, harmless or not.
