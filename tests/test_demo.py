@@ -71,3 +71,22 @@ def test_a_checkpoint_beside_a_foreign_config_is_refused_not_a_traceback(
     afile.write_text("mine")
     with pytest.raises(UserError, match="is a file; give the demo a folder"):
         _earlier_demo(replace(load_recipe("cifar10-fast"), out=str(afile)))
+
+
+def test_a_finished_demo_is_reported_not_trained_again(tmp_path: Path) -> None:
+    """Run again on a finished demo, it had resumed: one more evaluation and another entry in
+    its config.yaml each time."""
+    import json
+
+    from reslab.demo import _finished
+
+    d = tmp_path / "demo"
+    d.mkdir()
+    cfg = replace(load_recipe("cifar10-fast"), out=str(d), iters=37)
+    row = {"iter": 37, "epoch": 0.2, "wall_time": 12.5, "test_error": 61.0}
+    (d / "final.json").write_text(json.dumps(row))
+    assert _finished(cfg) == row
+    (d / "final.json").write_text(json.dumps({**row, "iter": 20}))  # stopped by its time limit
+    assert _finished(cfg) is None
+    (d / "final.json").write_text("{damaged")
+    assert _finished(cfg) is None

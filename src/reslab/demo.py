@@ -57,8 +57,9 @@ def run_demo(*, data: str | None, out: str, minutes: float, download: bool = Fal
         cfg = replace(cfg, **{k: earlier[k] for k in _PLANNED})
         if cfg.time_limit:  # planned as 1.5x the minutes asked for
             minutes = cfg.time_limit / 90
-        print(f"reslab demo: resuming the demo in {out} ({cfg.iters} iterations planned for "
-              f"{minutes:g} min)")  # fmt: skip
+        if _finished(cfg) is None:
+            print(f"reslab demo: resuming the demo in {out} ({cfg.iters} iterations planned "
+                  f"for {minutes:g} min)")  # fmt: skip
     else:
         per_step = seconds_per_step(cfg)
         # Plan the schedule to end on time: the cosine schedule needs to know its length. 10%
@@ -77,7 +78,12 @@ def run_demo(*, data: str | None, out: str, minutes: float, download: bool = Fal
     from reslab.engine.trainer import train
 
     resume = earlier is not None
-    final = train(cfg, resume=resume, recipe=f"cifar10-fast planned for {minutes:g} min (demo)")
+    final = _finished(cfg) if resume else None
+    if final is not None:  # run again on a finished demo: its result, not another evaluation
+        print(f"reslab demo: the demo in {out} is finished; give a new --out to train another")
+    else:
+        final = train(cfg, resume=resume,
+                      recipe=f"cifar10-fast planned for {minutes:g} min (demo)")  # fmt: skip
     from reslab.analysis.plots import load_runs, plot_curves
 
     png = plot_curves(load_runs([out]), out=Path(out) / "curves.png", title="reslab demo")
@@ -86,6 +92,26 @@ def run_demo(*, data: str | None, out: str, minutes: float, download: bool = Fal
         f"({final['epoch']:.1f} epochs, {final['wall_time'] / 60:.1f} min): "
         f"{final['test_error']:.2f}% (the paper's, after 64k iterations: 8.75%)\ncurves: {png}"
     )
+    return final
+
+
+def _finished(cfg: TrainConfig) -> dict | None:
+    """final.json of a demo that ran all its planned iterations, else None (a damaged file is
+    left to train's own checks)."""
+    import json
+
+    try:
+        final = json.loads((Path(cfg.out) / "final.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(final, dict) and isinstance(final.get("iter"), int)
+    keys = ("epoch", "wall_time", "test_error")
+    if (
+        not ok
+        or final["iter"] < cfg.iters
+        or not all(isinstance(final.get(k), float) for k in keys)
+    ):
+        return None
     return final
 
 
