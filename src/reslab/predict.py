@@ -63,12 +63,10 @@ def _images_under(root: Path) -> Iterator[Path]:
     """Image files below `root` (symlinked folders are not entered, as with Path.rglob). A
     folder that cannot be listed is refused by name: Path.rglob would leave it out silently."""
 
+    from reslab.data.folder import unreadable_dir_message
+
     def refuse(e: OSError) -> None:
-        where = e.filename if e.filename is not None else root
-        if isinstance(e, PermissionError):
-            raise PredictError(f"permission denied: {where}; fix its permissions (chmod) or "
-                               "remove it")  # fmt: skip
-        raise PredictError(f"cannot read the folder {where}: {e.strerror or e}")
+        raise PredictError(unreadable_dir_message(e, root))
 
     for dirpath, _, filenames in os.walk(root, onerror=refuse):
         for f in filenames:

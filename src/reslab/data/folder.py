@@ -133,14 +133,19 @@ def _require_dir(root: Path) -> None:
         raise DataError(f"{root} is not a directory (give the folder holding the images)")
 
 
+def unreadable_dir_message(e: OSError, path: object) -> str:
+    """What to say about a folder that cannot be listed (`e` from os.scandir / os.walk)."""
+    where = e.filename if e.filename is not None else path
+    if isinstance(e, PermissionError):
+        return f"permission denied: {where}; fix its permissions (chmod) or remove it"
+    return f"cannot read the folder {where}: {e.strerror or e}"
+
+
 def _unreadable_dir(e: OSError, path: object) -> DataError:
     """A folder of the data set that cannot be listed. Never skipped: a class folder read as
     empty would train as a class without samples, and a sub-folder left out shrinks a class,
     with nothing but a count to show for it."""
-    where = e.filename if e.filename is not None else path
-    if isinstance(e, PermissionError):
-        return DataError(f"permission denied: {where}; fix its permissions (chmod) or remove it")
-    return DataError(f"cannot read the folder {where}: {e.strerror or e}")
+    return DataError(unreadable_dir_message(e, path))
 
 
 def check_listable(path: str | Path) -> None:
