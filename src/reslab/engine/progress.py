@@ -85,21 +85,21 @@ def _busy_cores_of_others(window: float) -> tuple[int, float] | None:
     except (AttributeError, OSError, ValueError):
         return None
 
-    def sample() -> tuple[int, int] | None:
+    def sample() -> int | None:
         # cpuN user nice system idle iowait irq softirq steal ...: busy = user + nice + system
         # + irq + softirq; steal (the hypervisor's) is neither ours nor another job's.
-        busy = idle = 0
         try:
             with open("/proc/stat") as f:
                 rows = {ln.split()[0]: ln.split()[1:] for ln in f if ln.startswith("cpu")}
         except OSError:
             return None
+        busy = 0
         for c in cpus:
             v = [int(x) for x in rows.get(f"cpu{c}", [])[:7]]
             if len(v) < 7:
                 return None
-            busy, idle = busy + v[0] + v[1] + v[2] + v[5] + v[6], idle + v[3] + v[4]
-        return busy, idle
+            busy += v[0] + v[1] + v[2] + v[5] + v[6]
+        return busy
 
     first, own0, wall0 = sample(), time.process_time(), time.perf_counter()
     if first is None:
@@ -109,7 +109,7 @@ def _busy_cores_of_others(window: float) -> tuple[int, float] | None:
     if second is None:
         return None
     wall = wall1 - wall0
-    busy = (second[0] - first[0]) / tick / wall - (own1 - own0) / wall
+    busy = (second - first) / tick / wall - (own1 - own0) / wall
     return len(cpus), max(0.0, busy)
 
 
