@@ -6,8 +6,25 @@ import torch
 from torch import nn
 
 from reslab.models.bn_act import bn_relu
-from reslab.models.layers import conv1x1, conv3x3, make_shortcut
-from reslab.models.tiled_wgrad import apply_conv
+from reslab.models.layers import PadShortcut, conv1x1, conv3x3, make_shortcut
+from reslab.models.tiled_wgrad import apply_conv, tile_factor
+
+
+def _conv_and_shortcut(
+    block: nn.Module, conv: nn.Conv2d, x: torch.Tensor, *, tiled: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(conv(x), the block's shortcut of x, or None for a plain block). An option-A shortcut is
+    computed with the conv as one op in eager training (PadShortcut.with_conv: the same values,
+    a cheaper input gradient)."""
+    sc = block.downsample if block.residual else None
+    if isinstance(sc, PadShortcut) and not (tiled and tile_factor(conv, x)):
+        pair = sc.with_conv(conv, x)
+        if pair is not None:
+            return pair
+    out = apply_conv(conv, x, tiled=tiled)
+    if not block.residual:
+        return out, None
+    return out, (x if sc is None else sc(x))
 
 
 class BasicBlock(nn.Module):
@@ -45,12 +62,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused, tiled = self.fused_bn_act, self.tiled_wgrad
-        out = bn_relu(self.bn1, apply_conv(self.conv1, x, tiled=tiled), fused=fused)
+        out, short = _conv_and_shortcut(self, self.conv1, x, tiled=tiled)
+        out = bn_relu(self.bn1, out, fused=fused)
         # [N, planes, H/s, W/s]; bn2(out) is F(x), added before the ReLU
         out = apply_conv(self.conv2, out, tiled=tiled)
-        short = None
-        if self.residual:
-            short = x if self.downsample is None else self.downsample(x)
         return bn_relu(self.bn2, out, short, fused=fused)
 
 
@@ -91,12 +106,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused, tiled = self.fused_bn_act, self.tiled_wgrad
-        out = bn_relu(self.bn1, self.conv1(x), fused=fused)
+        out, short = _conv_and_shortcut(self, self.conv1, x, tiled=False)  # 1x1: never tiled
+        out = bn_relu(self.bn1, out, fused=fused)
         out = bn_relu(self.bn2, apply_conv(self.conv2, out, tiled=tiled), fused=fused)
         out = self.conv3(out)
-        short = None
-        if self.residual:
-            short = x if self.downsample is None else self.downsample(x)
         return bn_relu(self.bn3, out, short, fused=fused)
 
 

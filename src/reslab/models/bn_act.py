@@ -205,6 +205,12 @@ def load_kernel() -> Any | None:
     return _EXT
 
 
+def loaded_kernel() -> Any | None:
+    """The extension where an earlier `load_kernel` built or loaded it, else None; never starts
+    a build (for ops that use it only when it is there anyway)."""
+    return _EXT
+
+
 def usable(bn: nn.Module, x: torch.Tensor, r: torch.Tensor | None) -> bool:
     """Whether relu(bn(x) [+ r]) can run through the fused kernel (see the module docstring)."""
     if not (bn.training and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats):
@@ -280,4 +286,4 @@ def kernel_status() -> str:
     return f"fused kernel, {_EXT.simd()}, {n} thread{'s' if n > 1 else ''}"
 
 
-__all__ = ["bn_relu", "kernel_status", "load_kernel", "usable", "use_fused_bn_act"]
+__all__ = ["bn_relu", "kernel_status", "load_kernel", "loaded_kernel", "usable", "use_fused_bn_act"]
