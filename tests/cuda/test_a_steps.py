@@ -94,3 +94,40 @@ def test_no_host_sync_inside_steady_state_training_steps(cifar_root: Path, tmp_p
     trainer.data.train = _SyncWatch(trainer.data.train, 5, 29)
     final = trainer.fit()
     assert final["iter"] == 30
+
+
+def test_option_a_blocks_combined_op_gives_the_separate_gradients_on_the_card(monkeypatch) -> None:
+    """layers._ConvSubsamplePad (conv1 and the option-A shortcut as one op, the shortcut's
+    gradient added in place) under CUDA bf16 autocast, channels_last: the same parameter
+    gradients as separate calls (cuDNN deterministic), and the op ran at both option-A blocks."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from reslab.models import create_model, layers
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    torch.manual_seed(0)
+    dev, cl = torch.device("cuda"), torch.channels_last
+    model = create_model("resnet20").to(dev, memory_format=cl)
+    x = torch.randn(16, 3, 32, 32, device=dev).contiguous(memory_format=cl)
+    y = torch.randint(0, 10, (16,), device=dev)
+    calls, apply = [0], layers._ConvSubsamplePad.apply
+
+    def counted(*args):
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(layers._ConvSubsamplePad, "apply", counted)
+    grads = []
+    for combined in (True, False):
+        if not combined:
+            monkeypatch.setattr(layers.PadShortcut, "with_conv", lambda self, conv, x: None)
+        net = copy.deepcopy(model)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            F.cross_entropy(net(x), y).backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert calls[0] == 2
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
