@@ -117,6 +117,24 @@ def test_model_options_of_the_wrong_type_are_refused_naming_the_recipe(tmp_path)
     assert c.override(["model_options.dropout=0"]).model_options == {"dropout": 0}
 
 
+def test_a_float_option_written_without_a_dot_is_a_number(tmp_path) -> None:
+    """YAML 1.1 reads 5e-1 as the string "5e-1"; a float option takes it as 0.5, as the config's
+    own float fields do (`lr: 1e-3`), in --set and in recipes; a word is still refused."""
+    from reslab.engine.config import ConfigError
+
+    c = TrainConfig(model="alexnet")
+    assert c.override(["model_options.dropout=5e-1"]).model_options == {"dropout": 0.5}
+    path = tmp_path / "r.yaml"
+    path.write_text("model: alexnet\nmodel_options: {dropout: 25E-2, lrn: true}\n")
+    assert load_recipe(str(path)).model_options == {"dropout": 0.25, "lrn": True}
+    with pytest.raises(ConfigError, match=r"model_options\.dropout must be a number, got 'half'"):
+        c.override(["model_options.dropout=half"])
+    with pytest.raises(ConfigError, match=r"model_options\.dropout must be a number, got 'nan'"):
+        c.override(["model_options.dropout=nan"])  # not taken as a number here either
+    # a string option stays a string even when it reads as a number
+    assert c.override(["model_options.shortcut=1e0"]).model_options == {"shortcut": "1e0"}
+
+
 def test_yaml_merge_keys_still_read_and_repeats_beside_them_are_refused() -> None:
     """The duplicate-key check must not break `<<:` merges (explicit keys override merged)."""
     from reslab.runtime.yaml_file import YamlDuplicateKeyError, loads_yaml

@@ -150,6 +150,10 @@ class TrainConfig:
                 f"{source}: unknown config field(s) {unknown}; known: {sorted(known)}"
             )
         hints = typing.get_type_hints(cls)
+        if isinstance(d.get("model_options"), dict):
+            from reslab.models.registry import normalize_options
+
+            d = {**d, "model_options": normalize_options(d["model_options"])}
         cfg = cls(**{k: _coerce(k, v, hints[k], source) for k, v in d.items()})
         cfg.validate(source=source)
         return cfg

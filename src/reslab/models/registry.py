@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -152,18 +153,40 @@ def _type_problem(key: str, value: Any, default: Any) -> str | None:
     return None
 
 
+def _option_defaults(key: str) -> list[Any]:
+    """The defaults that every registered builder taking `key` gives it (their types)."""
+    return [
+        p.default
+        for info in _REGISTRY.values()
+        for k, p in inspect.signature(info.builder).parameters.items()
+        if k == key and p.default is not p.empty
+    ]
+
+
+def normalize_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with numbers written as strings read as numbers where every builder taking the
+    option takes a float: YAML 1.1 reads `dropout: 5e-1` (no dot) as the string "5e-1", which
+    the float fields of a config already take as 0.5."""
+    _ensure_loaded()
+    out = dict(options)
+    for key, value in options.items():
+        defaults = _option_defaults(key) if isinstance(value, str) else []
+        if defaults and all(isinstance(d, float) for d in defaults):
+            try:
+                number = float(value)
+            except ValueError:
+                continue  # left for option_type_problem to name
+            if math.isfinite(number):
+                out[key] = number
+    return out
+
+
 def option_type_problem(options: dict[str, Any]) -> str | None:
     """The first option whose value has the wrong type for every model that takes it (a
     recipe's or a weights file's options, judged before the model they go to is known)."""
     _ensure_loaded()
     for key, value in options.items():
-        defaults = [
-            p.default
-            for info in _REGISTRY.values()
-            for k, p in inspect.signature(info.builder).parameters.items()
-            if k == key and p.default is not p.empty
-        ]
-        problems = [_type_problem(key, value, d) for d in defaults]
+        problems = [_type_problem(key, value, d) for d in _option_defaults(key)]
         if problems and all(problems):
             return problems[0]
     return None
