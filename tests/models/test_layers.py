@@ -107,7 +107,11 @@ def test_the_separate_calls_are_kept_where_one_op_would_change_something() -> No
     biased = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
     assert sc.with_conv(biased, x) is None
     # fp32 weights with a bf16 input outside autocast: conv2d's own error, not a silent cast
-    assert sc.with_conv(conv, x.detach().bfloat16().requires_grad_()) is None
+    xb = x.detach().bfloat16().requires_grad_()
+    assert sc.with_conv(conv, xb) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sc.with_conv(conv, xb) is not None  # fp32 weights: cast as autocast casts them
+        assert sc.with_conv(conv.double(), xb) is None  # autocast leaves fp64 (conv2d raises)
 
 
 def test_a_frozen_conv_gets_no_weight_gradient_and_the_input_its_full_one() -> None:
@@ -143,3 +147,36 @@ def test_the_kernels_subsampled_add_is_torchs_strided_add_bit_for_bit(dtype, sha
         ext.add_subsampled(out, g[:, :, :1].contiguous(memory_format=CL), s, lo)
     # an NCHW dx is left to torch's add
     assert layers._kernel_add_subsampled(out.contiguous(), g, s, lo) is False
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_double_backward_through_option_a_blocks_matches_autograd(kernel, monkeypatch) -> None:
+    """create_graph=True (an input-gradient penalty): the shortcut's gradient stays in the graph
+    whether or not the kernel is loaded (it writes behind autograd's back)."""
+    if kernel and load_kernel() is None:
+        pytest.skip("no C++ toolchain for the kernel")
+    if not kernel:
+        monkeypatch.setattr(layers, "_kernel_add_subsampled", lambda *a: False)
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).to(memory_format=CL)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (4,))
+
+    def grads(with_conv):
+        with monkeypatch.context() as m:
+            if not with_conv:
+                m.setattr(layers.PadShortcut, "with_conv", lambda self, conv, x: None)
+                m.setattr(layers, "_eager_training", lambda x: False)  # plain slicing + F.pad
+            net, xi = copy.deepcopy(model), x.clone().requires_grad_()
+            (gx,) = torch.autograd.grad(F.cross_entropy(net(xi), y), xi, create_graph=True)
+            gx.square().sum().backward()
+        return [p.grad for p in net.parameters()]
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_meta_training_forward_falls_back() -> None:
+    conv = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False, device="meta")
+    sc = layers.PadShortcut(16, 32, 2)
+    assert sc.with_conv(conv, torch.empty(2, 16, 8, 8, device="meta", requires_grad=True)) is None

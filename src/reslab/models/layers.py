@@ -84,7 +84,9 @@ def _pad_backward_add(
 ) -> None:
     """dx += the gradient of subsample_pad given its output's gradient g, in place: only the
     subsampled positions of dx [N, K*C, H, W] change (by g's unpadded channels)."""
-    if groups == 1 and _kernel_add_subsampled(dx, g, stride, lo):
+    # The kernel writes dx behind autograd's back: not while a backward records a graph
+    # (create_graph=True runs backward with grad mode on), where add_ is part of that graph.
+    if groups == 1 and not torch.is_grad_enabled() and _kernel_add_subsampled(dx, g, stride, lo):
         return
     n, _, h, w = g.shape
     dx[:, :, ::stride, ::stride].view(n, groups, c, h, w).add_(
@@ -206,12 +208,14 @@ class PadShortcut(nn.Module):
         if _hooked(conv) or _hooked(self):
             return None  # one op does not call the modules, so their hooks would not run
         weight, dev = conv.weight, x.device.type
+        if not torch.amp.is_autocast_available(dev):
+            return None  # e.g. meta: is_autocast_enabled(dev) would raise
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         if x.dtype != dtype or not weight.dtype.is_floating_point:
             return None  # autocast would cast x: leave that (and its gradient) to conv2d
         if weight.dtype != dtype:
-            if not torch.is_autocast_enabled(dev):
-                return None  # mixed dtypes outside autocast: conv2d's own error or promotion
+            if not torch.is_autocast_enabled(dev) or weight.dtype == torch.float64:
+                return None  # mixed dtypes outside autocast (or fp64, which autocast leaves)
             weight = weight.to(dtype)  # what autocast does for conv2d (the gradient flows back)
         conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         with torch.autocast(dev, enabled=False):

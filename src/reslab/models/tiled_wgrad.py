@@ -136,8 +136,8 @@ def apply_conv(conv: nn.Conv2d, x: torch.Tensor, *, tiled: bool = False) -> torc
         return conv(x)
     weight = conv.weight
     if weight.dtype != x.dtype:
-        if not torch.is_autocast_enabled("cpu"):
-            return conv(x)  # mixed dtypes outside autocast: conv's own error or promotion
+        if not torch.is_autocast_enabled("cpu") or weight.dtype == torch.float64:
+            return conv(x)  # mixed dtypes outside autocast (or fp64, which autocast leaves)
         weight = weight.to(x.dtype)  # what autocast does for conv2d (the gradient flows back)
     with torch.autocast("cpu", enabled=False):
         return _TiledWgradConv.apply(x, weight, t)

@@ -440,7 +440,7 @@ void add_subsampled(at::Tensor dx, const at::Tensor& g, int64_t s, int64_t lo) {
   const int64_t N = dx.size(0), C = dx.size(1), H = dx.size(2), W = dx.size(3);
   const int64_t Cg = g.size(1), Ho = g.size(2), Wo = g.size(3);
   TORCH_CHECK(s >= 1 && g.size(0) == N && Ho == (H + s - 1) / s && Wo == (W + s - 1) / s &&
-                  lo >= 0 && lo + C <= Cg,
+                  lo >= 0 && lo <= Cg - C,
               "g must be dx subsampled by s with channels padded");
   auto run = [&](auto* d0, const auto* g0) {
     at::parallel_for(0, N * Ho, 16, [&](int64_t r0, int64_t r1) {
