@@ -130,3 +130,15 @@ def test_numbers_no_command_can_use_are_refused_by_the_parser(argv, capsys) -> N
 def test_a_seed_out_of_range_in_set_is_refused(capsys) -> None:
     assert main(["train", "--set", "seed=-1", "--iters", "1"]) == 2
     assert "seed must be a whole number >= 0, got -1" in capsys.readouterr().err
+
+
+def test_max_pixels_on_a_cifar_run_is_refused_as_doing_nothing(capsys, tmp_path) -> None:
+    """CIFAR images are arrays, never decoded from files: the limit would be silently ignored."""
+    assert (
+        main(["train", "--max-pixels", "1000", "--iters", "1", "--out", str(tmp_path / "r")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "--max-pixels limits the images read from an image folder; cifar10" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+    cfg = _cfg(["--dataset", "folder", "--data", str(tmp_path), "--max-pixels", "1000"])
+    assert cfg.max_pixels == 1000

@@ -247,6 +247,14 @@ def _train_config(args: argparse.Namespace):
         "fit_batch": False if chose_batch else None,  # the user's batch: refused if too large
     }  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if args.max_pixels is not None and cfg.dataset != "folder":
+        from reslab.engine.config import ConfigError
+
+        # It would do nothing: CIFAR's images are 32x32 arrays, never decoded from files.
+        raise ConfigError(
+            f"--max-pixels limits the images read from an image folder; {cfg.dataset} images are "
+            "32x32 and have no such limit: drop the flag"
+        )
     own_milestones = any(a.split("=", 1)[0].strip() == "milestones" for a in args.set or [])
     before = stored
     if args.resume and stored is None and args.recipe is not None and not own_milestones:
