@@ -76,13 +76,14 @@ def _images_under(root: Path) -> Iterator[Path]:
 
 
 def fit_to_input(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [3, S, S]: shorter side to `resize` (or S), centre S crop.
+    """uint8 [3, H, W] -> uint8 [3, S, S]: shorter side to `resize` (or S; AlexNet's: the
+    whole image to resize x resize), centre S crop.
 
     ImageNet nets: shorter side 256, centre 224 (the single-crop test). CIFAR nets: the
     shorter side goes straight to 32, since they only ever saw 32x32 images.
     """
     size = pre.input_size
-    img = TF.resize(img, [pre.test_resize], antialias=True)
+    img = TF.resize(img, pre.test_size, antialias=True)
     return TF.center_crop(img, [size, size])
 
 

@@ -82,3 +82,39 @@ def test_ten_crop_validation_of_a_folder_is_the_papers_10_crop(tmp_path: Path) -
     r = evaluate(model, data.evals["val"], device=torch.device("cpu"), precision="fp32",
                  num_classes=2, views="ten-crop")  # fmt: skip
     assert r.num_samples == 6
+
+
+@pytest.mark.parametrize("views", ["center", "ten-crop"])
+def test_alexnet_tests_on_crops_of_the_256x256_image_as_it_trains(tmp_path: Path, views) -> None:
+    """PAPER.md's AlexNet resizes images to 256x256 (aspect not kept) and takes its 224 crops from
+    that, in training and at test: the run's validation views, `reslab eval` and `predict` come
+    from the squashed 300x260 image, where the ImageNet recipe keeps the aspect ratio."""
+    from torchvision.io import decode_image
+
+    from reslab.data.preprocess import Preprocess
+    from reslab.predict import fit_to_input
+
+    root = _folder(tmp_path)
+    _, data = _data("alexnet", root, f"eval_views={views}")
+    assert data.preprocess.square and data.preprocess.to_dict()["square"] is True
+    img = decode_image(str(root / "val" / "a" / "0.png"))  # [3, 260, 300]
+    squashed = v2.functional.resize(img, [256, 256], antialias=True)
+    if views == "ten-crop":
+        want = T.ten_crop(squashed, size=224)
+    else:
+        want = v2.functional.center_crop(squashed, [224, 224])
+    x, _ = next(iter(data.evals["val"]))
+    batch = want if views == "ten-crop" else want[None]  # uint8 [V, 3, 224, 224]
+    expect = data.preprocess.normalize(batch)
+    torch.testing.assert_close(x[0], expect if views == "ten-crop" else expect[0])
+    # `reslab eval` (eval_run's transforms) and `reslab predict` read the flag from the weights.
+    pre = Preprocess.from_dict(data.preprocess.to_dict())
+    assert pre.square and torch.equal(fit_to_input(img, pre), v2.functional.center_crop(
+        squashed, [224, 224]))  # fmt: skip
+    tf = T.center_crop_transform(resize=256, crop_size=224, square=pre.square)
+    assert torch.equal(tf(img), v2.functional.center_crop(squashed, [224, 224]))
+    # The ImageNet recipe's test crops keep the aspect ratio (shorter side 256), as before.
+    _, inet = _data("imagenet-paper", root)
+    assert not inet.preprocess.square and "square" not in inet.preprocess.to_dict()
+    assert fit_to_input(img, inet.preprocess).shape == (3, 224, 224)
+    assert not torch.equal(fit_to_input(img, inet.preprocess), fit_to_input(img, pre))

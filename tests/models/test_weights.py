@@ -373,6 +373,7 @@ def test_safetensors_of_a_type_weights_cannot_have_are_refused(
         ({}, [*"abcdefghi", "a"], None, "classes names 'a' more than once"),
         ({"residual": "no"}, None, None, "model_options.residual must be true or false, got 'no'"),
         ({}, None, {"input_size": 32.5}, "preprocess input_size is 32.5, not a whole number"),
+        ({}, None, {"square": "yes"}, "preprocess square is 'yes', not true or false"),
     ],
 )  # fmt: skip
 def test_inconsistent_reslab_safetensors_metadata_is_refused(

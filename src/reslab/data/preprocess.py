@@ -25,11 +25,16 @@ class Preprocess:
     kind: str = "cifar"  # "cifar" | "imagenet": which geometric pipeline goes with it
     input_size: int = 32  # side of the network input
     resize: int | None = None  # shorter side before the centre crop at test time (imagenet)
+    # AlexNet's geometry: test crops come from the image resized to resize x resize (aspect not
+    # kept), as its training crops do, instead of from the image with its shorter side `resize`.
+    square: bool = False
     mode: str = "per_channel"  # "per_pixel" | "per_channel"
     mean: torch.Tensor = field(default_factory=lambda: torch.tensor(CIFAR10_MEAN))
     std: torch.Tensor = field(default_factory=lambda: torch.tensor(CIFAR10_STD))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.square, bool):
+            raise ValueError(f"square must be true or false, got {self.square!r}")
         if self.mode not in ("per_pixel", "per_channel"):
             raise ValueError(f"mode must be 'per_pixel' or 'per_channel', got {self.mode!r}")
         self.mean = torch.as_tensor(self.mean, dtype=torch.float32)
@@ -62,6 +67,13 @@ class Preprocess:
             return self.input_size
         return round(self.input_size * 256 / 224)
 
+    @property
+    def test_size(self) -> list[int]:
+        """torchvision's resize size for the test crops: [S] (shorter side S, aspect kept) or,
+        for `square`, [S, S] with S = test_resize."""
+        s = self.test_resize
+        return [s, s] if self.square else [s]
+
     def channel_std(self, device: torch.device) -> torch.Tensor:
         """std as 3 float32 values on `device`, copied there once (PCA lighting divides by it
         every batch; a copy per batch would be a host-to-device transfer per training step)."""
@@ -80,7 +92,7 @@ class Preprocess:
 
     def to_dict(self) -> dict[str, Any]:
         per_channel = self.mode == "per_channel"
-        return {
+        d = {
             "kind": self.kind,
             "input_size": self.input_size,
             "resize": self.resize,
@@ -88,6 +100,9 @@ class Preprocess:
             "mean": self.mean.flatten().tolist() if per_channel else self.mean.clone(),
             "std": self.std.flatten().tolist(),
         }
+        if self.square:  # only then: files without it read as before, by any reslab
+            d["square"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
@@ -95,6 +110,7 @@ class Preprocess:
             kind=d.get("kind", "cifar"),
             input_size=int(d.get("input_size", 32)),
             resize=d.get("resize"),
+            square=d.get("square", False),
             mode=d.get("mode", "per_channel"),
             mean=d["mean"],
             std=d.get("std", (1.0, 1.0, 1.0)),

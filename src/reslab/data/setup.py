@@ -105,7 +105,9 @@ def folder_preprocess(
     from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
     from reslab.data.transforms import PCALighting
 
-    geometry = dict(kind="imagenet", input_size=cfg.image_size, resize=cfg.resize)
+    # AlexNet's crops come from the image resized to resize x resize, in training and test alike.
+    geometry = dict(kind="imagenet", input_size=cfg.image_size, resize=cfg.resize,
+                    square=cfg.folder_augment == "alexnet")  # fmt: skip
     stats = None
     if cfg.stats:
         from reslab.data.stats import load_stats
@@ -186,9 +188,11 @@ def build_folder(
     if cfg.eval_views == "ten-crop":
         # Section 3.4's 10-crop test on the image (shorter side `resize`), as `reslab eval
         # --views ten-crop` makes it: [10, 3, S, S] per image.
-        eval_tf = ten_crop_transform(resize=cfg.resize, crop_size=cfg.image_size)
+        eval_tf = ten_crop_transform(resize=cfg.resize, crop_size=cfg.image_size,
+                                     square=pre.square)  # fmt: skip
     else:  # center; "flip" mirrors the centre crop on the device
-        eval_tf = center_crop_transform(resize=cfg.resize, crop_size=cfg.image_size)
+        eval_tf = center_crop_transform(resize=cfg.resize, crop_size=cfg.image_size,
+                                        square=pre.square)  # fmt: skip
     held_out = None
     if val_dir is None and cfg.val_fraction > 0 and "val" in cfg.eval_splits:
         import copy

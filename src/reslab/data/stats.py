@@ -84,6 +84,7 @@ class DataStats:
         kind: str = "imagenet",
         input_size: int | None = None,
         resize: int | None = None,
+        square: bool = False,
     ) -> Preprocess:
         """Normalisation from these statistics: per_pixel (mean image, std 1: the paper's) or
         per_channel (mean and std)."""
@@ -93,12 +94,19 @@ class DataStats:
                 kind=kind,
                 input_size=size,
                 resize=resize,
+                square=square,
                 mode=mode,
                 mean=self.mean_image,
                 std=[1.0, 1.0, 1.0],
             )
         return Preprocess(
-            kind=kind, input_size=size, resize=resize, mode=mode, mean=self.mean, std=self.std
+            kind=kind,
+            input_size=size,
+            resize=resize,
+            square=square,
+            mode=mode,
+            mean=self.mean,
+            std=self.std,
         )
 
     def lighting(self, *, alphastd: float = 0.1) -> PCALighting:

@@ -129,9 +129,13 @@ def alexnet_train_transform(*, resize: int = 256, crop_size: int = 224) -> v2.Co
     )
 
 
-def center_crop_transform(*, resize: int = 256, crop_size: int = 224) -> v2.Compose:
-    """Single-view evaluation: shorter side to `resize`, centre `crop_size` crop."""
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop_size)])
+def center_crop_transform(
+    *, resize: int = 256, crop_size: int = 224, square: bool = False
+) -> v2.Compose:
+    """Single-view evaluation: shorter side to `resize` (with `square`, the whole image to
+    resize x resize, as AlexNet's training crops see it), centre `crop_size` crop."""
+    size = [resize, resize] if square else resize
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(crop_size)])
 
 
 def _crop_origins(h: int, w: int, size: int) -> list[tuple[int, int]]:
@@ -153,19 +157,22 @@ def ten_crop(images: Tensor, *, size: int) -> Tensor:
 
 
 class TenCrop(nn.Module):
-    """Shorter side to `resize`, then `ten_crop` -> [10, 3, crop, crop] per image."""
+    """Shorter side to `resize` (with `square`: the image to resize x resize), then `ten_crop`
+    -> [10, 3, crop, crop] per image."""
 
-    def __init__(self, *, resize: int = 256, crop_size: int = 224) -> None:
+    def __init__(self, *, resize: int = 256, crop_size: int = 224, square: bool = False) -> None:
         super().__init__()
-        self.resize, self.crop_size = resize, crop_size
+        self.resize, self.crop_size, self.square = resize, crop_size, square
 
     def forward(self, img: Tensor) -> Tensor:
-        return ten_crop(F.resize(img, self.resize, antialias=True), size=self.crop_size)
+        size = [self.resize, self.resize] if self.square else self.resize
+        return ten_crop(F.resize(img, size, antialias=True), size=self.crop_size)
 
 
-def ten_crop_transform(*, resize: int = 256, crop_size: int = 224) -> TenCrop:
-    """10-crop testing (Table 3 of the paper; AlexNet's test views)."""
-    return TenCrop(resize=resize, crop_size=crop_size)
+def ten_crop_transform(*, resize: int = 256, crop_size: int = 224, square: bool = False) -> TenCrop:
+    """10-crop testing (Table 3 of the paper; AlexNet's test views, from the 256x256 image with
+    `square`)."""
+    return TenCrop(resize=resize, crop_size=crop_size, square=square)
 
 
 def multiscale_views(

@@ -181,11 +181,11 @@ def folder_batches(
 
     resize, crop = pre.test_resize, pre.input_size
     if views in ("center", "flip"):  # "flip": the evaluator mirrors the centre crop
-        tf = T.center_crop_transform(resize=resize, crop_size=crop)
+        tf = T.center_crop_transform(resize=resize, crop_size=crop, square=pre.square)
     elif views == "ten-crop":
         # Corners need an image larger than the crop: at least section 3.4's 256-for-224.
         resize = max(resize, round(crop * 256 / 224))
-        tf = T.ten_crop_transform(resize=resize, crop_size=crop)
+        tf = T.ten_crop_transform(resize=resize, crop_size=crop, square=pre.square)
     else:
         from reslab.engine.views import default_scales
 

@@ -102,6 +102,8 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
     from reslab.data.preprocess import Preprocess
     from reslab.models.registry import MAX_INPUT_SIZE, MAX_RESIZE
 
+    if not isinstance(pre.get("square", False), bool):
+        raise bad(f"preprocess square is {pre['square']!r}, not true or false")
     size = pre.get("input_size", 32)
     if not isinstance(size, int) or isinstance(size, bool):  # from_dict's int() would truncate
         raise bad(f"preprocess input_size is {size!r}, not a whole number of pixels")
