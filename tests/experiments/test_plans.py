@@ -406,6 +406,57 @@ def test_table6_analysis_says_whether_depth_pays_off(
     assert table6.render(none).endswith("No run finished; see the Runs table.")
 
 
+def test_claims_over_runs_the_time_limit_stopped_are_not_judged(tmp_path: Path) -> None:
+    """A run stopped by --time-limit (its last evaluation before its last iteration) must not
+    decide a claim: nets compared at different iterations gave a confident "no" (and one depth
+    alone a "yes"). Finished runs are judged as before; a diverged run does not hold it up."""
+    from reslab.experiments import fig6, shortcuts, table6
+    from reslab.experiments.runner import RunResult
+
+    ctx = Context("table6", "cpu-long", tmp_path, tmp_path / "runs", 1, "data", "cpu", "")
+    specs = table6.plan(ctx).specs  # resnet20, resnet56 at 4,000 iterations
+
+    def res(iters: dict[str, int], status: str = "resumed") -> list[RunResult]:
+        return [RunResult(s, tmp_path, {"iter": iters[s.name], "test_error": 10.0 + len(s.name)},
+                          [], status, 0.0) for s in specs]  # fmt: skip
+
+    stopped = table6.analyse(ctx, res({"resnet20-s0": 4000, "resnet56-s0": 29}))
+    assert stopped.claim is not None and stopped.claim.answer == "unfinished"
+    body = table6.render(stopped)
+    assert "**yes**" not in body and "**no**" not in body
+    assert "not judged (runs stopped by the time limit" in body and "judge nothing yet" in body
+    done = table6.analyse(ctx, res({"resnet20-s0": 4000, "resnet56-s0": 4000}))
+    assert done.claim is not None and done.claim.answer in ("yes", "no")
+    one = table6.analyse(ctx, res({"resnet20-s0": 4000, "resnet56-s0": 4000})[:1])
+    assert one.ordered is None and one.claim is not None and one.claim.answer == "n/a"
+    assert "no order by depth to judge" in table6.render(one)
+    fctx = Context("fig6", "cpu", tmp_path, tmp_path / "runs", 1, "data", "cpu", "")
+    fres = [RunResult(s, tmp_path, {"iter": s.cfg.iters - (i == 0), "test_error": 10.0,
+                                    "train_error": 5.0}, [], "resumed", 0.0)
+            for i, s in enumerate(fig6.plan(fctx).specs)]  # fmt: skip
+    assert {c.answer for c in fig6.analyse(fctx, fres).claims} == {"unfinished"}
+    sctx = Context("shortcuts", "cpu", tmp_path, tmp_path, 1, "data", "cpu", "")
+    sres = [RunResult(s, tmp_path, {"iter": s.cfg.iters, "test_error": 9.0}, [],
+                      "diverged" if i == 0 else "skipped", 0.0)
+            for i, s in enumerate(shortcuts.plan(sctx).specs)]  # fmt: skip
+    assert all(c.answer != "unfinished" for c in shortcuts.analyse(sctx, sres).claims)
+    # relu-tanh: a tanh run stopped at 500 iterations before reaching 25% could still be the
+    # fastest: not judged; runs that reached it, or stopped past the winner, do not hold it up.
+    from reslab.experiments import relu_tanh
+
+    rctx = Context("relu-tanh", "full", tmp_path, tmp_path / "runs", 2, "data", "cpu", "")
+    curves = {("relu", 0.005): [[50, 24], [50, 24]], ("relu", 0.01): [[40, 24], [40, 24]],
+              ("relu", 0.02): [[90] * 4, [90] * 4], ("tanh", 0.005): [[60] * 19 + [20], [60] * 5],
+              ("tanh", 0.01): [[60] * 19 + [24], [60] * 19 + [24]], ("tanh", 0.02): [[80] * 25] * 2}  # fmt: skip
+    rres = [_fake(s, curves[(s.tags["activation"], s.tags["lr"])][s.tags["seed"]])
+            for s in relu_tanh.plan(rctx).specs]  # fmt: skip
+    assert relu_tanh.analyse(rctx, rres).claim.answer == "unfinished"
+    curves[("tanh", 0.005)][1] = [60] * 25  # stopped past the winner's 2,000: cannot win
+    rres = [_fake(s, curves[(s.tags["activation"], s.tags["lr"])][s.tags["seed"]])
+            for s in relu_tanh.plan(rctx).specs]  # fmt: skip
+    assert relu_tanh.analyse(rctx, rres).claim.answer == "yes"
+
+
 def test_shortcut_parts_and_fig7_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Synthetic final errors and responses: each analysis states its claims' answers."""
     from reslab.experiments import alexnet_parts, fig7, shortcuts

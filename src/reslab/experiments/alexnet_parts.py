@@ -105,7 +105,9 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> PartsFacts:
             continue
         delta = None if base is None or v == "all" else mean_std(test[v])[0] - base
         helps = (
-            None if delta is None else Claim(claim, f"{delta:+.2f}", judge(delta > 0, ctx.budget))
+            None
+            if delta is None
+            else Claim(claim, f"{delta:+.2f}", judge(delta > 0, ctx.budget, results))
         )
         variants.append(Variant(v, test[v], train[v], helps))
     n = results[0].spec.cfg.eval_subset or 10000

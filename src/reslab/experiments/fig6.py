@@ -104,13 +104,13 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> Fig6Facts:
     res_test = None if res is None else res[1][1] < res[0][1]
     claims = [
         Claim("deeper plain nets have HIGHER training error (degradation)",
-              "train " + _trend(errs, "plain", 0), judge(plain_worse, ctx.budget)),
+              "train " + _trend(errs, "plain", 0), judge(plain_worse, ctx.budget, results)),
         Claim("deeper plain nets have HIGHER test error",
-              "test " + _trend(errs, "plain", 1), judge(plain_test, ctx.budget)),
+              "test " + _trend(errs, "plain", 1), judge(plain_test, ctx.budget, results)),
         Claim("deeper ResNets have LOWER training error",
-              "train " + _trend(errs, "resnet", 0), judge(res_train, ctx.budget)),
+              "train " + _trend(errs, "resnet", 0), judge(res_train, ctx.budget, results)),
         Claim("deeper ResNets have LOWER test error",
-              "test " + _trend(errs, "resnet", 1), judge(res_test, ctx.budget)),
+              "test " + _trend(errs, "resnet", 1), judge(res_test, ctx.budget, results)),
     ]  # fmt: skip
     last_iter = max((r.get("iter", 0) for x in results for r in x.rows), default=0)
     return Fig6Facts(ctx.budget, results[0].spec.cfg.iters, last_iter, errs, claims)

@@ -84,7 +84,9 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> Fig7Facts:
 
     def claim(a: str, b: str) -> Claim:
         ours = f"{mean[a]:.3f} vs {mean[b]:.3f}"
-        return Claim(f"{a} responds less than {b}", ours, judge(mean[a] < mean[b], ctx.budget))
+        return Claim(
+            f"{a} responds less than {b}", ours, judge(mean[a] < mean[b], ctx.budget, results)
+        )
 
     for d in sorted({r.spec.tags["depth"] for r in results}):
         if f"plain-{d}" in mean and f"ResNet-{d}" in mean:

@@ -8,9 +8,14 @@ and 3/4 of training as 32k/48k of 64k do. `smoke` proves the machinery in second
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from reslab.engine.config import TrainConfig, load_recipe
+
+if TYPE_CHECKING:  # annotations only: runner imports this module
+    from reslab.experiments.runner import RunResult
 
 
 @dataclass(frozen=True)
@@ -144,13 +149,27 @@ def alexnet_cifar_cfg(
     )
 
 
-def judge(flag: bool | None, budget: str) -> str:
+def unfinished(results: Sequence[RunResult]) -> list[str]:
+    """The runs that stopped before their last iteration (a --time-limit; the same command
+    resumes them): a claim over them would compare nets at different points of training."""
+    out = []
+    for r in results:
+        it = r.final.get("iter")
+        if r.status != "diverged" and (it is None or int(it) < r.spec.cfg.iters):
+            out.append(r.spec.label)
+    return out
+
+
+def judge(flag: bool | None, budget: str, results: Sequence[RunResult] = ()) -> str:
     """The answer to "does the paper's claim hold here?": "yes", "no", "n/a" (nothing to
-    compare) or "not judged" (a smoke run, a dozen iterations, cannot support either answer)."""
+    compare), "not judged" (a smoke run, a dozen iterations, cannot support either answer) or
+    "unfinished" (some of `results`, the runs behind the claim, stopped before their end)."""
     if flag is None:
         return "n/a"
     if budget == "smoke":
         return "not judged"
+    if unfinished(results):
+        return "unfinished"
     return "yes" if flag else "no"
 
 
@@ -158,6 +177,9 @@ def verdict(answer: str) -> str:
     """An answer of `judge` as a report writes it."""
     if answer == "not judged":
         return "not judged (smoke budget: too few iterations)"
+    if answer == "unfinished":
+        return ("not judged (runs stopped by the time limit before their last iteration: see "
+                "Runs; the same command finishes them)")  # fmt: skip
     return f"**{answer}**" if answer in ("yes", "no") else answer
 
 

@@ -161,8 +161,21 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> ReluTanhFacts:
     used, ratio = reached[-1].threshold, reached[-1].ratio
     runs = [RunFacts(r.spec.label, r.spec.cfg.seed, _min_error(r), iterations_to(r.rows, used),
                      _epoch(r)) for r in results]  # fmt: skip
+    # A run a time limit stopped can change the answer only if it has not reached the threshold
+    # yet and is one of the chosen lrs' runs or stopped before the chosen lr's iterations (it
+    # could still be faster); then the claim waits until the same command has finished it.
+    chosen = reached[-1]
+
+    def could_change(r: RunResult) -> bool:
+        if iterations_to(r.rows, used) is not None:
+            return False
+        a = r.spec.tags["activation"]
+        best = chosen.iterations[a]
+        return r.spec.tags["lr"] == chosen.lr[a] or best is None or r.final.get("iter", 0) < best
+
+    pending = [r for r in results if could_change(r)]
     claim = None if ratio is None else Claim("ReLU faster", f"{ratio:.1f}x",
-                                             judge(ratio > 1, ctx.budget))  # fmt: skip
+                                             judge(ratio > 1, ctx.budget, pending))  # fmt: skip
     return ReluTanhFacts(ctx.budget, ctx.seeds, results[0].spec.cfg.iters, _epoch(results[0]),
                          lowest, reached, runs, claim)  # fmt: skip
 

@@ -68,7 +68,9 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> ShortcutFacts:
         m = {o: mean_std(errs[(d, o)])[0] for o in OPTIONS if (d, o) in errs}
         if len(m) == 3:
             ours = " / ".join(f"{m[o]:.2f}" for o in OPTIONS)
-            claims.append(Claim(f"ResNet-{d}", ours, judge(m["C"] <= m["B"] <= m["A"], ctx.budget)))
+            claims.append(
+                Claim(f"ResNet-{d}", ours, judge(m["C"] <= m["B"] <= m["A"], ctx.budget, results))
+            )
     return ShortcutFacts(ctx.budget, results[0].spec.cfg.iters, errs, claims)
 
 

@@ -153,14 +153,18 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> Table6Facts:
     # The paper's error falls with depth up to 110 layers and rises at 1202 (7.93 vs 6.43,
     # overfitting): the two are separate claims, so a faithful `full` run answers yes to both.
     depths = sorted(d for d in best if d <= MAX_FALLING_DEPTH) or sorted(best)
-    facts.ordered = all(best[a] >= best[b] for a, b in itertools.pairwise(depths))
+    # One depth has no trend to judge (all() of no pairs would say yes).
+    pairs = list(itertools.pairwise(depths))
+    facts.ordered = all(best[a] >= best[b] for a, b in pairs) if pairs else None
     ours = ", ".join(f"ResNet-{d} {best[d]:.2f}" for d in depths)
-    facts.claim = Claim("test error falls with depth", ours, judge(facts.ordered, ctx.budget))
+    facts.claim = Claim(
+        "test error falls with depth", ours, judge(facts.ordered, ctx.budget, results)
+    )
     if 1202 in best and 110 in best:
         facts.overfit = Claim(
             "ResNet-1202 tests worse than ResNet-110 (overfitting)",
             f"ResNet-1202 {best[1202]:.2f} vs ResNet-110 {best[110]:.2f}",
-            judge(best[1202] > best[110], ctx.budget),
+            judge(best[1202] > best[110], ctx.budget, results),
         )
     rows = [x for r in results if r.spec.tags["seed"] == 0 for x in r.rows]
     facts.last_iter = max((x.get("iter", 0) for x in rows), default=0) if rows else None
@@ -275,7 +279,12 @@ def render(f: Table6Facts) -> str:
             "is far from converged (errors are "
             f"{min(gaps):+.1f} to {max(gaps):+.1f} points from the paper's). "
             + (
-                "The order by depth is the paper's all the same: each deeper net ends lower."
+                "Some runs stopped before their last iteration (see Runs): these are the errors "
+                "of unfinished runs, which judge nothing yet; the same command finishes them."
+                if f.claim.answer == "unfinished"
+                else "One depth was trained: there is no order by depth to judge."
+                if f.ordered is None
+                else "The order by depth is the paper's all the same: each deeper net ends lower."
                 if f.ordered
                 else "Deeper nets cost more per iteration and need more iterations to pay off; "
                 "in a short run they are not yet better"
