@@ -142,3 +142,24 @@ def test_max_pixels_on_a_cifar_run_is_refused_as_doing_nothing(capsys, tmp_path)
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
     cfg = _cfg(["--dataset", "folder", "--data", str(tmp_path), "--max-pixels", "1000"])
     assert cfg.max_pixels == 1000
+
+
+def test_a_recipes_warm_up_shrinks_with_a_short_iters_run(capsys) -> None:
+    """cifar10-fast warms up for 200 iterations: a 20-iteration run never reached its lr. With
+    --iters the warm-up is capped at a tenth of the run (as the demo plans it), said in a note;
+    a warm-up given with --set is the user's; a run in epochs is warned about, not changed."""
+    from reslab.engine.run_length import iters_from_epochs
+
+    assert _cfg(["--recipe", "cifar10-fast"]).warmup_iters == 200
+    cfg = _cfg(["--recipe", "cifar10-fast", "--iters", "20"])
+    assert (cfg.iters, cfg.warmup_iters) == (20, 2)
+    assert (
+        "linear lr warm-up shortened with the run: 200 -> 2 iterations" in capsys.readouterr().err
+    )
+    assert _cfg(["--recipe", "cifar10-fast", "--iters", "5000"]).warmup_iters == 200
+    own = _cfg(["--recipe", "cifar10-fast", "--iters", "20", "--set", "warmup_iters=15"])
+    assert own.warmup_iters == 15
+    ep = TrainConfig(epochs=1, batch_size=256, warmup_iters=200, schedule="cosine")
+    note = iters_from_epochs(ep, train_size=50_000)
+    assert ep.iters == 195 and ep.warmup_iters == 200
+    assert note is not None and "takes more than half of this 195-iteration run" in note

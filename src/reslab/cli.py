@@ -266,12 +266,16 @@ def _train_config(args: argparse.Namespace):
         # so do milestones given with --set.
         cfg.epochs, cfg.iters = None, args.iters
     elif args.iters is not None:
-        from reslab.engine.run_length import scale_milestones
+        from reslab.engine.run_length import scale_milestones, shorten_warmup
 
         cfg.epochs = None  # an explicit --iters wins over a recipe's epochs
-        note = scale_milestones(cfg, args.iters)
-        if note and os.environ.get("RANK", "0") == "0":
-            _notice(note)
+        own_warmup = any(a.split("=", 1)[0].strip() == "warmup_iters" for a in args.set or [])
+        for note in (
+            scale_milestones(cfg, args.iters),
+            None if own_warmup else shorten_warmup(cfg),
+        ):
+            if note and os.environ.get("RANK", "0") == "0":
+                _notice(note)
     cfg.data = resolve_data_root(cfg.data)
     cfg.validate(source="reslab train")
     return cfg

@@ -31,9 +31,32 @@ def scale_milestones(cfg: TrainConfig, new_iters: int) -> str | None:
     )
 
 
+def shorten_warmup(cfg: TrainConfig) -> str | None:
+    """A linear warm-up capped at a tenth of a run shortened with --iters, as `reslab demo` plans
+    its runs: cifar10-fast's 200 iterations would take all of a 20-iteration run, which then never
+    reached its lr nor decayed. Returns a note when it changed."""
+    cap = cfg.iters // 10
+    if cfg.warmup_iters <= cap:
+        return None
+    old, cfg.warmup_iters = cfg.warmup_iters, cap
+    return (f"linear lr warm-up shortened with the run: {old} -> {cap} iterations (a tenth of "
+            f"{cfg.iters}); --set warmup_iters=N sets it")  # fmt: skip
+
+
+def long_warmup_note(cfg: TrainConfig) -> str | None:
+    """A warning when the linear warm-up takes more than half of the run (the lr would peak late
+    or never, and a cosine schedule hardly decays): said, not changed, since it is the config's."""
+    if cfg.warmup_iters * 2 <= cfg.iters:
+        return None
+    return (f"the linear lr warm-up ({cfg.warmup_iters:,} iterations) takes more than half of "
+            f"this {cfg.iters:,}-iteration run; --set warmup_iters=N shortens it")  # fmt: skip
+
+
 def iters_from_epochs(cfg: TrainConfig, *, train_size: int) -> str | None:
     """The one place a run's length in epochs becomes cfg.iters (milestones scaled as above);
     nothing to do when the config gives iterations."""
     if cfg.epochs is None:
         return None
-    return scale_milestones(cfg, max(1, round(cfg.epochs * train_size / cfg.batch_size)))
+    note = scale_milestones(cfg, max(1, round(cfg.epochs * train_size / cfg.batch_size)))
+    warn = long_warmup_note(cfg)
+    return "; ".join(n for n in (note, warn) if n) or None
