@@ -726,8 +726,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out = Path(files[0]).parent / "eval"
         if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a file; give a folder for the confusion PNGs")
-        # A PNG in an image folder's class folder would train as an image of that class.
-        data_dirs = [args.data] if args.dataset == "folder" else []
+        # A PNG in an image folder's class folder would train as an image of that class (with
+        # no --dataset the checkpoint may name a folder: the same care).
+        data_dirs = [args.data] if args.dataset in ("folder", None) and args.data else []
         check_output_file(out, "--out", folder=True, input_dirs=data_dirs)
         result, members, classes = run_eval(
             checkpoints=args.checkpoint or (),
@@ -748,10 +749,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     except (DataError, ValueError, FileNotFoundError) as e:  # WeightsError is a ValueError
         return _fail("eval", e)
+    from reslab.engine.eval_run import default_dataset
     from reslab.runtime.distributed import resolve_device
     from reslab.runtime.precision import resolve_precision
 
+    args.dataset = args.dataset or default_dataset(members)  # what run_eval read
     precision = resolve_precision(args.precision, resolve_device(args.device))  # "auto" -> used
+    seen = [m.name for m in members if m.trained_on.get("val_split") is False
+            and m.trained_on.get("dataset") == args.dataset]  # fmt: skip
+    if args.split == "val5k" and seen:
+        print(f"reslab eval: note: {', '.join(seen)} trained on all 50k training images "
+              "(val_split: false), the val5k images among them: this is not a validation error",
+              file=sys.stderr)  # fmt: skip
     print(
         f"{args.dataset} {args.split}, {args.views} view(s), {result.ensemble.num_samples} "
         f"images, {precision}"
@@ -805,7 +814,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", metavar="DIR", help="directory holding the data set "
                    "(default $RESLAB_DATA)")  # fmt: skip
-    p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default=None,
+                   help="default: what the checkpoint's run trained on, else cifar10")  # fmt: skip
     p.add_argument(
         "--labels",
         default=None,

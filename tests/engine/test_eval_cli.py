@@ -188,3 +188,23 @@ def test_eval_runs_a_folded_channels_last_copy() -> None:
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_val5k_of_a_run_that_trained_on_all_50k_is_said_not_to_be_validation(
+    checkpoints: list[Path], cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """cifar10-fast and the demo train on all 50k images (val_split: false): their val5k error is
+    measured on images they trained on, which eval now says; a 45k run's is not flagged."""
+    from reslab.runtime.checkpoint import load_checkpoint
+
+    for val_split in (False, True):
+        ckpt = load_checkpoint(checkpoints[0])
+        ckpt["config"] = {"model": "resnet20", "dataset": "cifar10", "val_split": val_split}
+        path = tmp_path / f"split{val_split}" / "best.pt"
+        path.parent.mkdir()
+        save_atomic(ckpt, path)
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(path), "--data", str(cifar_root), "--split",
+                     "val5k", "--limit", "20", "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+        err = capsys.readouterr().err
+        assert ("trained on all 50k training images (val_split: false)" in err) == (not val_split)

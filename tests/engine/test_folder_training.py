@@ -150,9 +150,15 @@ def test_folders_outside_the_known_classes_are_refused_not_left_out(
     train(cfg, progress=False)
     other = tmp_path / "other"
     shutil.copytree(data / "val", other)
+    capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--dataset", "folder",
                  "--data", str(other)]) == 0  # fmt: skip
-    capsys.readouterr()
+    with_flag = capsys.readouterr().out
+    # Without --dataset the checkpoint's own run says it trained on a folder (it had looked for
+    # CIFAR in the folder and advised `reslab data download` into it).
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--data", str(other)]) == 0
+    without = capsys.readouterr().out
+    assert without.startswith("folder test") and without == with_flag
     (other / "class_2").rename(other / "zebra")
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--dataset", "folder",
                  "--data", str(other)]) == 2  # fmt: skip

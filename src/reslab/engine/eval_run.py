@@ -7,7 +7,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ class LoadedModel:
     preprocess: Preprocess
     classes: list[str]
     step: int | None
+    # What the run that wrote a checkpoint trained on (its config's dataset and val_split);
+    # empty for weights files. eval takes its default --dataset from it.
+    trained_on: dict[str, Any] = field(default_factory=dict)
 
 
 def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> LoadedModel:
@@ -79,7 +82,17 @@ def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> Lo
         preprocess=Preprocess.from_dict(pre),
         classes=list(ckpt.get("classes") or []),
         step=ckpt.get("step"),
+        trained_on={
+            k: v for k, v in (ckpt.get("config") or {}).items() if k in ("dataset", "val_split")
+        },
     )
+
+
+def default_dataset(members: Sequence[LoadedModel]) -> str:
+    """The data set a checkpoint's run trained on (an image folder, CIFAR-100), else CIFAR-10:
+    `reslab eval --checkpoint RUN/best.pt --data DIR` of a fine-tuned run reads DIR as a folder."""
+    ds = members[0].trained_on.get("dataset") if members else None
+    return ds if ds in ("cifar10", "cifar100", "folder") else "cifar10"
 
 
 def fast_eval_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -207,7 +220,7 @@ def run_eval(
     weights: str | Path | None = None,
     model_name: str | None = None,
     data: str | Path | None = None,
-    dataset: str = "cifar10",
+    dataset: str | None = None,
     split: str = "test",
     views: str = "center",
     scales: Sequence[int] | None = None,
@@ -222,9 +235,9 @@ def run_eval(
     """Evaluate reslab checkpoints (several = an ensemble) or one --weights file.
 
     batch_size: images per batch (each then gives 10 crops with ten-crop); default 500 for CIFAR,
-    32 for folders.
+    32 for folders. dataset: None takes the first checkpoint's own (`default_dataset`).
     """
-    batch_size, data = batch_size or (32 if dataset == "folder" else 500), resolve_data_root(data)
+    data = resolve_data_root(data)
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     if bool(checkpoints) == (weights is not None):
@@ -235,6 +248,8 @@ def run_eval(
             m.name = label
     else:
         members = [load_weights_model(weights, model_name=model_name, device=dev)]
+    dataset = dataset or default_dataset(members)
+    batch_size = batch_size or (32 if dataset == "folder" else 500)
     if dataset == "folder":
         first = members[0].preprocess
         for m in members[1:]:
