@@ -211,3 +211,34 @@ def test_two_processes_report_what_one_does(tmp_path: Path) -> None:
         assert torch.equal(got["confusion"], one.confusion)
         assert got["top1"] == one.top1_error and got["top5"] == one.top5_error
         assert got["loss"] == pytest.approx(one.loss, rel=1e-9)
+
+
+def test_an_image_folder_loader_is_evaluated_with_a_preprocess_and_refused_raw(tmp_path) -> None:
+    """The README's way: ImageFolder + center_crop_transform gives uint8 batches; a Preprocess
+    (or any callable) normalises them, as `reslab eval` does; without one the uint8 batch is
+    refused in one sentence instead of a dtype error from inside the first convolution."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from reslab.data.folder import ImageFolder
+    from reslab.data.preprocess import Preprocess
+    from reslab.data.transforms import center_crop_transform
+    from reslab.models import create_model
+
+    g = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            px = g.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(px).save(tmp_path / c / f"{i}.png")
+    loader = DataLoader(ImageFolder(tmp_path, transform=center_crop_transform(resize=36,
+                                                                              crop_size=32)),
+                        batch_size=4)  # fmt: skip
+    model = create_model("resnet20", num_classes=2)
+    pre = Preprocess(kind="imagenet", input_size=32, resize=36)
+    r = evaluate(model, loader, device="cpu", num_classes=2, normalize=pre)
+    want = evaluate(model, loader, device="cpu", num_classes=2, normalize=pre.normalize)
+    assert r.num_samples == 6 and r.top1_error == want.top1_error and r.loss == want.loss
+    with pytest.raises(TypeError, match="the loader gives uint8 images: pass normalize="):
+        evaluate(model, loader, device="cpu", num_classes=2)

@@ -191,12 +191,18 @@ def evaluate_ensemble(
 
     loader yields (x, y). Without `normalizers`, x is the network input; with them, x is the raw
     batch (e.g. uint8 [B, 3, H, W]) and member i sees normalizers[i](x), so members trained with
-    different preprocessing share one loader. Views are made after normalisation.
+    different preprocessing share one loader. A normalizer is a callable or a
+    `reslab.data.preprocess.Preprocess` (a checkpoint's, or `load_stats(FILE).preprocess()`).
+    Views are made after normalisation.
     """
     device, precision = torch.device(device), check_precision(precision)
     if not models:
         raise ValueError("no models to evaluate")
-    norms = list(normalizers) if normalizers is not None else [None] * len(models)
+    norms = (
+        [_as_normalizer(n) for n in normalizers]
+        if normalizers is not None
+        else [None] * len(models)
+    )
     labels = list(names) if names is not None else [f"model{i}" for i in range(len(models))]
     if len(norms) != len(models) or len(labels) != len(models):
         raise ValueError("normalizers and names must have one entry per model")
@@ -208,6 +214,13 @@ def evaluate_ensemble(
     try:
         for x, y in loader:
             x, y = _to_device(x, device), y.to(device, non_blocking=True)
+            raw = (x[0] if isinstance(x, list) else x).dtype == torch.uint8
+            if raw and any(n is None for n in norms):
+                raise TypeError(
+                    "the loader gives uint8 images: pass normalize= (evaluate) or normalizers= "
+                    "(evaluate_ensemble), a callable or a Preprocess, e.g. a checkpoint's or "
+                    "reslab.data.stats.load_stats(FILE).preprocess()"
+                )
             mean: torch.Tensor | None = None
             for i, (model, norm) in enumerate(zip(models, norms)):
                 xi = x if norm is None else _apply(norm, x)
@@ -241,6 +254,17 @@ def evaluate_ensemble(
     members = [c.result(n) for c, n in zip(counts, labels)]
     ensemble = joint.result("ensemble") if joint is not None else members[0]
     return EnsembleResult(members=members, ensemble=ensemble)
+
+
+def _as_normalizer(norm: object) -> Normalize | None:
+    """A Preprocess becomes its normalisation (any input size, as `reslab eval` applies it)."""
+    from reslab.data.preprocess import Preprocess
+
+    if isinstance(norm, Preprocess):
+        from reslab.engine.eval_run import normalizer  # here: eval_run imports this module
+
+        return normalizer(norm)
+    return norm  # type: ignore[return-value]
 
 
 def _apply(norm: Normalize, x: Views) -> Views:
