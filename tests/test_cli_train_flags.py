@@ -163,3 +163,10 @@ def test_a_recipes_warm_up_shrinks_with_a_short_iters_run(capsys) -> None:
     note = iters_from_epochs(ep, train_size=50_000)
     assert ep.iters == 195 and ep.warmup_iters == 200
     assert note is not None and "takes more than half of this 195-iteration run" in note
+
+
+def test_max_restarts_without_nproc_is_refused_not_ignored(capsys, tmp_path) -> None:
+    assert main(["train", "--max-restarts", "2", "--iters", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--max-restarts works with --nproc N" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

@@ -135,6 +135,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         check_output_file(args.csv, "--csv", [*paths, args.checkpoint, args.weights])
         model, info = _load_model_source(args)
+        if args.normalize and info.preprocess is not None:
+            print(f"reslab predict: note: --normalize {args.normalize} is not used: "
+                  f"{info.path} says how its inputs were normalised", file=sys.stderr)  # fmt: skip
         preds, seconds = predict_with(
             model, info, paths, normalize=args.normalize, device=args.device,
             precision=args.precision, backend=args.backend, topk=args.topk,
@@ -317,6 +320,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc and args.nproc > 1:
         return _relaunch_torchrun(args)
+    if args.max_restarts and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # Restarts are torchrun's: one process started here has nobody to restart it.
+        return _fail("train", "--max-restarts works with --nproc N (N >= 2), which runs the "
+                     "processes under torchrun; without it, rerun with --resume after a failure")  # fmt: skip
     from reslab.engine.trainer import TrainingDiverged, train
     from reslab.errors import UserError
 
@@ -746,6 +753,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             device=args.device,
             precision=args.precision,
             limit=args.limit,
+            normalize=args.normalize,
         )
     except (DataError, ValueError, FileNotFoundError) as e:  # WeightsError is a ValueError
         return _fail("eval", e)
@@ -814,6 +822,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", metavar="DIR", help="directory holding the data set "
                    "(default $RESLAB_DATA)")  # fmt: skip
+    p.add_argument("--normalize", choices=["imagenet", "cifar10"], default=None,
+                   help="with --weights that carry no preprocessing: how its inputs were "
+                   "normalised")  # fmt: skip
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default=None,
                    help="default: what the checkpoint's run trained on, else cifar10")  # fmt: skip
     p.add_argument(

@@ -208,3 +208,27 @@ def test_val5k_of_a_run_that_trained_on_all_50k_is_said_not_to_be_validation(
                      "val5k", "--limit", "20", "--out", str(tmp_path / "o")]) == 0  # fmt: skip
         err = capsys.readouterr().err
         assert ("trained on all 50k training images (val_split: false)" in err) == (not val_split)
+
+
+def test_eval_of_bare_weights_takes_normalize_as_predict_does(
+    checkpoints: list[Path], cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A bare state_dict says nothing of its inputs: eval names --normalize (it had advised a
+    format no command writes) and takes it, as predict does; predict says when the flag is not
+    used because the file has its own preprocessing."""
+    model = load_checkpoint_model(checkpoints[0], device="cpu").model
+    raw = tmp_path / "raw.pth"
+    torch.save(model.state_dict(), raw)
+    argv = ["eval", "--model", "resnet20", "--weights", str(raw), "--data", str(cifar_root),
+            "--limit", "20", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 2
+    assert "say it with --normalize imagenet|cifar10" in capsys.readouterr().err
+    assert main([*argv, "--normalize", "cifar10"]) == 0
+    assert "cifar10 test, center view(s), 20 images" in capsys.readouterr().out
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(img)
+    assert main(["predict", "--checkpoint", str(checkpoints[0]), str(img), "--normalize",
+                 "imagenet"]) == 0  # fmt: skip
+    assert "--normalize imagenet is not used" in capsys.readouterr().err

@@ -119,23 +119,30 @@ def member_labels(paths: Sequence[str | Path], archs: Sequence[str]) -> list[str
 
 
 def load_weights_model(
-    path: str | Path, *, model_name: str | None, device: torch.device | str
-) -> LoadedModel:
+    path: str | Path, *, model_name: str | None, device: torch.device | str,
+    normalize: str | None = None,
+) -> LoadedModel:  # fmt: skip
     """--model NAME --weights FILE: any format reslab.models.weights reads (torchvision,
-    pytorch_resnet_cifar10, safetensors, reslab), with the preprocessing the file implies."""
+    pytorch_resnet_cifar10, safetensors, reslab), with the preprocessing the file implies, or
+    for a file that carries none, the named one (`normalize`: "imagenet" or "cifar10")."""
+    from reslab.data.preprocess import named_preprocess
+    from reslab.models.registry import model_info
     from reslab.models.weights import model_from_weights
 
     model, info = model_from_weights(path, model_name=model_name)
-    if not info.preprocess:
-        raise CheckpointError(
-            f"{path}: the file does not say how its inputs were normalised; save it as a reslab "
-            "checkpoint with a preprocess entry"
-        )
+    pre = info.preprocess
+    if not pre:
+        if normalize is None:
+            raise CheckpointError(
+                f"{path}: the file does not say how its inputs were normalised; say it with "
+                "--normalize imagenet|cifar10"
+            )
+        pre = named_preprocess(name=normalize, input_size=model_info(info.model_name).input_size)
     return LoadedModel(
         name=f"{info.model_name} ({Path(path).stem})",
         model_name=str(info.model_name),
         model=model.to(device),
-        preprocess=Preprocess.from_dict(info.preprocess),
+        preprocess=Preprocess.from_dict(pre),
         classes=list(info.classes or []),
         step=info.extra.get("step"),
     )
@@ -231,6 +238,7 @@ def run_eval(
     precision: str = "fp32",
     limit: int | None = None,
     max_pixels: int | None = None,
+    normalize: str | None = None,
 ) -> tuple[EnsembleResult, list[LoadedModel], list[str]]:
     """Evaluate reslab checkpoints (several = an ensemble) or one --weights file.
 
@@ -247,7 +255,8 @@ def run_eval(
         for m, label in zip(members, member_labels(checkpoints, [m.model_name for m in members])):
             m.name = label
     else:
-        members = [load_weights_model(weights, model_name=model_name, device=dev)]
+        members = [load_weights_model(weights, model_name=model_name, device=dev,
+                                      normalize=normalize)]  # fmt: skip
     dataset = dataset or default_dataset(members)
     batch_size = batch_size or (32 if dataset == "folder" else 500)
     if dataset == "folder":
