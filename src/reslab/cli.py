@@ -762,6 +762,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from reslab.runtime.precision import resolve_precision
 
     args.dataset = args.dataset or default_dataset(members)  # what run_eval read
+    if args.dataset == "folder":
+        from reslab.engine.eval_run import eval_folder
+
+        read = eval_folder(args.data, members[0].classes)
+        if str(read) != str(args.data):
+            print(f"reslab eval: {read} (the validation set of {args.data})", file=sys.stderr)
     precision = resolve_precision(args.precision, resolve_device(args.device))  # "auto" -> used
     seen = [m.name for m in members if m.trained_on.get("val_split") is False
             and m.trained_on.get("dataset") == args.dataset]  # fmt: skip

@@ -159,6 +159,11 @@ def test_folders_outside_the_known_classes_are_refused_not_left_out(
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--data", str(other)]) == 0
     without = capsys.readouterr().out
     assert without.startswith("folder test") and without == with_flag
+    # The training layout itself (train/ + val/): its validation set is what eval scores.
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--data", str(data)]) == 0
+    layout = capsys.readouterr()
+    assert f"{data / 'val'} (the validation set of {data})" in layout.err
+    assert layout.out.split("| 6 |")[0] == with_flag.split("| 6 |")[0]
     (other / "class_2").rename(other / "zebra")
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--dataset", "folder",
                  "--data", str(other)]) == 2  # fmt: skip

@@ -88,6 +88,14 @@ def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> Lo
     )
 
 
+def eval_folder(data: str | Path, classes: Sequence[str]) -> Path:
+    """The folder `reslab eval --data DIR` scores: DIR/val where DIR is a training layout with a
+    validation set (train/ + val/, or class folders beside val/, as training reads it) and the
+    model has no class named val; else DIR itself."""
+    root = Path(data)
+    return root / "val" if (root / "val").is_dir() and "val" not in classes else root
+
+
 def default_dataset(members: Sequence[LoadedModel]) -> str:
     """The data set a checkpoint's run trained on (an image folder, CIFAR-100), else CIFAR-10:
     `reslab eval --checkpoint RUN/best.pt --data DIR` of a fine-tuned run reads DIR as a folder."""
@@ -260,6 +268,7 @@ def run_eval(
     dataset = dataset or default_dataset(members)
     batch_size = batch_size or (32 if dataset == "folder" else 500)
     if dataset == "folder":
+        data = eval_folder(data, members[0].classes)
         first = members[0].preprocess
         for m in members[1:]:
             if (m.preprocess.input_size, m.preprocess.resize) != (first.input_size, first.resize):
