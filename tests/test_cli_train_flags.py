@@ -144,7 +144,7 @@ def test_max_pixels_on_a_cifar_run_is_refused_as_doing_nothing(capsys, tmp_path)
     assert cfg.max_pixels == 1000
 
 
-def test_a_recipes_warm_up_shrinks_with_a_short_iters_run(capsys) -> None:
+def test_a_recipes_warm_up_shrinks_with_a_short_iters_run(capsys, tmp_path) -> None:
     """cifar10-fast warms up for 200 iterations: a 20-iteration run never reached its lr. With
     --iters the warm-up is capped at a tenth of the run (as the demo plans it), said in a note;
     a warm-up given with --set is the user's; a run in epochs is warned about, not changed."""
@@ -159,6 +159,17 @@ def test_a_recipes_warm_up_shrinks_with_a_short_iters_run(capsys) -> None:
     assert _cfg(["--recipe", "cifar10-fast", "--iters", "5000"]).warmup_iters == 200
     own = _cfg(["--recipe", "cifar10-fast", "--iters", "20", "--set", "warmup_iters=15"])
     assert own.warmup_iters == 15
+    # The same command with --resume (or a longer --iters) continues the run as it was stored:
+    # the recipe's 200 would be "another configuration" (found by review).
+    import yaml
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = _cfg(["--recipe", "cifar10-fast", "--iters", "20", "--out", str(out)])
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    for iters in ("20", "40"):
+        res = _cfg(["--recipe", "cifar10-fast", "--iters", iters, "--out", str(out), "--resume"])
+        assert (res.iters, res.warmup_iters) == (int(iters), 2)
     ep = TrainConfig(epochs=1, batch_size=256, warmup_iters=200, schedule="cosine")
     note = iters_from_epochs(ep, train_size=50_000)
     assert ep.iters == 195 and ep.warmup_iters == 200

@@ -259,11 +259,14 @@ def _train_config(args: argparse.Namespace):
             "32x32 and have no such limit: drop the flag"
         )
     own_milestones = any(a.split("=", 1)[0].strip() == "milestones" for a in args.set or [])
+    own_warmup = any(a.split("=", 1)[0].strip() == "warmup_iters" for a in args.set or [])
     before = stored
-    if args.resume and stored is None and args.recipe is not None and not own_milestones:
+    if args.resume and stored is None and args.recipe is not None:
         before = _stored_config(args)  # --resume --recipe NAME: the run's own schedule
-        if before is not None:
+        if before is not None and not own_milestones:
             cfg.milestones = list(before.milestones)
+        if before is not None and not own_warmup:
+            cfg.warmup_iters = before.warmup_iters  # as shorten_warmup left it
     if args.iters is not None and (before is not None or own_milestones):
         # A resumed run keeps its own milestones (a longer run only moves where it stops), and
         # so do milestones given with --set.
@@ -272,7 +275,6 @@ def _train_config(args: argparse.Namespace):
         from reslab.engine.run_length import scale_milestones, shorten_warmup
 
         cfg.epochs = None  # an explicit --iters wins over a recipe's epochs
-        own_warmup = any(a.split("=", 1)[0].strip() == "warmup_iters" for a in args.set or [])
         for note in (
             scale_milestones(cfg, args.iters),
             None if own_warmup else shorten_warmup(cfg),
@@ -735,7 +737,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} is a file; give a folder for the confusion PNGs")
         # A PNG in an image folder's class folder would train as an image of that class (with
         # no --dataset the checkpoint may name a folder: the same care).
-        data_dirs = [args.data] if args.dataset in ("folder", None) and args.data else []
+        folder = args.dataset == "folder" or (args.dataset is None and _is_image_folder(args.data))
+        data_dirs = [args.data] if folder and args.data else []
         check_output_file(out, "--out", folder=True, input_dirs=data_dirs)
         result, members, classes = run_eval(
             checkpoints=args.checkpoint or (),
@@ -763,11 +766,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     args.dataset = args.dataset or default_dataset(members)  # what run_eval read
     if args.dataset == "folder":
+        from reslab.data import resolve_data_root
         from reslab.engine.eval_run import eval_folder
 
-        read = eval_folder(args.data, members[0].classes)
-        if str(read) != str(args.data):
-            print(f"reslab eval: {read} (the validation set of {args.data})", file=sys.stderr)
+        given = resolve_data_root(args.data)
+        read = eval_folder(given, members[0].classes)
+        if str(read) != str(given):
+            print(f"reslab eval: {read} (the validation set of {given})", file=sys.stderr)
     precision = resolve_precision(args.precision, resolve_device(args.device))  # "auto" -> used
     seen = [m.name for m in members if m.trained_on.get("val_split") is False
             and m.trained_on.get("dataset") == args.dataset]  # fmt: skip

@@ -232,3 +232,19 @@ def test_eval_of_bare_weights_takes_normalize_as_predict_does(
     assert main(["predict", "--checkpoint", str(checkpoints[0]), str(img), "--normalize",
                  "imagenet"]) == 0  # fmt: skip
     assert "--normalize imagenet is not used" in capsys.readouterr().err
+
+
+def test_a_cifar_run_kept_beside_its_data_is_evaluated(
+    checkpoints: list[Path], cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """DATA/cifar-10-batches-py beside DATA/runs/x: eval's default --out (runs/x/eval) is inside
+    --data, which is only refused for an image folder (a PNG there would become a sample)."""
+    import shutil
+
+    (tmp_path / "cifar-10-batches-py").symlink_to(cifar_root / "cifar-10-batches-py")
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    shutil.copy(checkpoints[0], run / "best.pt")
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--data", str(tmp_path),
+                 "--limit", "20"]) == 0  # fmt: skip
+    assert (run / "eval" / "eval.json").is_file()

@@ -242,3 +242,10 @@ def test_an_image_folder_loader_is_evaluated_with_a_preprocess_and_refused_raw(t
     assert r.num_samples == 6 and r.top1_error == want.top1_error and r.loss == want.loss
     with pytest.raises(TypeError, match="the loader gives uint8 images: pass normalize="):
         evaluate(model, loader, device="cpu", num_classes=2)
+
+    class OwnNormalisation(nn.Module):  # takes uint8 itself: must still be evaluated
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return model(pre.normalize(x))
+
+    own = evaluate(OwnNormalisation(), loader, device="cpu", num_classes=2)
+    assert own.top1_error == r.top1_error and own.num_samples == 6

@@ -164,6 +164,10 @@ def test_folders_outside_the_known_classes_are_refused_not_left_out(
     layout = capsys.readouterr()
     assert f"{data / 'val'} (the validation set of {data})" in layout.err
     assert layout.out.split("| 6 |")[0] == with_flag.split("| 6 |")[0]
+    with pytest.MonkeyPatch.context() as mp:  # the folder from $RESLAB_DATA, no --data
+        mp.setenv("RESLAB_DATA", str(data))
+        assert main(["eval", "--checkpoint", str(run / "last.pt"), "--dataset", "folder"]) == 0
+    assert f"{data / 'val'} (the validation set of {data})" in capsys.readouterr().err
     (other / "class_2").rename(other / "zebra")
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--dataset", "folder",
                  "--data", str(other)]) == 2  # fmt: skip

@@ -455,6 +455,12 @@ def test_claims_over_runs_the_time_limit_stopped_are_not_judged(tmp_path: Path) 
     rres = [_fake(s, curves[(s.tags["activation"], s.tags["lr"])][s.tags["seed"]])
             for s in relu_tanh.plan(rctx).specs]  # fmt: skip
     assert relu_tanh.analyse(rctx, rres).claim.answer == "yes"
+    # Past the winner's mean, yet its other seed reached 25% at 200: the lr's mean can still
+    # beat 2,000 (found by review): not judged.
+    curves[("tanh", 0.02)] = [[60, 20], [80] * 21]  # 200, and stopped at 2,100
+    rres = [_fake(s, curves[(s.tags["activation"], s.tags["lr"])][s.tags["seed"]])
+            for s in relu_tanh.plan(rctx).specs]  # fmt: skip
+    assert relu_tanh.analyse(rctx, rres).claim.answer == "unfinished"
 
 
 def test_shortcut_parts_and_fig7_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -271,9 +271,11 @@ def run_eval(
         data = eval_folder(data, members[0].classes)
         first = members[0].preprocess
         for m in members[1:]:
-            if (m.preprocess.input_size, m.preprocess.resize) != (first.input_size, first.resize):
-                raise CheckpointError(f"{m.name}: its input size/resize differ from "
-                                      f"{members[0].name}'s; folder ensembles share one crop")  # fmt: skip
+            geo = (m.preprocess.input_size, m.preprocess.resize, m.preprocess.square)
+            if geo != (first.input_size, first.resize, first.square):
+                raise CheckpointError(f"{m.name}: its input size/resize (or AlexNet's square "
+                                      f"resize) differ from {members[0].name}'s; folder "
+                                      "ensembles share one crop")  # fmt: skip
         batches, classes = folder_batches(
             data, pre=first, views=views, scales=scales, labels_file=labels_file,
             classes=members[0].classes or None, limit=limit, batch_size=batch_size,

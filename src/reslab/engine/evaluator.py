@@ -215,21 +215,27 @@ def evaluate_ensemble(
         for x, y in loader:
             x, y = _to_device(x, device), y.to(device, non_blocking=True)
             raw = (x[0] if isinstance(x, list) else x).dtype == torch.uint8
-            if raw and any(n is None for n in norms):
-                raise TypeError(
-                    "the loader gives uint8 images: pass normalize= (evaluate) or normalizers= "
-                    "(evaluate_ensemble), a callable or a Preprocess, e.g. a checkpoint's or "
-                    "reslab.data.stats.load_stats(FILE).preprocess()"
-                )
             mean: torch.Tensor | None = None
             for i, (model, norm) in enumerate(zip(models, norms)):
                 xi = x if norm is None else _apply(norm, x)
-                probs = view_probs(
-                    model,
-                    make_views(xi, views, size=crop, scales=scales),
-                    num_classes=num_classes,
-                    precision=precision,
-                )
+                try:
+                    probs = view_probs(
+                        model,
+                        make_views(xi, views, size=crop, scales=scales),
+                        num_classes=num_classes,
+                        precision=precision,
+                    )
+                except RuntimeError as e:
+                    if not (raw and norm is None):
+                        raise
+                    # A model that normalises inside its forward may take uint8; others fail in
+                    # their first layer with a dtype error that does not say what to do.
+                    raise TypeError(
+                        "the loader gives uint8 images: pass normalize= (evaluate) or "
+                        "normalizers= (evaluate_ensemble), a callable or a Preprocess, e.g. a "
+                        "checkpoint's or reslab.data.stats.load_stats(FILE).preprocess() "
+                        f"({str(e).splitlines()[0][:80]})"
+                    ) from None
                 if len(counts) < len(models):
                     num_classes = probs.shape[1]
                     counts.append(_Counts(num_classes, device))

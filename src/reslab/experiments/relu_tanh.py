@@ -171,7 +171,13 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> ReluTanhFacts:
             return False
         a = r.spec.tags["activation"]
         best = chosen.iterations[a]
-        return r.spec.tags["lr"] == chosen.lr[a] or best is None or r.final.get("iter", 0) < best
+        if r.spec.tags["lr"] == chosen.lr[a] or best is None:
+            return True
+        # The earliest mean its lr could still reach: its seeds' iterations, or for a seed
+        # not there yet, past where it stopped.
+        seeds = groups[a][r.spec.tags["lr"]]
+        bound = [iterations_to(x.rows, used) or int(x.final.get("iter", 0)) + 1 for x in seeds]
+        return sum(bound) / len(bound) <= best
 
     pending = [r for r in results if could_change(r)]
     claim = None if ratio is None else Claim("ReLU faster", f"{ratio:.1f}x",
