@@ -89,24 +89,15 @@ class DataStats:
         """Normalisation from these statistics: per_pixel (mean image, std 1: the paper's) or
         per_channel (mean and std)."""
         size = input_size or int(self.mean_image.shape[-1])
-        if mode == "per_pixel":
-            return Preprocess(
-                kind=kind,
-                input_size=size,
-                resize=resize,
-                square=square,
-                mode=mode,
-                mean=self.mean_image,
-                std=[1.0, 1.0, 1.0],
-            )
+        per_pixel = mode == "per_pixel"
         return Preprocess(
             kind=kind,
             input_size=size,
             resize=resize,
             square=square,
             mode=mode,
-            mean=self.mean,
-            std=self.std,
+            mean=self.mean_image if per_pixel else self.mean,
+            std=[1.0, 1.0, 1.0] if per_pixel else self.std,
         )
 
     def lighting(self, *, alphastd: float = 0.1) -> PCALighting:
