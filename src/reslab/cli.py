@@ -737,8 +737,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} is a file; give a folder for the confusion PNGs")
         # A PNG in an image folder's class folder would train as an image of that class (with
         # no --dataset the checkpoint may name a folder: the same care).
-        folder = args.dataset == "folder" or (args.dataset is None and _is_image_folder(args.data))
-        data_dirs = [args.data] if folder and args.data else []
+        from reslab.data import resolve_data_root
+
+        root = resolve_data_root(args.data)  # --data, else $RESLAB_DATA
+        folder = args.dataset == "folder" or (args.dataset is None and _is_image_folder(root))
+        data_dirs = [root] if folder else []
         check_output_file(out, "--out", folder=True, input_dirs=data_dirs)
         result, members, classes = run_eval(
             checkpoints=args.checkpoint or (),
@@ -766,13 +769,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     args.dataset = args.dataset or default_dataset(members)  # what run_eval read
     if args.dataset == "folder":
-        from reslab.data import resolve_data_root
         from reslab.engine.eval_run import eval_folder
 
-        given = resolve_data_root(args.data)
-        read = eval_folder(given, members[0].classes)
-        if str(read) != str(given):
-            print(f"reslab eval: {read} (the validation set of {given})", file=sys.stderr)
+        read = eval_folder(root, members[0].classes)
+        if str(read) != str(root):
+            print(f"reslab eval: {read} (the validation set of {root})", file=sys.stderr)
     precision = resolve_precision(args.precision, resolve_device(args.device))  # "auto" -> used
     seen = [m.name for m in members if m.trained_on.get("val_split") is False
             and m.trained_on.get("dataset") == args.dataset]  # fmt: skip
