@@ -226,7 +226,9 @@ def evaluate_ensemble(
                         precision=precision,
                     )
                 except RuntimeError as e:
-                    if not (raw and norm is None) or isinstance(e, torch.OutOfMemoryError):
+                    if not (raw and norm is None) or isinstance(
+                        e, getattr(torch, "OutOfMemoryError", ())
+                    ):
                         raise
                     # A model that normalises inside its forward may take uint8; others fail in
                     # their first layer with a dtype error that does not say what to do.
