@@ -129,13 +129,18 @@ def alexnet_train_transform(*, resize: int = 256, crop_size: int = 224) -> v2.Co
     )
 
 
+def _test_size(resize: int, square: bool) -> list[int]:
+    """torchvision's resize size: [S] (shorter side S) or, for AlexNet's `square`, [S, S]."""
+    return [resize, resize] if square else [resize]
+
+
 def center_crop_transform(
     *, resize: int = 256, crop_size: int = 224, square: bool = False
 ) -> v2.Compose:
     """Single-view evaluation: shorter side to `resize` (with `square`, the whole image to
     resize x resize, as AlexNet's training crops see it), centre `crop_size` crop."""
-    size = [resize, resize] if square else resize
-    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(crop_size)])
+    return v2.Compose([v2.Resize(_test_size(resize, square), antialias=True),
+                       v2.CenterCrop(crop_size)])  # fmt: skip
 
 
 def _crop_origins(h: int, w: int, size: int) -> list[tuple[int, int]]:
@@ -165,8 +170,8 @@ class TenCrop(nn.Module):
         self.resize, self.crop_size, self.square = resize, crop_size, square
 
     def forward(self, img: Tensor) -> Tensor:
-        size = [self.resize, self.resize] if self.square else self.resize
-        return ten_crop(F.resize(img, size, antialias=True), size=self.crop_size)
+        img = F.resize(img, _test_size(self.resize, self.square), antialias=True)
+        return ten_crop(img, size=self.crop_size)
 
 
 def ten_crop_transform(*, resize: int = 256, crop_size: int = 224, square: bool = False) -> TenCrop:

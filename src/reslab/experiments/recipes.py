@@ -149,15 +149,18 @@ def alexnet_cifar_cfg(
     )
 
 
+def stopped_at(r: RunResult) -> int | None:
+    """The iteration of a run's last evaluation where that is before its last iteration (a
+    --time-limit stopped it; the same command resumes it), else None."""
+    it = r.final.get("iter")
+    return None if it is None or int(it) >= r.spec.cfg.iters else int(it)
+
+
 def unfinished(results: Sequence[RunResult]) -> list[str]:
-    """The runs that stopped before their last iteration (a --time-limit; the same command
-    resumes them): a claim over them would compare nets at different points of training."""
-    out = []
-    for r in results:
-        it = r.final.get("iter")
-        if r.status != "diverged" and (it is None or int(it) < r.spec.cfg.iters):
-            out.append(r.spec.label)
-    return out
+    """The runs behind a claim that have not finished (stopped early, or never evaluated) and
+    did not diverge: a claim over them would compare nets at different points of training."""
+    return [r.spec.label for r in results if r.status != "diverged"
+            and (r.final.get("iter") is None or stopped_at(r) is not None)]  # fmt: skip
 
 
 def judge(flag: bool | None, budget: str, results: Sequence[RunResult] = ()) -> str:

@@ -14,6 +14,7 @@ import yaml
 
 from reslab.analysis.tables import markdown_table
 from reslab.engine.config import TrainConfig
+from reslab.experiments.recipes import stopped_at
 
 if TYPE_CHECKING:
     from reslab.experiments.runner import Context, Plan, RunResult
@@ -57,10 +58,10 @@ def trained_on(run_dir: Path) -> str:
 
 
 def _stopped_early(r: RunResult) -> str:
-    it = r.final.get("iter")
-    if it is None or int(it) >= r.spec.cfg.iters:
+    it = stopped_at(r)
+    if it is None:
         return ""
-    return f"; STOPPED at {int(it):,} of {r.spec.cfg.iters:,} iterations (time limit)"
+    return f"; STOPPED at {it:,} of {r.spec.cfg.iters:,} iterations (time limit)"
 
 
 RECORDS = ("config.yaml", "metrics.jsonl", "final.json")  # small enough to commit; no checkpoints
