@@ -104,6 +104,8 @@ def test_the_portable_build_matches_float64_too(monkeypatch):
             test_fused_matches_float64_as_closely_as_eager(shape, True, dtype)
             test_fused_matches_float64_as_closely_as_eager(shape, False, dtype)
     test_nan_propagates_as_in_eager()
+    for dtype in (torch.float32, torch.bfloat16):
+        test_the_kernels_add_is_torchs_add_bit_for_bit(dtype)
 
 
 @pytest.mark.skipif(
@@ -230,6 +232,120 @@ def test_a_training_step_with_the_kernel_matches_the_eager_one(name):
     assert _rel(grads(False, True), ref) < 0.05
     if name != "plain20":  # a plain net's bf16 gradients are ~70% off fp32's either way
         assert _rel(grads(True, True), ref) <= 1.5 * _rel(grads(True, False), ref) + 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_kernels_add_is_torchs_add_bit_for_bit(dtype):
+    """Values over 60 decades (fp32's subnormals and overflow to inf included), nan, infinities
+    and signed zeros; bf16 rounds to nearest even as torch does."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-44, 38, 81).view(1, 1, 9, 9)
+    a = (torch.randn(16, 16, 9, 9, generator=g) * scale).to(dtype).contiguous(memory_format=CL)
+    b = (torch.randn(16, 16, 9, 9, generator=g) * scale.flip(-1)).to(dtype)
+    b = b.contiguous(memory_format=CL)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -0.0])
+    a[0, :6, 0, 0] = specials.to(dtype)
+    b[0, :6, 0, 0] = specials.flip(0).to(dtype)
+    out = load_kernel().add(a, b)
+    assert out.is_contiguous(memory_format=CL)
+    want = a + b
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.nan_to_num(0.5).view(torch.int16 if dtype == torch.bfloat16 else
+                                                 torch.int32),
+                       want.nan_to_num(0.5).view(torch.int16 if dtype == torch.bfloat16 else
+                                                  torch.int32))  # fmt: skip
+
+
+def _fork_count(loss: torch.Tensor) -> int:
+    """How many _Fork nodes the loss's graph holds."""
+    seen, todo, n = set(), [loss.grad_fn], 0
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        n += type(fn).__name__ == "_ForkBackward"
+        todo += [nxt for nxt, _ in fn.next_functions]
+    return n
+
+
+@pytest.mark.parametrize(("name", "forks"), [("resnet20", 7), ("resnet18", 5), ("resnet50", 12)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_identity_shortcuts_gradients_summed_by_the_kernel_are_the_same_bits(
+    name, forks, bf16, monkeypatch
+):
+    """Every identity block's input gradient (shortcut + first conv) is summed by the kernel's
+    add in a fused training step, and every parameter's gradient is bit for bit the one that
+    autograd's own sum gives."""
+    from reslab.models import blocks
+
+    torch.manual_seed(0)
+    size = 32 if name == "resnet20" else 64
+    base = create_model(name, num_classes=10).to(memory_format=CL)
+    x = torch.randn(4, 3, size, size).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (4,))
+
+    def step() -> tuple[int, torch.Tensor]:
+        m = create_model(name, num_classes=10).to(memory_format=CL)
+        m.load_state_dict(base.state_dict())
+        use_fused_bn_act(m)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(m(x), y)
+        n = _fork_count(loss)
+        loss.backward()
+        return n, torch.cat([p.grad.flatten().float() for p in m.parameters()])
+
+    n, with_fork = step()
+    assert n == forks
+    monkeypatch.setattr(blocks, "fork_for_shortcut", lambda t: (t, t))
+    n, without = step()
+    assert n == 0
+    assert torch.equal(with_fork, without)
+
+
+def test_second_order_gradients_through_a_fork_stay_in_the_graph(monkeypatch):
+    """create_graph=True (an input-gradient penalty): the fork's sum is autograd's then, so the
+    penalty's parameter gradients are those without the fork."""
+    from reslab.models import blocks
+
+    torch.manual_seed(0)
+    base = create_model("resnet20", num_classes=10).to(memory_format=CL)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (4,))
+
+    def penalty_grads() -> torch.Tensor:
+        m = create_model("resnet20", num_classes=10).to(memory_format=CL)
+        m.load_state_dict(base.state_dict())
+        use_fused_bn_act(m)
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(F.cross_entropy(m(xi), y), xi, create_graph=True)
+        gx.square().sum().backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+
+    with_fork = penalty_grads()
+    monkeypatch.setattr(blocks, "fork_for_shortcut", lambda t: (t, t))
+    assert torch.equal(with_fork, penalty_grads())
+
+
+def test_a_fork_is_made_only_where_the_kernel_sums(monkeypatch):
+    from reslab.models.bn_act import _Fork, fork_for_shortcut
+
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL).requires_grad_()
+    a, b = fork_for_shortcut(x)
+    assert a is not x and b is not x and a.data_ptr() == b.data_ptr() == x.data_ptr()
+    for t in (x.detach(), x.contiguous(), x.double(), x[:, :8]):
+        pair = fork_for_shortcut(t)
+        assert pair[0] is t and pair[1] is t
+    with torch.no_grad():
+        assert fork_for_shortcut(x)[0] is x
+    # One of the two views unused: its gradient is None and the other passes through.
+    a, _ = _Fork.apply(x)
+    (g,) = torch.autograd.grad(a.sum() * 2, x)
+    assert torch.equal(g, torch.full_like(x, 2.0))
+    # Gradients in another layout than the kernel's: autograd's sum.
+    a, b = _Fork.apply(x)
+    (g,) = torch.autograd.grad((a.contiguous() * b.contiguous()).sum(), x)
+    assert torch.allclose(g, 2 * x)
 
 
 @pytest.mark.parametrize(("name", "n"), [("resnet20", 10), ("resnet18", 9), ("resnet50", 17)])

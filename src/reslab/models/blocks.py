@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reslab.models.bn_act import bn_relu
+from reslab.models.bn_act import bn_relu, fork_for_shortcut
 from reslab.models.layers import PadShortcut, conv1x1, conv3x3, make_shortcut
 from reslab.models.tiled_wgrad import apply_conv, tile_factor
 
@@ -15,12 +15,16 @@ def _conv_and_shortcut(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(conv(x), the block's shortcut of x, or None for a plain block). An option-A shortcut is
     computed with the conv as one op in eager training (PadShortcut.with_conv: the same values,
-    a cheaper input gradient)."""
+    a cheaper input gradient); with the fused kernel, an identity shortcut's input gradient is
+    summed by the kernel too (bn_act.fork_for_shortcut)."""
     sc = block.downsample if block.residual else None
     if isinstance(sc, PadShortcut) and not (tiled and tile_factor(conv, x)):
         pair = sc.with_conv(conv, x)
         if pair is not None:
             return pair
+    if block.residual and sc is None and block.fused_bn_act:
+        x_conv, x_short = fork_for_shortcut(x)
+        return apply_conv(conv, x_conv, tiled=tiled), x_short
     out = apply_conv(conv, x, tiled=tiled)
     if not block.residual:
         return out, None

@@ -1,0 +1,107 @@
+"""Session 25's two changes to the fused kernel's training step, each against the step without it.
+
+1. Prefetching: the kernel's streaming loops ask for the data 2 KB ahead (kernels/bn_act.cpp,
+   kPrefetchBytes). At a CIFAR net's first stage one activation is 4 MB (batch 128, bf16), more
+   than a core's L2, and the loops had run at about 10 GB/s from L3 with the hardware
+   prefetchers alone.
+2. The identity shortcut's input gradient: x feeds the shortcut and the block's first conv, and
+   autograd summed the two gradients with torch's bf16 add, which ran at a third of a plain
+   vector loop's speed on operands outside L2; `bn_act.fork_for_shortcut` hands the sum to the
+   kernel's add (the same bits).
+
+Three paths, in alternating rounds of the same model and step (real CIFAR-10 batches through the
+TensorLoader, as `reslab train` runs it): "before" (kernel built without prefetching, autograd's
+sum; session 24's step), "prefetch" (+1) and "both" (+1 +2, the default). This VM's speed drifts
+by up to 1.4x within minutes, so the per-round ratios are what count. Also times torch's bf16 add
+against the kernel's at the three stage shapes, on operands outside L2 (8 pairs in turn).
+
+    python benchmarks/ab_shortcut_sum.py --data ../shared/data [--model resnet56] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import cifar_default_step, hardware
+from reslab.models import blocks, bn_act
+from reslab.models.bn_act import _kernel_name, _openmp_library, kernel_status, load_kernel
+
+
+def adds(ext) -> None:
+    """torch's bf16 a + b against the kernel's, 8 operand pairs in turn (64 MB at stage 1: out
+    of L2, as in a training step), best of 5 rounds of 48 adds."""
+    for shape in [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]:
+        g = torch.Generator().manual_seed(0)
+        pairs = [tuple(torch.randn(shape, generator=g).bfloat16().contiguous(
+            memory_format=torch.channels_last) for _ in range(2)) for _ in range(8)]  # fmt: skip
+        best = {"torch": float("inf"), "kernel": float("inf")}
+        for _ in range(5):
+            for name, f in (("torch", torch.add), ("kernel", ext.add)):
+                t0 = time.perf_counter()
+                for _ in range(6):
+                    for a, b in pairs:
+                        f(a, b)
+                best[name] = min(best[name], (time.perf_counter() - t0) / 48)
+        mb = 3 * pairs[0][0].numel() * 2 / 1e6
+        print(f"  {list(shape)} bf16 a + b: torch {best['torch'] * 1e3:.3f} ms "
+              f"({mb / 1e3 / best['torch']:.1f} GB/s), kernel {best['kernel'] * 1e3:.3f} ms "
+              f"({mb / 1e3 / best['kernel']:.1f} GB/s)")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round and path")
+    args = p.parse_args()
+    print(hardware())
+    new = load_kernel()
+    if new is None:
+        raise SystemExit(f"no kernel here: {kernel_status()}")
+    print(f"kernel: {kernel_status()}")
+    omp = _openmp_library()
+    old = bn_act._build(_kernel_name(omp) + "_noprefetch", march="native", openmp=omp,
+                        defines=("RESLAB_PREFETCH_BYTES=0",))  # fmt: skip
+    print("a + b alone:")
+    adds(new)
+
+    fork = blocks.fork_for_shortcut
+    paths = {  # (kernel build, fork function)
+        "before": (old, lambda t: (t, t)),
+        "prefetch": (new, lambda t: (t, t)),
+        "both": (new, fork),
+    }
+    precision, _, step = cifar_default_step(args.data, args.model)
+    rates: dict[str, list[float]] = {k: [] for k in paths}
+    try:
+        for i in range(args.rounds):
+            for k in list(paths) if i % 2 == 0 else list(paths)[::-1]:
+                bn_act._EXT, blocks.fork_for_shortcut = paths[k]
+                for _ in range(3):
+                    step()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                rates[k].append(128 * args.steps / (time.perf_counter() - t0))
+    finally:
+        bn_act._EXT, blocks.fork_for_shortcut = new, fork
+    print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
+          f"of {args.steps} steps each (after 3 untimed)")  # fmt: skip
+    for k, v in rates.items():
+        print(f"{k:>8}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
+              + f"; median {statistics.median(v):.0f}")  # fmt: skip
+    for k in ("prefetch", "both"):
+        ratio = [b / a for a, b in zip(rates["before"], rates[k])]
+        print(f"{k} / before, per round: " + " ".join(f"{r:.3f}" for r in ratio)
+              + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+    ratio = [b / a for a, b in zip(rates["prefetch"], rates["both"])]
+    print(f"both / prefetch (the shortcut sum alone), median x{statistics.median(ratio):.3f}")
+
+
+if __name__ == "__main__":
+    main()
