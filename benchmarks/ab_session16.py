@@ -58,24 +58,28 @@ def build_old_kernel():
 
 def old_function(ext):
     class OldBNAct(torch.autograd.Function):
-        """Session 15's _BNAct: saves y and reads it in backward for the ReLU's mask."""
+        """Session 15's _BNAct: saves y and reads it in backward for the ReLU's mask (called as
+        today's bn_relu calls it: the running statistics updated here, as session 15 did)."""
 
         @staticmethod
-        def forward(ctx, x, r, weight, bias, shift, eps):  # type: ignore[override]
+        def forward(ctx, x, r, weight, bias, bn):  # type: ignore[override]
             if r is not None:
                 r = r.contiguous(memory_format=torch.channels_last)
-            y, mean, var, rstd = ext.forward(x, r, weight, bias, shift, eps)
+            y, mean, var, rstd = ext.forward(x, r, weight, bias, bn.running_mean.clone(), bn.eps)
+            m = x.numel() // x.shape[1]
+            bn.running_mean.lerp_(mean, bn.momentum)
+            bn.running_var.lerp_(var * (m / (m - 1)), bn.momentum)
+            bn.num_batches_tracked.add_(1)
             ctx.save_for_backward(x, y, mean, rstd, weight)
-            ctx.mark_non_differentiable(mean, var)
             ctx.with_residual = r is not None
-            return y, mean, var
+            return y
 
         @staticmethod
-        def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
+        def backward(ctx, dy):  # type: ignore[override]
             x, y, mean, rstd, weight = ctx.saved_tensors
             dy = dy.contiguous(memory_format=torch.channels_last)
             dx, dw, db, dr = ext.backward(dy, x, y, mean, rstd, weight, ctx.with_residual)
-            return dx, (dr if ctx.with_residual else None), dw, db, None, None
+            return dx, (dr if ctx.with_residual else None), dw, db, None
 
     return OldBNAct
 

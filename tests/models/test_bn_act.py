@@ -106,6 +106,7 @@ def test_the_portable_build_matches_float64_too(monkeypatch):
     test_nan_propagates_as_in_eager()
     for dtype in (torch.float32, torch.bfloat16):
         test_the_kernels_add_is_torchs_add_bit_for_bit(dtype)
+    test_running_statistics_are_updated_by_the_kernel_as_torch_lerp_does(16, torch.bfloat16)
 
 
 @pytest.mark.skipif(
@@ -177,6 +178,27 @@ def test_running_statistics_and_counter_follow_torch():
     assert bn_f.num_batches_tracked.item() == bn_e.num_batches_tracked.item() == 3
 
 
+@pytest.mark.parametrize(("c", "dtype"), [(16, torch.bfloat16), (48, torch.float32)])
+def test_running_statistics_are_updated_by_the_kernel_as_torch_lerp_does(c, dtype):
+    """The kernel updates the running statistics and the counter in place: bit for bit the values
+    of torch's lerp_ with the unbiased batch variance (the ops it replaces)."""
+    bn_k, bn_t = _bn(c), _bn(c)
+    ext = load_kernel()
+    for i in range(4):
+        x = (torch.randn(8, c, 6, 6) * 2 + i).to(dtype).contiguous(memory_format=CL)
+        bn_relu(bn_k, x, fused=True)
+        _, _, mean, var, _ = ext.forward(x, None, bn_t.weight, bn_t.bias,
+                                         bn_t.running_mean.clone(), bn_t.eps)  # fmt: skip
+        m = x.numel() // c
+        with torch.no_grad():
+            bn_t.running_mean.lerp_(mean, bn_t.momentum)
+            bn_t.running_var.lerp_(var * (m / (m - 1)), bn_t.momentum)
+            bn_t.num_batches_tracked.add_(1)
+        assert torch.equal(bn_k.running_mean, bn_t.running_mean)
+        assert torch.equal(bn_k.running_var, bn_t.running_var)
+    assert bn_k.num_batches_tracked.item() == 4
+
+
 def test_the_kernel_is_taken_only_where_it_applies():
     bn = _bn(16)
     x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
@@ -190,6 +212,12 @@ def test_the_kernel_is_taken_only_where_it_applies():
     assert not usable(bn, x, None)  # eval mode: running statistics, the eager path
     bn.train()
     bn.momentum = None  # cumulative average: eager
+    assert not usable(bn, x, None)
+    bn = _bn(16)
+    bn.running_var = bn.running_var.double()  # statistics the kernel cannot update in place
+    assert not usable(bn, x, None)
+    bn = _bn(16)
+    bn.running_mean = torch.zeros(32)[::2]  # not contiguous
     assert not usable(bn, x, None)
 
 

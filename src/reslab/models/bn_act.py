@@ -221,8 +221,13 @@ def usable(bn: nn.Module, x: torch.Tensor, r: torch.Tensor | None) -> bool:
         return False
     if bn.momentum is None or torch.compiler.is_compiling() or torch.jit.is_scripting():
         return False
-    if bn.weight.dtype != torch.float32 or bn.running_mean.dtype != torch.float32:
-        return False  # the kernel keeps BN's parameters and statistics in fp32, as autocast does
+    # The kernel keeps BN's parameters and statistics in fp32, as autocast does, and updates
+    # the statistics and the batch counter in place.
+    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            return False
+    if bn.num_batches_tracked is None or bn.num_batches_tracked.dtype != torch.long:
+        return False
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 4:
         return False
     if x.shape[1] % 16 or not x.is_contiguous(memory_format=torch.channels_last):
@@ -236,23 +241,27 @@ def usable(bn: nn.Module, x: torch.Tensor, r: torch.Tensor | None) -> bool:
 
 class _BNAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, r, weight, bias, shift, eps):  # type: ignore[override]
+    def forward(ctx, x, r, weight, bias, bn):  # type: ignore[override]
         ext = load_kernel()
         if r is not None:
             r = r.contiguous(memory_format=torch.channels_last)
         # mask: one bit per value of y (y > 0) for the ReLU's backward, [numel / 16] int16.
-        y, mask, mean, var, rstd = ext.forward(x, r, weight, bias, shift, eps)
+        # bn's running statistics and counter are updated by the kernel, as torch.lerp_ would:
+        # the running variance takes the unbiased batch variance, as in torch's BatchNorm.
+        y, mask, mean, rstd = ext.forward_train(
+            x, r, weight, bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+            bn.momentum, bn.eps,
+        )  # fmt: skip
         ctx.save_for_backward(x, mask, mean, rstd, weight)
-        ctx.mark_non_differentiable(mean, var)
         ctx.with_residual = r is not None
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
+    def backward(ctx, dy):  # type: ignore[override]
         x, mask, mean, rstd, weight = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx, dw, db, dr = load_kernel().backward(dy, x, mask, mean, rstd, weight, ctx.with_residual)
-        return dx, (dr if ctx.with_residual else None), dw, db, None, None
+        return dx, (dr if ctx.with_residual else None), dw, db, None
 
 
 def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, r: torch.Tensor | None = None,
@@ -263,14 +272,7 @@ def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, r: torch.Tensor | None = None,
         return F.relu(out if r is None else out + r, inplace=True)  # `out` is a new tensor
     # Under autocast the conv output x is bf16 and BN's parameters fp32, as in eager autocast.
     with torch.autocast(x.device.type, enabled=False):
-        y, mean, var = _BNAct.apply(x, r, bn.weight, bn.bias, bn.running_mean.detach(), bn.eps)
-        with torch.no_grad():
-            # torch's update: the running variance takes the unbiased batch variance.
-            m = x.numel() // x.shape[1]
-            bn.running_mean.lerp_(mean, bn.momentum)
-            bn.running_var.lerp_(var * (m / (m - 1)), bn.momentum)
-            bn.num_batches_tracked.add_(1)
-    return y
+        return _BNAct.apply(x, r, bn.weight, bn.bias, bn)
 
 
 class _Fork(torch.autograd.Function):

@@ -9,7 +9,8 @@
 //
 // forward : pass 1 sums (x - shift) and its square per channel; pass 2 writes
 //           y = relu(x * a + b' [+ r]) with a = weight * rstd, b' = bias - mean * a, and one
-//           bit per value, z > 0: the ReLU's mask, 1/16 of a bf16 tensor's bytes.
+//           bit per value, z > 0: the ReLU's mask, 1/16 of a bf16 tensor's bytes;
+//           forward_train also updates the running statistics (shift = running mean).
 // backward: pass 1 sums g and g * (x - mean) with g = dy where the mask is set, else 0; pass 2
 //           writes dx = a * (g - sum_g / M - (x - mean) * rstd^2 * sum_gx / M) and, with a
 //           residual, dr = g (the gradient the shortcut receives). Reading the mask instead of
@@ -437,6 +438,39 @@ std::vector<at::Tensor> bn_act_forward(const at::Tensor& x, const c10::optional<
   return {y, mask, mean, var, rstd};
 }
 
+// bn_act_forward with the running statistics as the shift, then updated in place as
+// torch.lerp_ does them (fma(momentum, batch - running, running) in fp32; the variance
+// unbiased by M / (M - 1) first) and the batch counter incremented: -> (y, mask, mean, rstd).
+// Done here rather than as four small torch ops a layer, which took ~70 us each time in a
+// training step on a 2-core CPU (the big loops just before had evicted their code from cache).
+std::vector<at::Tensor> bn_act_forward_train(const at::Tensor& x,
+                                             const c10::optional<at::Tensor>& r,
+                                             const at::Tensor& weight, const at::Tensor& bias,
+                                             at::Tensor running_mean, at::Tensor running_var,
+                                             at::Tensor num_batches_tracked, double momentum,
+                                             double eps) {
+  TORCH_CHECK(running_var.scalar_type() == at::kFloat && running_var.is_contiguous() &&
+                  running_var.numel() == x.size(1),
+              "running_var must be contiguous fp32 [C]");
+  TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1,
+              "num_batches_tracked must be one int64");
+  std::vector<at::Tensor> out = bn_act_forward(x, r, weight, bias, running_mean, eps);
+  const int64_t C = x.size(1);
+  const double m = double(x.numel() / C);
+  const float w = float(momentum), unbias = float(m / (m - 1));
+  float* rm = running_mean.data_ptr<float>();
+  float* rv = running_var.data_ptr<float>();
+  const float* mu = out[2].data_ptr<float>();
+  const float* va = out[3].data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    rm[c] = std::fma(w, mu[c] - rm[c], rm[c]);
+    volatile float unbiased = va[c] * unbias;  // rounded to fp32 first, as torch's mul: no fma
+    rv[c] = std::fma(w, unbiased - rv[c], rv[c]);
+  }
+  num_batches_tracked.data_ptr<int64_t>()[0] += 1;
+  return {out[0], out[1], out[2], out[4]};
+}
+
 // -> (dx, dweight, dbias, dresidual); dresidual is computed only when with_residual.
 std::vector<at::Tensor> bn_act_backward(const at::Tensor& dy, const at::Tensor& x,
                                         const at::Tensor& mask, const at::Tensor& mean,
@@ -553,6 +587,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd", &bn_act_simd, "the vector code this build runs");
   m.def("threads", &bn_act_threads, "threads the kernel's parallel loops run on");
   m.def("forward", &bn_act_forward, "BatchNorm (+residual) + ReLU forward, training mode");
+  m.def("forward_train", &bn_act_forward_train,
+        "forward, and the running statistics and batch counter updated in place");
   m.def("backward", &bn_act_backward, "BatchNorm (+residual) + ReLU backward");
   m.def("add", &add, "a + b for two channels_last tensors of one shape and dtype");
   m.def("add_subsampled", &add_subsampled, "dx[:, :, ::s, ::s] += g[:, lo:lo + C], in place");
