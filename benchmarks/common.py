@@ -59,7 +59,7 @@ _CATEGORIES = (
     ("batch norm forward", ("batch_norm",)),
     ("ReLU backward", ("threshold_backward",)),
     ("ReLU forward", ("relu", "clamp_min")),
-    ("residual adds + gradient sums", ("aten::add",)),
+    ("residual adds + gradient sums", ("aten::add", "_forkbackward")),
     ("inductor fused element-wise kernels", ("compiledfxgraph", "cpp_fused", "graph_")),
     ("optimizer update", ("sgd", "_foreach")),
     ("classifier, pooling, loss", ("addmm", "mm", "mean", "avg_pool", "cross_entropy", "softmax")),

@@ -41,7 +41,7 @@ constexpr int64_t kChunkValues = 32768;  // at most, for rows of run-time width
 // (4 MB at a CIFAR net's first stage, batch 128, bf16) outgrow the core's L2 and come from a
 // large, slow-to-answer L3 or memory, where the hardware prefetchers alone left these loops at
 // about 10 GB/s; 2 KB ahead made a ResNet-20 training step ~5% faster on a 2-core Xeon with
-// AMX (1 KB ~4%, 4-8 KB no better; benchmarks/ab_shortcut_sum.py builds it with 0 to compare).
+// AMX (1 KB ~4%, 4-8 KB no better; benchmarks/ab_session25.py builds it with 0 to compare).
 #ifndef RESLAB_PREFETCH_BYTES
 #define RESLAB_PREFETCH_BYTES 2048
 #endif

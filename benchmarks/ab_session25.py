@@ -1,4 +1,4 @@
-"""Session 25's two changes to the fused kernel's training step, each against the step without it.
+"""Session 25's three changes to the fused kernel's training step, added one at a time.
 
 1. Prefetching: the kernel's streaming loops ask for the data 2 KB ahead (kernels/bn_act.cpp,
    kPrefetchBytes). At a CIFAR net's first stage one activation is 4 MB (batch 128, bf16), more
@@ -8,19 +8,23 @@
    autograd summed the two gradients with torch's bf16 add, which ran at a third of a plain
    vector loop's speed on operands outside L2; `bn_act.fork_for_shortcut` hands the sum to the
    kernel's add (the same bits).
+3. The running statistics and batch counter updated inside the kernel's forward (the same bits)
+   instead of four small torch ops a layer, which cost ~70 us each in a step: the big loops just
+   before them had evicted their code from cache.
 
-Three paths, in alternating rounds of the same model and step (real CIFAR-10 batches through the
-TensorLoader, as `reslab train` runs it): "before" (kernel built without prefetching, autograd's
-sum; session 24's step), "prefetch" (+1) and "both" (+1 +2, the default). This VM's speed drifts
-by up to 1.4x within minutes, so the per-round ratios are what count. Also times torch's bf16 add
-against the kernel's at the three stage shapes, on operands outside L2 (8 pairs in turn).
+Four paths, in alternating rounds of the same model and step (real CIFAR-10 batches through the
+TensorLoader, as `reslab train` runs it): "session 24" (none of them), "+prefetch", "+sum" (1 and
+2) and "+stats" (all three: the default). This VM's speed drifts by up to 1.4x within minutes,
+so the per-round ratios are what count. Also times torch's bf16 add against the kernel's at the
+three stage shapes, on operands outside L2 (8 pairs in turn).
 
-    python benchmarks/ab_shortcut_sum.py --data ../shared/data [--model resnet56] [--rounds 10]
+    python benchmarks/ab_session25.py --data ../shared/data [--model resnet56] [--rounds 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -52,6 +56,31 @@ def adds(ext) -> None:
               f"({mb / 1e3 / best['kernel']:.1f} GB/s)")  # fmt: skip
 
 
+def python_stats_function():
+    """The fused op as session 24 called it: the kernel's forward, then the running statistics
+    and counter updated by torch ops (lerp_, mul, add_), with today's backward."""
+
+    class PythonStats(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, r, weight, bias, bn):  # type: ignore[override]
+            if r is not None:
+                r = r.contiguous(memory_format=torch.channels_last)
+            y, mask, mean, var, rstd = bn_act.load_kernel().forward(
+                x, r, weight, bias, bn.running_mean.detach(), bn.eps
+            )
+            m = x.numel() // x.shape[1]
+            bn.running_mean.lerp_(mean, bn.momentum)
+            bn.running_var.lerp_(var * (m / (m - 1)), bn.momentum)
+            bn.num_batches_tracked.add_(1)
+            ctx.save_for_backward(x, mask, mean, rstd, weight)
+            ctx.with_residual = r is not None
+            return y
+
+        backward = bn_act._BNAct.backward
+
+    return PythonStats
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
@@ -70,18 +99,20 @@ def main() -> None:
     print("a + b alone:")
     adds(new)
 
-    fork = blocks.fork_for_shortcut
-    paths = {  # (kernel build, fork function)
-        "before": (old, lambda t: (t, t)),
-        "prefetch": (new, lambda t: (t, t)),
-        "both": (new, fork),
+    fork, fused, py_stats = blocks.fork_for_shortcut, bn_act._BNAct, python_stats_function()
+    no_fork = lambda t: (t, t)  # noqa: E731
+    paths = {  # (kernel build, fork function, autograd function)
+        "session 24": (old, no_fork, py_stats),
+        "+prefetch": (new, no_fork, py_stats),
+        "+sum": (new, fork, py_stats),
+        "+stats": (new, fork, fused),
     }
     precision, _, step = cifar_default_step(args.data, args.model)
     rates: dict[str, list[float]] = {k: [] for k in paths}
     try:
         for i in range(args.rounds):
             for k in list(paths) if i % 2 == 0 else list(paths)[::-1]:
-                bn_act._EXT, blocks.fork_for_shortcut = paths[k]
+                bn_act._EXT, blocks.fork_for_shortcut, bn_act._BNAct = paths[k]
                 for _ in range(3):
                     step()
                 t0 = time.perf_counter()
@@ -89,18 +120,20 @@ def main() -> None:
                     step()
                 rates[k].append(128 * args.steps / (time.perf_counter() - t0))
     finally:
-        bn_act._EXT, blocks.fork_for_shortcut = new, fork
+        bn_act._EXT, blocks.fork_for_shortcut, bn_act._BNAct = new, fork, fused
     print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
           f"of {args.steps} steps each (after 3 untimed)")  # fmt: skip
     for k, v in rates.items():
-        print(f"{k:>8}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
+        print(f"{k:>10}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
               + f"; median {statistics.median(v):.0f}")  # fmt: skip
-    for k in ("prefetch", "both"):
-        ratio = [b / a for a, b in zip(rates["before"], rates[k])]
-        print(f"{k} / before, per round: " + " ".join(f"{r:.3f}" for r in ratio)
+    names = list(paths)
+    for prev, k in itertools.pairwise(names):
+        ratio = [b / a for a, b in zip(rates[prev], rates[k])]
+        print(f"{k} / {prev}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
               + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
-    ratio = [b / a for a, b in zip(rates["prefetch"], rates["both"])]
-    print(f"both / prefetch (the shortcut sum alone), median x{statistics.median(ratio):.3f}")
+    ratio = [b / a for a, b in zip(rates["session 24"], rates["+stats"])]
+    print("all three (+stats) / session 24, per round: " + " ".join(f"{r:.3f}" for r in ratio)
+          + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
