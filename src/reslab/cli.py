@@ -708,7 +708,11 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="with --seeds K: train each configuration's K seeds as one grouped net (auto: on "
         "where measured faster, see README)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or run headers; each evaluation row names its run",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",

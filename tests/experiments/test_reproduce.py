@@ -210,7 +210,18 @@ def test_a_diverged_run_is_reported_not_fatal(cifar_root: Path, tmp_path: Path) 
     assert not (ctx.runs_root / spec.name / "final.json").exists()
 
 
-def test_jobs_train_runs_in_parallel_processes(cifar_root: Path, tmp_path: Path) -> None:
+def _rows_by_label(text: str) -> dict[str, list[int]]:
+    """{label: [iteration of each printed evaluation row]} from the lines 'LABEL: iter N | ...'."""
+    rows: dict[str, list[int]] = {}
+    for line in text.splitlines():
+        if "| train err" in line:
+            m = re.match(r"(.+?): iter (\d+) \|", line)
+            assert m, f"an evaluation row without its run's name: {line!r}"
+            rows.setdefault(m.group(1), []).append(int(m.group(2)))
+    return rows
+
+
+def test_jobs_train_runs_in_parallel_processes(cifar_root: Path, tmp_path: Path, capfd) -> None:
     out = tmp_path / "rt"
     path = reproduce("relu-tanh", budget="smoke", out=out, data=str(cifar_root), device="cpu",
                      jobs=2, progress=False)  # fmt: skip
@@ -219,6 +230,21 @@ def test_jobs_train_runs_in_parallel_processes(cifar_root: Path, tmp_path: Path)
     assert "--jobs 2" in report
     for run in ("relu-lr0.01-s0", "tanh-lr0.01-s0"):
         assert [r["iter"] for r in read_metrics(out / "runs" / "smoke" / run)] == [4, 8, 12]
+    # Quiet runs side by side: every row the workers print names its run.
+    assert _rows_by_label(capfd.readouterr().out) == {
+        "relu-lr0.01-s0": [4, 8, 12], "tanh-lr0.01-s0": [4, 8, 12]}  # fmt: skip
+
+
+def test_quiet_rows_name_their_runs_one_by_one_and_fused(cifar_root: Path, tmp_path: Path,
+                                                          capsys) -> None:  # fmt: skip
+    """Without progress there is no "run i/N" or group header: each row names its run(s)."""
+    opts = dict(budget="smoke", data=str(cifar_root), device="cpu", progress=False)
+    reproduce("shortcuts", out=tmp_path / "one", only=["resnet32-s0"], fused=False, **opts)
+    assert _rows_by_label(capsys.readouterr().out) == {"resnet32-s0": [4, 8, 12]}
+    reproduce("shortcuts", out=tmp_path / "two", seeds=2, only=["resnet32-s0", "resnet32-s1"],
+              fused=True, **opts)  # fmt: skip
+    assert _rows_by_label(capsys.readouterr().out) == {
+        "fused resnet32-s0, resnet32-s1": [4, 8, 12]}  # fmt: skip
 
 
 def test_a_time_limited_run_is_marked_stopped_then_resumed(cifar_root: Path, tmp_path: Path):

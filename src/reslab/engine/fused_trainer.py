@@ -125,9 +125,11 @@ class FusedTrainer:
     FusedCifarNet; checkpoints, evaluation and metrics rows go through the Trainer's methods."""
 
     def __init__(
-        self, cfgs: Sequence[TrainConfig], *, resume: bool = False, progress: bool = True
-    ) -> None:
+        self, cfgs: Sequence[TrainConfig], *, resume: bool = False, progress: bool = True,
+        label: str | None = None,
+    ) -> None:  # fmt: skip
         check_members(cfgs)
+        self._prefix = f"{label}: " if label else ""  # as Trainer's
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise ValueError("fused training runs in one process; do not start it with torchrun")
         cfg0, self.progress = cfgs[0], progress
@@ -318,7 +320,7 @@ class FusedTrainer:
                 self._save_last()
                 for m in new_best:
                     m._save_best()
-                bar.write(" || ".join(Trainer._format_row(r) for r in rows))
+                bar.write(self._prefix + " || ".join(Trainer._format_row(r) for r in rows))
             elif saving:
                 self._save_last()
             if out_of_time:
@@ -334,11 +336,16 @@ class FusedTrainer:
 
 
 def train_fused(
-    cfgs: Sequence[TrainConfig], *, resume: bool = False, progress: bool = True
+    cfgs: Sequence[TrainConfig],
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    label: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Train the members together; returns each member's final evaluation row."""
+    """Train the members together; returns each member's final evaluation row. `label` goes
+    before each printed evaluation row."""
     try:
-        return FusedTrainer(cfgs, resume=resume, progress=progress).fit()
+        return FusedTrainer(cfgs, resume=resume, progress=progress, label=label).fit()
     finally:
         for c in cfgs:
             rundir.release_lock(Path(c.out))

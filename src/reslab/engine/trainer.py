@@ -184,9 +184,12 @@ class _Interval:
 class Trainer:
     def __init__(
         self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-        recipe: str | None = None,
+        recipe: str | None = None, label: str | None = None,
     ) -> None:  # fmt: skip
         self.cfg, self.progress, self.recipe = cfg, progress, recipe
+        # Put before each printed evaluation row and warning: runs trained side by side in one
+        # terminal (reproduce --jobs N) would otherwise print rows nobody can tell apart.
+        self._prefix = f"{label}: " if label else ""
         self.out = Path(cfg.out)
         self.device = D.resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         self.dist = D.init_from_env(self.device)
@@ -571,7 +574,7 @@ class Trainer:
         if new_best:
             self._save_best()
         if self.dist.is_main:
-            bar.write(self._format_row(row))
+            bar.write(self._prefix + self._format_row(row))
         return row
 
     def _log_step(
@@ -581,7 +584,7 @@ class Trainer:
         s = self.state
         warn = watch.update(loss, step=s.step, lr=lr)
         if warn:
-            bar.write(warn, file=sys.stderr)
+            bar.write(self._prefix + warn, file=sys.stderr)
         if self._log is not None:
             self._log.step({
                 "iter": s.step, "epoch": round(s.step * self.cfg.batch_size / self.data.train_size, 3),
@@ -619,11 +622,17 @@ class Trainer:
 
 
 def train(
-    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, recipe: str | None = None
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    recipe: str | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Train per `cfg`; returns the final evaluation row (also in RUN_DIR/final.json)."""
+    """Train per `cfg`; returns the final evaluation row (also in RUN_DIR/final.json). `label`
+    (a run's name) goes before each printed evaluation row and warning."""
     try:
-        final = Trainer(cfg, resume=resume, progress=progress, recipe=recipe).fit()
+        final = Trainer(cfg, resume=resume, progress=progress, recipe=recipe, label=label).fit()
     finally:
         rundir.release_lock(Path(cfg.out))
     D.shutdown()  # leave the process group (torchrun runs) so that the process exits cleanly

@@ -104,7 +104,10 @@ def run_group(group: list[RunSpec], *, runs_root: Path, progress: bool) -> list[
         resume = steps != {0}
         t0 = time.perf_counter()
         try:
-            finals = train_fused([s.cfg for s in pending], resume=resume, progress=progress)
+            # Quiet (no group header printed): each row names its runs.
+            label = None if progress else "fused " + ", ".join(s.name for s in pending)
+            finals = train_fused([s.cfg for s in pending], resume=resume, progress=progress,
+                                 label=label)  # fmt: skip
         except TrainingDiverged as e:
             # One diverged member must not cost the others: each continues alone from its own
             # last.pt (an ordinary checkpoint), and the diverging one is reported as such.
@@ -118,7 +121,8 @@ def run_group(group: list[RunSpec], *, runs_root: Path, progress: bool) -> list[
                 by_name[spec.name] = RunResult(spec, run_dir, final, rows, status, secs)
             pending = []
     for spec in pending:
-        by_name[spec.name] = run_one(spec, runs_root=runs_root, progress=progress)
+        by_name[spec.name] = run_one(spec, runs_root=runs_root, progress=progress,
+                                     label=not progress)  # fmt: skip
     return [by_name[s.name] for s in group]
 
 

@@ -131,8 +131,11 @@ def fresh_compiler(cfg: TrainConfig) -> None:
         torch._dynamo.reset()
 
 
-def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResult:
-    """Train one run in runs_root/spec.name; skip it if finished, resume it if interrupted."""
+def run_one(
+    spec: RunSpec, *, runs_root: Path, progress: bool = True, label: bool = False
+) -> RunResult:
+    """Train one run in runs_root/spec.name; skip it if finished, resume it if interrupted.
+    label: put the run's name before each line it prints (runs trained side by side)."""
     from reslab.engine.trainer import TrainingDiverged, train
 
     run_dir = runs_root / spec.name
@@ -150,7 +153,7 @@ def run_one(spec: RunSpec, *, runs_root: Path, progress: bool = True) -> RunResu
     fresh_compiler(cfg)
     t0 = time.perf_counter()
     try:
-        final = train(cfg, resume=resume, progress=progress)
+        final = train(cfg, resume=resume, progress=progress, label=spec.name if label else None)
     except TrainingDiverged as e:
         # One diverged net must not cost the other runs of a long unattended experiment: the
         # report lists it as diverged (with its rows up to then), and a rerun tries it again.
@@ -201,7 +204,7 @@ def _run_quiet(spec: RunSpec, runs_root: Path, threads: int) -> RunResult:
 
     torch.set_num_threads(threads)
     spec.cfg.device = worker_device(spec.cfg.device, _WORKER_SLOT)
-    return run_one(spec, runs_root=runs_root, progress=False)
+    return run_one(spec, runs_root=runs_root, progress=False, label=True)
 
 
 def run_all(
@@ -214,7 +217,9 @@ def run_all(
         for i, spec in enumerate(specs, 1):
             if progress:
                 print(f"[{tag}] run {i}/{len(specs)}: {spec.name}", flush=True)
-            results.append(run_one(spec, runs_root=runs_root, progress=progress))
+            # Quiet: no "run i/N" header, so each printed row names its run instead.
+            results.append(run_one(spec, runs_root=runs_root, progress=progress,
+                                   label=not progress))  # fmt: skip
         return results
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
