@@ -185,6 +185,32 @@ def test_relu_tanh_resumes_an_interrupted_run_via_the_cli(
     assert not (out / "runs" / "smoke" / "tanh-lr0.01-s1").exists()
 
 
+def test_dry_run_says_where_a_killed_run_resumes(cifar_root: Path, tmp_path: Path,
+                                                 capsys) -> None:  # fmt: skip
+    """A run killed mid-way (last.pt, no final.json) is listed with the iteration it resumes
+    from; one whose last.pt is damaged is listed as refused, with the reason."""
+    from reslab.experiments import relu_tanh
+
+    out = tmp_path / "rt"
+    ctx = Context("relu-tanh", "smoke", out, out / "runs" / "smoke", 1, str(cifar_root), "cpu",
+                  "", progress=False)  # fmt: skip
+    relu, tanh = relu_tanh.plan(ctx).specs
+    for spec in (relu, tanh):
+        spec.cfg.data, spec.cfg.device = str(cifar_root), "cpu"
+        spec.cfg.time_limit = 1e-9  # one iteration, then last.pt and final.json
+        run_one(spec, runs_root=ctx.runs_root, progress=False)
+        (ctx.runs_root / spec.name / "final.json").unlink()  # as if killed after last.pt
+    last = ctx.runs_root / tanh.name / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    argv = ["reproduce", "relu-tanh", "--budget", "smoke", "--out", str(out),
+            "--data", str(cifar_root), "--device", "cpu", "--dry-run"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    listing = capsys.readouterr().out
+    assert re.search(r"^relu-lr0\.01-s0 .* resume \(from iteration 1\)$", listing, re.M)
+    assert re.search(r"^tanh-lr0\.01-s0 .* REFUSED: .*last\.pt: cannot be loaded", listing, re.M)
+
+
 def test_a_run_dir_with_another_config_is_refused(cifar_root: Path, tmp_path: Path) -> None:
     from reslab.experiments import relu_tanh
 

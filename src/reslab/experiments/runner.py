@@ -368,6 +368,17 @@ def reproduce_argv(name: str, opts: dict[str, Any]) -> list[str]:
     return argv
 
 
+def _resume_state(last: Path) -> str:
+    """--dry-run's word for a run that has a last.pt and no final.json: the iteration it would
+    resume from, or why its checkpoint cannot be used (the run itself would stop there)."""
+    from reslab.runtime.checkpoint import load_checkpoint
+
+    try:
+        return f"resume (from iteration {int(load_checkpoint(last)['step'])})"
+    except Exception as e:  # CheckpointError, UserError, a checkpoint without its step
+        return f"REFUSED: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+
+
 def describe_plan(ctx: Context, plan: Plan) -> str:
     """What a call would do, run by run, without training anything."""
     lines = [f"{ctx.command}", *(f"  {n}" for n in plan.notes)]
@@ -377,8 +388,8 @@ def describe_plan(ctx: Context, plan: Plan) -> str:
         if (d / "final.json").is_file():
             it = _read_final(d / "final.json")["iter"]
             state = "finished" if it >= spec.cfg.iters else f"resume (stopped at {it})"
-        elif (d / "last.pt").is_file():
-            state = "resume"
+        elif (d / "last.pt").is_file():  # killed before it finished: resumes where it saved
+            state = _resume_state(d / "last.pt")
         if (d / "config.yaml").is_file():
             try:
                 _same_run(read_yaml(d / "config.yaml") or {}, spec.cfg, d)
