@@ -772,6 +772,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from reslab.runtime.precision import resolve_precision
 
     args.dataset = args.dataset or default_dataset(members)  # what run_eval read
+    if args.normalize and not any(m.normalize_used for m in members):
+        what = "the checkpoint says" if args.checkpoint else f"{args.weights} says"
+        print(f"reslab eval: note: --normalize {args.normalize} is not used: {what} how its "
+              "inputs were normalised", file=sys.stderr)  # fmt: skip
     if args.dataset == "folder":
         from reslab.engine.eval_run import eval_folder
 

@@ -224,7 +224,29 @@ def test_eval_of_bare_weights_takes_normalize_as_predict_does(
     assert main(argv) == 2
     assert "say it with --normalize imagenet|cifar10" in capsys.readouterr().err
     assert main([*argv, "--normalize", "cifar10"]) == 0
-    assert "cifar10 test, center view(s), 20 images" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "cifar10 test, center view(s), 20 images" in out and "not used" not in err
+    # A checkpoint, or a weights file with its own preprocessing: the flag is not used, and
+    # eval says so (as predict does).
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(checkpoints[0]),
+                "--data",
+                str(cifar_root),
+                "--limit",
+                "20",
+                "--out",
+                str(tmp_path / "o2"),
+                "--normalize",
+                "imagenet",
+            ]
+        )
+        == 0
+    )
+    assert "--normalize imagenet is not used: the checkpoint says" in capsys.readouterr().err
     img = tmp_path / "x.png"
     from PIL import Image
 

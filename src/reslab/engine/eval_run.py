@@ -35,6 +35,9 @@ class LoadedModel:
     # What the run that wrote a checkpoint trained on (its config's dataset and val_split);
     # empty for weights files. eval takes its default --dataset from it.
     trained_on: dict[str, Any] = field(default_factory=dict)
+    # Whether --normalize chose the preprocessing (a weights file that carries none); False when
+    # the file said it, and a --normalize given anyway was not used (eval says so).
+    normalize_used: bool = False
 
 
 def load_checkpoint_model(path: str | Path, *, device: torch.device | str) -> LoadedModel:
@@ -153,6 +156,7 @@ def load_weights_model(
         preprocess=Preprocess.from_dict(pre),
         classes=list(info.classes or []),
         step=info.extra.get("step"),
+        normalize_used=not info.preprocess,
     )
 
 
