@@ -270,3 +270,37 @@ def test_a_cifar_run_kept_beside_its_data_is_evaluated(
     assert main(["eval", "--checkpoint", str(run / "best.pt"), "--data", str(tmp_path),
                  "--limit", "20"]) == 0  # fmt: skip
     assert (run / "eval" / "eval.json").is_file()
+
+
+def test_a_folder_ensemble_needs_one_crop_geometry(
+    checkpoints: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Members of a folder ensemble share one batch of crops: a member whose test resize is
+    square (AlexNet's) where the first's keeps the aspect ratio is refused in one line naming it;
+    the same geometry evaluates."""
+    from PIL import Image
+
+    from reslab.data.preprocess import Preprocess
+    from reslab.runtime.checkpoint import load_checkpoint
+
+    data = tmp_path / "imgs"
+    ckpt = load_checkpoint(checkpoints[0])
+    for i, name in enumerate(ckpt["classes"]):
+        (data / name).mkdir(parents=True)
+        Image.new("RGB", (40, 36), (20 * i, 100, 200 - 10 * i)).save(data / name / "a.png")
+    paths = []
+    for i, square in enumerate((False, True, False)):
+        ckpt = load_checkpoint(checkpoints[i % 2])
+        pre = Preprocess(kind="imagenet", input_size=32, resize=36, square=square)
+        ckpt["preprocess"] = pre.to_dict()
+        ckpt["config"] = {"model": "resnet20", "dataset": "folder"}
+        paths.append(tmp_path / f"m{i}" / "best.pt")
+        paths[-1].parent.mkdir()
+        save_atomic(ckpt, paths[-1])
+    argv = ["eval", "--data", str(data), "--out", str(tmp_path / "o"), "--checkpoint"]
+    capsys.readouterr()
+    assert main([*argv, str(paths[0]), str(paths[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "m1" in err and "folder ensembles share one crop" in err
+    assert main([*argv, str(paths[0]), str(paths[2])]) == 0
+    assert "folder test, center view(s), 10 images" in capsys.readouterr().out
