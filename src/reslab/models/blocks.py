@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from reslab.models.bn_act import bn_relu, fork_for_shortcut
-from reslab.models.layers import PadShortcut, conv1x1, conv3x3, make_shortcut
+from reslab.models.layers import PadShortcut, _hooked, conv1x1, conv3x3, make_shortcut
 from reslab.models.tiled_wgrad import apply_conv, tile_factor
 
 
@@ -22,7 +22,11 @@ def _conv_and_shortcut(
         pair = sc.with_conv(conv, x)
         if pair is not None:
             return pair
-    if block.residual and sc is None and block.fused_bn_act:
+    # Training only (the kernel's BN runs in training mode alone: in eval the fork would only
+    # stand in the way of torch.func, forward-mode AD and fx), and not where a hook could modify
+    # conv1's input in place (a custom Function's views refuse that) or use x a third time.
+    fork = block.residual and sc is None and block.fused_bn_act and block.training
+    if fork and not (_hooked(conv) or _hooked(block)):
         x_conv, x_short = fork_for_shortcut(x)
         return apply_conv(conv, x_conv, tiled=tiled), x_short
     out = apply_conv(conv, x, tiled=tiled)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reslab.models.layers import set_block_flag
+from reslab.models.layers import _eager_training, set_block_flag
 
 _LOCK = threading.Lock()
 _EXT: Any = None
@@ -279,7 +279,8 @@ class _Fork(torch.autograd.Function):
     """x used twice, by an identity shortcut and by the block's first conv, with the two
     gradients it gets back summed by the kernel's add instead of autograd's (torch's bf16 add ran
     at a third of the kernel loop's speed on operands that outgrow L2: ~5% of a ResNet-20 step
-    on a 2-core CPU). Same values, same bits: both round the fp32 sum to nearest even."""
+    on a 2-core CPU). Same values, same bits: both round the fp32 sum to nearest even (where x
+    has a third use, the three gradients are grouped otherwise than autograd would: rounding)."""
 
     @staticmethod
     def forward(ctx, x):  # type: ignore[override]
@@ -308,11 +309,7 @@ def fork_for_shortcut(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     kernel sums (`_Fork`) where it applies (eager training on the CPU, channels_last bf16 or
     fp32, channels a multiple of 16, the kernel built); else (x, x) and autograd sums them."""
     if (
-        not x.requires_grad
-        or not torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
-        or torch.jit.is_scripting()
-        or torch.jit.is_tracing()
+        not _eager_training(x)
         or x.device.type != "cpu"
         or x.dtype not in (torch.bfloat16, torch.float32)
         or x.dim() != 4

@@ -72,13 +72,14 @@ inline void vstore(uint16_t* p, V v) {  // fp32 -> bf16, round to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 #endif
 }
-// fp32 -> bf16 exactly as torch converts: nearest even, subnormals kept (the bf16 instruction
-// above flushes them to zero), any NaN stored as 0x7FC0. For results that must be torch's bits.
+// fp32 -> bf16 exactly as torch's vectorised conversion (its bf16 add's): nearest even,
+// subnormals kept (the bf16 instruction above flushes them to zero), any NaN stored as 0xFFFF.
+// For results that must be torch's bits.
 inline void vstore_exact(uint16_t* p, V v) {
   __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(u));
 }
 inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
@@ -118,10 +119,10 @@ inline void vstore(uint16_t* p, V v) {
     p[i] = uint16_t(u >> 16);
   }
 }
-inline void vstore_exact(uint16_t* p, V v) {  // as vstore, and any NaN as torch's 0x7FC0
+inline void vstore_exact(uint16_t* p, V v) {  // as vstore, and any NaN as torch's vector 0xFFFF
   vstore(p, v);
   for (int i = 0; i < kLanes; ++i)
-    if (std::isnan(v.f[i])) p[i] = 0x7FC0;
+    if (std::isnan(v.f[i])) p[i] = 0xFFFF;
 }
 #define RESLAB_V_OP(name, expr)                           \
   inline V name(V a, V b) {                               \
@@ -438,9 +439,16 @@ std::vector<at::Tensor> bn_act_forward(const at::Tensor& x, const c10::optional<
   return {y, mask, mean, var, rstd};
 }
 
+// torch.lerp_'s vectorised formula (AVX2 and AVX-512 builds of torch): the weight's two ranges
+// anchored at either end; its default (no-FMA) build rounds the product first and may differ
+// in the last bit.
+static inline float lerp_as_torch(float start, float end, float w) {
+  return std::abs(w) < 0.5f ? std::fma(w, end - start, start) : std::fma(w - 1.0f, end - start, end);
+}
+
 // bn_act_forward with the running statistics as the shift, then updated in place as
-// torch.lerp_ does them (fma(momentum, batch - running, running) in fp32; the variance
-// unbiased by M / (M - 1) first) and the batch counter incremented: -> (y, mask, mean, rstd).
+// torch.lerp_ does them (`lerp_as_torch` in fp32; the variance unbiased by M / (M - 1)
+// first) and the batch counter incremented: -> (y, mask, mean, rstd).
 // Done here rather than as four small torch ops a layer, which took ~70 us each time in a
 // training step on a 2-core CPU (the big loops just before had evicted their code from cache).
 std::vector<at::Tensor> bn_act_forward_train(const at::Tensor& x,
@@ -463,9 +471,9 @@ std::vector<at::Tensor> bn_act_forward_train(const at::Tensor& x,
   const float* mu = out[2].data_ptr<float>();
   const float* va = out[3].data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
-    rm[c] = std::fma(w, mu[c] - rm[c], rm[c]);
+    rm[c] = lerp_as_torch(rm[c], mu[c], w);
     volatile float unbiased = va[c] * unbias;  // rounded to fp32 first, as torch's mul: no fma
-    rv[c] = std::fma(w, unbiased - rv[c], rv[c]);
+    rv[c] = lerp_as_torch(rv[c], unbiased, w);
   }
   num_batches_tracked.data_ptr<int64_t>()[0] += 1;
   return {out[0], out[1], out[2], out[4]};
