@@ -1,7 +1,7 @@
 """Session 25's three changes to the fused kernel's training step, added one at a time.
 
-1. Prefetching: the kernel's streaming loops ask for the data 2 KB ahead (kernels/bn_act.cpp,
-   kPrefetchBytes). At a CIFAR net's first stage one activation is 4 MB (batch 128, bf16), more
+1. Prefetching: the kernel's streaming loops ask for the data they read 2 KB ahead, and for the
+   lines they write (kernels/bn_act.cpp, kPrefetchBytes; 0 turns both off). At a CIFAR net's first stage one activation is 4 MB (batch 128, bf16), more
    than a core's L2, and the loops had run at about 10 GB/s from L3 with the hardware
    prefetchers alone.
 2. The identity shortcut's input gradient: x feeds the shortcut and the block's first conv, and

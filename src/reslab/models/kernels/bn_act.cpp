@@ -51,6 +51,13 @@ inline void prefetch(const T* p) {  // a hint: never faults, even past the end o
   if constexpr (kPrefetchBytes > 0)
     __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 0, 3);
 }
+// The same for the lines a loop is about to write (owned for writing ahead of the stores:
+// x1.013-1.032 a ResNet-20 step, x1.024 ResNet-56, in session 25's alternating rounds).
+template <typename T>
+inline void prefetch_write(const T* p) {
+  if constexpr (kPrefetchBytes > 0)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 1, 3);
+}
 
 #ifdef RESLAB_AVX512
 using V = __m512;
@@ -304,6 +311,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& we
           const int64_t o = m * g.R + j * kLanes;
           prefetch(xp + o);
           if constexpr (decltype(with_r)::value) prefetch(rp + o);
+          prefetch_write(yp + o);
           V z = vfma(vload(xp + o), av[j], bv[j]);
           if constexpr (decltype(with_r)::value) z = vadd(z, vload(rp + o));
           if constexpr (NVT > 0)
@@ -369,6 +377,8 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t j = 0; j < g.NV; ++j) {
           const int64_t o = m * g.R + j * kLanes;
+          prefetch_write(dxp + o);
+          if constexpr (decltype(with_r)::value) prefetch_write(drp + o);
           prefetch(gp + o);
           prefetch(xp + o);
           const V gv = vkeep(mp[m * g.NV + j], vload(gp + o));
@@ -553,6 +563,7 @@ at::Tensor add(const at::Tensor& a, const at::Tensor& b) {
         const int64_t o = v * kLanes;
         prefetch(ap + o);
         prefetch(bp + o);
+        prefetch_write(op + o);
         vstore_exact(op + o, vadd(vload(ap + o), vload(bp + o)));
       }
     });
