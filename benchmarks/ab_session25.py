@@ -1,7 +1,8 @@
 """Session 25's three changes to the fused kernel's training step, added one at a time.
 
 1. Prefetching: the kernel's streaming loops ask for the data they read 2 KB ahead, and for the
-   lines they write (kernels/bn_act.cpp, kPrefetchBytes; 0 turns both off). At a CIFAR net's first stage one activation is 4 MB (batch 128, bf16), more
+   lines they write (kernels/bn_act.cpp: kPrefetchBytes, 0 turns both off;
+   RESLAB_PREFETCH_WRITES=0 the writes' alone). At a CIFAR net's first stage one activation is 4 MB (batch 128, bf16), more
    than a core's L2, and the loops had run at about 10 GB/s from L3 with the hardware
    prefetchers alone.
 2. The identity shortcut's input gradient: x feeds the shortcut and the block's first conv, and
@@ -12,9 +13,9 @@
    instead of four small torch ops a layer, which cost ~70 us each in a step: the big loops just
    before them had evicted their code from cache.
 
-Four paths, in alternating rounds of the same model and step (real CIFAR-10 batches through the
-TensorLoader, as `reslab train` runs it): "session 24" (none of them), "+prefetch", "+sum" (1 and
-2) and "+stats" (all three: the default). This VM's speed drifts by up to 1.4x within minutes,
+Five paths, in alternating rounds of the same model and step (real CIFAR-10 batches through the
+TensorLoader, as `reslab train` runs it): "session 24" (none of them), "+reads" (reads
+prefetched), "+writes" (writes too: 1), "+sum" (1 and 2) and "+stats" (all three: the default). This VM's speed drifts by up to 1.4x within minutes,
 so the per-round ratios are what count. Also times torch's bf16 add against the kernel's at the
 three stage shapes, on operands outside L2 (8 pairs in turn).
 
@@ -96,6 +97,8 @@ def main() -> None:
     omp = _openmp_library()
     old = bn_act._build(_kernel_name(omp) + "_noprefetch", march="native", openmp=omp,
                         defines=("RESLAB_PREFETCH_BYTES=0",))  # fmt: skip
+    reads = bn_act._build(_kernel_name(omp) + "_noprefetchw", march="native", openmp=omp,
+                          defines=("RESLAB_PREFETCH_WRITES=0",))  # fmt: skip
     print("a + b alone:")
     adds(new)
 
@@ -103,7 +106,8 @@ def main() -> None:
     no_fork = lambda t: (t, t)  # noqa: E731
     paths = {  # (kernel build, fork function, autograd function)
         "session 24": (old, no_fork, py_stats),
-        "+prefetch": (new, no_fork, py_stats),
+        "+reads": (reads, no_fork, py_stats),
+        "+writes": (new, no_fork, py_stats),
         "+sum": (new, fork, py_stats),
         "+stats": (new, fork, fused),
     }

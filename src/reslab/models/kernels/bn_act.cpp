@@ -53,9 +53,12 @@ inline void prefetch(const T* p) {  // a hint: never faults, even past the end o
 }
 // The same for the lines a loop is about to write (owned for writing ahead of the stores:
 // x1.013-1.032 a ResNet-20 step, x1.024 ResNet-56, in session 25's alternating rounds).
+#ifndef RESLAB_PREFETCH_WRITES
+#define RESLAB_PREFETCH_WRITES 1
+#endif
 template <typename T>
 inline void prefetch_write(const T* p) {
-  if constexpr (kPrefetchBytes > 0)
+  if constexpr (kPrefetchBytes > 0 && RESLAB_PREFETCH_WRITES)
     __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 1, 3);
 }
 
