@@ -367,6 +367,7 @@ def test_second_order_gradients_through_a_fork_stay_in_the_graph(monkeypatch):
     assert torch.equal(with_fork, penalty_grads())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # torch's own, from inside these transforms
 def test_no_fork_in_eval_mode_or_where_hooks_could_see_conv1s_input():
     """The fork is for training (the kernel's BN runs only there): in eval mode a fused-flag
     model keeps working under torch.func, fx and forward-mode AD as an unflagged one; a hook on
