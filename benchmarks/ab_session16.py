@@ -22,16 +22,14 @@ the kernel ratio now includes that change too (`ab_threads.py` measures it alone
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import cifar_default_step, hardware
+from common import ab_arguments, alternating_rounds, cifar_default_step, hardware
 from reslab.models import bn_act
 from reslab.models.bn_act import _ninja_on_path, load_kernel
 from reslab.models.layers import PadShortcut
@@ -94,11 +92,7 @@ def old_pad_forward(self, x):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round and path")
+    p = ab_arguments()
     p.add_argument("--change", choices=("both", "kernel", "shortcut"), default="both",
                    help="which of the two changes the 'session 15' path reverts")  # fmt: skip
     args = p.parse_args()
@@ -112,17 +106,17 @@ def main() -> None:
     paths = {"session 15": old, "session 16": new}
     precision, _, step = cifar_default_step(args.data, args.model)
 
-    rates: dict[str, list[float]] = {k: [] for k in paths}
-    for i in range(args.rounds):
-        for k in list(paths) if i % 2 == 0 else list(paths)[::-1]:
+    def switch(k: str):
+        def to_k() -> None:
             bn_act._BNAct, PadShortcut.forward = paths[k]
-            for _ in range(3):
-                step()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            rates[k].append(128 * args.steps / (time.perf_counter() - t0))
-    bn_act._BNAct, PadShortcut.forward = new
+
+        return to_k
+
+    try:
+        rates = alternating_rounds({k: switch(k) for k in paths}, step, rounds=args.rounds,
+                                   steps=args.steps)  # fmt: skip
+    finally:
+        bn_act._BNAct, PadShortcut.forward = new
     print(f"{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
           f"of {args.steps} steps each; reverted in 'session 15': {args.change}")  # fmt: skip
     for k, v in rates.items():

@@ -24,14 +24,14 @@ three stage shapes, on operands outside L2 (8 pairs in turn).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
-from common import cifar_default_step, hardware
+from common import ab_arguments, alternating_rounds, cifar_default_step, hardware
 from reslab.models import blocks, bn_act
 from reslab.models.bn_act import _kernel_name, _openmp_library, kernel_status, load_kernel
 
@@ -83,12 +83,7 @@ def python_stats_function():
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round and path")
-    args = p.parse_args()
+    args = ab_arguments().parse_args()
     print(hardware())
     new = load_kernel()
     if new is None:
@@ -112,17 +107,16 @@ def main() -> None:
         "+stats": (new, fork, fused),
     }
     precision, _, step = cifar_default_step(args.data, args.model)
-    rates: dict[str, list[float]] = {k: [] for k in paths}
+
+    def switch(k: str) -> Callable[[], None]:
+        def to_k() -> None:
+            bn_act._EXT, blocks.fork_for_shortcut, bn_act._BNAct = paths[k]
+
+        return to_k
+
     try:
-        for i in range(args.rounds):
-            for k in list(paths) if i % 2 == 0 else list(paths)[::-1]:
-                bn_act._EXT, blocks.fork_for_shortcut, bn_act._BNAct = paths[k]
-                for _ in range(3):
-                    step()
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                rates[k].append(128 * args.steps / (time.perf_counter() - t0))
+        rates = alternating_rounds({k: switch(k) for k in paths}, step, rounds=args.rounds,
+                                   steps=args.steps)  # fmt: skip
     finally:
         bn_act._EXT, blocks.fork_for_shortcut, bn_act._BNAct = new, fork, fused
     print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
@@ -136,7 +130,7 @@ def main() -> None:
         print(f"{k} / {prev}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
               + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
     ratio = [b / a for a, b in zip(rates["session 24"], rates["+stats"])]
-    print("all three (+stats) / session 24, per round: " + " ".join(f"{r:.3f}" for r in ratio)
+    print("all of them (+stats) / session 24, per round: " + " ".join(f"{r:.3f}" for r in ratio)
           + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
 
 

@@ -17,13 +17,12 @@ the first time (cached after).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from common import cifar_default_step, hardware
+from common import ab_arguments, alternating_rounds, cifar_default_step, hardware
 from reslab.models import bn_act
 from reslab.models.bn_act import _kernel_name, kernel_status, load_kernel
 
@@ -63,12 +62,7 @@ def alone(builds: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--steps", type=int, default=15, help="timed steps per round and build")
-    args = p.parse_args()
+    args = ab_arguments(steps=15).parse_args()
     print(hardware())
     new = load_kernel()
     if new is None or new.threads() < 2:
@@ -81,17 +75,15 @@ def main() -> None:
 
     precision, _, step = cifar_default_step(args.data, args.model)
 
-    rates: dict[str, list[float]] = {k: [] for k in builds}
+    def switch(k: str):
+        def to_k() -> None:
+            bn_act._EXT = builds[k]
+
+        return to_k
+
     try:
-        for i in range(args.rounds):
-            for k in list(builds) if i % 2 == 0 else list(builds)[::-1]:
-                bn_act._EXT = builds[k]
-                for _ in range(3):
-                    step()
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                rates[k].append(128 * args.steps / (time.perf_counter() - t0))
+        rates = alternating_rounds({k: switch(k) for k in builds}, step, rounds=args.rounds,
+                                   steps=args.steps)  # fmt: skip
     finally:
         bn_act._EXT = new
     print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -214,3 +216,34 @@ def cifar_default_step(data: str, model_name: str, batch: int = 128, size: int =
         opt.step()
 
     return precision, model, step
+
+
+def ab_arguments(rounds: int = 10, steps: int = 10) -> argparse.ArgumentParser:
+    """--data, --model, --rounds, --steps: what every A/B script of the training step takes."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per round and path")
+    return p
+
+
+def alternating_rounds(
+    paths: dict[str, Callable[[], None]], step: Callable[[], None], *, rounds: int, steps: int,
+    batch: int = 128,
+) -> dict[str, list[float]]:  # fmt: skip
+    """img/s of `step` in each round for each path, where paths[k]() switches the step to path k.
+    The order alternates (forward, then reversed) from round to round, so that a drift of this
+    VM's speed falls on every path alike; 3 untimed steps follow each switch. The caller puts
+    the default back afterwards."""
+    rates: dict[str, list[float]] = {k: [] for k in paths}
+    for i in range(rounds):
+        for k in list(paths) if i % 2 == 0 else list(paths)[::-1]:
+            paths[k]()
+            for _ in range(3):
+                step()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            rates[k].append(batch * steps / (time.perf_counter() - t0))
+    return rates
