@@ -52,7 +52,7 @@ inline void prefetch(const T* p) {  // a hint: never faults, even past the end o
     __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 0, 3);
 }
 // The same for the lines a loop is about to write (owned for writing ahead of the stores:
-// x1.013-1.032 a ResNet-20 step, x1.024 ResNet-56, in session 25's alternating rounds).
+// x1.017 a ResNet-20 step, x1.006 ResNet-56 over reads alone, benchmarks/ab_session25.py).
 #ifndef RESLAB_PREFETCH_WRITES
 #define RESLAB_PREFETCH_WRITES 1
 #endif
