@@ -42,6 +42,7 @@ from reslab.engine.trainer import (
     build_model,
     check_num_classes,
     run_info,
+    write_line,
 )
 from reslab.models.cifar import CifarResNet
 from reslab.models.fused import FusedCifarNet, stack_inputs
@@ -320,7 +321,7 @@ class FusedTrainer:
                 self._save_last()
                 for m in new_best:
                     m._save_best()
-                bar.write(self._prefix + " || ".join(Trainer._format_row(r) for r in rows))
+                write_line(bar, self._prefix + " || ".join(Trainer._format_row(r) for r in rows))
             elif saving:
                 self._save_last()
             if out_of_time:

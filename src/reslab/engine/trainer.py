@@ -181,6 +181,18 @@ class _Interval:
     since: float = field(default_factory=time.perf_counter)
 
 
+def write_line(bar: tqdm, text: str, file: Any = None) -> None:
+    """One line above the progress bar, or without a bar as one write call: runs trained side by
+    side (reproduce --jobs) share a terminal, and tqdm's write (text, then the newline) let their
+    lines interleave mid-line."""
+    if not bar.disable:
+        bar.write(text, file=file)
+        return
+    out = file or sys.stdout
+    out.write(text + "\n")
+    out.flush()
+
+
 class Trainer:
     def __init__(
         self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -574,7 +586,7 @@ class Trainer:
         if new_best:
             self._save_best()
         if self.dist.is_main:
-            bar.write(self._prefix + self._format_row(row))
+            write_line(bar, self._prefix + self._format_row(row))
         return row
 
     def _log_step(
@@ -584,7 +596,7 @@ class Trainer:
         s = self.state
         warn = watch.update(loss, step=s.step, lr=lr)
         if warn:
-            bar.write(self._prefix + warn, file=sys.stderr)
+            write_line(bar, self._prefix + warn, file=sys.stderr)
         if self._log is not None:
             self._log.step({
                 "iter": s.step, "epoch": round(s.step * self.cfg.batch_size / self.data.train_size, 3),
