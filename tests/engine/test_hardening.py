@@ -796,6 +796,42 @@ def test_a_real_sigint_before_the_first_checkpoint(cifar_root: Path, tmp_path: P
     assert main(train_args(cifar_root, out)) == 0  # the advice holds
 
 
+def test_a_ctrl_c_swallowed_inside_a_step_still_stops_the_run(
+    cifar_root: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT whose KeyboardInterrupt lands in code that swallows it (here a forward hook's
+    try/except; in the wild a __del__ or a callback) stops the run at the next step anyway."""
+    import signal
+
+    from reslab.models import cifar
+
+    calls = [0]
+
+    def hook(mod, inp, out):
+        calls[0] += 1
+        if calls[0] == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the handler runs between bytecodes
+                    pass
+            except KeyboardInterrupt:
+                pass  # swallowed
+
+    orig = cifar.CifarResNet.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        self.register_forward_hook(hook)
+
+    monkeypatch.setattr(cifar.CifarResNet, "__init__", init)
+    out = tmp_path / "run"
+    argv = train_args(cifar_root, out, "--iters", "40", "--eval-every", "40", "--save-every", "40")
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert calls[0] == 3  # not one step more
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_runs_trained_with_a_wider_head_than_their_classes_still_load_and_resume(
     cifar_root: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

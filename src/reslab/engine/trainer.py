@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +184,29 @@ class _Interval:
     since: float = field(default_factory=time.perf_counter)
 
 
+@contextlib.contextmanager
+def sigint_latch():
+    """Yields [seen]: while inside, Ctrl-C (SIGINT) still raises KeyboardInterrupt as Python's
+    own handler does, and is also remembered, so the training loop stops at its next step even
+    when the exception landed somewhere that swallowed it (a __del__, a callback: such a run had
+    trained on past Ctrl-C). Only Python's default handler on the main thread is replaced."""
+    seen = [False]
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # fmt: skip
+        yield seen
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        seen[0] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def write_line(bar: tqdm, text: str, file: Any = None) -> None:
     """One line above the progress bar, or without a bar as one write call: runs trained side by
     side (reproduce --jobs) share a terminal, and tqdm's write (text, then the newline) let their
@@ -202,6 +228,7 @@ class Trainer:
         # Put before each printed evaluation row and warning: runs trained side by side in one
         # terminal (reproduce --jobs N) would otherwise print rows nobody can tell apart.
         self._prefix = f"{label}: " if label else ""
+        self.interrupted = [False]  # train() shares its sigint_latch here
         self.out = Path(cfg.out)
         self.device = D.resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         self.dist = D.init_from_env(self.device)
@@ -469,6 +496,8 @@ class Trainer:
         done = s.step >= cfg.iters
         while not done:
             for x, y in self.data.train:
+                if self.interrupted[0]:  # a Ctrl-C whose KeyboardInterrupt was swallowed
+                    raise KeyboardInterrupt
                 lr = self._step(x, y, criterion, iv)
                 at_eval = s.step % cfg.eval_every == 0 or s.step >= cfg.iters
                 s.wall = wall0 + time.perf_counter() - t0
@@ -644,7 +673,10 @@ def train(
     """Train per `cfg`; returns the final evaluation row (also in RUN_DIR/final.json). `label`
     (a run's name) goes before each printed evaluation row and warning."""
     try:
-        final = Trainer(cfg, resume=resume, progress=progress, recipe=recipe, label=label).fit()
+        with sigint_latch() as seen:
+            trainer = Trainer(cfg, resume=resume, progress=progress, recipe=recipe, label=label)
+            trainer.interrupted = seen
+            final = trainer.fit()
     finally:
         rundir.release_lock(Path(cfg.out))
     D.shutdown()  # leave the process group (torchrun runs) so that the process exits cleanly
