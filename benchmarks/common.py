@@ -112,7 +112,8 @@ def conv_ceiling(
     shape in `dtype` channels_last on the CPU: the step time if every other op were free.
     Returns (seconds, one line per distinct shape with each phase's time and GFLOP/s: which
     phase of which shape is slow is where a faster convolution would pay)."""
-    from reslab.models.tiled_wgrad import tile_factor, tile_images
+    from reslab.models.bn_act import load_kernel
+    from reslab.models.tiled_wgrad import tile_factor, tile_images, wgrad_path
 
     shapes: dict[tuple, int] = {}
     modules: dict[tuple, torch.nn.Conv2d] = {}
@@ -155,10 +156,14 @@ def conv_ceiling(
         phases = {"fwd": seconds(conv, x, w, None, *args)}
         if i > 0:  # the input image needs no gradient
             phases["dgrad"] = seconds(back, gy, x, w, None, *args, [True, False, False])
-        # The weight gradient as reslab's training computes it: over tiled images where the
-        # blocks' tiled_wgrad rule takes it (models/tiled_wgrad.py), else directly.
-        t = tile_factor(modules[key], x)
-        if t:
+        # The weight gradient as reslab's training computes it: by the AMX kernel or over tiled
+        # images where the blocks' tiled_wgrad rule takes it (models/tiled_wgrad.py), else
+        # directly.
+        path = wgrad_path(modules[key], x)
+        if path == "kernel":
+            phases["wgrad kernel"] = seconds(load_kernel().conv3x3_wgrad, x, gy)
+        elif path == "tiled":
+            t = tile_factor(modules[key], x)
             phases[f"wgrad tiled t={t}"] = seconds(tiled_wgrad, gy, x, w, args, t)
         else:
             phases["wgrad"] = seconds(back, gy, x, w, None, *args, [False, True, False])

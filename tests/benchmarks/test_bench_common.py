@@ -53,10 +53,19 @@ def test_conv_ceiling_times_every_convolution_once_per_shape():
 
 
 def test_conv_ceiling_times_the_weight_gradient_as_training_computes_it(monkeypatch):
-    from reslab.models import tiled_wgrad
+    from reslab.models import conv_wgrad, tiled_wgrad
 
     monkeypatch.setattr(tiled_wgrad, "_amx", lambda: True)  # the rule of CPUs with AMX
-    _, lines = common.conv_ceiling(create_model("resnet20"), batch=16)
+    with monkeypatch.context() as m:  # tiling, where the AMX kernel does not take the shape
+        m.setattr(conv_wgrad, "usable", lambda *a: False)
+        _, lines = common.conv_ceiling(create_model("resnet20"), batch=16)
     tiled = [line for line in lines if "wgrad tiled t=4" in line]
     assert len(tiled) == 1 and "64->64 3x3 stride 1 on 8x8" in tiled[0]  # stage 3 alone
     assert all(" wgrad " in line for line in lines if line not in tiled)
+    if not conv_wgrad.available():
+        return
+    _, lines = common.conv_ceiling(create_model("resnet20"), batch=16)
+    kernel = [line for line in lines if "wgrad kernel" in line]
+    # 16->16 on 32x32, 32->32 on 16x16, 64->64 on 8x8: the stride-1 3x3 shapes
+    assert len(kernel) == 3 and all("stride 1" in line for line in kernel)
+    assert all(" wgrad " in line for line in lines if line not in kernel)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from reslab.models import create_model, tiled_wgrad
+from reslab.models import conv_wgrad, create_model, tiled_wgrad
 from reslab.models.tiled_wgrad import (
     _TiledWgradConv,
     apply_conv,
@@ -23,8 +23,10 @@ CL = torch.channels_last
 
 @pytest.fixture
 def amx(monkeypatch):
-    """Tiling on whatever this CPU is (the rule is per CPU kind; the math is not)."""
+    """Tiling on whatever this CPU is (the rule is per CPU kind; the math is not), and not the
+    AMX kernel, which comes first where it applies (tests/models/test_conv_wgrad.py)."""
     monkeypatch.setattr(tiled_wgrad, "_amx", lambda: True)
+    monkeypatch.setattr(conv_wgrad, "usable", lambda *a: False)
 
 
 @settings(max_examples=30, deadline=None)

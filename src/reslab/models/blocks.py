@@ -7,7 +7,7 @@ from torch import nn
 
 from reslab.models.bn_act import bn_relu, fork_for_shortcut
 from reslab.models.layers import PadShortcut, _hooked, conv1x1, conv3x3, make_shortcut
-from reslab.models.tiled_wgrad import apply_conv, tile_factor
+from reslab.models.tiled_wgrad import apply_conv, wgrad_path
 
 
 def _conv_and_shortcut(
@@ -18,7 +18,7 @@ def _conv_and_shortcut(
     a cheaper input gradient); with the fused kernel, an identity shortcut's input gradient is
     summed by the kernel too (bn_act.fork_for_shortcut)."""
     sc = block.downsample if block.residual else None
-    if isinstance(sc, PadShortcut) and not (tiled and tile_factor(conv, x)):
+    if isinstance(sc, PadShortcut) and not (tiled and wgrad_path(conv, x)):
         pair = sc.with_conv(conv, x)
         if pair is not None:
             return pair

@@ -39,6 +39,9 @@ from torch import nn
 from reslab.models.layers import _eager_training, set_block_flag
 
 _LOCK = threading.Lock()
+# The extension's sources (kernels/): the fused BN+ReLU, and the AMX weight gradient
+# (models/conv_wgrad.py) that shares its build.
+_SOURCES = ("bn_act.cpp", "conv_wgrad.cpp")
 _EXT: Any = None
 _FAILED: str | None = None
 
@@ -143,7 +146,7 @@ def _openmp_library() -> str | None:
 
 def _build(name: str, *, march: str, openmp: str | None = None,
            defines: tuple[str, ...] = ()) -> Any:  # fmt: skip
-    """Compile kernels/bn_act.cpp for `march` (or load torch's cached build of it) as `name`;
+    """Compile kernels/bn_act.cpp and conv_wgrad.cpp for `march` (or load torch's cached build of it) as `name`;
     with `openmp` (a libgomp path from `_openmp_library`) its loops run on torch's threads.
     `defines` ("NAME=VALUE") change a build for benchmarks; a name of its own goes with them."""
     load = _cpp_extension().load
@@ -158,11 +161,13 @@ def _build(name: str, *, march: str, openmp: str | None = None,
     os.makedirs(build, exist_ok=True)
     if _lock_file_blocks():
         _clear_stale_lock(os.path.join(build, "lock"))
-    src = resources.files("reslab.models") / "kernels" / "bn_act.cpp"
-    with resources.as_file(src) as path, _ninja_on_path():
+    kernels = resources.files("reslab.models") / "kernels"
+    with contextlib.ExitStack() as stack:
+        paths = [str(stack.enter_context(resources.as_file(kernels / f))) for f in _SOURCES]
+        stack.enter_context(_ninja_on_path())
         return load(
             name=name,
-            sources=[str(path)],
+            sources=paths,
             extra_cflags=cflags,
             extra_ldflags=ldflags,
             build_directory=build,

@@ -30,6 +30,7 @@ import functools
 import torch
 from torch import nn
 
+from reslab.models import conv_wgrad
 from reslab.models.layers import set_block_flag
 
 _BACKWARD = torch.ops.aten.convolution_backward
@@ -95,25 +96,32 @@ class _TiledWgradConv(torch.autograd.Function):
         return dx, dw, None
 
 
+def _plain_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv(x)` is a plain 3x3 stride-1 padding-1 convolution of a bf16 channels_last
+    CPU tensor whose weight gradient is recorded and whose module runs no hooks: the case both
+    of this module's weight-gradient paths (tiling, the AMX kernel) are for."""
+    if not isinstance(x, torch.Tensor):  # an fx Proxy: symbolic tracing records conv(x)
+        return False
+    if type(conv) is not nn.Conv2d or conv.bias is not None or conv.padding_mode != "zeros":
+        return False
+    if (conv.kernel_size, conv.stride, conv.padding) != ((3, 3), (1, 1), (1, 1)):
+        return False
+    if conv.dilation != (1, 1) or conv.groups != 1:
+        return False
+    if conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks:
+        return False  # these paths do not call the module, so its hooks would not run
+    if not (torch.is_grad_enabled() and conv.weight.requires_grad):
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4:
+        return False
+    return x.is_contiguous(memory_format=torch.channels_last)
+
+
 def tile_factor(conv: nn.Conv2d, x: torch.Tensor) -> int:
     """Images per canvas side for `conv(x)`'s weight gradient; 0 for the direct computation."""
-    if not isinstance(x, torch.Tensor):  # an fx Proxy: symbolic tracing records conv(x)
-        return 0
-    if type(conv) is not nn.Conv2d or conv.bias is not None or conv.padding_mode != "zeros":
-        return 0
-    if (conv.kernel_size, conv.stride, conv.padding) != ((3, 3), (1, 1), (1, 1)):
-        return 0
-    if conv.dilation != (1, 1) or conv.groups != 1:
-        return 0
-    if conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks:
-        return 0  # the tiled path does not call the module, so its hooks would not run
-    if not (torch.is_grad_enabled() and conv.weight.requires_grad):
-        return 0
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return 0
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4:
-        return 0
-    if not x.is_contiguous(memory_format=torch.channels_last) or not _amx():
+    if not _plain_3x3(conv, x) or not _amx():
         return 0
     n, c, h, w = x.shape
     if h * w <= 64:
@@ -127,12 +135,22 @@ def tile_factor(conv: nn.Conv2d, x: torch.Tensor) -> int:
     return t if t > 1 else 0
 
 
+def wgrad_path(conv: nn.Conv2d, x: torch.Tensor) -> str:
+    """How a flagged block computes `conv(x)`'s weight gradient: "kernel" (AMX, models/
+    conv_wgrad.py, first where it applies), "tiled" (over tiled images) or "" (directly)."""
+    if not _plain_3x3(conv, x):
+        return ""
+    if conv_wgrad.usable(x, conv.out_channels):
+        return "kernel"
+    return "tiled" if tile_factor(conv, x) else ""
+
+
 def apply_conv(conv: nn.Conv2d, x: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
-    """conv(x); with `tiled`, its weight gradient over tiled images where `tile_factor` allows.
-    The output is conv(x)'s own (the same op); only the weight gradient's summation order
-    differs."""
-    t = tile_factor(conv, x) if tiled else 0
-    if not t:
+    """conv(x); with `tiled`, its weight gradient from the AMX kernel or over tiled images where
+    `wgrad_path` finds one. The output is conv(x)'s own (the same op); only the weight
+    gradient's summation order differs."""
+    path = wgrad_path(conv, x) if tiled else ""
+    if not path:
         return conv(x)
     weight = conv.weight
     if weight.dtype != x.dtype:
@@ -140,7 +158,9 @@ def apply_conv(conv: nn.Conv2d, x: torch.Tensor, *, tiled: bool = False) -> torc
             return conv(x)  # mixed dtypes outside autocast (or fp64, which autocast leaves)
         weight = weight.to(x.dtype)  # what autocast does for conv2d (the gradient flows back)
     with torch.autocast("cpu", enabled=False):
-        return _TiledWgradConv.apply(x, weight, t)
+        if path == "kernel":
+            return conv_wgrad.AmxWgradConv.apply(x, weight)
+        return _TiledWgradConv.apply(x, weight, tile_factor(conv, x))
 
 
 def use_tiled_wgrad(model: nn.Module, on: bool = True) -> int:
@@ -151,12 +171,16 @@ def use_tiled_wgrad(model: nn.Module, on: bool = True) -> int:
 
 
 def status(precision: str) -> str:
-    """One line for run banners: how flagged blocks sum their small-map weight gradients."""
-    if not _amx():
-        return "direct (tiling was measured faster only on CPUs with AMX)"
+    """One line for run banners: how flagged blocks compute their 3x3 weight gradients."""
     if precision != "bf16":
-        return f"direct ({precision}: tiling was measured faster only in bf16)"
-    return "tiled on maps up to 8x8 (and up to 14x14 with 128+ channels)"
+        return f"direct ({precision}: the AMX kernel and tiling are bf16 paths)"
+    if not _amx():
+        return "direct (the AMX kernel and tiling were measured faster only on CPUs with AMX)"
+    tiled = "tiled on maps up to 8x8 (and up to 14x14 with 128+ channels)"
+    if conv_wgrad.available():
+        return (f"AMX kernel (16-{conv_wgrad.MAX_CHANNELS} channels, even widths), "
+                f"else {tiled}")  # fmt: skip
+    return tiled
 
 
-__all__ = ["apply_conv", "status", "tile_factor", "tile_images", "use_tiled_wgrad"]
+__all__ = ["apply_conv", "status", "tile_factor", "tile_images", "use_tiled_wgrad", "wgrad_path"]

@@ -605,6 +605,10 @@ std::string bn_act_simd() {
 #endif
 }
 
+// kernels/conv_wgrad.cpp, compiled into the same extension.
+bool conv3x3_wgrad_available();
+at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd", &bn_act_simd, "the vector code this build runs");
   m.def("threads", &bn_act_threads, "threads the kernel's parallel loops run on");
@@ -614,4 +618,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &bn_act_backward, "BatchNorm (+residual) + ReLU backward");
   m.def("add", &add, "a + b for two channels_last tensors of one shape and dtype");
   m.def("add_subsampled", &add_subsampled, "dx[:, :, ::s, ::s] += g[:, lo:lo + C], in place");
+  m.def("conv3x3_wgrad_available", &conv3x3_wgrad_available,
+        "whether conv3x3_wgrad runs here (built with AMX, and the OS lets this process use it)");
+  m.def("conv3x3_wgrad", &conv3x3_wgrad, "a 3x3 stride-1 padding-1 conv's weight gradient, fp32");
 }

@@ -1,0 +1,104 @@
+"""The AMX weight-gradient kernel (models/conv_wgrad.py) against oneDNN, alone and in a step.
+
+1. Alone: the weight gradient of a 3x3 stride-1 convolution, bf16 channels_last, at a CIFAR
+   ResNet's three stage shapes (32, 24 and 16 px batches: progressive resizing trains at 24)
+   and at ImageNet ResNet-18/34 shapes: oneDNN's direct call, oneDNN over tiled images where
+   the tiling rule takes the shape (models/tiled_wgrad.py), and the kernel; medians of 30
+   calls after 3, on operands that stay in L3 (a step's come from farther: see 2).
+2. In the default training step (real CIFAR-10 batches through the TensorLoader, as `reslab
+   train` runs it), in alternating rounds: "oneDNN" (tiled or direct, session 25's step) and
+   "kernel" (the default). This VM's speed drifts within minutes, so the per-round ratios are
+   what count.
+
+    python benchmarks/ab_conv_wgrad.py --data ../shared/data [--model resnet56] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from common import ab_arguments, alternating_rounds, cifar_default_step, hardware
+from reslab.models import conv_wgrad, tiled_wgrad
+from reslab.models.bn_act import kernel_status, load_kernel
+
+_ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
+_SHAPES = [  # (batch, in channels, out channels, side)
+    (128, 16, 16, 32), (128, 32, 32, 16), (128, 64, 64, 8), (128, 16, 32, 16),
+    (128, 16, 16, 24), (128, 32, 32, 12), (128, 64, 64, 6),
+    (32, 64, 64, 56), (32, 128, 128, 28), (32, 256, 256, 14),
+]  # fmt: skip
+
+
+def median_seconds(f, reps: int = 30) -> float:
+    for _ in range(3):
+        f()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def one_shape(ext, n: int, ci: int, co: int, side: int) -> str:
+    """One line: each path's median time and GFLOP/s at one shape, and the kernel's ratio."""
+    back = torch.ops.aten.convolution_backward
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(n, ci, side, side, generator=g).bfloat16().contiguous(memory_format=cl)
+    dy = torch.randn(n, co, side, side, generator=g).bfloat16().contiguous(memory_format=cl)
+    w = torch.zeros(co, ci, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    mask = [False, True, False]
+    times = {"oneDNN": median_seconds(lambda: back(dy, x, w, None, *_ARGS, mask))}
+    t = tiled_wgrad.tile_factor(torch.nn.Conv2d(ci, co, 3, padding=1, bias=False), x)
+    if t:
+        tile = tiled_wgrad.tile_images
+        times[f"tiled t={t}"] = median_seconds(
+            lambda: back(tile(dy, t), tile(x, t), w, None, *_ARGS, mask)
+        )
+    times["kernel"] = median_seconds(lambda: ext.conv3x3_wgrad(x, dy))
+    flops = 2 * n * side * side * ci * co * 9
+    onednn = min(v for k, v in times.items() if k != "kernel")
+    each = ", ".join(
+        f"{k} {v * 1e3:.3f} ms ({flops / v / 1e9:.0f} GFLOP/s)" for k, v in times.items()
+    )
+    return f"  {n}x{ci}->{co} on {side}x{side}: {each}; kernel x{onednn / times['kernel']:.2f}"
+
+
+def main() -> None:
+    p = ab_arguments()
+    p.add_argument("--no-step", action="store_true", help="only the weight gradients alone")
+    args = p.parse_args()
+    print(hardware())
+    ext = load_kernel()
+    if ext is None or not conv_wgrad.available():
+        raise SystemExit(f"the AMX kernel does not run here (kernel: {kernel_status()})")
+    print(f"kernel: {kernel_status()}; wgrad: {tiled_wgrad.status('bf16')}")
+    print("weight gradients alone (bf16, channels_last):")
+    for shape in _SHAPES:
+        print(one_shape(ext, *shape))
+    if args.no_step:
+        return
+    usable = conv_wgrad.usable
+    paths = {"oneDNN": lambda: setattr(conv_wgrad, "usable", lambda *a: False),
+             "kernel": lambda: setattr(conv_wgrad, "usable", usable)}  # fmt: skip
+    precision, _, step = cifar_default_step(args.data, args.model)
+    try:
+        rates = alternating_rounds(paths, step, rounds=args.rounds, steps=args.steps)
+    finally:
+        conv_wgrad.usable = usable
+    print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
+          f"of {args.steps} steps each (after 3 untimed)")  # fmt: skip
+    for k, v in rates.items():
+        print(f"{k:>7}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
+              + f"; median {statistics.median(v):.0f}")  # fmt: skip
+    ratio = [b / a for a, b in zip(rates["oneDNN"], rates["kernel"])]
+    print("kernel / oneDNN, per round: " + " ".join(f"{r:.3f}" for r in ratio)
+          + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+// The weight gradient of a 3x3, stride-1, padding-1 convolution on Intel AMX tiles, for the CPU.
+// Built with bn_act.cpp by reslab/models/bn_act.py; used by reslab/models/conv_wgrad.py.
+//
+// dw[co, ci, kh, kw] = sum over images n and pixels p of dy[n, co, p] * x[n, ci, p + off],
+// off = (kh - 1) W + (kw - 1) in an image's flat pixel order (zero outside the image). oneDNN's
+// bf16 weight gradient runs at ~600 GFLOP/s for 16 -> 16 channels on 32x32 maps at batch 128 on
+// a 2-core Xeon whose AMX tiles do ~6.4 TFLOP/s (a CIFAR ResNet's first stage: 6 of its 19
+// convolutions). Here each image is laid out once for the tiles and the nine taps are nine
+// tile products over the same data:
+//   A = dy transposed, [co][pixel]: rows of 32 pixels (one tile row of bf16 = 64 bytes);
+//   B = x in pairs of pixels, [pair][ci][2] (AMX's "VNNI" layout for bf16), one copy for the
+//       taps with an even offset (kw = 1: pairs (2j, 2j+1)) and two for the odd ones (kw = 0
+//       and 2: pairs (2j-1, 2j)). A tap's B tile is its copy read from the offset's pair, so every
+//       tile load starts on a 64-byte line (a load across lines ran at a third of the speed).
+//   Flat offsets wrap a row's ends onto the next row: tap kw = 0 at column 0 would read the
+//   previous row's last column, kw = 2 at the last column the next row's first. Those are the
+//   only reads of a last column by kw = 0 (of a first column by kw = 2), so the kw = 0 copy
+//   has x's last column zeroed and the kw = 2 copy its first. Pixels outside the image (above,
+//   below, and the padding of the pixel count to a multiple of 32) are zeros around each copy.
+// C[co][ci] accumulates in fp32 in 6 tiles at a time (A, B and 6 accumulators fill the 8 tiles),
+// over a chunk of images that fits L2 before it is stored; blocks of 16 images are summed apart
+// and their sums added in order (the same bits on any number of threads): the same gradient as
+// oneDNN's, summed in another order, and kept in fp32 until the caller rounds it.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define RESLAB_AMX 1
+#endif
+
+namespace {
+
+#ifdef RESLAB_AMX
+
+// Linux hands a process AMX's tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); torch's oneDNN asks too, this makes the kernel not depend on it.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tile instructions name their registers in the opcode; gcc's intrinsics paste the number
+// as a token, so templates go through asm with the number as an immediate.
+template <int T>
+inline void tile_load(const void* p, int64_t stride) {
+  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(p), "r"(stride), "i"(T) : "memory");
+}
+template <int T>
+inline void tile_store(void* p, int64_t stride) {
+  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(p), "r"(stride), "i"(T) : "memory");
+}
+template <int C, int A, int B>
+inline void tile_dot() {  // C[m][n] += sum_k A[m][2k..2k+1] . B[k][2n..2n+1], bf16 -> fp32
+  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
+}
+
+constexpr int kAcc = 6;             // accumulator tiles 0-5; A in 6, B in 7
+#ifndef RESLAB_WGRAD_CHUNK_KB
+#define RESLAB_WGRAD_CHUNK_KB 256
+#endif
+constexpr int64_t kChunkBytes = RESLAB_WGRAD_CHUNK_KB * 1024;  // an image chunk's data: in L2
+constexpr int64_t kBlock = 16;  // images summed apart (see conv3x3_wgrad)
+
+// vpermt2w indices that transpose 32 pixels x 16 channels of bf16 held in 16 registers (two
+// pixels each) in 4 steps: step k pairs registers i and i | 2^k and sorts their 64 values by
+// bit k of the channel, so that register c ends with channel c's 32 pixels (in pixel order:
+// the last step's indices also sort by pixel). Worked out by following every value once.
+struct TransposePlan {
+  alignas(64) uint16_t idx[4][16][32];
+  TransposePlan() {
+    int held[16][32];  // pixel * 16 + channel of each value
+    for (int r = 0; r < 16; ++r)
+      for (int j = 0; j < 32; ++j) held[r][j] = (2 * r + j / 16) * 16 + j % 16;
+    for (int k = 0; k < 4; ++k) {
+      const int m = 1 << k;
+      for (int r = 0; r < 16; ++r) {
+        if (r & m) continue;
+        std::vector<std::pair<int, int>> lo, hi;  // (index into the two registers, value)
+        for (int s = 0; s < 2; ++s)
+          for (int j = 0; j < 32; ++j) {
+            const int v = held[s ? r | m : r][j];
+            ((v % 16) & m ? hi : lo).push_back({s * 32 + j, v});
+          }
+        if (k == 3) {
+          auto by_pixel = [](const auto& a, const auto& b) { return a.second < b.second; };
+          std::sort(lo.begin(), lo.end(), by_pixel);
+          std::sort(hi.begin(), hi.end(), by_pixel);
+        }
+        for (int j = 0; j < 32; ++j) {
+          idx[k][r][j] = static_cast<uint16_t>(lo[j].first);
+          idx[k][r | m][j] = static_cast<uint16_t>(hi[j].first);
+          held[r][j] = lo[j].second;
+          held[r | m][j] = hi[j].second;
+        }
+      }
+    }
+    for (int r = 0; r < 16; ++r)
+      for (int j = 0; j < 32; ++j) TORCH_CHECK(held[r][j] == j * 16 + r, "transpose plan");
+  }
+};
+const TransposePlan& transpose_plan() {
+  static const TransposePlan plan;
+  return plan;
+}
+
+// 32 pixels (np of them real, the rest zeros) of 16 channels at src, pixel stride ps ->
+// dst row c (stride ld) = channel c's 32 values.
+inline void transpose_block(const uint16_t* src, int64_t ps, int64_t np, uint16_t* dst,
+                            int64_t ld) {
+  const TransposePlan& plan = transpose_plan();
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) {
+    const int64_t p = 2 * i;
+    const __m256i a = p < np ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + p * ps))
+                             : _mm256_setzero_si256();
+    const __m256i b = p + 1 < np
+                          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (p + 1) * ps))
+                          : _mm256_setzero_si256();
+    r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const int m = 1 << k;
+    for (int i = 0; i < 16; ++i) {
+      if (i & m) continue;
+      const __m512i lo = r[i], hi = r[i | m];
+      r[i] = _mm512_permutex2var_epi16(lo, _mm512_load_si512(plan.idx[k][i]), hi);
+      r[i | m] = _mm512_permutex2var_epi16(lo, _mm512_load_si512(plan.idx[k][i | m]), hi);
+    }
+  }
+  for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * ld, r[c]);
+}
+
+// The geometry of one call: per-image tile data and the accumulator tiles' taps.
+struct Plan {
+  int64_t N, Ci, Co, H, W, HW;
+  int64_t K;      // pixels an image contributes, padded to whole tile rows of 32
+  int64_t G;      // zero pixels before and after each copy of x: at least W + 2, whole rows
+  int64_t P;      // pairs in one copy of one 16-channel block of x
+  int64_t dsz;    // dy transposed, per image (uint16)
+  int64_t csz;    // one copy of x, per image
+  int64_t isz;    // everything an image needs
+  int64_t chunk;  // images laid out, then multiplied, at a time
+  struct Tap {    // one accumulator tile: dw[16 co of block ob][16 ci of block ib][kh][kw]
+    int kh, kw, ib, ob;
+    int64_t a_off, b_off;  // of its A and B tiles in an image's data, at pixel 0
+  };
+  std::vector<Tap> taps;
+};
+
+Plan make_plan(const at::Tensor& x, const at::Tensor& dy) {
+  Plan p;
+  p.N = x.size(0), p.Ci = x.size(1), p.H = x.size(2), p.W = x.size(3), p.Co = dy.size(1);
+  p.HW = p.H * p.W;
+  p.K = (p.HW + 31) / 32 * 32;
+  p.G = (p.W + 2 + 31) / 32 * 32;
+  p.P = (2 * p.G + p.K) / 2;
+  p.dsz = p.Co * p.K;
+  p.csz = p.Ci / 16 * p.P * 32;
+  p.isz = p.dsz + 3 * p.csz;
+  p.chunk = std::max<int64_t>(1, kChunkBytes / (2 * p.isz));
+  // Ordered so that tiles in a group of kAcc mostly share their A (dy of one block).
+  for (int ob = 0; ob < p.Co / 16; ++ob)
+    for (int kw = 0; kw < 3; ++kw)
+      for (int kh = 0; kh < 3; ++kh)
+        for (int ib = 0; ib < p.Ci / 16; ++ib) {
+          const int64_t q = p.G + (kh - 1) * p.W + (kw - 1);  // the tap's first pixel, >= 0
+          const int copy = kw == 1 ? 0 : (kw == 0 ? 1 : 2);
+          // Even offsets: pair j of copy 0 holds pixels (2j, 2j+1); odd: pair j of copies 1
+          // and 2 holds (2j-1, 2j). Pixel q is in pair q/2 or (q+1)/2 accordingly.
+          const int64_t pair = kw == 1 ? q / 2 : (q + 1) / 2;
+          p.taps.push_back(
+              {kh, kw, ib, ob, ob * 16 * p.K, p.dsz + copy * p.csz + ib * p.P * 32 + pair * 32});
+        }
+  return p;
+}
+
+// One image's tile data: dy transposed, and the three copies of x in pairs.
+void lay_out(const Plan& p, const uint16_t* x, const uint16_t* dy, uint16_t* out,
+             const __m512i& interleave) {
+  for (int64_t ob = 0; ob < p.Co / 16; ++ob)
+    for (int64_t p0 = 0; p0 < p.HW; p0 += 32)
+      transpose_block(dy + p0 * p.Co + ob * 16, p.Co, std::min<int64_t>(32, p.HW - p0),
+                      out + ob * 16 * p.K + p0, p.K);
+  const int64_t half = p.HW / 2;
+  for (int64_t ib = 0; ib < p.Ci / 16; ++ib) {
+    uint16_t* even = out + p.dsz + ib * p.P * 32 + p.G / 2 * 32;
+    uint16_t* odd0 = even + p.csz;  // for kw = 0: the last column zeroed
+    uint16_t* odd2 = even + 2 * p.csz;  // for kw = 2: the first column zeroed
+    const uint16_t* src = x + ib * 16;
+    auto pixel = [&](int64_t i) {
+      return i >= 0 && i < p.HW
+                 ? _mm512_castsi256_si512(
+                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * p.Ci)))
+                 : _mm512_setzero_si512();
+    };
+    for (int64_t j = 0; j <= half; ++j) {
+      const __m512i before = pixel(2 * j - 1), at = pixel(2 * j);
+      if (j < half)
+        _mm512_storeu_si512(even + j * 32,
+                            _mm512_permutex2var_epi16(at, interleave, pixel(2 * j + 1)));
+      const __m512i o = _mm512_permutex2var_epi16(before, interleave, at);
+      // At a row start, `before` is the previous row's last column and `at` the first column.
+      const bool row_start = (2 * j) % p.W == 0;
+      _mm512_storeu_si512(odd0 + j * 32, row_start ? _mm512_maskz_mov_epi16(0xAAAAAAAAu, o) : o);
+      _mm512_storeu_si512(odd2 + j * 32, row_start ? _mm512_maskz_mov_epi16(0x55555555u, o) : o);
+    }
+  }
+}
+
+template <int S, int GN>
+inline void multiply_step(const Plan::Tap* const* taps, const uint16_t* data, int64_t k0,
+                          int64_t a_stride) {
+  if constexpr (S < GN) {
+    if (S == 0 || taps[S]->ob != taps[S - 1]->ob) tile_load<6>(data + taps[S]->a_off + k0, a_stride);
+    tile_load<7>(data + taps[S]->b_off + k0 * 16, 64);  // 32 pixels on: 16 pairs of 32 values
+    tile_dot<S, 6, 7>();
+    multiply_step<S + 1, GN>(taps, data, k0, a_stride);
+  }
+}
+template <int S, int GN>
+inline void acc_load(float* acc) {
+  if constexpr (S < GN) {
+    tile_load<S>(acc + S * 256, 64);
+    acc_load<S + 1, GN>(acc);
+  }
+}
+template <int S, int GN>
+inline void acc_store(float* acc) {
+  if constexpr (S < GN) {
+    tile_store<S>(acc + S * 256, 64);
+    acc_store<S + 1, GN>(acc);
+  }
+}
+
+// Accumulator tiles taps[0..GN) += the chunk's images' products; acc holds them between calls.
+template <int GN>
+void multiply(const Plan& p, const Plan::Tap* const* taps, float* acc, const uint16_t* chunk,
+              int64_t images) {
+  acc_load<0, GN>(acc);
+  for (int64_t i = 0; i < images; ++i)
+    for (int64_t k0 = 0; k0 < p.K; k0 += 32)
+      multiply_step<0, GN>(taps, chunk + i * p.isz, k0, p.K * 2);
+  acc_store<0, GN>(acc);
+}
+
+#endif  // RESLAB_AMX
+
+}  // namespace
+
+bool conv3x3_wgrad_available() {
+#ifdef RESLAB_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// x [N, Ci, H, W], dy [N, Co, H, W]: channels_last bf16 CPU tensors, Ci and Co multiples of 16,
+// W even -> dw [Co, Ci, 3, 3] fp32 (contiguous) of conv2d(x, w, stride 1, padding 1).
+at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy) {
+  TORCH_CHECK(conv3x3_wgrad_available(), "conv3x3_wgrad needs a CPU with AMX (bf16 tiles)");
+  for (const at::Tensor* t : {&x, &dy})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 &&
+                    t->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "conv3x3_wgrad takes channels_last bf16 CPU tensors");
+  TORCH_CHECK(x.size(0) == dy.size(0) && x.size(2) == dy.size(2) && x.size(3) == dy.size(3),
+              "x and dy must be [N, Ci, H, W] and [N, Co, H, W]");
+  TORCH_CHECK(x.size(1) % 16 == 0 && dy.size(1) % 16 == 0 && x.size(1) > 0 && dy.size(1) > 0,
+              "channels must be multiples of 16");
+  TORCH_CHECK(x.size(3) % 2 == 0 && x.size(3) > 0 && x.size(2) > 0, "the width must be even");
+  at::Tensor dw = at::zeros({dy.size(1), x.size(1), 3, 3}, x.options().dtype(at::kFloat));
+#ifdef RESLAB_AMX
+  const Plan p = make_plan(x, dy);
+  const int64_t ntaps = static_cast<int64_t>(p.taps.size());
+  // Each block of kBlock images is summed on its own and the blocks' sums are added in order:
+  // the result does not depend on how many threads ran or which took which block.
+  const int64_t blocks = (p.N + kBlock - 1) / kBlock;
+  std::vector<float> sums(blocks * ntaps * 256);  // per block, per tap: [16 co][16 ci]
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* DY = reinterpret_cast<const uint16_t*>(dy.data_ptr());
+  alignas(64) uint16_t pairs[32];  // (a_c, b_c) for c = 0..15 from two 16-value halves
+  for (int c = 0; c < 16; ++c) pairs[2 * c] = c, pairs[2 * c + 1] = 32 + c;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+    const int64_t chunk = std::min(p.chunk, kBlock);
+    // Zeroed once: the margins and padding stay zero, lay_out rewrites only the image data.
+    auto* data = static_cast<uint16_t*>(std::aligned_alloc(64, chunk * p.isz * 2));
+    TORCH_CHECK(data != nullptr, "conv3x3_wgrad: out of memory");
+    std::memset(data, 0, chunk * p.isz * 2);
+    const __m512i interleave = _mm512_load_si512(pairs);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* acc = sums.data() + b * ntaps * 256;
+      std::fill(acc, acc + ntaps * 256, 0.0f);
+      const int64_t end = std::min(p.N, (b + 1) * kBlock);
+      for (int64_t c0 = b * kBlock; c0 < end; c0 += chunk) {
+        const int64_t images = std::min(chunk, end - c0);
+        for (int64_t i = 0; i < images; ++i)
+          lay_out(p, X + (c0 + i) * p.HW * p.Ci, DY + (c0 + i) * p.HW * p.Co, data + i * p.isz,
+                  interleave);
+        for (int64_t g = 0; g < ntaps; g += kAcc) {
+          const Plan::Tap* taps[kAcc];
+          const int gn = static_cast<int>(std::min<int64_t>(kAcc, ntaps - g));
+          for (int s = 0; s < gn; ++s) taps[s] = &p.taps[g + s];
+          float* a = acc + g * 256;
+          switch (gn) {
+            case 1: multiply<1>(p, taps, a, data, images); break;
+            case 2: multiply<2>(p, taps, a, data, images); break;
+            case 3: multiply<3>(p, taps, a, data, images); break;
+            case 4: multiply<4>(p, taps, a, data, images); break;
+            case 5: multiply<5>(p, taps, a, data, images); break;
+            default: multiply<6>(p, taps, a, data, images); break;
+          }
+        }
+      }
+    }
+    _tile_release();
+    std::free(data);
+  });
+  std::vector<float> total(sums.begin(), sums.begin() + ntaps * 256);
+  for (int64_t b = 1; b < blocks; ++b)
+    for (int64_t i = 0; i < ntaps * 256; ++i) total[i] += sums[b * ntaps * 256 + i];
+  float* D = dw.data_ptr<float>();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const Plan::Tap& tap = p.taps[t];
+    float* d = D + (tap.ob * 16 * p.Ci + tap.ib * 16) * 9 + tap.kh * 3 + tap.kw;
+    for (int co = 0; co < 16; ++co)
+      for (int ci = 0; ci < 16; ++ci) d[(co * p.Ci + ci) * 9] = total[t * 256 + co * 16 + ci];
+  }
+#endif
+  return dw;
+}

@@ -1,0 +1,201 @@
+"""The AMX weight-gradient kernel (models/conv_wgrad.py, kernels/conv_wgrad.cpp) against float64
+and oneDNN. Its own tests need a CPU with AMX (skipped elsewhere: the kernel is not built there);
+`usable`'s rules are checked everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from reslab.models import conv_wgrad, create_model, tiled_wgrad
+from reslab.models.bn_act import load_kernel
+from reslab.models.tiled_wgrad import apply_conv, use_tiled_wgrad, wgrad_path
+
+CL = torch.channels_last
+_ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not conv_wgrad.available():
+        pytest.skip("the AMX kernel does not run on this CPU (built without AMX tiles)")
+    return load_kernel()
+
+
+def _pair(n, ci, co, h, w, *, ints=False, seed=0):
+    """(x [n, ci, h, w], dy [n, co, h, w]) bf16 channels_last; small integers where `ints`, so
+    that every product and sum is exact in fp32 and the kernel must equal float64 exactly."""
+    g = torch.Generator().manual_seed(seed)
+    if ints:
+        x = torch.randint(-3, 4, (n, ci, h, w), generator=g).float()
+        dy = torch.randint(-3, 4, (n, co, h, w), generator=g).float()
+    else:
+        x, dy = torch.randn(n, ci, h, w, generator=g), torch.randn(n, co, h, w, generator=g)
+    return (x.bfloat16().contiguous(memory_format=CL), dy.bfloat16().contiguous(memory_format=CL))
+
+
+def _reference(x, dy):
+    """The weight gradient in float64 (torch's own convolution backward)."""
+    w = torch.zeros(dy.shape[1], x.shape[1], 3, 3, dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(
+        dy.double(), x.double(), w, None, *_ARGS, [False, True, False]
+    )[1]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 16, 16, 1, 2),  # one row of two pixels: every tap reads padding somewhere
+        (3, 16, 16, 5, 6),  # 30 pixels: one tile row, partly padding
+        (17, 32, 16, 9, 10),  # a second block of 16 images, 90 pixels (3 rows of 32, 6 spare)
+        (16, 16, 48, 4, 32),  # a row is a tile row; 3 output blocks
+        (2, 16, 16, 3, 34),  # rows longer than a tile row and not a multiple of 32
+        (1, 16, 16, 2, 64),  # two tile rows per image row
+        (35, 64, 64, 8, 8),  # CIFAR stage 3
+        (2, 128, 112, 3, 4),  # the largest channel counts it is used for; 7 output blocks
+    ],
+)
+def test_the_kernel_equals_float64_exactly_on_exact_data(ext, shape):
+    """Integer data: no rounding anywhere, so any misplaced or missing term (a tap's row ends,
+    the padding, a channel block, an image) shows as a difference."""
+    x, dy = _pair(*shape, ints=True)
+    got = ext.conv3x3_wgrad(x, dy)
+    assert got.dtype == torch.float32 and got.shape == (shape[2], shape[1], 3, 3)
+    assert got.is_contiguous()
+    assert torch.equal(got.double(), _reference(x, dy))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 20),
+    ci=st.sampled_from([16, 32, 48]),
+    co=st.sampled_from([16, 32]),
+    h=st.integers(1, 12),
+    half_w=st.integers(1, 20),
+)
+def test_any_shape_it_takes_equals_float64_exactly(n, ci, co, h, half_w):
+    if not conv_wgrad.available():
+        pytest.skip("the AMX kernel does not run on this CPU")
+    x, dy = _pair(n, ci, co, h, 2 * half_w, ints=True, seed=n * h + half_w)
+    assert torch.equal(load_kernel().conv3x3_wgrad(x, dy).double(), _reference(x, dy))
+
+
+@pytest.mark.parametrize("shape", [(128, 16, 16, 32, 32), (64, 32, 32, 16, 16), (40, 64, 64, 8, 8)])
+def test_on_real_valued_data_it_is_fp32_accurate_and_within_bf16_of_onednn(ext, shape):
+    x, dy = _pair(*shape)
+    got, ref = ext.conv3x3_wgrad(x, dy).double(), _reference(x, dy)
+    scale = _reference(x.abs(), dy.abs())  # the sum of the terms' magnitudes
+    assert ((got - ref).abs() <= scale * 2**-16).all()  # fp32 sums: far below bf16's 2^-8
+    w = torch.zeros(shape[2], shape[1], 3, 3, dtype=torch.bfloat16)
+    onednn = torch.ops.aten.convolution_backward(dy, x, w, None, *_ARGS, [False, True, False])[1]
+    # oneDNN rounds its sums to bf16: half a bf16 unit of each entry, plus its own fp32 error
+    assert ((onednn.double() - got).abs() <= got.abs() * 2**-8 + scale * 2**-16).all()
+
+
+def test_the_result_does_not_depend_on_the_number_of_threads(ext):
+    x, dy = _pair(50, 32, 32, 8, 8, seed=3)  # 4 blocks of up to 16 images
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.conv3x3_wgrad(x, dy)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, ext.conv3x3_wgrad(x, dy))
+
+
+def test_bad_arguments_are_refused_with_a_message(ext):
+    x, dy = _pair(2, 16, 16, 4, 4)
+    with pytest.raises(RuntimeError, match="width must be even"):
+        ext.conv3x3_wgrad(
+            x[..., :3].contiguous(memory_format=CL), dy[..., :3].contiguous(memory_format=CL)
+        )
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ext.conv3x3_wgrad(x[:, :8].contiguous(memory_format=CL), dy)
+    with pytest.raises(RuntimeError, match="channels_last bf16"):
+        ext.conv3x3_wgrad(x.float(), dy)
+    with pytest.raises(RuntimeError, match="channels_last bf16"):
+        ext.conv3x3_wgrad(x.contiguous(), dy)
+    with pytest.raises(RuntimeError, match="must be"):
+        ext.conv3x3_wgrad(x, dy[:1])
+
+
+def test_usable_only_where_the_kernel_applies(monkeypatch):
+    monkeypatch.setattr(conv_wgrad, "available", lambda: True)
+    good, _ = _pair(4, 16, 32, 6, 6)
+    assert conv_wgrad.usable(good, 32)
+    assert not conv_wgrad.usable(good.float(), 32)
+    assert not conv_wgrad.usable(good.contiguous(), 32)  # NCHW
+    assert not conv_wgrad.usable(good[..., :5].contiguous(memory_format=CL), 32)  # odd width
+    assert not conv_wgrad.usable(good, 24)  # output channels not a multiple of 16
+    assert not conv_wgrad.usable(_pair(1, 8, 16, 4, 4)[0], 16)
+    big = _pair(1, 256, 16, 4, 4)[0]
+    assert not conv_wgrad.usable(big, 16)  # measured slower than oneDNN at 256 channels
+    assert not conv_wgrad.usable(good[:0], 32)  # no images
+    monkeypatch.setattr(conv_wgrad, "available", lambda: False)
+    assert not conv_wgrad.usable(good, 32)
+
+
+def test_apply_conv_takes_the_kernel_under_autocast_with_the_same_output_and_input_gradient(ext):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1, bias=False).to(memory_format=CL)
+    x = torch.randn(24, 32, 16, 16).bfloat16().contiguous(memory_format=CL).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert wgrad_path(conv, x) == "kernel"
+        y = apply_conv(conv, x, tiled=True)
+        ref = conv(x)
+    assert "AmxWgradConv" in type(y.grad_fn).__name__
+    assert torch.equal(y, ref)
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, conv.weight), dy)
+    dx_ref, dw_ref = torch.autograd.grad(ref, (x, conv.weight), dy)
+    assert torch.equal(dx, dx_ref)  # oneDNN's input gradient either way
+    assert dw.dtype == torch.float32 and dw.shape == conv.weight.shape
+    assert (dw - dw_ref).abs().max() <= dw_ref.abs().max() * 2**-7  # both rounded once to bf16
+
+
+@pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet18"])
+def test_a_training_step_with_the_kernel_matches_the_direct_one(ext, name, monkeypatch):
+    """Whole models: the kernel computes every 3x3 stride-1 weight gradient it takes (counted),
+    every parameter gets a finite gradient, within bf16 rounding of oneDNN's."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).to(memory_format=CL)
+    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (16,))
+    calls = []
+
+    class Counting:
+        def conv3x3_wgrad(self, a, b):
+            calls.append(tuple(a.shape))
+            return ext.conv3x3_wgrad(a, b)
+
+    monkeypatch.setattr(conv_wgrad, "load_kernel", lambda: Counting())
+    monkeypatch.setattr(conv_wgrad, "available", lambda: True)
+
+    def grads(on: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        use_tiled_wgrad(model, on)
+        with torch.autocast("cpu", torch.bfloat16):
+            F.cross_entropy(model(x), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    direct, kernel = grads(False), grads(True)
+    # the blocks' 3x3 stride-1 convs (not the stem: 3 channels); ResNet-18 up to 128 channels
+    eligible = {"resnet20": 16, "plain20": 16, "resnet18": 7}[name]
+    assert len(calls) == eligible
+    for n, g in kernel.items():
+        assert torch.isfinite(g).all(), n
+        scale = direct[n].abs().max()
+        assert (g - direct[n]).abs().max() <= scale * 0.05 + 1e-6, n  # bf16 steps apart
+
+
+def test_the_banner_names_the_kernel_where_it_runs(monkeypatch):
+    monkeypatch.setattr(tiled_wgrad, "_amx", lambda: True)
+    monkeypatch.setattr(conv_wgrad, "available", lambda: True)
+    assert tiled_wgrad.status("bf16").startswith("AMX kernel (16-128 channels, even widths)")
+    monkeypatch.setattr(conv_wgrad, "available", lambda: False)
+    assert tiled_wgrad.status("bf16").startswith("tiled")
+    assert tiled_wgrad.status("fp32").startswith("direct")
