@@ -302,7 +302,7 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy) {
     TileConfig cfg;
     for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
-    const int64_t chunk = std::min(p.chunk, kBlock);
+    const int64_t chunk = std::min({p.chunk, kBlock, p.N - b0 * kBlock});
     // Zeroed once: the margins and padding stay zero, lay_out rewrites only the image data.
     auto* data = static_cast<uint16_t*>(std::aligned_alloc(64, chunk * p.isz * 2));
     TORCH_CHECK(data != nullptr, "conv3x3_wgrad: out of memory");
