@@ -131,10 +131,11 @@ class TrainConfig:
     # model, parameters and math; bf16 rounds once instead of after BN, add and ReLU. Not used
     # with compile (inductor fuses these itself) or on GPUs (cuDNN).
     fused_bn_act: bool = True
-    # On CPUs with AMX, sum the weight gradients of 3x3 convs on small maps (CIFAR stage 3, 8x8
-    # or 6x6; ImageNet layer3/4) over images tiled side by side, which oneDNN computes 1.2-2.2x
-    # faster than over the separate small images (models/tiled_wgrad.py). The same gradient in
-    # another summation order. Not used with compile or on GPUs.
+    # On CPUs with AMX, compute the blocks' 3x3 stride-1 weight gradients with reslab's own AMX
+    # kernel (16-128 channels, even widths: 1.2-2.5x oneDNN's speed, models/conv_wgrad.py), and
+    # elsewhere on small maps (ImageNet layer3/4) sum them over images tiled side by side, which
+    # oneDNN computes 1.1-2.2x faster (models/tiled_wgrad.py). The same gradient in another
+    # summation order. Not used with compile or on GPUs. (The name predates the kernel.)
     tiled_wgrad: bool = True
     workers: int | None = None  # DataLoader workers for image folders; None: from cores and size
     sync_bn: bool = False  # distributed: SyncBatchNorm (the paper keeps BN per device)
