@@ -11,6 +11,7 @@
    what count.
 
     python benchmarks/ab_conv_wgrad.py --data ../shared/data [--model resnet56] [--rounds 10]
+        [--skip-shapes | --no-step]
 """
 
 from __future__ import annotations
@@ -71,15 +72,17 @@ def one_shape(ext, n: int, ci: int, co: int, side: int) -> str:
 def main() -> None:
     p = ab_arguments()
     p.add_argument("--no-step", action="store_true", help="only the weight gradients alone")
+    p.add_argument("--skip-shapes", action="store_true", help="only the training step")
     args = p.parse_args()
     print(hardware())
     ext = load_kernel()
     if ext is None or not conv_wgrad.available():
         raise SystemExit(f"the AMX kernel does not run here (kernel: {kernel_status()})")
     print(f"kernel: {kernel_status()}; wgrad: {tiled_wgrad.status('bf16')}")
-    print("weight gradients alone (bf16, channels_last):")
-    for shape in _SHAPES:
-        print(one_shape(ext, *shape))
+    if not args.skip_shapes:
+        print("weight gradients alone (bf16, channels_last):")
+        for shape in _SHAPES:
+            print(one_shape(ext, *shape))
     if args.no_step:
         return
     usable = conv_wgrad.usable
