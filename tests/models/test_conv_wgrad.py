@@ -157,6 +157,23 @@ def test_apply_conv_takes_the_kernel_under_autocast_with_the_same_output_and_inp
     assert (dw - dw_ref).abs().max() <= dw_ref.abs().max() * 2**-7  # both rounded once to bf16
 
 
+def test_double_backward_through_the_kernel_path_is_autograd_s(ext):
+    """create_graph=True: the weight gradient must stay differentiable (a gradient penalty), so
+    the kernel steps aside for oneDNN's op; the second derivative equals the direct path's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False).to(memory_format=CL)
+    x = torch.randn(4, 16, 8, 8).bfloat16().contiguous(memory_format=CL).requires_grad_()
+
+    def penalty(tiled: bool) -> torch.Tensor:
+        with torch.autocast("cpu", torch.bfloat16):
+            y = apply_conv(conv, x, tiled=tiled)
+        (dw,) = torch.autograd.grad(y.float().square().sum(), conv.weight, create_graph=True)
+        (g,) = torch.autograd.grad(dw.square().sum(), x)
+        return g
+
+    assert torch.equal(penalty(True), penalty(False))
+
+
 @pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet18"])
 def test_a_training_step_with_the_kernel_matches_the_direct_one(ext, name, monkeypatch):
     """Whole models: the kernel computes every 3x3 stride-1 weight gradient it takes (counted),

@@ -63,7 +63,11 @@ class AmxWgradConv(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = _BACKWARD(dy, x, weight, None, *_CONV_ARGS, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, double backward): the kernel's sum is not
+            # differentiable, so the weight gradient comes from the op autograd can follow
+            dw = _BACKWARD(dy, x, weight, None, *_CONV_ARGS, [False, True, False])[1]
+        elif ctx.needs_input_grad[1]:
             # [Co, Ci, 3, 3] fp32 sums, rounded once to the weight's dtype (bf16 under autocast)
             dw = load_kernel().conv3x3_wgrad(x, dy).to(weight.dtype)
             dw = dw.contiguous(memory_format=torch.channels_last) if _cl(weight) else dw
