@@ -161,7 +161,7 @@ def conv_ceiling(
         # directly.
         path = wgrad_path(modules[key], x)
         if path == "kernel":
-            phases["wgrad kernel"] = seconds(load_kernel().conv3x3_wgrad, x, gy)
+            phases["wgrad kernel"] = seconds(load_kernel().conv3x3_wgrad, x, gy, stride[0])
         elif path == "tiled":
             t = tile_factor(modules[key], x)
             phases[f"wgrad tiled t={t}"] = seconds(tiled_wgrad, gy, x, w, args, t)

@@ -26,23 +26,26 @@ def ext():
     return load_kernel()
 
 
-def _pair(n, ci, co, h, w, *, ints=False, seed=0):
-    """(x [n, ci, h, w], dy [n, co, h, w]) bf16 channels_last; small integers where `ints`, so
-    that every product and sum is exact in fp32 and the kernel must equal float64 exactly."""
+def _pair(n, ci, co, h, w, *, ints=False, seed=0, stride=1):
+    """(x [n, ci, h, w], dy [n, co, h / stride, w / stride]) bf16 channels_last; small integers
+    where `ints`, so that every product and sum is exact in fp32 and the kernel must equal
+    float64 exactly."""
     g = torch.Generator().manual_seed(seed)
+    ho, wo = h // stride, w // stride
     if ints:
         x = torch.randint(-3, 4, (n, ci, h, w), generator=g).float()
-        dy = torch.randint(-3, 4, (n, co, h, w), generator=g).float()
+        dy = torch.randint(-3, 4, (n, co, ho, wo), generator=g).float()
     else:
-        x, dy = torch.randn(n, ci, h, w, generator=g), torch.randn(n, co, h, w, generator=g)
+        x, dy = torch.randn(n, ci, h, w, generator=g), torch.randn(n, co, ho, wo, generator=g)
     return (x.bfloat16().contiguous(memory_format=CL), dy.bfloat16().contiguous(memory_format=CL))
 
 
-def _reference(x, dy):
+def _reference(x, dy, stride=1):
     """The weight gradient in float64 (torch's own convolution backward)."""
     w = torch.zeros(dy.shape[1], x.shape[1], 3, 3, dtype=torch.float64)
+    args = ((stride, stride), *_ARGS[1:])
     return torch.ops.aten.convolution_backward(
-        dy.double(), x.double(), w, None, *_ARGS, [False, True, False]
+        dy.double(), x.double(), w, None, *args, [False, True, False]
     )[1]
 
 
@@ -69,6 +72,26 @@ def test_the_kernel_equals_float64_exactly_on_exact_data(ext, shape):
     assert torch.equal(got.double(), _reference(x, dy))
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 16, 16, 2, 4),  # a 1x2 output
+        (3, 16, 32, 4, 4),
+        (17, 32, 16, 6, 8),  # a second block of images
+        (2, 16, 32, 32, 32),  # CIFAR's first transition, 32x32 -> 16x16
+        (5, 64, 64, 8, 12),
+        (3, 16, 16, 2, 68),  # output rows longer than a tile row
+    ],
+)
+def test_stride_2_equals_float64_exactly_on_exact_data(ext, shape):
+    """Stride 2 reads x's four phases (even/odd rows and columns), the kw = 0 taps with the
+    previous column: the same exactness test."""
+    x, dy = _pair(*shape, ints=True, stride=2)
+    got = ext.conv3x3_wgrad(x, dy, 2)
+    assert got.shape == (shape[2], shape[1], 3, 3)
+    assert torch.equal(got.double(), _reference(x, dy, 2))
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 20),
@@ -76,12 +99,15 @@ def test_the_kernel_equals_float64_exactly_on_exact_data(ext, shape):
     co=st.sampled_from([16, 32]),
     h=st.integers(1, 12),
     half_w=st.integers(1, 20),
+    stride=st.sampled_from([1, 2]),
 )
-def test_any_shape_it_takes_equals_float64_exactly(n, ci, co, h, half_w):
+def test_any_shape_it_takes_equals_float64_exactly(n, ci, co, h, half_w, stride):
     if not conv_wgrad.available():
         pytest.skip("the AMX kernel does not run on this CPU")
-    x, dy = _pair(n, ci, co, h, 2 * half_w, ints=True, seed=n * h + half_w)
-    assert torch.equal(load_kernel().conv3x3_wgrad(x, dy).double(), _reference(x, dy))
+    h, w = stride * h, stride * 2 * half_w  # the output: h x 2 half_w
+    x, dy = _pair(n, ci, co, h, w, ints=True, seed=n * h + half_w, stride=stride)
+    got = load_kernel().conv3x3_wgrad(x, dy, stride).double()
+    assert torch.equal(got, _reference(x, dy, stride))
 
 
 @pytest.mark.parametrize("shape", [(128, 16, 16, 32, 32), (64, 32, 32, 16, 16), (40, 64, 64, 8, 8)])
@@ -121,6 +147,10 @@ def test_bad_arguments_are_refused_with_a_message(ext):
         ext.conv3x3_wgrad(x.contiguous(), dy)
     with pytest.raises(RuntimeError, match="must be"):
         ext.conv3x3_wgrad(x, dy[:1])
+    with pytest.raises(RuntimeError, match="must be"):
+        ext.conv3x3_wgrad(x, dy, 2)  # dy is not x's size halved
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
+        ext.conv3x3_wgrad(x, dy[:, :, :1, :1].contiguous(memory_format=CL), 4)
 
 
 def test_usable_only_where_the_kernel_applies(monkeypatch):
@@ -135,6 +165,10 @@ def test_usable_only_where_the_kernel_applies(monkeypatch):
     big = _pair(1, 256, 16, 4, 4)[0]
     assert not conv_wgrad.usable(big, 16)  # measured slower than oneDNN at 256 channels
     assert not conv_wgrad.usable(good[:0], 32)  # no images
+    assert conv_wgrad.usable(_pair(2, 16, 32, 8, 12)[0], 32, 2)  # 4x6 output
+    assert not conv_wgrad.usable(good, 32, 2)  # a 3x3 output: odd width
+    assert not conv_wgrad.usable(_pair(2, 16, 32, 7, 8)[0], 32, 2)  # odd input height
+    assert not conv_wgrad.usable(good, 32, 3)
     monkeypatch.setattr(conv_wgrad, "available", lambda: False)
     assert not conv_wgrad.usable(good, 32)
 
@@ -185,9 +219,9 @@ def test_a_training_step_with_the_kernel_matches_the_direct_one(ext, name, monke
     calls = []
 
     class Counting:
-        def conv3x3_wgrad(self, a, b):
-            calls.append(tuple(a.shape))
-            return ext.conv3x3_wgrad(a, b)
+        def conv3x3_wgrad(self, a, b, stride=1):
+            calls.append((tuple(a.shape), stride))
+            return ext.conv3x3_wgrad(a, b, stride)
 
     monkeypatch.setattr(conv_wgrad, "load_kernel", lambda: Counting())
     monkeypatch.setattr(conv_wgrad, "available", lambda: True)
@@ -200,9 +234,11 @@ def test_a_training_step_with_the_kernel_matches_the_direct_one(ext, name, monke
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     direct, kernel = grads(False), grads(True)
-    # the blocks' 3x3 stride-1 convs (not the stem: 3 channels); ResNet-18 up to 128 channels
-    eligible = {"resnet20": 16, "plain20": 16, "resnet18": 7}[name]
+    # the blocks' 3x3 convs (not the stem: 3 channels), ResNet-18's up to 128 channels; the
+    # stride-2 ones (2, 2, 1) through option A's combined op in ResNet-20, directly elsewhere
+    eligible = {"resnet20": 18, "plain20": 18, "resnet18": 8}[name]
     assert len(calls) == eligible
+    assert sum(s == 2 for _, s in calls) == (1 if name == "resnet18" else 2)
     for n, g in kernel.items():
         assert torch.isfinite(g).all(), n
         scale = direct[n].abs().max()

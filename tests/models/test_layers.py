@@ -29,7 +29,7 @@ def _step(model, x, y, *, combined: bool, autocast: bool, monkeypatch) -> tuple[
     with monkeypatch.context() as m:
         m.setattr(layers._ConvSubsamplePad, "apply", counted)
         if not combined:
-            m.setattr(layers.PadShortcut, "with_conv", lambda self, conv, x: None)
+            m.setattr(layers.PadShortcut, "with_conv", lambda self, conv, x, **kw: None)
         net = copy.deepcopy(model)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = F.cross_entropy(net(x), y)
@@ -165,7 +165,7 @@ def test_double_backward_through_option_a_blocks_matches_autograd(kernel, monkey
     def grads(with_conv):
         with monkeypatch.context() as m:
             if not with_conv:
-                m.setattr(layers.PadShortcut, "with_conv", lambda self, conv, x: None)
+                m.setattr(layers.PadShortcut, "with_conv", lambda self, conv, x, **kw: None)
                 m.setattr(layers, "_eager_training", lambda x: False)  # plain slicing + F.pad
             net, xi = copy.deepcopy(model), x.clone().requires_grad_()
             (gx,) = torch.autograd.grad(F.cross_entropy(net(xi), y), xi, create_graph=True)

@@ -18,8 +18,10 @@ def _conv_and_shortcut(
     a cheaper input gradient); with the fused kernel, an identity shortcut's input gradient is
     summed by the kernel too (bn_act.fork_for_shortcut)."""
     sc = block.downsample if block.residual else None
-    if isinstance(sc, PadShortcut) and not (tiled and wgrad_path(conv, x)):
-        pair = sc.with_conv(conv, x)
+    path = wgrad_path(conv, x) if tiled and isinstance(sc, PadShortcut) else ""
+    if isinstance(sc, PadShortcut) and path != "tiled":
+        # the AMX kernel's weight gradient works inside the combined op; tiling does not
+        pair = sc.with_conv(conv, x, wgrad_kernel=path == "kernel")
         if pair is not None:
             return pair
     # Training only (the kernel's BN runs in training mode alone: in eval the fork would only

@@ -8,10 +8,11 @@ taps as tile products over the same data: 1.7-2.5x oneDNN's speed at those shape
 (benchmarks/ab_conv_wgrad.py). The same gradient summed in another order (fp32 sums, rounded
 once to the weight's dtype as oneDNN's are; tests/models/test_conv_wgrad.py).
 
-Used by `tiled_wgrad.apply_conv` for the blocks' 3x3 stride-1 convolutions in CPU training
-(the `tiled_wgrad` flag), where `usable` holds: the kernel built with AMX and allowed by the OS,
-bf16 channels_last input, channels multiples of 16 and at most `MAX_CHANNELS`, an even width.
-The forward pass and the input gradient stay oneDNN's.
+Used by `tiled_wgrad.apply_conv` for the blocks' 3x3 convolutions of stride 1 and 2 in CPU
+training (the `tiled_wgrad` flag; option-A blocks' first conv through `layers.PadShortcut.
+with_conv`), where `usable` holds: the kernel built with AMX and allowed by the OS, bf16
+channels_last input, channels multiples of 16 and at most `MAX_CHANNELS`, an even output width
+(and even input sides for stride 2). The forward pass and the input gradient stay oneDNN's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from reslab.models.bn_act import load_kernel
 
 _BACKWARD = torch.ops.aten.convolution_backward
-_CONV_ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)  # stride, padding, dilation, ..., groups
 # Measured faster than oneDNN up to here (batch 32: 64 channels on 56x56 x1.24, 128 on 28x28
 # x1.11, 256 on 14x14 x0.91; benchmarks/ab_conv_wgrad.py).
 MAX_CHANNELS = 128
@@ -34,27 +34,47 @@ def available() -> bool:
     return ext is not None and bool(ext.conv3x3_wgrad_available())
 
 
-def usable(x: torch.Tensor, out_channels: int) -> bool:
-    """Whether a 3x3 stride-1 padding-1 conv of x (checked by the caller) with `out_channels`
-    can take the kernel's weight gradient."""
+def usable(x: torch.Tensor, out_channels: int, stride: int = 1) -> bool:
+    """Whether a 3x3 padding-1 conv of x with `stride` (1 or 2; the rest is checked by the
+    caller) and `out_channels` can take the kernel's weight gradient: the output's width even,
+    and for stride 2 the input's height and width even too."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4:
         return False
     n, c, h, w = x.shape
-    if min(n, c, h, w) < 1 or w % 2 or c % 16 or out_channels % 16:
+    if min(n, c, h, w) < 1 or c % 16 or out_channels % 16 or stride not in (1, 2):
+        return False
+    if (w // stride) % 2 or (stride == 2 and (h % 2 or w % 2)):
         return False
     if max(c, out_channels) > MAX_CHANNELS:
         return False
     return x.is_contiguous(memory_format=torch.channels_last) and available()
 
 
+def conv_args(stride: int) -> tuple:
+    """aten.convolution's arguments after the bias for a 3x3 padding-1 conv with `stride`."""
+    return ((stride, stride), (1, 1), (1, 1), False, (0, 0), 1)
+
+
+def weight_grad(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, stride: int):
+    """conv2d(x, weight, stride, padding 1)'s weight gradient for the output gradient dy, in
+    weight's dtype and layout: the kernel's fp32 sums rounded once (as oneDNN rounds its own);
+    oneDNN's differentiable op under create_graph=True (grad mode on in a backward: a gradient
+    penalty, double backward), which the kernel's sum is not."""
+    if torch.is_grad_enabled():
+        return _BACKWARD(dy, x, weight, None, *conv_args(stride), [False, True, False])[1]
+    dw = load_kernel().conv3x3_wgrad(x, dy, stride).to(weight.dtype)
+    return dw.contiguous(memory_format=torch.channels_last) if _cl(weight) else dw
+
+
 class AmxWgradConv(torch.autograd.Function):
-    """conv2d(x, weight) with 3x3 kernels, stride 1, padding 1 (bf16, channels_last); the
+    """conv2d(x, weight) with 3x3 kernels, padding 1, stride 1 or 2 (bf16, channels_last); the
     weight gradient from the AMX kernel, the input gradient from oneDNN."""
 
     @staticmethod
-    def forward(ctx, x, weight):  # type: ignore[override]
+    def forward(ctx, x, weight, stride=1):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        return torch.ops.aten.convolution(x, weight, None, *_CONV_ARGS)
+        ctx.stride = stride
+        return torch.ops.aten.convolution(x, weight, None, *conv_args(stride))
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
@@ -62,16 +82,10 @@ class AmxWgradConv(torch.autograd.Function):
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = _BACKWARD(dy, x, weight, None, *_CONV_ARGS, [True, False, False])[0]
-        if ctx.needs_input_grad[1] and torch.is_grad_enabled():
-            # create_graph=True (a gradient penalty, double backward): the kernel's sum is not
-            # differentiable, so the weight gradient comes from the op autograd can follow
-            dw = _BACKWARD(dy, x, weight, None, *_CONV_ARGS, [False, True, False])[1]
-        elif ctx.needs_input_grad[1]:
-            # [Co, Ci, 3, 3] fp32 sums, rounded once to the weight's dtype (bf16 under autocast)
-            dw = load_kernel().conv3x3_wgrad(x, dy).to(weight.dtype)
-            dw = dw.contiguous(memory_format=torch.channels_last) if _cl(weight) else dw
-        return dx, dw
+            dx = _BACKWARD(dy, x, weight, None, *conv_args(ctx.stride), [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            dw = weight_grad(x, dy, weight, ctx.stride)
+        return dx, dw, None
 
 
 def _cl(w: torch.Tensor) -> bool:
@@ -79,4 +93,4 @@ def _cl(w: torch.Tensor) -> bool:
     return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
 
-__all__ = ["MAX_CHANNELS", "AmxWgradConv", "available", "usable"]
+__all__ = ["MAX_CHANNELS", "AmxWgradConv", "available", "conv_args", "usable", "weight_grad"]

@@ -123,9 +123,9 @@ class _ConvSubsamplePad(torch.autograd.Function):
     ~4 ms of a ~80 ms ResNet-20 step on a 2-core CPU. The sum is the same, element by element."""
 
     @staticmethod
-    def forward(ctx, x, weight, conv_args, pad_args):  # type: ignore[override]
+    def forward(ctx, x, weight, conv_args, pad_args, wgrad_kernel=False):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        ctx.conv_args, ctx.pad_args = conv_args, pad_args
+        ctx.conv_args, ctx.pad_args, ctx.wgrad_kernel = conv_args, pad_args, wgrad_kernel
         stride, padding, dilation, groups = conv_args
         out = torch.ops.aten.convolution(
             x, weight, None, stride, padding, dilation, False, (0, 0), groups
@@ -136,13 +136,21 @@ class _ConvSubsamplePad(torch.autograd.Function):
     def backward(ctx, g_out, g_short):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
-        mask = [True, ctx.needs_input_grad[1], False]
+        # The weight gradient from the AMX kernel where the caller found it applies (a 3x3
+        # stride-2 conv1 of a CIFAR net in CPU training, models/conv_wgrad.py), else oneDNN's.
+        kernel = ctx.wgrad_kernel and ctx.needs_input_grad[1]
+        mask = [True, ctx.needs_input_grad[1] and not kernel, False]
         dx, dw, _ = torch.ops.aten.convolution_backward(
             g_out, x, weight, None, stride, padding, dilation, False, (0, 0), groups, mask
         )
+        if kernel:
+            from reslab.models.conv_wgrad import weight_grad  # imports this module
+
+            g = g_out.contiguous(memory_format=torch.channels_last)
+            dw = weight_grad(x, g, weight, stride[0])
         pstride, lo, _hi, pgroups = ctx.pad_args
         _pad_backward_add(dx, g_short.to(dx.dtype), pstride, lo, x.shape[1] // pgroups, pgroups)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 def subsample_pad(x: torch.Tensor, stride: int, lo: int, hi: int, groups: int = 1) -> torch.Tensor:
@@ -196,11 +204,12 @@ class PadShortcut(nn.Module):
         return subsample_pad(x, self.stride, *self.pad)
 
     def with_conv(
-        self, conv: nn.Module, x: torch.Tensor
+        self, conv: nn.Module, x: torch.Tensor, *, wgrad_kernel: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(conv(x), self(x)) as one op whose input gradient skips autograd's zero-filled sum
         (_ConvSubsamplePad), in eager training where it computes exactly what the two calls
-        would; None elsewhere (the caller makes the two calls)."""
+        would; None elsewhere (the caller makes the two calls). `wgrad_kernel`: the conv's
+        weight gradient from the AMX kernel (the caller checked that it applies)."""
         if not _eager_training(x) or type(conv) is not nn.Conv2d:
             return None
         if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -219,7 +228,8 @@ class PadShortcut(nn.Module):
             weight = weight.to(dtype)  # what autocast does for conv2d (the gradient flows back)
         conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         with torch.autocast(dev, enabled=False):
-            out, short = _ConvSubsamplePad.apply(x, weight, conv_args, (self.stride, *self.pad, 1))
+            pad_args = (self.stride, *self.pad, 1)
+            out, short = _ConvSubsamplePad.apply(x, weight, conv_args, pad_args, wgrad_kernel)
         return out, short
 
     def extra_repr(self) -> str:

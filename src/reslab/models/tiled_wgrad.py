@@ -1,8 +1,9 @@
 """Weight gradients of 3x3 convolutions in CPU training: the AMX kernel, or over tiled images.
 
 `apply_conv` is how a flagged block (the `tiled_wgrad` flag, set for CPU runs) calls its 3x3
-stride-1 convolutions: their weight gradient comes from reslab's AMX kernel where it applies
-(models/conv_wgrad.py: 16-128 channels, even widths; session 26), else over tiled images where
+convolutions: their weight gradient comes from reslab's AMX kernel where it applies
+(models/conv_wgrad.py: stride 1 or 2, 16-128 channels, even widths; session 26), else (stride
+1) over tiled images where
 the rule below takes the shape, else from oneDNN directly (`wgrad_path` says which). The rest of
 this docstring is about tiling (session 21), which the kernel has since replaced at CIFAR's
 shapes; it stays for the shapes the kernel does not take (odd widths such as ResNet-18's 7x7
@@ -42,6 +43,7 @@ from reslab.models import conv_wgrad
 from reslab.models.layers import set_block_flag
 
 _BACKWARD = torch.ops.aten.convolution_backward
+_STRIDES = ((1, 1), (2, 2))
 _CONV_ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)  # stride, padding, dilation, ..., groups
 
 
@@ -105,14 +107,14 @@ class _TiledWgradConv(torch.autograd.Function):
 
 
 def _plain_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv(x)` is a plain 3x3 stride-1 padding-1 convolution of a bf16 channels_last
-    CPU tensor whose weight gradient is recorded and whose module runs no hooks: the case both
-    of this module's weight-gradient paths (tiling, the AMX kernel) are for."""
+    """Whether `conv(x)` is a plain 3x3 padding-1 convolution of stride 1 or 2 of a bf16
+    channels_last CPU tensor whose weight gradient is recorded and whose module runs no hooks:
+    the case this module's weight-gradient paths are for (tiling: stride 1 only)."""
     if not isinstance(x, torch.Tensor):  # an fx Proxy: symbolic tracing records conv(x)
         return False
     if type(conv) is not nn.Conv2d or conv.bias is not None or conv.padding_mode != "zeros":
         return False
-    if (conv.kernel_size, conv.stride, conv.padding) != ((3, 3), (1, 1), (1, 1)):
+    if (conv.kernel_size, conv.padding) != ((3, 3), (1, 1)) or conv.stride not in _STRIDES:
         return False
     if conv.dilation != (1, 1) or conv.groups != 1:
         return False
@@ -129,7 +131,7 @@ def _plain_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 def tile_factor(conv: nn.Conv2d, x: torch.Tensor) -> int:
     """Images per canvas side for `conv(x)`'s weight gradient; 0 for the direct computation."""
-    if not _plain_3x3(conv, x) or not _amx():
+    if not _plain_3x3(conv, x) or conv.stride != (1, 1) or not _amx():
         return 0
     n, c, h, w = x.shape
     if h * w <= 64:
@@ -148,7 +150,7 @@ def wgrad_path(conv: nn.Conv2d, x: torch.Tensor) -> str:
     conv_wgrad.py, first where it applies), "tiled" (over tiled images) or "" (directly)."""
     if not _plain_3x3(conv, x):
         return ""
-    if conv_wgrad.usable(x, conv.out_channels):
+    if conv_wgrad.usable(x, conv.out_channels, conv.stride[0]):
         return "kernel"
     return "tiled" if tile_factor(conv, x) else ""
 
@@ -167,7 +169,7 @@ def apply_conv(conv: nn.Conv2d, x: torch.Tensor, *, tiled: bool = False) -> torc
         weight = weight.to(x.dtype)  # what autocast does for conv2d (the gradient flows back)
     with torch.autocast("cpu", enabled=False):
         if path == "kernel":
-            return conv_wgrad.AmxWgradConv.apply(x, weight)
+            return conv_wgrad.AmxWgradConv.apply(x, weight, conv.stride[0])
         return _TiledWgradConv.apply(x, weight, tile_factor(conv, x))
 
 

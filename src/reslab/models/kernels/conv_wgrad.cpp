@@ -150,7 +150,9 @@ inline void transpose_block(const uint16_t* src, int64_t ps, int64_t np, uint16_
 
 // The geometry of one call: per-image tile data and the accumulator tiles' taps.
 struct Plan {
-  int64_t N, Ci, Co, H, W, HW;
+  int64_t N, Ci, Co, H, W, HW;  // H, W: the output's (the grid the taps are summed over)
+  int64_t s, Hi, Wi;            // stride; x's height and width (s H and s W for stride 2)
+  int64_t copies;               // of x, per image: 3 for stride 1, 6 for stride 2 (see Copy)
   int64_t K;      // pixels an image contributes, padded to whole tile rows of 32
   int64_t G;      // zero pixels before and after each copy of x: at least W + 2, whole rows
   int64_t P;      // pairs in one copy of one 16-channel block of x
@@ -165,27 +167,55 @@ struct Plan {
   std::vector<Tap> taps;
 };
 
-Plan make_plan(const at::Tensor& x, const at::Tensor& dy) {
+// A copy of x in pairs: of the phase (p, q) of x (the pixels (s i + p, s j + q) as an H x W
+// image; (0, 0) for stride 1), pairs (2m, 2m+1) (even) or (2m-1, 2m) (odd), and which value of
+// a pair that starts a row is zeroed (the lanes kept: all, the second, the first).
+struct Copy {
+  int p, q;
+  bool odd;
+  uint32_t row_start_keep;
+};
+constexpr uint32_t kAll = 0xFFFFFFFFu, kSecond = 0xAAAAAAAAu, kFirst = 0x55555555u;
+// Stride 1: the taps kw = 1 read copy 0, kw = 0 copy 1, kw = 2 copy 2.
+constexpr Copy kCopies1[3] = {{0, 0, false, kAll}, {0, 0, true, kSecond}, {0, 0, true, kFirst}};
+// Stride 2: tap (kh, kw) reads row 2i + kh - 1 and column 2j + kw - 1 of x: phase p = 0 for
+// kh = 1 (row offset 0), p = 1 for kh = 0 (offset -1) and 2 (0); likewise q for kw. An odd
+// offset (kw = 0) reads copy 4 + p, with the phase's last column zeroed; else copy 2p + q.
+constexpr Copy kCopies2[6] = {{0, 0, false, kAll}, {0, 1, false, kAll}, {1, 0, false, kAll},
+                              {1, 1, false, kAll}, {0, 1, true, kSecond}, {1, 1, true, kSecond}};
+const Copy* copies_of(const Plan& p) { return p.s == 1 ? kCopies1 : kCopies2; }
+
+Plan make_plan(const at::Tensor& x, const at::Tensor& dy, int64_t stride) {
   Plan p;
-  p.N = x.size(0), p.Ci = x.size(1), p.H = x.size(2), p.W = x.size(3), p.Co = dy.size(1);
+  p.N = x.size(0), p.Ci = x.size(1), p.Hi = x.size(2), p.Wi = x.size(3), p.Co = dy.size(1);
+  p.H = dy.size(2), p.W = dy.size(3), p.s = stride, p.copies = stride == 1 ? 3 : 6;
   p.HW = p.H * p.W;
   p.K = (p.HW + 31) / 32 * 32;
   p.G = (p.W + 2 + 31) / 32 * 32;
   p.P = (2 * p.G + p.K) / 2;
   p.dsz = p.Co * p.K;
   p.csz = p.Ci / 16 * p.P * 32;
-  p.isz = p.dsz + 3 * p.csz;
+  p.isz = p.dsz + p.copies * p.csz;
   p.chunk = std::max<int64_t>(1, kChunkBytes / (2 * p.isz));
   // Ordered so that tiles in a group of kAcc mostly share their A (dy of one block).
   for (int ob = 0; ob < p.Co / 16; ++ob)
     for (int kw = 0; kw < 3; ++kw)
       for (int kh = 0; kh < 3; ++kh)
         for (int ib = 0; ib < p.Ci / 16; ++ib) {
-          const int64_t q = p.G + (kh - 1) * p.W + (kw - 1);  // the tap's first pixel, >= 0
-          const int copy = kw == 1 ? 0 : (kw == 0 ? 1 : 2);
-          // Even offsets: pair j of copy 0 holds pixels (2j, 2j+1); odd: pair j of copies 1
-          // and 2 holds (2j-1, 2j). Pixel q is in pair q/2 or (q+1)/2 accordingly.
-          const int64_t pair = kw == 1 ? q / 2 : (q + 1) / 2;
+          int64_t off;  // in the grid's flat pixel order
+          int copy;
+          if (stride == 1) {
+            off = (kh - 1) * p.W + (kw - 1);
+            copy = kw == 1 ? 0 : (kw == 0 ? 1 : 2);
+          } else {
+            const int ph = kh == 1 ? 0 : 1, pw = kw == 1 ? 0 : 1;
+            off = (kh == 0 ? -p.W : 0) + (kw == 0 ? -1 : 0);
+            copy = kw == 0 ? 4 + ph : 2 * ph + pw;
+          }
+          const int64_t q = p.G + off;  // the tap's first pixel in its copy, >= 0
+          // Even offsets read an even copy, whose pair j holds pixels (2j, 2j+1); odd ones an
+          // odd copy, pair j = (2j-1, 2j). Pixel q is in pair q/2 or (q+1)/2 accordingly.
+          const int64_t pair = off % 2 == 0 ? q / 2 : (q + 1) / 2;
           p.taps.push_back(
               {kh, kw, ib, ob, ob * 16 * p.K, p.dsz + copy * p.csz + ib * p.P * 32 + pair * 32});
         }
@@ -200,27 +230,34 @@ void lay_out(const Plan& p, const uint16_t* x, const uint16_t* dy, uint16_t* out
       transpose_block(dy + p0 * p.Co + ob * 16, p.Co, std::min<int64_t>(32, p.HW - p0),
                       out + ob * 16 * p.K + p0, p.K);
   const int64_t half = p.HW / 2;
-  for (int64_t ib = 0; ib < p.Ci / 16; ++ib) {
-    uint16_t* even = out + p.dsz + ib * p.P * 32 + p.G / 2 * 32;
-    uint16_t* odd0 = even + p.csz;  // for kw = 0: the last column zeroed
-    uint16_t* odd2 = even + 2 * p.csz;  // for kw = 2: the first column zeroed
-    const uint16_t* src = x + ib * 16;
-    auto pixel = [&](int64_t i) {
-      return i >= 0 && i < p.HW
-                 ? _mm512_castsi256_si512(
-                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * p.Ci)))
-                 : _mm512_setzero_si512();
-    };
-    for (int64_t j = 0; j <= half; ++j) {
-      const __m512i before = pixel(2 * j - 1), at = pixel(2 * j);
-      if (j < half)
-        _mm512_storeu_si512(even + j * 32,
-                            _mm512_permutex2var_epi16(at, interleave, pixel(2 * j + 1)));
-      const __m512i o = _mm512_permutex2var_epi16(before, interleave, at);
-      // At a row start, `before` is the previous row's last column and `at` the first column.
-      const bool row_start = (2 * j) % p.W == 0;
-      _mm512_storeu_si512(odd0 + j * 32, row_start ? _mm512_maskz_mov_epi16(0xAAAAAAAAu, o) : o);
-      _mm512_storeu_si512(odd2 + j * 32, row_start ? _mm512_maskz_mov_epi16(0x55555555u, o) : o);
+  for (int64_t c = 0; c < p.copies; ++c) {
+    const Copy& cp = copies_of(p)[c];
+    for (int64_t ib = 0; ib < p.Ci / 16; ++ib) {
+      uint16_t* dst = out + p.dsz + c * p.csz + ib * p.P * 32 + p.G / 2 * 32;
+      const uint16_t* src = x + (cp.p * p.Wi + cp.q) * p.Ci + ib * 16;
+      auto pixel = [&](int64_t i, int64_t j) {  // pixel (i, j) of the phase, 16 channels
+        return _mm512_castsi256_si512(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(src + (p.s * i * p.Wi + p.s * j) * p.Ci)));
+      };
+      const __mmask32 keep = cp.row_start_keep;
+      for (int64_t i = 0; i < p.H; ++i)
+        for (int64_t j = 0; j < p.W; j += 2) {
+          uint16_t* o = dst + (i * p.W + j) / 2 * 32;
+          if (!cp.odd) {
+            _mm512_storeu_si512(o, _mm512_permutex2var_epi16(pixel(i, j), interleave, pixel(i, j + 1)));
+            continue;
+          }
+          // (before, at): at a row start, before is the previous row's last column
+          const __m512i before = j > 0 ? pixel(i, j - 1)
+                                 : i > 0 ? pixel(i - 1, p.W - 1) : _mm512_setzero_si512();
+          const __m512i v = _mm512_permutex2var_epi16(before, interleave, pixel(i, j));
+          _mm512_storeu_si512(o, j == 0 ? _mm512_maskz_mov_epi16(keep, v) : v);
+        }
+      if (cp.odd && half > 0) {  // the last pair: (the last pixel, 0), at a row start
+        const __m512i v = _mm512_permutex2var_epi16(pixel(p.H - 1, p.W - 1), interleave,
+                                                    _mm512_setzero_si512());
+        _mm512_storeu_si512(dst + half * 32, _mm512_maskz_mov_epi16(keep, v));
+      }
     }
   }
 }
@@ -273,22 +310,25 @@ bool conv3x3_wgrad_available() {
 #endif
 }
 
-// x [N, Ci, H, W], dy [N, Co, H, W]: channels_last bf16 CPU tensors, Ci and Co multiples of 16,
-// W even -> dw [Co, Ci, 3, 3] fp32 (contiguous) of conv2d(x, w, stride 1, padding 1).
-at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy) {
+// x [N, Ci, H, W], dy [N, Co, H / s, W / s]: channels_last bf16 CPU tensors, Ci and Co multiples
+// of 16 -> dw [Co, Ci, 3, 3] fp32 (contiguous) of conv2d(x, w, stride s, padding 1), s = 1 or 2.
+// dy's width must be even; for s = 2, x's height and width too.
+at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride) {
   TORCH_CHECK(conv3x3_wgrad_available(), "conv3x3_wgrad needs a CPU with AMX (bf16 tiles)");
   for (const at::Tensor* t : {&x, &dy})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 &&
                     t->is_contiguous(at::MemoryFormat::ChannelsLast),
                 "conv3x3_wgrad takes channels_last bf16 CPU tensors");
-  TORCH_CHECK(x.size(0) == dy.size(0) && x.size(2) == dy.size(2) && x.size(3) == dy.size(3),
-              "x and dy must be [N, Ci, H, W] and [N, Co, H, W]");
+  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2");
+  TORCH_CHECK(x.size(0) == dy.size(0) && x.size(2) == stride * dy.size(2) &&
+                  x.size(3) == stride * dy.size(3),
+              "x and dy must be [N, Ci, H, W] and [N, Co, H / stride, W / stride]");
   TORCH_CHECK(x.size(1) % 16 == 0 && dy.size(1) % 16 == 0 && x.size(1) > 0 && dy.size(1) > 0,
               "channels must be multiples of 16");
-  TORCH_CHECK(x.size(3) % 2 == 0 && x.size(3) > 0 && x.size(2) > 0, "the width must be even");
+  TORCH_CHECK(dy.size(3) % 2 == 0 && dy.size(3) > 0 && dy.size(2) > 0, "the width must be even");
   at::Tensor dw = at::zeros({dy.size(1), x.size(1), 3, 3}, x.options().dtype(at::kFloat));
 #ifdef RESLAB_AMX
-  const Plan p = make_plan(x, dy);
+  const Plan p = make_plan(x, dy, stride);
   const int64_t ntaps = static_cast<int64_t>(p.taps.size());
   // Each block of kBlock images is summed on its own and the blocks' sums are added in order:
   // the result does not depend on how many threads ran or which took which block.
@@ -315,7 +355,8 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy) {
       for (int64_t c0 = b * kBlock; c0 < end; c0 += chunk) {
         const int64_t images = std::min(chunk, end - c0);
         for (int64_t i = 0; i < images; ++i)
-          lay_out(p, X + (c0 + i) * p.HW * p.Ci, DY + (c0 + i) * p.HW * p.Co, data + i * p.isz,
+          lay_out(p, X + (c0 + i) * p.Hi * p.Wi * p.Ci, DY + (c0 + i) * p.HW * p.Co,
+                  data + i * p.isz,
                   interleave);
         for (int64_t g = 0; g < ntaps; g += kAcc) {
           const Plan::Tap* taps[kAcc];
