@@ -131,8 +131,8 @@ class TrainConfig:
     # model, parameters and math; bf16 rounds once instead of after BN, add and ReLU. Not used
     # with compile (inductor fuses these itself) or on GPUs (cuDNN).
     fused_bn_act: bool = True
-    # On CPUs with AMX, compute the blocks' 3x3 stride-1 weight gradients with reslab's own AMX
-    # kernel (16-128 channels, even widths: 1.2-2.5x oneDNN's speed, models/conv_wgrad.py), and
+    # On CPUs with AMX, compute the blocks' 3x3 weight gradients (stride 1 and 2) with reslab's
+    # own AMX kernel (16-128 channels, even widths: 1.1-2.3x oneDNN's, models/conv_wgrad.py), and
     # elsewhere on small maps (ImageNet layer3/4) sum them over images tiled side by side, which
     # oneDNN computes 1.1-2.2x faster (models/tiled_wgrad.py). The same gradient in another
     # summation order. Not used with compile or on GPUs. (The name predates the kernel.)

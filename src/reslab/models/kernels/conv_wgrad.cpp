@@ -1,12 +1,12 @@
-// The weight gradient of a 3x3, stride-1, padding-1 convolution on Intel AMX tiles, for the CPU.
-// Built with bn_act.cpp by reslab/models/bn_act.py; used by reslab/models/conv_wgrad.py.
+// The weight gradient of a 3x3, padding-1 convolution of stride 1 or 2 on Intel AMX tiles, for the
+// CPU. Built with bn_act.cpp by reslab/models/bn_act.py; used by reslab/models/conv_wgrad.py.
 //
-// dw[co, ci, kh, kw] = sum over images n and pixels p of dy[n, co, p] * x[n, ci, p + off],
-// off = (kh - 1) W + (kw - 1) in an image's flat pixel order (zero outside the image). oneDNN's
-// bf16 weight gradient runs at ~600 GFLOP/s for 16 -> 16 channels on 32x32 maps at batch 128 on
-// a 2-core Xeon whose AMX tiles do ~6.4 TFLOP/s (a CIFAR ResNet's first stage: 6 of its 19
-// convolutions). Here each image is laid out once for the tiles and the nine taps are nine
-// tile products over the same data:
+// dw[co, ci, kh, kw] = sum over images n and output pixels p of dy[n, co, p] * x[n, ci, p + off],
+// off = (kh - 1) W + (kw - 1) in an image's flat pixel order (zero outside the image; stride 2:
+// see kCopies2). oneDNN's bf16 weight gradient runs at ~600 GFLOP/s for 16 -> 16 channels on
+// 32x32 maps at batch 128 on a 2-core Xeon whose AMX tiles do ~6.4 TFLOP/s (a CIFAR ResNet's
+// first stage: 6 of its 19 convolutions). Here each image is laid out once for the tiles and
+// the nine taps are nine tile products over the same data:
 //   A = dy transposed, [co][pixel]: rows of 32 pixels (one tile row of bf16 = 64 bytes);
 //   B = x in pairs of pixels, [pair][ci][2] (AMX's "VNNI" layout for bf16), one copy for the
 //       taps with an even offset (kw = 1: pairs (2j, 2j+1)) and two for the odd ones (kw = 0
@@ -17,6 +17,8 @@
 //   only reads of a last column by kw = 0 (of a first column by kw = 2), so the kw = 0 copy
 //   has x's last column zeroed and the kw = 2 copy its first. Pixels outside the image (above,
 //   below, and the padding of the pixel count to a multiple of 32) are zeros around each copy.
+//   Stride 2 sums over the output's grid and reads x's four phases (even or odd rows and
+//   columns), each a grid-sized image: six copies (kCopies2).
 // C[co][ci] accumulates in fp32 in 6 tiles at a time (A, B and 6 accumulators fill the 8 tiles),
 // over a chunk of images that fits L2 before it is stored; blocks of 16 images are summed apart
 // and their sums added in order (the same bits on any number of threads): the same gradient as
