@@ -1,7 +1,7 @@
 """The AMX weight-gradient kernel (models/conv_wgrad.py) against oneDNN, alone and in a step.
 
-1. Alone: the weight gradient of a 3x3 stride-1 convolution, bf16 channels_last, at a CIFAR
-   ResNet's three stage shapes (32, 24 and 16 px batches: progressive resizing trains at 24)
+1. Alone: the weight gradient of a 3x3 convolution (stride 1 and 2), bf16 channels_last, at a
+   CIFAR ResNet's shapes (32 and 24 px batches: progressive resizing trains at 24)
    and at ImageNet ResNet-18/34 shapes: oneDNN's direct call, oneDNN over tiled images where
    the tiling rule takes the shape (models/tiled_wgrad.py), and the kernel; medians of 30
    calls after 3, on operands that stay in L3 (a step's come from farther: see 2).
@@ -25,11 +25,12 @@ from common import ab_arguments, alternating_rounds, cifar_default_step, hardwar
 from reslab.models import conv_wgrad, tiled_wgrad
 from reslab.models.bn_act import kernel_status, load_kernel
 
-_ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
-_SHAPES = [  # (batch, in channels, out channels, side)
-    (128, 16, 16, 32), (128, 32, 32, 16), (128, 64, 64, 8), (128, 16, 32, 16),
-    (128, 16, 16, 24), (128, 32, 32, 12), (128, 64, 64, 6),
-    (32, 64, 64, 56), (32, 128, 128, 28), (32, 256, 256, 14),
+_SHAPES = [  # (batch, in channels, out channels, input side, stride)
+    (128, 16, 16, 32, 1), (128, 32, 32, 16, 1), (128, 64, 64, 8, 1), (128, 16, 32, 16, 1),
+    (128, 16, 32, 32, 2), (128, 32, 64, 16, 2),
+    (128, 16, 16, 24, 1), (128, 32, 32, 12, 1), (128, 64, 64, 6, 1),
+    (128, 16, 32, 24, 2), (128, 32, 64, 12, 2),
+    (32, 64, 64, 56, 1), (32, 128, 128, 28, 1), (32, 64, 128, 56, 2), (32, 256, 256, 14, 1),
 ]  # fmt: skip
 
 
@@ -44,29 +45,32 @@ def median_seconds(f, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def one_shape(ext, n: int, ci: int, co: int, side: int) -> str:
+def one_shape(ext, n: int, ci: int, co: int, side: int, stride: int) -> str:
     """One line: each path's median time and GFLOP/s at one shape, and the kernel's ratio."""
     back = torch.ops.aten.convolution_backward
     g = torch.Generator().manual_seed(0)
     cl = torch.channels_last
+    out = side // stride
     x = torch.randn(n, ci, side, side, generator=g).bfloat16().contiguous(memory_format=cl)
-    dy = torch.randn(n, co, side, side, generator=g).bfloat16().contiguous(memory_format=cl)
+    dy = torch.randn(n, co, out, out, generator=g).bfloat16().contiguous(memory_format=cl)
     w = torch.zeros(co, ci, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=cl)
-    mask = [False, True, False]
-    times = {"oneDNN": median_seconds(lambda: back(dy, x, w, None, *_ARGS, mask))}
-    t = tiled_wgrad.tile_factor(torch.nn.Conv2d(ci, co, 3, padding=1, bias=False), x)
+    args, mask = conv_wgrad.conv_args(stride), [False, True, False]
+    times = {"oneDNN": median_seconds(lambda: back(dy, x, w, None, *args, mask))}
+    conv = torch.nn.Conv2d(ci, co, 3, stride=stride, padding=1, bias=False)
+    t = tiled_wgrad.tile_factor(conv, x)
     if t:
         tile = tiled_wgrad.tile_images
         times[f"tiled t={t}"] = median_seconds(
-            lambda: back(tile(dy, t), tile(x, t), w, None, *_ARGS, mask)
+            lambda: back(tile(dy, t), tile(x, t), w, None, *args, mask)
         )
-    times["kernel"] = median_seconds(lambda: ext.conv3x3_wgrad(x, dy))
-    flops = 2 * n * side * side * ci * co * 9
+    times["kernel"] = median_seconds(lambda: ext.conv3x3_wgrad(x, dy, stride))
+    flops = 2 * n * out * out * ci * co * 9
     onednn = min(v for k, v in times.items() if k != "kernel")
     each = ", ".join(
         f"{k} {v * 1e3:.3f} ms ({flops / v / 1e9:.0f} GFLOP/s)" for k, v in times.items()
     )
-    return f"  {n}x{ci}->{co} on {side}x{side}: {each}; kernel x{onednn / times['kernel']:.2f}"
+    shape = f"{n}x{ci}->{co} on {side}x{side}" + (" stride 2" if stride == 2 else "")
+    return f"  {shape}: {each}; kernel x{onednn / times['kernel']:.2f}"
 
 
 def main() -> None:
