@@ -252,3 +252,23 @@ def test_the_banner_names_the_kernel_where_it_runs(monkeypatch):
     monkeypatch.setattr(conv_wgrad, "available", lambda: False)
     assert tiled_wgrad.status("bf16").startswith("tiled")
     assert tiled_wgrad.status("fp32").startswith("direct")
+
+
+def test_a_conv_with_any_hook_calling_it_would_run_takes_neither_path(monkeypatch):
+    """The kernel and tiled paths do not call the module: a backward pre-hook of the conv, or a
+    global module hook, must keep it on the direct path, as its own forward hooks do."""
+    monkeypatch.setattr(conv_wgrad, "available", lambda: True)
+    x = _pair(4, 16, 16, 8, 8)[0].requires_grad_()
+
+    def conv() -> nn.Conv2d:
+        return nn.Conv2d(16, 16, 3, padding=1, bias=False).to(memory_format=CL)
+
+    assert wgrad_path(conv(), x) == "kernel"
+    hooked = conv()
+    hooked.register_full_backward_pre_hook(lambda *a: None)
+    assert wgrad_path(hooked, x) == ""
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert wgrad_path(conv(), x) == ""
+    finally:
+        handle.remove()

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from reslab.models import conv_wgrad
-from reslab.models.layers import set_block_flag
+from reslab.models.layers import _hooked, set_block_flag
 
 _BACKWARD = torch.ops.aten.convolution_backward
 _STRIDES = ((1, 1), (2, 2))
@@ -118,7 +118,7 @@ def _plain_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         return False
     if conv.dilation != (1, 1) or conv.groups != 1:
         return False
-    if conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks:
+    if _hooked(conv):  # its own hooks or global ones (a backward pre-hook too)
         return False  # these paths do not call the module, so its hooks would not run
     if not (torch.is_grad_enabled() and conv.weight.requires_grad):
         return False
