@@ -19,6 +19,13 @@ CL = torch.channels_last
 _ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
 
 
+@pytest.fixture(autouse=True)
+def small_batches(monkeypatch):
+    """The kernel on the small batches these tests use (it declines fewer than 16 images a
+    thread, where it measured slower: test_it_declines_batches_that_leave_threads_idle)."""
+    monkeypatch.setattr(conv_wgrad, "_BLOCK", 1)
+
+
 @pytest.fixture(scope="module")
 def ext():
     if not conv_wgrad.available():
@@ -153,6 +160,14 @@ def test_bad_arguments_are_refused_with_a_message(ext):
         ext.conv3x3_wgrad(x, dy[:, :, :1, :1].contiguous(memory_format=CL), 4)
 
 
+def test_it_declines_batches_that_leave_threads_idle(monkeypatch):
+    monkeypatch.setattr(conv_wgrad, "available", lambda: True)
+    monkeypatch.setattr(conv_wgrad, "_BLOCK", 16)
+    threads = torch.get_num_threads()
+    assert conv_wgrad.usable(_pair(16 * threads, 16, 16, 4, 4)[0], 16)
+    assert not conv_wgrad.usable(_pair(16 * threads - 1, 16, 16, 4, 4)[0], 16)
+
+
 def test_usable_only_where_the_kernel_applies(monkeypatch):
     monkeypatch.setattr(conv_wgrad, "available", lambda: True)
     good, _ = _pair(4, 16, 32, 6, 6)
@@ -272,3 +287,26 @@ def test_a_conv_with_any_hook_calling_it_would_run_takes_neither_path(monkeypatc
         assert wgrad_path(conv(), x) == ""
     finally:
         handle.remove()
+
+
+def test_eval_mode_keeps_the_plain_conv_so_torch_func_works(monkeypatch):
+    """A model in eval mode with the flag set (gradients of inputs: saliency maps, attacks)
+    takes the plain conv: torch.func cannot run a custom autograd Function without
+    setup_context."""
+    monkeypatch.setattr(conv_wgrad, "available", lambda: True)
+    model = create_model("resnet20", num_classes=10).to(memory_format=CL)
+    use_tiled_wgrad(model)
+    x = torch.randn(2, 16, 8, 8).bfloat16().contiguous(memory_format=CL)
+    conv = model.layer1[0].conv1
+    assert wgrad_path(conv, x) == "kernel"
+    model.eval()
+    assert wgrad_path(conv, x) == ""
+    params = dict(model.named_parameters())
+    image = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+
+    def loss(p):
+        with torch.autocast("cpu", torch.bfloat16):
+            return torch.func.functional_call(model, p, (image,)).float().sum()
+
+    grads = torch.func.grad(loss)(params)
+    assert all(torch.isfinite(g).all() for g in grads.values())

@@ -25,6 +25,7 @@ _BACKWARD = torch.ops.aten.convolution_backward
 # Measured faster than oneDNN up to here (batch 32: 64 channels on 56x56 x1.24, 128 on 28x28
 # x1.11, 256 on 14x14 x0.91; benchmarks/ab_conv_wgrad.py).
 MAX_CHANNELS = 128
+_BLOCK = 16  # images a thread sums at a time (kBlock in kernels/conv_wgrad.cpp)
 
 
 def available() -> bool:
@@ -46,6 +47,11 @@ def usable(x: torch.Tensor, out_channels: int, stride: int = 1) -> bool:
     if (w // stride) % 2 or (stride == 2 and (h % 2 or w % 2)):
         return False
     if max(c, out_channels) > MAX_CHANNELS:
+        return False
+    if n < _BLOCK * torch.get_num_threads():
+        # The kernel shares images among threads in blocks of 16 (so that its sums do not depend
+        # on the thread count): fewer images leave threads idle, and it measured slower than
+        # oneDNN there (x0.63-0.70 at batch 8-16 on 2 threads, ResNet-18 layer1/2 shapes).
         return False
     return x.is_contiguous(memory_format=torch.channels_last) and available()
 

@@ -113,7 +113,7 @@ class FusedCifarNet(nn.Module):
 
     def _pad(self, sc: PadShortcut, x: torch.Tensor) -> torch.Tensor:
         """Option A within each member's channel group: [N, K*C, H, W] -> [N, K*C', H/s, W/s]."""
-        return subsample_pad(x, sc.stride, *sc.pad, groups=self.k)
+        return subsample_pad(x, sc.stride, *sc.pad, groups=self.k, training=self.training)
 
     def _block(self, blocks: list[BasicBlock], bn_index: dict[str, int], path: str,
                x: torch.Tensor) -> torch.Tensor:  # fmt: skip

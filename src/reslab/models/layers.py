@@ -153,9 +153,12 @@ class _ConvSubsamplePad(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
-def subsample_pad(x: torch.Tensor, stride: int, lo: int, hi: int, groups: int = 1) -> torch.Tensor:
-    """Option A's shortcut on x [N, groups * C, H, W] -> [N, groups * (lo + C + hi), H/s, W/s]."""
-    if _eager_training(x):
+def subsample_pad(x: torch.Tensor, stride: int, lo: int, hi: int, groups: int = 1, *,
+                  training: bool = True) -> torch.Tensor:  # fmt: skip
+    """Option A's shortcut on x [N, groups * C, H, W] -> [N, groups * (lo + C + hi), H/s, W/s].
+    `training`: the caller's mode; in eval mode the plain ops serve a gradient too (torch.func
+    transforms, which a custom autograd Function without setup_context stops)."""
+    if training and _eager_training(x):
         return _SubsamplePad.apply(x, stride, lo, hi, groups)
     # Plain ops for inference, export, torch.fx and torch.compile (which picks its own layouts);
     # no layout test on the one-group path, which torch.fx traces with proxies.
@@ -201,7 +204,7 @@ class PadShortcut(nn.Module):
         self.pad = (extra // 2, extra - extra // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return subsample_pad(x, self.stride, *self.pad)
+        return subsample_pad(x, self.stride, *self.pad, training=self.training)
 
     def with_conv(
         self, conv: nn.Module, x: torch.Tensor, *, wgrad_kernel: bool = False
@@ -210,8 +213,8 @@ class PadShortcut(nn.Module):
         (_ConvSubsamplePad), in eager training where it computes exactly what the two calls
         would; None elsewhere (the caller makes the two calls). `wgrad_kernel`: the conv's
         weight gradient from the AMX kernel (the caller checked that it applies)."""
-        if not _eager_training(x) or type(conv) is not nn.Conv2d:
-            return None
+        if not (self.training and _eager_training(x)) or type(conv) is not nn.Conv2d:
+            return None  # training only, as subsample_pad's own op
         if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             return None
         if _hooked(conv) or _hooked(self):

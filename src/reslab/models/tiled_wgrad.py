@@ -120,7 +120,9 @@ def _plain_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         return False
     if _hooked(conv):  # its own hooks or global ones (a backward pre-hook too)
         return False  # these paths do not call the module, so its hooks would not run
-    if not (torch.is_grad_enabled() and conv.weight.requires_grad):
+    if not (conv.training and torch.is_grad_enabled() and conv.weight.requires_grad):
+        # training only: in eval mode (saliency maps, attacks) torch.func transforms, which a
+        # custom autograd Function without setup_context stops, keep working
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
