@@ -4,8 +4,8 @@ oneDNN's bf16 weight gradient of a CIFAR ResNet's first-stage convolution (16 ->
 32x32 maps, batch 128) runs at ~600 GFLOP/s on a 2-core Xeon whose AMX tiles multiply at ~6.4
 TFLOP/s; of the last stage's (64 channels on 8x8) at ~550. The kernel lays each image out once
 for the tiles (its output gradient transposed, its input in pixel pairs) and computes the nine
-taps as tile products over the same data: 1.7-2.5x oneDNN's speed at those shapes
-(benchmarks/ab_conv_wgrad.py). The same gradient summed in another order (fp32 sums, rounded
+taps as tile products over the same data: 1.6-2.1x oneDNN's speed at those shapes, 1.35-2.1x at
+the stride-2 transitions (benchmarks/ab_conv_wgrad.py, session 26). The same gradient summed in another order (fp32 sums, rounded
 once to the weight's dtype as oneDNN's are; tests/models/test_conv_wgrad.py).
 
 Used by `tiled_wgrad.apply_conv` for the blocks' 3x3 convolutions of stride 1 and 2 in CPU
@@ -22,8 +22,8 @@ import torch
 from reslab.models.bn_act import load_kernel
 
 _BACKWARD = torch.ops.aten.convolution_backward
-# Measured faster than oneDNN up to here (batch 32: 64 channels on 56x56 x1.24, 128 on 28x28
-# x1.11, 256 on 14x14 x0.91; benchmarks/ab_conv_wgrad.py).
+# Measured faster than oneDNN up to here (batch 32: 64 channels on 56x56 x1.17-1.33, 128 on
+# 28x28 x1.09-1.11, 256 on 14x14 x0.81-0.91; benchmarks/ab_conv_wgrad.py).
 MAX_CHANNELS = 128
 _BLOCK = 16  # images a thread sums at a time (kBlock in kernels/conv_wgrad.cpp)
 

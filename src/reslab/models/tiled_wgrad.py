@@ -2,12 +2,11 @@
 
 `apply_conv` is how a flagged block (the `tiled_wgrad` flag, set for CPU runs) calls its 3x3
 convolutions: their weight gradient comes from reslab's AMX kernel where it applies
-(models/conv_wgrad.py: stride 1 or 2, 16-128 channels, even widths; session 26), else (stride
-1) over tiled images where
-the rule below takes the shape, else from oneDNN directly (`wgrad_path` says which). The rest of
-this docstring is about tiling (session 21), which the kernel has since replaced at CIFAR's
-shapes; it stays for the shapes the kernel does not take (odd widths such as ResNet-18's 7x7
-layer4, 256+ channels such as its 14x14 layer3).
+(models/conv_wgrad.py: stride 1 or 2, 16-128 channels, even widths; session 26), else (stride 1)
+over tiled images where the rule below takes the shape, else from oneDNN directly (`wgrad_path`
+says which). The rest of this docstring is about tiling (session 21), which the kernel has since
+replaced at CIFAR's shapes; it stays for the shapes the kernel does not take (odd widths such as
+ResNet-18's 7x7 layer4, 256+ channels such as its 14x14 layer3).
 
 oneDNN's bf16 weight gradient of a 3x3 convolution on small feature maps runs far below its
 speed on larger maps on Intel Xeon with AMX: 64->64 channels on 8x8 maps at batch 128 (a CIFAR
