@@ -768,6 +768,25 @@ def test_ctrl_c_is_one_line_that_says_how_to_continue(
     assert digest(run_copy) == before
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test, whatever this process inherited: a shell that
+    starts a job in the background (`cmd &`) hands it SIGINT ignored, and Python then keeps it
+    ignored, as `reslab train` does (a CI run started so had both tests below fail)."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def _default_sigint() -> None:
+    """For a child process: SIGINT's default action, so that its Python installs its handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_real_sigint_before_the_first_checkpoint(cifar_root: Path, tmp_path: Path) -> None:
     """SIGINT to a real `reslab train` process: exit 130, one line, no traceback, and advice
     that works (nothing was saved, so not --resume: the same command again trains)."""
@@ -779,7 +798,7 @@ def test_a_real_sigint_before_the_first_checkpoint(cifar_root: Path, tmp_path: P
     out = tmp_path / "run"
     never = ["--iters", "100000", "--eval-every", "100000", "--save-every", "100000"]
     argv = [sys.executable, "-m", "reslab", *train_args(cifar_root, out, *never)]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / "steps.jsonl").exists() or not (out / "steps.jsonl").stat().st_size:
@@ -797,7 +816,7 @@ def test_a_real_sigint_before_the_first_checkpoint(cifar_root: Path, tmp_path: P
 
 
 def test_a_ctrl_c_swallowed_inside_a_step_still_stops_the_run(
-    cifar_root: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+    cifar_root: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, python_sigint
 ) -> None:
     """SIGINT whose KeyboardInterrupt lands in code that swallows it (here a forward hook's
     try/except; in the wild a __del__ or a callback) stops the run at the next step anyway."""
