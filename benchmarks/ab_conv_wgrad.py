@@ -17,11 +17,10 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from common import ab_arguments, alternating_rounds, cifar_default_step, hardware
+from common import ab_arguments, alternating_rounds, cifar_default_step, hardware, median_seconds
 from reslab.models import conv_wgrad, tiled_wgrad
 from reslab.models.bn_act import kernel_status, load_kernel
 
@@ -32,17 +31,6 @@ _SHAPES = [  # (batch, in channels, out channels, input side, stride)
     (128, 16, 32, 24, 2), (128, 32, 64, 12, 2),
     (32, 64, 64, 56, 1), (32, 128, 128, 28, 1), (32, 64, 128, 56, 2), (32, 256, 256, 14, 1),
 ]  # fmt: skip
-
-
-def median_seconds(f, reps: int = 30) -> float:
-    for _ in range(3):
-        f()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def one_shape(ext, n: int, ci: int, co: int, side: int, stride: int) -> str:

@@ -18,24 +18,16 @@ the first time (cached after).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from common import ab_arguments, alternating_rounds, cifar_default_step, hardware
+from common import ab_arguments, alternating_rounds, cifar_default_step, hardware, median_seconds
 from reslab.models import bn_act
 from reslab.models.bn_act import _kernel_name, kernel_status, load_kernel
 
 
 def seconds(f, reps: int = 50) -> float:
-    for _ in range(5):
-        f()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(f, reps, warmup=5)
 
 
 def forward_backward(ext, x, r, dy, w, b, shift) -> tuple[float, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -221,6 +222,18 @@ def cifar_default_step(data: str, model_name: str, batch: int = 128, size: int =
         opt.step()
 
     return precision, model, step
+
+
+def median_seconds(f, reps: int = 30, warmup: int = 3) -> float:
+    """The median wall time of `reps` calls of f() after `warmup` untimed ones."""
+    for _ in range(warmup):
+        f()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def ab_arguments(rounds: int = 10, steps: int = 10) -> argparse.ArgumentParser:
