@@ -56,6 +56,12 @@ def matmul_peak(
 _CATEGORIES = (
     ("fused BN+ReLU(+add) kernel backward", ("_bnactbackward",)),
     ("fused BN+ReLU(+add) kernel forward", ("_bnact",)),
+    # reslab's 3x3 weight gradients (models/conv_wgrad.py, tiled_wgrad.py): the autograd nodes'
+    # self time is the kernel's (or the tiling's copies); their input gradients are aten's.
+    (
+        "3x3 weight gradients: AMX kernel / tiling",
+        ("amxwgradconvbackward", "_tiledwgradconvbackward", "_convsubsamplepadbackward"),
+    ),
     ("convolution backward", ("convolution_backward",)),
     ("convolution forward", ("convolution", "conv2d")),
     ("batch norm backward", ("batch_norm_backward",)),
@@ -195,8 +201,7 @@ def cifar_default_step(data: str, model_name: str, batch: int = 128, size: int =
     from reslab.data.setup import cifar_preprocess
     from reslab.engine.schedules import make_sgd
     from reslab.models import create_model
-    from reslab.models.bn_act import use_fused_bn_act
-    from reslab.models.tiled_wgrad import use_tiled_wgrad
+    from reslab.models.cpu_paths import use_cpu_training_paths
     from reslab.runtime.precision import autocast, resolve_precision
 
     dev = torch.device("cpu")
@@ -209,8 +214,7 @@ def cifar_default_step(data: str, model_name: str, batch: int = 128, size: int =
                           train=True, channels_last=True, **small)  # fmt: skip
     batches = (b for _ in range(1000) for b in loader)
     model = create_model(model_name).to(memory_format=torch.channels_last)
-    use_fused_bn_act(model)
-    use_tiled_wgrad(model)
+    use_cpu_training_paths(model, precision=precision)  # the trainer's own call
     opt = make_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
 
     def step() -> None:

@@ -129,15 +129,56 @@ def test_on_real_valued_data_it_is_fp32_accurate_and_within_bf16_of_onednn(ext, 
     assert ((onednn.double() - got).abs() <= got.abs() * 2**-8 + scale * 2**-16).all()
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    ci=st.sampled_from([16, 32, 64]),
+    co=st.sampled_from([16, 48, 64]),
+    h=st.integers(1, 10),
+    half_w=st.integers(1, 8),
+    stride=st.sampled_from([1, 2]),
+)
+def test_the_bf16_channels_last_output_is_the_fp32_one_rounded_and_reordered(
+    n, ci, co, h, half_w, stride
+):
+    """What a training step takes (the bf16 weight's dtype and layout, written by the kernel):
+    the same bits as rounding the fp32 result with torch's conversion and reordering it."""
+    if not conv_wgrad.available():
+        pytest.skip("the AMX kernel does not run on this CPU")
+    h, w = stride * h, stride * 2 * half_w
+    x, dy = _pair(n, ci, co, h, w, seed=n + ci + h, stride=stride)  # real-valued: rounding
+    ext = load_kernel()
+    got = ext.conv3x3_wgrad(x, dy, stride, bf16_channels_last=True)
+    want = ext.conv3x3_wgrad(x, dy, stride).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=CL)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_a_step_takes_the_bf16_output_straight_from_the_kernel(ext):
+    """weight_grad for a bf16 channels_last weight (autocast's cast of a channels_last model's
+    fp32 weight): the kernel's own bf16 output, no conversion or copy after it."""
+    x, dy = _pair(32, 16, 32, 8, 8, seed=5)
+    w = torch.zeros(32, 16, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    with torch.no_grad():
+        got = conv_wgrad.weight_grad(x, dy, w, 1)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=CL)
+    assert torch.equal(got, ext.conv3x3_wgrad(x, dy).to(torch.bfloat16))
+    with torch.no_grad():  # an fp32 contiguous weight: the fp32 sums in its dtype and layout
+        got32 = conv_wgrad.weight_grad(x, dy, torch.zeros(32, 16, 3, 3), 1)
+    assert got32.is_contiguous() and torch.equal(got32, ext.conv3x3_wgrad(x, dy))
+
+
 def test_the_result_does_not_depend_on_the_number_of_threads(ext):
     x, dy = _pair(50, 32, 32, 8, 8, seed=3)  # 4 blocks of up to 16 images
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = ext.conv3x3_wgrad(x, dy)
+        one16 = ext.conv3x3_wgrad(x, dy, bf16_channels_last=True)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, ext.conv3x3_wgrad(x, dy))
+    assert torch.equal(one16, ext.conv3x3_wgrad(x, dy, bf16_channels_last=True))
 
 
 def test_bad_arguments_are_refused_with_a_message(ext):
@@ -234,9 +275,9 @@ def test_a_training_step_with_the_kernel_matches_the_direct_one(ext, name, monke
     calls = []
 
     class Counting:
-        def conv3x3_wgrad(self, a, b, stride=1):
+        def conv3x3_wgrad(self, a, b, stride=1, **kw):
             calls.append((tuple(a.shape), stride))
-            return ext.conv3x3_wgrad(a, b, stride)
+            return ext.conv3x3_wgrad(a, b, stride, **kw)
 
     monkeypatch.setattr(conv_wgrad, "load_kernel", lambda: Counting())
     monkeypatch.setattr(conv_wgrad, "available", lambda: True)

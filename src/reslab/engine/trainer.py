@@ -29,8 +29,8 @@ from reslab.engine.progress import Clock, LossWatch, banner, preprocess_record
 from reslab.engine.run_length import iters_from_epochs
 from reslab.engine.run_log import RunLog
 from reslab.engine.schedules import lr_at, make_sgd, set_lr
-from reslab.models import create_model, tiled_wgrad
-from reslab.models.bn_act import kernel_status, load_kernel, use_fused_bn_act
+from reslab.models import create_model
+from reslab.models.cpu_paths import use_cpu_training_paths
 from reslab.models.registry import get_classifier
 from reslab.runtime import distributed as D
 from reslab.runtime.checkpoint import (
@@ -292,16 +292,14 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        on_cpu = cfg.fused_bn_act and self.device.type == "cpu" and not cfg.compile
-        self._kernel: str | None = None  # for the banner: how relu(bn(x) [+ r]) is computed
-        # AlexNet has no such blocks (0 flagged): then there is nothing to build.
-        if on_cpu and use_fused_bn_act(self.model):
-            load_kernel()  # built (or found cached) now, not inside the first timed step
-            self._kernel = kernel_status()
-        self._wgrad: str | None = None  # for the banner: how small-map weight gradients sum
-        tiled = cfg.tiled_wgrad and self.device.type == "cpu" and not cfg.compile
-        if tiled and tiled_wgrad.use_tiled_wgrad(self.model):
-            self._wgrad = tiled_wgrad.status(self.precision)
+        # For the banner: how relu(bn(x) [+ r]) is computed and how 3x3 weight gradients sum.
+        self._kernel: str | None = None
+        self._wgrad: str | None = None
+        if self.device.type == "cpu" and not cfg.compile:
+            self._kernel, self._wgrad = use_cpu_training_paths(
+                self.model, precision=self.precision, fused_bn_act=cfg.fused_bn_act,
+                tiled_wgrad=cfg.tiled_wgrad,
+            )  # fmt: skip
         if cfg.compile:
             # dynamic=False: one graph specialised per input shape ([B,3,24,24] then
             # [B,3,32,32] under small_size). With torch's default the second shape recompiles

@@ -68,6 +68,8 @@ def weight_grad(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, stride:
     penalty, double backward), which the kernel's sum is not."""
     if torch.is_grad_enabled():
         return _BACKWARD(dy, x, weight, None, *conv_args(stride), [False, True, False])[1]
+    if weight.dtype == torch.bfloat16 and _cl(weight):  # a training step's (autocast's cast)
+        return load_kernel().conv3x3_wgrad(x, dy, stride, bf16_channels_last=True)
     dw = load_kernel().conv3x3_wgrad(x, dy, stride).to(weight.dtype)
     return dw.contiguous(memory_format=torch.channels_last) if _cl(weight) else dw
 

@@ -607,7 +607,8 @@ std::string bn_act_simd() {
 
 // kernels/conv_wgrad.cpp, compiled into the same extension.
 bool conv3x3_wgrad_available();
-at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride);
+at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride,
+                         bool bf16_channels_last);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd", &bn_act_simd, "the vector code this build runs");
@@ -620,6 +621,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_subsampled", &add_subsampled, "dx[:, :, ::s, ::s] += g[:, lo:lo + C], in place");
   m.def("conv3x3_wgrad_available", &conv3x3_wgrad_available,
         "whether conv3x3_wgrad runs here (built with AMX, and the OS lets this process use it)");
-  m.def("conv3x3_wgrad", &conv3x3_wgrad, "a 3x3 padding-1 conv's weight gradient (stride 1 or 2), fp32",
-        py::arg("x"), py::arg("dy"), py::arg("stride") = 1);
+  m.def("conv3x3_wgrad", &conv3x3_wgrad,
+        "a 3x3 padding-1 conv's weight gradient (stride 1 or 2): fp32, or bf16 channels_last",
+        py::arg("x"), py::arg("dy"), py::arg("stride") = 1, py::arg("bf16_channels_last") = false);
 }

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__) && defined(__linux__)
@@ -80,6 +81,10 @@ constexpr int kAcc = 6;             // accumulator tiles 0-5; A in 6, B in 7
 #endif
 constexpr int64_t kChunkBytes = RESLAB_WGRAD_CHUNK_KB * 1024;  // an image chunk's data: in L2
 constexpr int64_t kBlock = 16;  // images summed apart (see conv3x3_wgrad)
+// 0 builds the kernel without lay_out's requests for the next image (session 26's), to compare.
+#ifndef RESLAB_WGRAD_PREFETCH
+#define RESLAB_WGRAD_PREFETCH 1
+#endif
 
 // vpermt2w indices that transpose 32 pixels x 16 channels of bf16 held in 16 registers (two
 // pixels each) in 4 steps: step k pairs registers i and i | 2^k and sorts their 64 values by
@@ -224,13 +229,26 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& dy, int64_t stride) {
   return p;
 }
 
-// One image's tile data: dy transposed, and the three copies of x in pairs.
+// Asks for the 64-byte lines of [p, p + bytes) to be brought into L2 (a hint: never faults).
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+}
+
+// One image's tile data: dy transposed, and the three copies of x in pairs. next_x, next_dy
+// (0 for none): how many values on the next image's x and dy start, whose lines are asked for
+// (into L2) as this image's are read, so that its layout finds them there. In a training step
+// x was written long before (it is the forward's input) and comes from far away: the kernel
+// alone ran ~1.4x slower with its operands evicted from L2 than in cache; these requests took
+// back x1.00-1.22 of it alone and x1.00-1.03 of a step (benchmarks/ab_session27.py).
 void lay_out(const Plan& p, const uint16_t* x, const uint16_t* dy, uint16_t* out,
-             const __m512i& interleave) {
+             const __m512i& interleave, int64_t next_x, int64_t next_dy) {
   for (int64_t ob = 0; ob < p.Co / 16; ++ob)
-    for (int64_t p0 = 0; p0 < p.HW; p0 += 32)
-      transpose_block(dy + p0 * p.Co + ob * 16, p.Co, std::min<int64_t>(32, p.HW - p0),
-                      out + ob * 16 * p.K + p0, p.K);
+    for (int64_t p0 = 0; p0 < p.HW; p0 += 32) {
+      const int64_t np = std::min<int64_t>(32, p.HW - p0);
+      if (next_dy && ob == 0) prefetch_l2(dy + next_dy + p0 * p.Co, np * p.Co * 2);
+      transpose_block(dy + p0 * p.Co + ob * 16, p.Co, np, out + ob * 16 * p.K + p0, p.K);
+    }
   const int64_t half = p.HW / 2;
   for (int64_t c = 0; c < p.copies; ++c) {
     const Copy& cp = copies_of(p)[c];
@@ -242,7 +260,10 @@ void lay_out(const Plan& p, const uint16_t* x, const uint16_t* dy, uint16_t* out
             reinterpret_cast<const __m256i*>(src + (p.s * i * p.Wi + p.s * j) * p.Ci)));
       };
       const __mmask32 keep = cp.row_start_keep;
-      for (int64_t i = 0; i < p.H; ++i)
+      // Copy 0 reads every row of x (stride 2: copies 0 and 2, the even and odd rows).
+      const bool ask = next_x && !cp.odd && ib == 0 && cp.q == 0;
+      for (int64_t i = 0; i < p.H; ++i) {
+        if (ask) prefetch_l2(src + next_x + p.s * i * p.Wi * p.Ci, p.W * p.s * p.Ci * 2);
         for (int64_t j = 0; j < p.W; j += 2) {
           uint16_t* o = dst + (i * p.W + j) / 2 * 32;
           if (!cp.odd) {
@@ -255,6 +276,7 @@ void lay_out(const Plan& p, const uint16_t* x, const uint16_t* dy, uint16_t* out
           const __m512i v = _mm512_permutex2var_epi16(before, interleave, pixel(i, j));
           _mm512_storeu_si512(o, j == 0 ? _mm512_maskz_mov_epi16(keep, v) : v);
         }
+      }
       if (cp.odd && half > 0) {  // the last pair: (the last pixel, 0), at a row start
         const __m512i v = _mm512_permutex2var_epi16(pixel(p.H - 1, p.W - 1), interleave,
                                                     _mm512_setzero_si512());
@@ -313,9 +335,13 @@ bool conv3x3_wgrad_available() {
 }
 
 // x [N, Ci, H, W], dy [N, Co, H / s, W / s]: channels_last bf16 CPU tensors, Ci and Co multiples
-// of 16 -> dw [Co, Ci, 3, 3] fp32 (contiguous) of conv2d(x, w, stride s, padding 1), s = 1 or 2.
-// dy's width must be even; for s = 2, x's height and width too.
-at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride) {
+// of 16 -> dw [Co, Ci, 3, 3] of conv2d(x, w, stride s, padding 1), s = 1 or 2: fp32 (contiguous),
+// or with bf16_channels_last the same sums rounded once to bf16 as torch's conversion rounds
+// (nearest even) in channels_last order, the layout and dtype a training step's bf16 weight has
+// (three fewer ops a conv than .to() and .contiguous() after). dy's width must be even; for
+// s = 2, x's height and width too.
+at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride,
+                         bool bf16_channels_last) {
   TORCH_CHECK(conv3x3_wgrad_available(), "conv3x3_wgrad needs a CPU with AMX (bf16 tiles)");
   for (const at::Tensor* t : {&x, &dy})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 &&
@@ -328,14 +354,20 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stri
   TORCH_CHECK(x.size(1) % 16 == 0 && dy.size(1) % 16 == 0 && x.size(1) > 0 && dy.size(1) > 0,
               "channels must be multiples of 16");
   TORCH_CHECK(dy.size(3) % 2 == 0 && dy.size(3) > 0 && dy.size(2) > 0, "the width must be even");
-  at::Tensor dw = at::zeros({dy.size(1), x.size(1), 3, 3}, x.options().dtype(at::kFloat));
+  // Every value is written below (the taps cover every (co, ci, kh, kw)).
+  at::Tensor dw = bf16_channels_last
+                      ? at::empty({dy.size(1), x.size(1), 3, 3}, x.options(),
+                                  at::MemoryFormat::ChannelsLast)
+                      : at::empty({dy.size(1), x.size(1), 3, 3}, x.options().dtype(at::kFloat));
 #ifdef RESLAB_AMX
   const Plan p = make_plan(x, dy, stride);
   const int64_t ntaps = static_cast<int64_t>(p.taps.size());
   // Each block of kBlock images is summed on its own and the blocks' sums are added in order:
   // the result does not depend on how many threads ran or which took which block.
   const int64_t blocks = (p.N + kBlock - 1) / kBlock;
-  std::vector<float> sums(blocks * ntaps * 256);  // per block, per tap: [16 co][16 ci]
+  // Per block, per tap: [16 co][16 ci]; each block's thread fills its own part.
+  const int64_t per_block = ntaps * 256;
+  std::unique_ptr<float[]> sums(new float[blocks * per_block]);
   const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* DY = reinterpret_cast<const uint16_t*>(dy.data_ptr());
   alignas(64) uint16_t pairs[32];  // (a_c, b_c) for c = 0..15 from two 16-value halves
@@ -350,16 +382,20 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stri
     TORCH_CHECK(data != nullptr, "conv3x3_wgrad: out of memory");
     std::memset(data, 0, chunk * p.isz * 2);
     const __m512i interleave = _mm512_load_si512(pairs);
+    const int64_t last = std::min(p.N, b1 * kBlock);  // images [b0 kBlock, last) are this range's
     for (int64_t b = b0; b < b1; ++b) {
-      float* acc = sums.data() + b * ntaps * 256;
+      float* acc = sums.get() + b * per_block;
       std::fill(acc, acc + ntaps * 256, 0.0f);
       const int64_t end = std::min(p.N, (b + 1) * kBlock);
       for (int64_t c0 = b * kBlock; c0 < end; c0 += chunk) {
         const int64_t images = std::min(chunk, end - c0);
-        for (int64_t i = 0; i < images; ++i)
+        for (int64_t i = 0; i < images; ++i) {
+          // whether this thread lays out the next image too
+          const bool more = RESLAB_WGRAD_PREFETCH && c0 + i + 1 < last;
           lay_out(p, X + (c0 + i) * p.Hi * p.Wi * p.Ci, DY + (c0 + i) * p.HW * p.Co,
-                  data + i * p.isz,
-                  interleave);
+                  data + i * p.isz, interleave, more ? p.Hi * p.Wi * p.Ci : 0,
+                  more ? p.HW * p.Co : 0);
+        }
         for (int64_t g = 0; g < ntaps; g += kAcc) {
           const Plan::Tap* taps[kAcc];
           const int gn = static_cast<int>(std::min<int64_t>(kAcc, ntaps - g));
@@ -379,16 +415,33 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stri
     _tile_release();
     std::free(data);
   });
-  std::vector<float> total(sums.begin(), sums.begin() + ntaps * 256);
-  for (int64_t b = 1; b < blocks; ++b)
-    for (int64_t i = 0; i < ntaps * 256; ++i) total[i] += sums[b * ntaps * 256 + i];
-  float* D = dw.data_ptr<float>();
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const Plan::Tap& tap = p.taps[t];
-    float* d = D + (tap.ob * 16 * p.Ci + tap.ib * 16) * 9 + tap.kh * 3 + tap.kw;
-    for (int co = 0; co < 16; ++co)
-      for (int ci = 0; ci < 16; ++ci) d[(co * p.Ci + ci) * 9] = total[t * 256 + co * 16 + ci];
-  }
+  // The blocks' sums added in block order, tap by tap on all threads (the same bits on any
+  // number), and stored in dw's order: [co][ci][kh][kw], or [co][kh][kw][ci] for channels_last.
+  const int64_t ci_stride = bf16_channels_last ? 1 : 9, kh_stride = bf16_channels_last ? 3 * p.Ci : 3,
+                kw_stride = bf16_channels_last ? p.Ci : 1;
+  at::BFloat16* out16 = bf16_channels_last ? dw.data_ptr<at::BFloat16>() : nullptr;
+  float* out32 = bf16_channels_last ? nullptr : dw.data_ptr<float>();
+  at::parallel_for(0, ntaps, 1, [&](int64_t t0, int64_t t1) {
+    float total[256];
+    for (int64_t t = t0; t < t1; ++t) {
+      std::memcpy(total, sums.get() + t * 256, sizeof total);
+      for (int64_t b = 1; b < blocks; ++b) {
+        const float* s = sums.get() + b * per_block + t * 256;
+        for (int i = 0; i < 256; ++i) total[i] += s[i];
+      }
+      const Plan::Tap& tap = p.taps[t];
+      const int64_t base = tap.ob * 16 * p.Ci * 9 + tap.ib * 16 * ci_stride + tap.kh * kh_stride +
+                           tap.kw * kw_stride;
+      for (int co = 0; co < 16; ++co)
+        for (int ci = 0; ci < 16; ++ci) {
+          const int64_t o = base + co * p.Ci * 9 + ci * ci_stride;
+          if (out16)
+            out16[o] = at::BFloat16(total[co * 16 + ci]);
+          else
+            out32[o] = total[co * 16 + ci];
+        }
+    }
+  });
 #endif
   return dw;
 }
