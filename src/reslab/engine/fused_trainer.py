@@ -42,6 +42,7 @@ from reslab.engine.trainer import (
     build_model,
     check_num_classes,
     run_info,
+    sigint_latch,
     write_line,
 )
 from reslab.models.cifar import CifarResNet
@@ -131,6 +132,7 @@ class FusedTrainer:
     ) -> None:  # fmt: skip
         check_members(cfgs)
         self._prefix = f"{label}: " if label else ""  # as Trainer's
+        self.interrupted = [False]  # train_fused() shares its sigint_latch here
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise ValueError("fused training runs in one process; do not start it with torchrun")
         cfg0, self.progress = cfgs[0], progress
@@ -245,6 +247,8 @@ class FusedTrainer:
         rows: list[dict[str, Any]] = [{} for _ in ms]
         step = step0
         while step < cfg.iters:
+            if self.interrupted[0]:  # a Ctrl-C whose KeyboardInterrupt was swallowed
+                raise KeyboardInterrupt
             batches = [next(s) for s in streams]
             for i, m in enumerate(ms):
                 lrs[i] = m._lr(step)
@@ -346,7 +350,10 @@ def train_fused(
     """Train the members together; returns each member's final evaluation row. `label` goes
     before each printed evaluation row."""
     try:
-        return FusedTrainer(cfgs, resume=resume, progress=progress, label=label).fit()
+        with sigint_latch() as seen:  # as train(): a swallowed Ctrl-C still stops the run
+            trainer = FusedTrainer(cfgs, resume=resume, progress=progress, label=label)
+            trainer.interrupted = seen
+            return trainer.fit()
     finally:
         for c in cfgs:
             rundir.release_lock(Path(c.out))
