@@ -142,7 +142,8 @@ def test_the_bf16_channels_last_output_is_the_fp32_one_rounded_and_reordered(
     n, ci, co, h, half_w, stride
 ):
     """What a training step takes (the bf16 weight's dtype and layout, written by the kernel):
-    the same bits as rounding the fp32 result with torch's conversion and reordering it."""
+    the same bits as rounding the fp32 result with torch's conversion and reordering it (for
+    numbers: a NaN may be stored with other bits than torch's)."""
     if not conv_wgrad.available():
         pytest.skip("the AMX kernel does not run on this CPU")
     h, w = stride * h, stride * 2 * half_w
@@ -166,6 +167,15 @@ def test_a_step_takes_the_bf16_output_straight_from_the_kernel(ext):
     with torch.no_grad():  # an fp32 contiguous weight: the fp32 sums in its dtype and layout
         got32 = conv_wgrad.weight_grad(x, dy, torch.zeros(32, 16, 3, 3), 1)
     assert got32.is_contiguous() and torch.equal(got32, ext.conv3x3_wgrad(x, dy))
+
+
+def test_an_empty_batch_gives_a_zero_gradient(ext):
+    """No images: the sum is empty (the output is allocated uninitialised and filled by the
+    taps, so this case must zero it; it used to read an empty buffer)."""
+    x = torch.zeros(0, 16, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    for cl in (False, True):
+        dw = ext.conv3x3_wgrad(x, x, 1, bf16_channels_last=cl)
+        assert dw.shape == (16, 16, 3, 3) and not dw.any()
 
 
 def test_the_result_does_not_depend_on_the_number_of_threads(ext):

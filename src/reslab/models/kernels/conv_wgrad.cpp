@@ -22,11 +22,13 @@
 // C[co][ci] accumulates in fp32 in 6 tiles at a time (A, B and 6 accumulators fill the 8 tiles),
 // over a chunk of images that fits L2 before it is stored; blocks of 16 images are summed apart
 // and their sums added in order (the same bits on any number of threads): the same gradient as
-// oneDNN's, summed in another order, and kept in fp32 until the caller rounds it.
+// oneDNN's, summed in another order, kept in fp32 and rounded once at the end (by the kernel to
+// bf16 with bf16_channels_last, else by the caller).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -231,8 +233,9 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& dy, int64_t stride) {
 
 // Asks for the 64-byte lines of [p, p + bytes) to be brought into L2 (a hint: never faults).
 inline void prefetch_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T1);
 }
 
 // One image's tile data: dy transposed, and the three copies of x in pairs. next_x, next_dy
@@ -337,7 +340,7 @@ bool conv3x3_wgrad_available() {
 // x [N, Ci, H, W], dy [N, Co, H / s, W / s]: channels_last bf16 CPU tensors, Ci and Co multiples
 // of 16 -> dw [Co, Ci, 3, 3] of conv2d(x, w, stride s, padding 1), s = 1 or 2: fp32 (contiguous),
 // or with bf16_channels_last the same sums rounded once to bf16 as torch's conversion rounds
-// (nearest even) in channels_last order, the layout and dtype a training step's bf16 weight has
+// (nearest even; a NaN may have other bits than torch's) in channels_last order, the layout and dtype a training step's bf16 weight has
 // (three fewer ops a conv than .to() and .contiguous() after). dy's width must be even; for
 // s = 2, x's height and width too.
 at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride,
@@ -354,11 +357,12 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stri
   TORCH_CHECK(x.size(1) % 16 == 0 && dy.size(1) % 16 == 0 && x.size(1) > 0 && dy.size(1) > 0,
               "channels must be multiples of 16");
   TORCH_CHECK(dy.size(3) % 2 == 0 && dy.size(3) > 0 && dy.size(2) > 0, "the width must be even");
-  // Every value is written below (the taps cover every (co, ci, kh, kw)).
+  // Every value is written below (the taps cover every (co, ci, kh, kw)), but for no images.
   at::Tensor dw = bf16_channels_last
                       ? at::empty({dy.size(1), x.size(1), 3, 3}, x.options(),
                                   at::MemoryFormat::ChannelsLast)
                       : at::empty({dy.size(1), x.size(1), 3, 3}, x.options().dtype(at::kFloat));
+  if (x.size(0) == 0) return dw.zero_();  // an empty sum
 #ifdef RESLAB_AMX
   const Plan p = make_plan(x, dy, stride);
   const int64_t ntaps = static_cast<int64_t>(p.taps.size());
