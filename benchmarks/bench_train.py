@@ -3,9 +3,11 @@
 reference: ResNet-20 in eager fp32 NCHW, fed by torchvision transforms on PIL images (RandomCrop
 with padding 4, RandomHorizontalFlip, ToTensor, Normalize) per sample through a DataLoader.
 reslab: the same net in channels_last with bf16 autocast (where the CPU has native bf16), fed by
-the on-device TensorLoader (whole split as one uint8 tensor, batched pad/crop/flip), with each
-relu(bn(x) [+ shortcut]) as one fused kernel (models/bn_act.py), as `reslab train` runs it; beside
-it the same without the kernel (fused_bn_act=false) and with torch.compile. All four paths and the
+the on-device TensorLoader (whole split as one uint8 tensor, batched pad/crop/flip), with the CPU
+paths `reslab train` turns on, by the same call (models/cpu_paths.py): each relu(bn(x) [+
+shortcut]) as one fused kernel (models/bn_act.py), the 3x3 weight gradients from the AMX kernel
+or tiling (models/tiled_wgrad.py); beside it the same without the BN kernel (fused_bn_act=false)
+and with torch.compile. (Before session 27 this benchmark set only the BN kernel's flag.) All four paths and the
 bf16 matmul peak are timed in alternating rounds and each takes its best round, so that a drift
 in the machine's speed (large on this VM) does not fall on one path only; the median over
 rounds of each round's ratio to the reference is printed beside the best rounds.
