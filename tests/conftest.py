@@ -83,3 +83,47 @@ def _kill_and_resume(
 @pytest.fixture
 def kill_and_resume():
     return _kill_and_resume
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test, whatever this process inherited: a shell that
+    starts a job in the background (`cmd &`) hands it SIGINT ignored, and Python then keeps it
+    ignored, as `reslab train` does (a CI run started so had the SIGINT tests fail)."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.fixture
+def swallowed_sigint(python_sigint, monkeypatch: pytest.MonkeyPatch):
+    """swallowed_sigint(cls, at_call) -> [calls]: every `cls` module built afterwards counts its
+    forward calls in a hook that, at call `at_call`, sends this process SIGINT and swallows the
+    KeyboardInterrupt (as a __del__ or a callback may in the wild)."""
+    import signal
+
+    def arm(cls: type, at_call: int) -> list[int]:
+        calls = [0]
+
+        def hook(mod, inp, out):
+            calls[0] += 1
+            if calls[0] == at_call:
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    for _ in range(1000):  # the handler runs between bytecodes
+                        pass
+                except KeyboardInterrupt:
+                    pass  # swallowed
+
+        orig = cls.__init__
+
+        def init(self, *a, **k):
+            orig(self, *a, **k)
+            self.register_forward_hook(hook)
+
+        monkeypatch.setattr(cls, "__init__", init)
+        return calls
+
+    return arm

@@ -217,7 +217,7 @@ def test_time_limit_counts_this_call_only(cifar_root: Path, tmp_path: Path) -> N
 
 
 def test_a_ctrl_c_swallowed_inside_a_step_still_stops_the_fused_run(
-    cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cifar_root: Path, tmp_path: Path, swallowed_sigint
 ) -> None:
     """As for a single run (tests/engine/test_hardening.py): SIGINT whose KeyboardInterrupt
     lands in code that swallows it (a forward hook's try/except here) stops the fused run at
@@ -226,30 +226,8 @@ def test_a_ctrl_c_swallowed_inside_a_step_still_stops_the_fused_run(
 
     from reslab.models import fused
 
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever was inherited
-    calls = [0]
-
-    def hook(mod, inp, out):
-        calls[0] += 1
-        if calls[0] == 2:
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(1000):  # the handler runs between bytecodes
-                    pass
-            except KeyboardInterrupt:
-                pass  # swallowed
-
-    orig = fused.FusedCifarNet.__init__
-
-    def init(self, *a, **k):
-        orig(self, *a, **k)
-        self.register_forward_hook(hook)
-
-    monkeypatch.setattr(fused.FusedCifarNet, "__init__", init)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_fused([_cfg(cifar_root, tmp_path / f"s{s}", s) for s in (0, 1)], progress=False)
-        assert calls[0] == 2  # not one step more
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, old)
+    calls = swallowed_sigint(fused.FusedCifarNet, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train_fused([_cfg(cifar_root, tmp_path / f"s{s}", s) for s in (0, 1)], progress=False)
+    assert calls[0] == 2  # not one step more
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

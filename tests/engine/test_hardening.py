@@ -768,18 +768,6 @@ def test_ctrl_c_is_one_line_that_says_how_to_continue(
     assert digest(run_copy) == before
 
 
-@pytest.fixture
-def python_sigint():
-    """Python's own Ctrl-C handler for the test, whatever this process inherited: a shell that
-    starts a job in the background (`cmd &`) hands it SIGINT ignored, and Python then keeps it
-    ignored, as `reslab train` does (a CI run started so had both tests below fail)."""
-    import signal
-
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, old)
-
-
 def _default_sigint() -> None:
     """For a child process: SIGINT's default action, so that its Python installs its handler."""
     import signal
@@ -816,7 +804,7 @@ def test_a_real_sigint_before_the_first_checkpoint(cifar_root: Path, tmp_path: P
 
 
 def test_a_ctrl_c_swallowed_inside_a_step_still_stops_the_run(
-    cifar_root: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, python_sigint
+    cifar_root: Path, tmp_path: Path, capsys, swallowed_sigint
 ) -> None:
     """SIGINT whose KeyboardInterrupt lands in code that swallows it (here a forward hook's
     try/except; in the wild a __del__ or a callback) stops the run at the next step anyway."""
@@ -824,25 +812,7 @@ def test_a_ctrl_c_swallowed_inside_a_step_still_stops_the_run(
 
     from reslab.models import cifar
 
-    calls = [0]
-
-    def hook(mod, inp, out):
-        calls[0] += 1
-        if calls[0] == 3:
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(1000):  # the handler runs between bytecodes
-                    pass
-            except KeyboardInterrupt:
-                pass  # swallowed
-
-    orig = cifar.CifarResNet.__init__
-
-    def init(self, *a, **k):
-        orig(self, *a, **k)
-        self.register_forward_hook(hook)
-
-    monkeypatch.setattr(cifar.CifarResNet, "__init__", init)
+    calls = swallowed_sigint(cifar.CifarResNet, 3)
     out = tmp_path / "run"
     argv = train_args(cifar_root, out, "--iters", "40", "--eval-every", "40", "--save-every", "40")
     assert main(argv) == 130
