@@ -111,6 +111,23 @@ def test_loader_resume_is_exact_and_shards_match_one_process() -> None:
         assert torch.equal(torch.cat([y0, y1]), y)
 
 
+def test_training_batches_are_the_epoch_orders_images() -> None:
+    # Without pad/crop/flip a batch is exactly the normalised images and labels at its slice of
+    # the epoch's permutation (the loader takes them with index_select, not advanced indexing).
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (30, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (30,))
+    pre = Preprocess()
+    ld = TensorLoader(images, labels, batch_size=7, preprocess=pre, train=True, seed=5, pad=0,
+                      flip=False)  # fmt: skip
+    order = ld.epoch_order()
+    batches = list(ld)
+    assert len(batches) == 4
+    for s, (x, y) in enumerate(batches):
+        sel = order[7 * s : 7 * s + 7]
+        assert torch.equal(x, pre.normalize(images[sel])) and torch.equal(y, labels[sel])
+
+
 def test_eval_loader_covers_every_sample_once_across_ranks() -> None:
     images = torch.zeros(23, 3, 4, 4, dtype=torch.uint8)
     labels = torch.arange(23)

@@ -21,6 +21,12 @@ def _generator(device: torch.device, *words: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed & ((1 << 63) - 1))
 
 
+def _take(t: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
+    """t[idx] along dim 0. index_select copies whole rows: on the CPU ~16x faster than advanced
+    indexing, which goes element by element (7 vs 119 us for 128 CIFAR images); same values."""
+    return t.index_select(0, idx) if isinstance(idx, torch.Tensor) else t[idx]
+
+
 def pad_crop_flip(
     x: torch.Tensor,
     *,
@@ -184,7 +190,7 @@ class TensorLoader(ShardedOrder):
         return self.images.device
 
     def _batch(self, idx: torch.Tensor | slice, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.preprocess.normalize(self.images[idx], dtype=self.dtype)  # [B, 3, H, W]
+        x = self.preprocess.normalize(_take(self.images, idx), dtype=self.dtype)  # [B, 3, H, W]
         if self.train and self.lighting is not None:
             # (x/255 + rgb - mean)/std = normalize(x) + rgb/std: one offset per image [B, 3].
             # Drawn for the whole global batch, this rank's slice taken (world-size independent).
@@ -213,7 +219,7 @@ class TensorLoader(ShardedOrder):
             x = x.contiguous(memory_format=torch.channels_last)
         else:
             x = x.contiguous()
-        return x, self.labels[idx]
+        return x, _take(self.labels, idx)
 
     def _device_order(self) -> torch.Tensor:
         """The epoch's order on the device: one host-to-device copy per epoch, so that a step
