@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+
 from common import cifar_default_step, hardware, load_average
 
 
