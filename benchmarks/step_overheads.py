@@ -43,8 +43,11 @@ def by_batch(data: str, model: str, batches: list[int], steps: int, rounds: int)
 
 
 def thread_scaling(data: str, model: str, batch: int, steps: int, rounds: int) -> None:
-    _, _, step = cifar_default_step(data, model, batch=batch)
     threads = torch.get_num_threads()
+    if threads < 2:
+        print(f"\n2. thread scaling: skipped (torch runs {threads} thread here)")
+        return
+    _, _, step = cifar_default_step(data, model, batch=batch)
     times: dict[int, list[float]] = {1: [], threads: []}
     for _ in range(3):
         step()
