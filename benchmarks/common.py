@@ -56,12 +56,14 @@ def matmul_peak(
 _CATEGORIES = (
     ("fused BN+ReLU(+add) kernel backward", ("_bnactbackward",)),
     ("fused BN+ReLU(+add) kernel forward", ("_bnact",)),
-    # reslab's 3x3 weight gradients (models/conv_wgrad.py, tiled_wgrad.py): the autograd nodes'
-    # self time is the kernel's (or the tiling's copies); their input gradients are aten's.
+    # reslab's 3x3 convolutions (models/conv_wgrad.py, tiled_wgrad.py): the autograd nodes' self
+    # time is the AMX kernels' (weight gradients; for stride 1 the output and input gradient
+    # too: kernels/conv_fwd.cpp) or the tiling's copies; the rest is aten's, counted below.
     (
-        "3x3 weight gradients: AMX kernel / tiling",
+        "3x3 convs: AMX kernels / tiling, backward",
         ("amxwgradconvbackward", "_tiledwgradconvbackward", "_convsubsamplepadbackward"),
     ),
+    ("3x3 convs: AMX kernels, forward", ("amxwgradconv",)),
     ("convolution backward", ("convolution_backward",)),
     ("convolution forward", ("convolution", "conv2d")),
     ("batch norm backward", ("batch_norm_backward",)),
@@ -119,6 +121,7 @@ def conv_ceiling(
     shape in `dtype` channels_last on the CPU: the step time if every other op were free.
     Returns (seconds, one line per distinct shape with each phase's time and GFLOP/s: which
     phase of which shape is slow is where a faster convolution would pay)."""
+    from reslab.models import conv_wgrad
     from reslab.models.bn_act import load_kernel
     from reslab.models.tiled_wgrad import tile_factor, tile_images, wgrad_path
 
@@ -160,15 +163,21 @@ def conv_ceiling(
         y = torch.ops.aten.convolution(x, w, None, *args)
         gy = torch.randn_like(y)
         conv, back = torch.ops.aten.convolution, torch.ops.aten.convolution_backward
-        phases = {"fwd": seconds(conv, x, w, None, *args)}
-        if i > 0:  # the input image needs no gradient
-            phases["dgrad"] = seconds(back, gy, x, w, None, *args, [True, False, False])
-        # The weight gradient as reslab's training computes it: by the AMX kernel or over tiled
-        # images where the blocks' tiled_wgrad rule takes it (models/tiled_wgrad.py), else
-        # directly.
+        # As reslab's training computes each phase: the AMX kernels or tiled images where the
+        # blocks' tiled_wgrad rule takes the conv (models/tiled_wgrad.py; for stride 1 the
+        # kernel path's output and input gradient too, models/conv_wgrad.py), else oneDNN.
         path = wgrad_path(modules[key], x)
+        ext = load_kernel() if path == "kernel" else None
+        if path == "kernel" and stride == (1, 1) and conv_wgrad.FORWARD_KERNEL:
+            phases = {"fwd kernel": seconds(ext.conv3x3_forward, x, w)}
+            if i > 0:
+                phases["dgrad kernel"] = seconds(ext.conv3x3_forward, gy, w, True)
+        else:
+            phases = {"fwd": seconds(conv, x, w, None, *args)}
+            if i > 0:  # the input image needs no gradient
+                phases["dgrad"] = seconds(back, gy, x, w, None, *args, [True, False, False])
         if path == "kernel":
-            phases["wgrad kernel"] = seconds(load_kernel().conv3x3_wgrad, x, gy, stride[0])
+            phases["wgrad kernel"] = seconds(ext.conv3x3_wgrad, x, gy, stride[0])
         elif path == "tiled":
             t = tile_factor(modules[key], x)
             phases[f"wgrad tiled t={t}"] = seconds(tiled_wgrad, gy, x, w, args, t)

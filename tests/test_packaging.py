@@ -1,5 +1,5 @@
-"""The recipes ship inside the wheel: an installed reslab (no source tree beside it) lists and
-loads them."""
+"""The recipes and the CPU kernels' sources ship inside the wheel: an installed reslab (no source
+tree beside it) lists and loads the recipes."""
 
 from __future__ import annotations
 
@@ -31,7 +31,13 @@ def test_a_built_wheel_carries_and_loads_every_recipe(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         z.extractall(tmp_path / "site")  # a pure-Python wheel installs by unpacking
         shipped = sorted(Path(n).name for n in z.namelist() if n.startswith("reslab/configs/"))
+        kernels = sorted(
+            Path(n).name for n in z.namelist() if n.startswith("reslab/models/kernels/")
+        )
     assert shipped == recipes
+    # the CPU kernels' sources, headers included: built on first use from the installed package
+    assert kernels == sorted(p.name for p in (ROOT / "src/reslab/models/kernels").iterdir())
+    assert "amx.h" in kernels
     code = (
         "import reslab, sys; from reslab.engine.config import list_recipes, load_recipe; "
         "print(reslab.__file__); print(list_recipes()); "

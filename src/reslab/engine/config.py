@@ -134,8 +134,10 @@ class TrainConfig:
     # On CPUs with AMX, compute the blocks' 3x3 weight gradients (stride 1 and 2) with reslab's
     # own AMX kernel (16-128 channels, even widths: 1.1-2.3x oneDNN's, models/conv_wgrad.py), and
     # elsewhere on small maps (ImageNet layer3/4) sum them over images tiled side by side, which
-    # oneDNN computes 1.1-2.2x faster (models/tiled_wgrad.py). The same gradient in another
-    # summation order. Not used with compile or on GPUs. (The name predates the kernel.)
+    # oneDNN computes 1.1-2.2x faster (models/tiled_wgrad.py); where the kernel takes a stride-1
+    # conv, its output and input gradient come from reslab's AMX convolution too (kernels/
+    # conv_fwd.cpp). The same results in another summation order. Not used with compile or on
+    # GPUs. (The name predates the kernels.)
     tiled_wgrad: bool = True
     workers: int | None = None  # DataLoader workers for image folders; None: from cores and size
     sync_bn: bool = False  # distributed: SyncBatchNorm (the paper keeps BN per device)

@@ -41,7 +41,8 @@ from reslab.models.layers import _eager_training, set_block_flag
 _LOCK = threading.Lock()
 # The extension's sources (kernels/): the fused BN+ReLU, and the AMX weight gradient
 # (models/conv_wgrad.py) that shares its build.
-_SOURCES = ("bn_act.cpp", "conv_wgrad.cpp")
+_SOURCES = ("bn_act.cpp", "conv_wgrad.cpp", "conv_fwd.cpp")
+_HEADERS = ("amx.h",)  # included by the sources: materialised beside them
 _EXT: Any = None
 _FAILED: str | None = None
 
@@ -164,12 +165,14 @@ def _build(name: str, *, march: str, openmp: str | None = None,
     kernels = resources.files("reslab.models") / "kernels"
     with contextlib.ExitStack() as stack:
         paths = [str(stack.enter_context(resources.as_file(kernels / f))) for f in _SOURCES]
+        headers = [str(stack.enter_context(resources.as_file(kernels / f))) for f in _HEADERS]
         stack.enter_context(_ninja_on_path())
         return load(
             name=name,
             sources=paths,
             extra_cflags=cflags,
             extra_ldflags=ldflags,
+            extra_include_paths=sorted({os.path.dirname(h) for h in headers}),
             build_directory=build,
             verbose=False,
         )

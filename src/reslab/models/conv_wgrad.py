@@ -1,4 +1,5 @@
-"""Weight gradients of 3x3 convolutions on Intel AMX tiles (CPU, bf16): kernels/conv_wgrad.cpp.
+"""3x3 convolutions' weight gradients on Intel AMX tiles (CPU, bf16), kernels/conv_wgrad.cpp, and,
+for stride 1, their outputs and input gradients too, kernels/conv_fwd.cpp.
 
 oneDNN's bf16 weight gradient of a CIFAR ResNet's first-stage convolution (16 -> 16 channels,
 32x32 maps, batch 128) runs at ~600 GFLOP/s on a 2-core Xeon whose AMX tiles multiply at ~6.4
@@ -12,7 +13,13 @@ Used by `tiled_wgrad.apply_conv` for the blocks' 3x3 convolutions of stride 1 an
 training (the `tiled_wgrad` flag; option-A blocks' first conv through `layers.PadShortcut.
 with_conv`), where `usable` holds: the kernel built with AMX and allowed by the OS, bf16
 channels_last input, channels multiples of 16 and at most `MAX_CHANNELS`, an even output width
-(and even input sides for stride 2). The forward pass and the input gradient stay oneDNN's.
+(and even input sides for stride 2). The forward pass and the input gradient of those of stride 1
+come from kernels/conv_fwd.cpp (`FORWARD_KERNEL`): each image copied once into a zero-bordered
+buffer, the nine taps as tile products over it (alone, with the operands evicted from L2 as in a
+step: 1.3-1.4x oneDNN's speed at 16 channels on 32x32 and 32 on 16x16, 1.0-1.1x at 64 on 8x8; a
+training step ResNet-20 x1.028, ResNet-56 x1.071: benchmarks/ab_conv_fwd.py, session 29); the
+same sums in fp32, rounded once to bf16, so within one bf16 step of oneDNN's output
+(tests/models/test_conv_fwd.py). Stride 2 stays oneDNN's.
 """
 
 from __future__ import annotations
@@ -74,14 +81,27 @@ def weight_grad(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, stride:
     return dw.contiguous(memory_format=torch.channels_last) if _cl(weight) else dw
 
 
+# Stride-1 outputs and input gradients from kernels/conv_fwd.cpp; False: oneDNN's (benchmarks
+# compare the two). On every CIFAR stage, even 8x8 maps where the kernel alone is no faster than
+# oneDNN, a training step measured fastest with all of them (session 29).
+FORWARD_KERNEL = True
+
+
+def _fwd_kernel(stride: int) -> bool:
+    return FORWARD_KERNEL and stride == 1
+
+
 class AmxWgradConv(torch.autograd.Function):
     """conv2d(x, weight) with 3x3 kernels, padding 1, stride 1 or 2 (bf16, channels_last); the
-    weight gradient from the AMX kernel, the input gradient from oneDNN."""
+    weight gradient from the AMX kernel; for stride 1 the output and the input gradient from
+    the AMX convolution kernel too, else from oneDNN."""
 
     @staticmethod
     def forward(ctx, x, weight, stride=1):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.stride = stride
+        if _fwd_kernel(stride):
+            return load_kernel().conv3x3_forward(x, weight)
         return torch.ops.aten.convolution(x, weight, None, *conv_args(stride))
 
     @staticmethod
@@ -90,7 +110,10 @@ class AmxWgradConv(torch.autograd.Function):
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = _BACKWARD(dy, x, weight, None, *conv_args(ctx.stride), [True, False, False])[0]
+            if _fwd_kernel(ctx.stride) and not torch.is_grad_enabled():
+                dx = load_kernel().conv3x3_forward(dy, weight, transposed=True)
+            else:
+                dx = _BACKWARD(dy, x, weight, None, *conv_args(ctx.stride), [True, False, False])[0]
         if ctx.needs_input_grad[1]:
             dw = weight_grad(x, dy, weight, ctx.stride)
         return dx, dw, None

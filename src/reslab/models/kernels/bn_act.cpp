@@ -609,6 +609,8 @@ std::string bn_act_simd() {
 bool conv3x3_wgrad_available();
 at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride,
                          bool bf16_channels_last);
+// kernels/conv_fwd.cpp
+at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd", &bn_act_simd, "the vector code this build runs");
@@ -624,4 +626,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3x3_wgrad", &conv3x3_wgrad,
         "a 3x3 padding-1 conv's weight gradient (stride 1 or 2): fp32, or bf16 channels_last",
         py::arg("x"), py::arg("dy"), py::arg("stride") = 1, py::arg("bf16_channels_last") = false);
+  m.def("conv3x3_forward", &conv3x3_forward,
+        "a 3x3 stride-1 padding-1 conv (or, transposed, its input gradient) on AMX tiles, bf16",
+        py::arg("x"), py::arg("w"), py::arg("transposed") = false);
 }

@@ -34,47 +34,14 @@
 #include <memory>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__) && defined(__linux__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define RESLAB_AMX 1
-#endif
+#include "amx.h"
 
 namespace {
 
 #ifdef RESLAB_AMX
 
-// Linux hands a process AMX's tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA); torch's oneDNN asks too, this makes the kernel not depend on it.
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// The tile instructions name their registers in the opcode; gcc's intrinsics paste the number
-// as a token, so templates go through asm with the number as an immediate.
-template <int T>
-inline void tile_load(const void* p, int64_t stride) {
-  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(p), "r"(stride), "i"(T) : "memory");
-}
-template <int T>
-inline void tile_store(void* p, int64_t stride) {
-  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(p), "r"(stride), "i"(T) : "memory");
-}
-template <int C, int A, int B>
-inline void tile_dot() {  // C[m][n] += sum_k A[m][2k..2k+1] . B[k][2n..2n+1], bf16 -> fp32
-  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
-}
+using reslab_amx::amx_permitted, reslab_amx::TileConfig, reslab_amx::tile_dot,
+    reslab_amx::tile_load, reslab_amx::tile_store;
 
 constexpr int kAcc = 6;             // accumulator tiles 0-5; A in 6, B in 7
 // Budgets of 128 KB to 1 MB measured the same (session 26); a define, so a sweep can rebuild.

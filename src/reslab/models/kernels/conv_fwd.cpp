@@ -1,0 +1,321 @@
+// A 3x3, stride-1, padding-1 convolution of bf16 channels_last maps on Intel AMX tiles, for the
+// CPU: the forward pass of a CIFAR ResNet block's convolutions and, with the weight transposed
+// and flipped, their input gradient. Built with bn_act.cpp by reslab/models/bn_act.py; used by
+// reslab/models/conv_wgrad.py.
+//
+// oneDNN runs these at 0.8-1.7 TFLOP/s on a 2-core Xeon whose tiles do ~6.4 (16 -> 16 channels
+// on 32x32 maps at batch 128: 0.83 forward, 1.02 input gradient; session 29). Here each image is
+// copied once into a buffer of H + 2 rows of W + 1 pixels: a zero column, then the image's row
+// (and a zero row above and below). The output is computed over that grid: position
+// q = h (W + 1) + w reads, for kernel row kh, the 3 Ci values that start at buffer pixel
+// q + kh (W + 1) (pixels q, q + 1, q + 2: the taps kw = 0, 1, 2, Ci channels each, contiguous
+// in channels_last order; at w = W - 1 the tap kw = 2 reads the next row's zero column, which is
+// the padding of both rows). So a tile of 16 positions x 32 of those values is one strided tile
+// load, and the nine taps are 3 kh x (3 Ci / 32) tile products without any im2col:
+// C[16 q][16 co] += A[16 q][32 k] . B[32 k][16 co], k over (kw, ci). The position w = W of each
+// row is computed and not stored.
+//   Ci = 16: 3 Ci = 48 values, one K chunk of 32 (kw = 0, 1) and one of 16 (kw = 2). A 16-channel
+//   pixel is 32 bytes, so half of the rows of a tile would start mid-line (loads across 64-byte
+//   lines ran at a third of the speed in conv_wgrad.cpp); the buffer holds pixel pairs instead,
+//   entry p = (pixel p, pixel p + 1), 64 bytes: the kw = 0, 1 chunk is entry q + kh (W + 1) and
+//   the kw = 2 chunk the first half of entry q + kh (W + 1) + 2.
+// Accumulators: 6 tiles (4 with a 16-value chunk, whose A and B take tiles 4 and 5), as MB x NB:
+// MB blocks of 16 positions by NB blocks of 16 output channels. The tiles compute apart from the
+// core's loads and stores, so between tile products the core writes out the block before and
+// copies the next image into a second buffer (alone: x1.15 at 16 channels on 32x32). fp32 sums,
+// rounded once to bf16 (nearest even): the same convolution as oneDNN's, summed in another order
+// (tests/models/test_conv_fwd.py checks it exactly on integer data).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include "amx.h"
+
+namespace {
+
+#ifdef RESLAB_AMX
+
+// 0 copies each image before its products instead of during the previous image's (to compare).
+#ifndef RESLAB_FWD_OVERLAP
+#define RESLAB_FWD_OVERLAP 1
+#endif
+#ifndef RESLAB_FWD_PREFETCH
+#define RESLAB_FWD_PREFETCH 0
+#endif
+
+using reslab_amx::TileConfig, reslab_amx::tile_dot, reslab_amx::tile_load,
+    reslab_amx::tile_store, reslab_amx::tile_zero;
+
+// One call's geometry.
+struct FwdPlan {
+  int64_t N, Ci, Co, H, W;
+  int64_t Wp;      // W + 1: a row of the padded grid (one zero column, shared by two rows)
+  int64_t S;       // values per buffer pixel: Ci, or 32 for Ci = 16 (pixel pairs)
+  int64_t full;    // K chunks of 32 per kernel row: 3 Ci / 32
+  bool tail;       // and one of 16 (Ci = 16, 48, ...)
+  int64_t a_tail;  // where the 16-value chunk starts, in values from a position's entry
+  int64_t NB, MB;  // accumulator tiles: MB position blocks x NB channel blocks
+  int64_t Q;       // grid positions computed per image: whole blocks of 16 MB
+  int64_t px;      // buffer pixels (entries) per image, zeros past the image
+  int64_t chunks;  // full + tail
+};
+
+FwdPlan make_fwd_plan(int64_t N, int64_t Ci, int64_t Co, int64_t H, int64_t W) {
+  FwdPlan p;
+  p.N = N, p.Ci = Ci, p.Co = Co, p.H = H, p.W = W, p.Wp = W + 1;
+  p.S = Ci == 16 ? 32 : Ci;
+  p.full = 3 * Ci / 32;
+  p.tail = (3 * Ci) % 32 != 0;
+  p.a_tail = p.S == 32 && Ci == 16 ? 2 * p.S : p.full * 32;
+  p.chunks = p.full + (p.tail ? 1 : 0);
+  // Accumulator shapes MB x NB (tiles 0-5, or 0-3 with a 16-value chunk): the one computing the
+  // fewest positions past the last output (blocks of 16 MB), then the most accumulators. MB = 1
+  // only with NB = 4: fewer than 4 accumulators would wait on each product's latency.
+  const int64_t last = (H - 1) * p.Wp + W;  // positions up to the last real output, exclusive
+  const int64_t shapes[3][2] = {{p.tail ? 4 : 6, 1}, {p.tail ? 2 : 3, 2}, {1, 4}};
+  int64_t best = -1;
+  for (const auto& sh : shapes) {
+    if (Co % (16 * sh[1])) continue;
+    const int64_t blk = 16 * sh[0], q = (last + blk - 1) / blk * blk;
+    if (best < 0 || q < best || (q == best && sh[0] * sh[1] > p.MB * p.NB))
+      best = q, p.MB = sh[0], p.NB = sh[1];
+  }
+  p.Q = best;
+  // The furthest read: position Q - 1, kernel row 2, three pixels (Ci = 16: entry + 2).
+  p.px = std::max((H + 2) * p.Wp, p.Q + 2 * p.Wp + 3);
+  return p;
+}
+
+// Weights as the B tiles want them: [kh][chunk][nb of all Co / 16][16 rows][32], row r holding
+// (k = chunk 32 + 2r, k + 1) for each of 16 output channels, k over (kw, ci) = (k / Ci, k % Ci).
+// transposed: the output channel o and input channel i of this convolution read w[i][o][2-kh][2-kw]
+// (the input gradient of conv2d(., w) is this convolution of the output gradient). w is read in
+// place through its strides (a training step's is channels_last), on all threads: this runs twice
+// a convolution a step, 10-30 us on one thread at 16-64 channels.
+std::vector<uint16_t> pack_weights(const FwdPlan& p, const at::Tensor& w, bool transposed) {
+  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const int64_t nbs = p.Co / 16, chunks = p.chunks, Ci = p.Ci;
+  const int64_t s0 = w.stride(0), s1 = w.stride(1), s2 = w.stride(2), s3 = w.stride(3);
+  std::vector<uint16_t> out(3 * chunks * nbs * 512, 0);  // a 16-value chunk's rows 8-15 stay 0
+  uint16_t* dst = out.data();
+  at::parallel_for(0, w.size(0), 1, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t b = 0; b < w.size(1); ++b) {
+        const int64_t o = transposed ? b : a, i = transposed ? a : b;
+        uint16_t* base = dst + (o >> 4) * 512 + 2 * (o & 15);
+        const uint16_t* src = W + a * s0 + b * s1;
+        for (int64_t kh = 0; kh < 3; ++kh)
+          for (int64_t kw = 0; kw < 3; ++kw) {
+            const int64_t k = (transposed ? 2 - kw : kw) * Ci + i;
+            const int64_t row = transposed ? 2 - kh : kh;
+            base[((row * chunks + (k >> 5)) * nbs) * 512 + ((k & 31) >> 1) * 32 + (k & 1)] =
+                src[kh * s2 + kw * s3];
+          }
+      }
+  });
+  return out;
+}
+
+// Row h of image x ([H][W][Ci] bf16) into its buffer's row h + 1; the zero column and rows are
+// never written (zeroed once by the caller). Ci = 16: entry p = (pixel p, pixel p + 1) of the
+// grid: column c of row h + 1 is x's column c - 1 (zero at c = 0; c = W + 1 is the next row's
+// zero column), and every entry of the row is written.
+void fill_row(const FwdPlan& p, const uint16_t* x, uint16_t* buf, int64_t h) {
+  if (p.S == p.Ci) {
+    std::memcpy(buf + ((h + 1) * p.Wp + 1) * p.S, x + h * p.W * p.Ci, p.W * p.Ci * 2);
+    return;
+  }
+  const uint16_t* row = x + h * p.W * 16;
+  uint16_t* dst = buf + (h + 1) * p.Wp * 32;
+  auto col = [&](int64_t c) {  // padded column c: 16 values
+    return c >= 1 && c <= p.W ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (c - 1) * 16))
+                              : _mm256_setzero_si256();
+  };
+  __m256i cur = col(0);
+  for (int64_t c = 0; c < p.Wp; ++c) {
+    const __m256i next = col(c + 1);
+    _mm512_storeu_si512(dst + c * 32, _mm512_inserti64x4(_mm512_castsi256_si512(cur), next, 1));
+    cur = next;
+  }
+}
+
+// The next image's rows, copied into its buffer a few at a time between tile products (the
+// tiles compute apart from the core's loads and stores, which would otherwise wait for them).
+struct Filler {
+  const FwdPlan* p;
+  const uint16_t* x;  // the next image, or nullptr
+  uint16_t* buf;
+  const uint16_t* after = nullptr;  // the image after it, asked into L2 row by row, or nullptr
+  int64_t row = 0;
+  void run(int64_t rows) {
+    for (; x && rows > 0 && row < p->H; --rows, ++row) {
+#if RESLAB_FWD_PREFETCH
+      if (after) {
+        const char* a = reinterpret_cast<const char*>(after + row * p->W * p->Ci);
+        for (int64_t b = 0; b < p->W * p->Ci * 2; b += 64) _mm_prefetch(a + b, _MM_HINT_T1);
+      }
+#endif
+      fill_row(*p, x, buf, row);
+    }
+  }
+};
+
+// Accumulator (m, nb) is tile m NB + nb. I runs over (nb, m), nb outer, so B loads once per nb.
+template <int MB, int NB, int TA, int TB, int I = 0>
+inline void products(const uint16_t* a, int64_t a_step, int64_t a_stride, const uint16_t* b) {
+  if constexpr (I < MB * NB) {
+    constexpr int nb = I / MB, m = I % MB;
+    if constexpr (m == 0) tile_load<TB>(b + nb * 512, 64);
+    if constexpr (MB > 1 || nb == 0) tile_load<TA>(a + m * a_step, a_stride);  // MB = 1: kept
+    tile_dot<m * NB + nb, TA, TB>();
+    products<MB, NB, TA, TB, I + 1>(a, a_step, a_stride, b);
+  }
+}
+template <int T, int N>
+inline void zero_tiles() {
+  if constexpr (T < N) {
+    tile_zero<T>();
+    zero_tiles<T + 1, N>();
+  }
+}
+template <int MB, int NB, int I = 0>
+inline void store_tiles(float* tmp) {  // tmp: [16 MB positions][16 NB channels] fp32
+  if constexpr (I < MB * NB) {
+    constexpr int m = I / NB, nb = I % NB;
+    tile_store<I>(tmp + m * 16 * 16 * NB + nb * 16, 64 * NB);
+    store_tiles<MB, NB, I + 1>(tmp);
+  }
+}
+
+// Grid positions [q0, q0 + n) of one image, sums tmp ([n][16 NB] fp32), to its output's channels
+// [g 16 NB, +16 NB) in bf16: (h, w) = divmod(q, W + 1); w = W is not an output. The rounding is
+// the CPU's (vcvtne2ps2bf16: nearest even as torch rounds; a NaN may keep other bits than
+// torch's 0x7FC0).
+template <int NB>
+inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n, int64_t g,
+                      uint16_t* out) {
+  int64_t h = q0 / p.Wp, w = q0 % p.Wp;
+  for (int64_t r = 0; r < n; ++r) {
+    if (h >= p.H) break;
+    if (w < p.W) {
+      uint16_t* dst = out + (h * p.W + w) * p.Co + g * NB * 16;
+      if constexpr (NB % 2 == 0)
+        for (int nb = 0; nb < NB; nb += 2) {
+          const float* t = tmp + (r * NB + nb) * 16;
+          _mm512_storeu_si512(dst + nb * 16, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(t + 16),
+                                                                          _mm512_loadu_ps(t)));
+        }
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(tmp + r * 16)));
+    }
+    if (++w == p.Wp) w = 0, ++h;
+  }
+}
+
+// One image's output channels [g 16 NB, +16 NB) at all positions: buf its buffer, bp the packed
+// weights, out its [H][W][Co] output, tmp room for two blocks' sums. Between a block's kernel rows
+// the core writes out a third of the block before (its sums stored after its products) and
+// copies fill_rows rows of the next image.
+template <int MB, int NB, bool TAIL>
+void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16_t>& bpv, int64_t g,
+                 uint16_t* out, float* tmp, Filler& next, int64_t fill_rows) {
+  const uint16_t* bp = bpv.data();
+  const int64_t nbs = p.Co / 16, a_stride = p.S * 2, a_step = 16 * p.S, blk = 16 * MB;
+  constexpr int64_t kPart = (16 * MB + 2) / 3;  // positions written out after each kernel row
+  for (int64_t q0 = 0; q0 < p.Q; q0 += blk) {
+    float* mine = tmp + ((q0 / blk) & 1) * 256 * MB * NB;
+    const float* before = tmp + (((q0 / blk) & 1) ^ 1) * 256 * MB * NB;
+    zero_tiles<0, MB * NB>();
+    for (int64_t kh = 0; kh < 3; ++kh) {
+      const uint16_t* a = buf + (q0 + kh * p.Wp) * p.S;
+      const uint16_t* b = bp + (kh * p.chunks * nbs + g * NB) * 512;
+      for (int64_t c = 0; c < p.full; ++c)
+        products<MB, NB, 6, 7>(a + c * 32, a_step, a_stride, b + c * nbs * 512);
+      if constexpr (TAIL)
+        products<MB, NB, 4, 5>(a + p.a_tail, a_step, a_stride, b + p.full * nbs * 512);
+      if (q0 > 0) {
+        const int64_t r0 = kh * kPart, n = std::min(kPart, blk - r0);
+        write_out<NB>(p, before + r0 * 16 * NB, q0 - blk + r0, n, g, out);
+      }
+      next.run(fill_rows);
+    }
+    store_tiles<MB, NB>(mine);
+  }
+  write_out<NB>(p, tmp + ((p.Q / blk - 1) & 1) * 256 * MB * NB, p.Q - blk, blk, g, out);
+}
+
+#endif  // RESLAB_AMX
+
+}  // namespace
+
+// conv2d(x, w, stride 1, padding 1) for x [N, Ci, H, W] and w [Co, Ci, 3, 3], bf16, x channels_last
+// on the CPU, Ci and Co multiples of 16 -> [N, Co, H, W] bf16 channels_last. With transposed, w is
+// [Ci, Co, 3, 3] and the result is conv2d's input gradient for the output gradient x:
+// conv_transpose2d(x, w, padding 1) (stride 1). Needs conv3x3_wgrad_available().
+at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "conv3x3_forward takes a channels_last bf16 CPU tensor");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 4 &&
+                  w.size(2) == 3 && w.size(3) == 3,
+              "conv3x3_forward takes a bf16 [out, in, 3, 3] CPU weight");
+  const int64_t Ci = x.size(1), Co = transposed ? w.size(1) : w.size(0);
+  TORCH_CHECK((transposed ? w.size(0) : w.size(1)) == Ci, "the weight's input channels must be x's");
+  TORCH_CHECK(Ci % 16 == 0 && Co % 16 == 0 && Ci > 0 && Co > 0, "channels must be multiples of 16");
+  at::Tensor out = at::empty({x.size(0), Co, x.size(2), x.size(3)}, x.options(),
+                             at::MemoryFormat::ChannelsLast);
+  if (out.numel() == 0) return out;
+#ifdef RESLAB_AMX
+  TORCH_CHECK(reslab_amx::amx_permitted(), "conv3x3_forward needs a CPU with AMX (bf16 tiles)");
+  const FwdPlan p = make_fwd_plan(x.size(0), Ci, Co, x.size(2), x.size(3));
+  const std::vector<uint16_t> bp = pack_weights(p, w, transposed);
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  auto* O = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, p.N, 1, [&](int64_t n0, int64_t n1) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    if (p.tail) cfg.colsb[4] = 32, cfg.rows[5] = 8;  // the 16-value chunk's A and B
+    _tile_loadconfig(&cfg);
+    // Two buffers: the image being computed and the next, filled meanwhile.
+    const int64_t values = (p.px * p.S + 31) / 32 * 32;
+    auto* bufs = static_cast<uint16_t*>(std::aligned_alloc(64, 2 * values * 2));
+    TORCH_CHECK(bufs != nullptr, "conv3x3_forward: out of memory");
+    std::memset(bufs, 0, 2 * values * 2);  // the borders and the tail stay zero
+    alignas(64) float tmp[2 * 6 * 16 * 16];  // two blocks' sums: see image_group
+    const int64_t groups = p.Co / (16 * p.NB), slots = groups * p.Q / (16 * p.MB) * 3;
+    const int64_t fill_rows = RESLAB_FWD_OVERLAP ? (p.H + slots - 1) / slots : 0;
+    Filler first{&p, X + n0 * p.H * p.W * p.Ci, bufs};
+    first.run(p.H);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* buf = bufs + (n - n0) % 2 * values;
+      Filler next{&p, n + 1 < n1 ? X + (n + 1) * p.H * p.W * p.Ci : nullptr,
+                  bufs + (n + 1 - n0) % 2 * values,
+                  n + 2 < n1 ? X + (n + 2) * p.H * p.W * p.Ci : nullptr};
+      uint16_t* o = O + n * p.H * p.W * p.Co;
+      for (int64_t g = 0; g < groups; ++g) {
+        const auto args = std::tie(p, buf, bp, g, o, tmp, next, fill_rows);
+        if (p.NB == 4)
+          p.tail ? std::apply(image_group<1, 4, true>, args) : std::apply(image_group<1, 4, false>, args);
+        else if (p.NB == 2)
+          p.tail ? std::apply(image_group<2, 2, true>, args) : std::apply(image_group<3, 2, false>, args);
+        else
+          p.tail ? std::apply(image_group<4, 1, true>, args) : std::apply(image_group<6, 1, false>, args);
+      }
+      next.run(p.H);  // whatever the slots left
+    }
+    _tile_release();
+    std::free(bufs);
+  });
+#else
+  TORCH_CHECK(false, "conv3x3_forward needs a CPU with AMX (bf16 tiles)");
+#endif
+  return out;
+}

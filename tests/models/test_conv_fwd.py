@@ -1,0 +1,159 @@
+"""The AMX convolution kernel (kernels/conv_fwd.cpp: a 3x3 stride-1 conv and its input gradient)
+against float64 and oneDNN. Needs a CPU with AMX (skipped elsewhere: the kernel is not built
+there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reslab.models import conv_wgrad
+from reslab.models.bn_act import load_kernel
+
+CL = torch.channels_last
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not conv_wgrad.available():
+        pytest.skip("the AMX kernels do not run on this CPU (built without AMX tiles)")
+    return load_kernel()
+
+
+def _ints(shape, seed):
+    """Small integers in bf16: every product and sum is exact in fp32, and the results (at most
+    9 * 128 * 4 in size) are exact in bf16 where they stay within 256, so the kernel must equal
+    float64 rounded to bf16 exactly."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, 2, shape, generator=g).bfloat16()
+
+
+def _check_exact(ext, n, ci, co, h, w, seed=0):
+    x = _ints((n, ci, h, w), seed).contiguous(memory_format=CL)
+    wt = _ints((co, ci, 3, 3), seed + 1)
+    out = ext.conv3x3_forward(x, wt)
+    ref = F.conv2d(x.double(), wt.double(), padding=1).bfloat16()
+    # the weight is read through its strides: a training step's is channels_last
+    assert torch.equal(ext.conv3x3_forward(x, wt.contiguous(memory_format=CL)), ref)
+    assert out.shape == (n, co, h, w) and out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=CL)
+    assert torch.equal(out, ref)
+    # transposed: conv2d's input gradient for an output gradient dy, the weight as conv2d's
+    dy = _ints((n, co, h, w), seed + 2).contiguous(memory_format=CL)
+    dx = ext.conv3x3_forward(dy, wt, transposed=True)
+    assert dx.shape == (n, ci, h, w) and dx.is_contiguous(memory_format=CL)
+    ref_dx = F.conv_transpose2d(dy.double(), wt.double(), padding=1).bfloat16()
+    assert torch.equal(dx, ref_dx)
+    wt_cl = wt.contiguous(memory_format=CL)
+    assert torch.equal(ext.conv3x3_forward(dy, wt_cl, transposed=True), ref_dx)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 16, 16, 1, 1),  # one pixel: every tap but the centre reads padding
+        (2, 16, 16, 32, 32),  # CIFAR stage 1: pixel pairs, a 16-value chunk per kernel row
+        (3, 32, 32, 16, 16),  # stage 2: 3 chunks of 32 per kernel row
+        (2, 64, 64, 8, 8),  # stage 3: 4 accumulators over 64 output channels
+        (1, 16, 32, 5, 7),  # odd sides, more outputs than inputs
+        (2, 32, 16, 6, 3),  # fewer outputs than inputs; rows shorter than a tile
+        (2, 48, 16, 4, 4),  # 3 Ci = 144: 4 chunks of 32 and one of 16 without pixel pairs
+        (1, 16, 64, 9, 9),  # 16-value chunks with 4 accumulators
+        (4, 64, 16, 8, 8),  # 64 -> 16: one channel block, 6 accumulators
+        (1, 128, 128, 4, 4),  # many chunks, two channel groups
+        (5, 16, 48, 2, 40),  # rows longer than a block; 3 channel blocks
+    ],
+)
+def test_the_kernel_equals_float64_exactly_on_exact_data(ext, shape):
+    """Integer data: any misplaced or missing term (a tap at a row's end, the padding, a chunk,
+    a channel block, an image of another thread) shows as a difference."""
+    _check_exact(ext, *shape)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    ci=st.sampled_from([16, 32, 48, 64]),
+    co=st.sampled_from([16, 32, 48, 64]),
+    h=st.integers(1, 20),
+    w=st.integers(1, 20),
+)
+def test_any_shape_equals_float64_exactly(ext, n, ci, co, h, w):
+    _check_exact(ext, n, ci, co, h, w, seed=n * 7 + h)
+
+
+@pytest.mark.parametrize("c,side", [(16, 32), (32, 16), (64, 8)])
+def test_on_real_data_it_is_as_accurate_as_onednn(ext, c, side):
+    """Real-valued data: fp32 sums rounded once to bf16, so within half a bf16 step (plus the
+    fp32 sum's own error) of float64; oneDNN's error is the same size."""
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(12, c, side, side, generator=g).bfloat16().contiguous(memory_format=CL)
+    wt = (torch.randn(c, c, 3, 3, generator=g) * 0.1).bfloat16()
+    args = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
+    back = torch.ops.aten.convolution_backward
+    for transposed in (False, True):
+        got = ext.conv3x3_forward(x, wt, transposed=transposed)
+        op = F.conv_transpose2d if transposed else F.conv2d
+        ref = op(x.double(), wt.double(), padding=1)
+        bound = ref.abs() * 2**-8 + ref.abs().max() * 1e-5
+        assert ((got.double() - ref).abs() <= bound).all()
+        if transposed:
+            one = back(x, x, wt, None, *args, [True, False, False])[0]
+        else:
+            one = torch.ops.aten.convolution(x, wt, None, *args)
+        # the same rounding of nearly the same fp32 sums: at most one bf16 step apart
+        assert ((got.double() - one.double()).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+
+
+def test_the_result_does_not_depend_on_the_number_of_threads(ext):
+    x = torch.randn(7, 32, 12, 10).bfloat16().contiguous(memory_format=CL)
+    wt = torch.randn(16, 32, 3, 3).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.conv3x3_forward(x, wt)
+        torch.set_num_threads(max(2, threads))
+        many = ext.conv3x3_forward(x, wt)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_an_empty_batch_gives_an_empty_output(ext):
+    x = torch.empty(0, 16, 8, 8).bfloat16().contiguous(memory_format=CL)
+    out = ext.conv3x3_forward(x, torch.ones(32, 16, 3, 3).bfloat16())
+    assert out.shape == (0, 32, 8, 8)
+
+
+def test_non_finite_inputs_reach_the_outputs_they_touch(ext):
+    """An inf in x makes inf or NaN only where the convolution reads it (the 3x3 window around
+    it), as oneDNN's does: the padding columns the kernel adds never carry it elsewhere."""
+    x = torch.zeros(1, 16, 6, 6)
+    x[0, 0, 2, 5] = float("inf")  # the last column: next to the shared zero column
+    x = x.bfloat16().contiguous(memory_format=CL)
+    out = ext.conv3x3_forward(x, torch.ones(16, 16, 3, 3).bfloat16())
+    touched = torch.zeros(6, 6, dtype=torch.bool)
+    touched[1:4, 4:6] = True
+    assert (~torch.isfinite(out[0])).all(0).eq(touched).all()
+    assert torch.isfinite(out[0][:, ~touched]).all()
+
+
+def test_bad_arguments_are_refused_with_a_message(ext):
+    x = torch.randn(2, 16, 4, 4).bfloat16().contiguous(memory_format=CL)
+    w = torch.randn(16, 16, 3, 3).bfloat16()
+    with pytest.raises(RuntimeError, match="channels_last bf16"):
+        ext.conv3x3_forward(x.contiguous(), w)
+    with pytest.raises(RuntimeError, match="channels_last bf16"):
+        ext.conv3x3_forward(x.float(), w)
+    with pytest.raises(RuntimeError, match=r"bf16 \[out, in, 3, 3\]"):
+        ext.conv3x3_forward(x, w.float())
+    with pytest.raises(RuntimeError, match=r"bf16 \[out, in, 3, 3\]"):
+        ext.conv3x3_forward(x, torch.randn(16, 16, 1, 1).bfloat16())
+    with pytest.raises(RuntimeError, match="input channels"):
+        ext.conv3x3_forward(x, torch.randn(16, 32, 3, 3).bfloat16())
+    x8 = torch.randn(2, 8, 4, 4).bfloat16().contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ext.conv3x3_forward(x8, torch.randn(16, 8, 3, 3).bfloat16())
