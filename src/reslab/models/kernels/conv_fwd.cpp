@@ -46,9 +46,6 @@ namespace {
 #ifndef RESLAB_FWD_OVERLAP
 #define RESLAB_FWD_OVERLAP 1
 #endif
-#ifndef RESLAB_FWD_PREFETCH
-#define RESLAB_FWD_PREFETCH 0
-#endif
 
 using reslab_amx::TileConfig, reslab_amx::tile_dot, reslab_amx::tile_load,
     reslab_amx::tile_store, reslab_amx::tile_zero;
@@ -152,18 +149,9 @@ struct Filler {
   const FwdPlan* p;
   const uint16_t* x;  // the next image, or nullptr
   uint16_t* buf;
-  const uint16_t* after = nullptr;  // the image after it, asked into L2 row by row, or nullptr
   int64_t row = 0;
   void run(int64_t rows) {
-    for (; x && rows > 0 && row < p->H; --rows, ++row) {
-#if RESLAB_FWD_PREFETCH
-      if (after) {
-        const char* a = reinterpret_cast<const char*>(after + row * p->W * p->Ci);
-        for (int64_t b = 0; b < p->W * p->Ci * 2; b += 64) _mm_prefetch(a + b, _MM_HINT_T1);
-      }
-#endif
-      fill_row(*p, x, buf, row);
-    }
+    for (; x && rows > 0 && row < p->H; --rows, ++row) fill_row(*p, x, buf, row);
   }
 };
 
@@ -297,8 +285,7 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
     for (int64_t n = n0; n < n1; ++n) {
       const uint16_t* buf = bufs + (n - n0) % 2 * values;
       Filler next{&p, n + 1 < n1 ? X + (n + 1) * p.H * p.W * p.Ci : nullptr,
-                  bufs + (n + 1 - n0) % 2 * values,
-                  n + 2 < n1 ? X + (n + 2) * p.H * p.W * p.Ci : nullptr};
+                  bufs + (n + 1 - n0) % 2 * values};
       uint16_t* o = O + n * p.H * p.W * p.Co;
       for (int64_t g = 0; g < groups; ++g) {
         const auto args = std::tie(p, buf, bp, g, o, tmp, next, fill_rows);
