@@ -16,13 +16,19 @@ runs it), switching `conv_wgrad.FORWARD_KERNEL`.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 import torch
 
 from ab_session27 import cold_seconds
-from common import ab_arguments, alternating_rounds, cifar_default_step, hardware, median_seconds
+from common import (
+    ab_arguments,
+    alternating_rounds,
+    cifar_default_step,
+    hardware,
+    median_seconds,
+    print_rounds,
+)
 from reslab.models import bn_act, conv_wgrad
 from reslab.models.bn_act import _kernel_name, _openmp_library, kernel_status, load_kernel
 
@@ -81,14 +87,7 @@ def main() -> None:
                                    rounds=args.rounds, steps=args.steps)  # fmt: skip
     finally:
         conv_wgrad.FORWARD_KERNEL = True
-    print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
-          f"of {args.steps} steps each (after 3 untimed)")  # fmt: skip
-    for k, v in rates.items():
-        print(f"{k:>8}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
-              + f"; median {statistics.median(v):.0f}")  # fmt: skip
-    ratio = [b / a for a, b in zip(rates["oneDNN"], rates["kernel"])]
-    print("kernel / oneDNN, per round: " + " ".join(f"{r:.3f}" for r in ratio)
-          + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+    print_rounds(args.model, precision, args.rounds, args.steps, rates, "oneDNN", "kernel")
 
 
 if __name__ == "__main__":

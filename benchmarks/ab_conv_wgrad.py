@@ -16,11 +16,16 @@
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
-from common import ab_arguments, alternating_rounds, cifar_default_step, hardware, median_seconds
+from common import (
+    ab_arguments,
+    alternating_rounds,
+    cifar_default_step,
+    hardware,
+    median_seconds,
+    print_rounds,
+)
 from reslab.models import conv_wgrad, tiled_wgrad
 from reslab.models.bn_act import kernel_status, load_kernel
 
@@ -85,14 +90,7 @@ def main() -> None:
         rates = alternating_rounds(paths, step, rounds=args.rounds, steps=args.steps)
     finally:
         conv_wgrad.usable = usable
-    print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
-          f"of {args.steps} steps each (after 3 untimed)")  # fmt: skip
-    for k, v in rates.items():
-        print(f"{k:>7}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
-              + f"; median {statistics.median(v):.0f}")  # fmt: skip
-    ratio = [b / a for a, b in zip(rates["oneDNN"], rates["kernel"])]
-    print("kernel / oneDNN, per round: " + " ".join(f"{r:.3f}" for r in ratio)
-          + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+    print_rounds(args.model, precision, args.rounds, args.steps, rates, "oneDNN", "kernel")
 
 
 if __name__ == "__main__":

@@ -278,3 +278,17 @@ def alternating_rounds(
                 step()
             rates[k].append(batch * steps / (time.perf_counter() - t0))
     return rates
+
+
+def print_rounds(model: str, precision: str, rounds: int, steps: int,
+                 rates: dict[str, list[float]], base: str, new: str) -> None:  # fmt: skip
+    """alternating_rounds' img/s per path and round, and new / base per round with its median."""
+    print(f"\n{model} training step, batch 128, {precision}, {rounds} alternating rounds "
+          f"of {steps} steps each (after 3 untimed)")  # fmt: skip
+    width = max(len(k) for k in rates)
+    for k, v in rates.items():
+        print(f"{k:>{width}}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
+              + f"; median {statistics.median(v):.0f}")  # fmt: skip
+    ratio = [b / a for a, b in zip(rates[base], rates[new])]
+    print(f"{new} / {base}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
+          + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
