@@ -39,8 +39,8 @@ from torch import nn
 from reslab.models.layers import _eager_training, set_block_flag
 
 _LOCK = threading.Lock()
-# The extension's sources (kernels/): the fused BN+ReLU, and the AMX weight gradient
-# (models/conv_wgrad.py) that shares its build.
+# The extension's sources (kernels/): the fused BN+ReLU, and the AMX weight gradient and stride-1
+# convolution (models/conv_wgrad.py) that share its build.
 _SOURCES = ("bn_act.cpp", "conv_wgrad.cpp", "conv_fwd.cpp")
 _HEADERS = ("amx.h",)  # included by the sources: materialised beside them
 _EXT: Any = None
@@ -147,8 +147,9 @@ def _openmp_library() -> str | None:
 
 def _build(name: str, *, march: str, openmp: str | None = None,
            defines: tuple[str, ...] = ()) -> Any:  # fmt: skip
-    """Compile kernels/bn_act.cpp and conv_wgrad.cpp for `march` (or load torch's cached build of it) as `name`;
-    with `openmp` (a libgomp path from `_openmp_library`) its loops run on torch's threads.
+    """Compile the kernels/ sources (`_SOURCES`) for `march`, or load torch's cached build of them,
+    as `name`; with `openmp` (a libgomp path from `_openmp_library`) its loops run on torch's
+    threads.
     `defines` ("NAME=VALUE") change a build for benchmarks; a name of its own goes with them."""
     load = _cpp_extension().load
     cflags, ldflags = ["-O3", f"-march={march}", "-fno-math-errno"], []
