@@ -24,13 +24,15 @@ from ab_session27 import cold_seconds
 from common import (
     ab_arguments,
     alternating_rounds,
+    amx_kernel,
     cifar_default_step,
     hardware,
+    kernel_variant,
     median_seconds,
     print_rounds,
 )
-from reslab.models import bn_act, conv_wgrad
-from reslab.models.bn_act import _kernel_name, _openmp_library, kernel_status, load_kernel
+from reslab.models import conv_wgrad
+from reslab.models.bn_act import kernel_status
 
 _ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
 _BACK = torch.ops.aten.convolution_backward
@@ -66,13 +68,9 @@ def shapes(ext, seq) -> None:
 def main() -> None:
     args = ab_arguments().parse_args()
     print(hardware())
-    ext = load_kernel()
-    if ext is None or not ext.conv3x3_wgrad_available():
-        raise SystemExit(f"the AMX kernels do not run here (kernel: {kernel_status()})")
+    ext = amx_kernel()
     print(f"kernel: {kernel_status()}")
-    omp = _openmp_library()
-    seq = bn_act._build(_kernel_name(omp) + "_fwdnooverlap", march="native", openmp=omp,
-                        defines=("RESLAB_FWD_OVERLAP=0",))  # fmt: skip
+    seq = kernel_variant("_fwdnooverlap", "RESLAB_FWD_OVERLAP=0")
     shapes(ext, seq)
 
     def switch(on: bool) -> Callable[[], None]:

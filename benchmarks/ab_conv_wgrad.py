@@ -21,13 +21,14 @@ import torch
 from common import (
     ab_arguments,
     alternating_rounds,
+    amx_kernel,
     cifar_default_step,
     hardware,
     median_seconds,
     print_rounds,
 )
 from reslab.models import conv_wgrad, tiled_wgrad
-from reslab.models.bn_act import kernel_status, load_kernel
+from reslab.models.bn_act import kernel_status
 
 _SHAPES = [  # (batch, in channels, out channels, input side, stride)
     (128, 16, 16, 32, 1), (128, 32, 32, 16, 1), (128, 64, 64, 8, 1), (128, 16, 32, 16, 1),
@@ -72,9 +73,7 @@ def main() -> None:
     p.add_argument("--skip-shapes", action="store_true", help="only the training step")
     args = p.parse_args()
     print(hardware())
-    ext = load_kernel()
-    if ext is None or not conv_wgrad.available():
-        raise SystemExit(f"the AMX kernel does not run here (kernel: {kernel_status()})")
+    ext = amx_kernel()
     print(f"kernel: {kernel_status()}; wgrad: {tiled_wgrad.status('bf16')}")
     if not args.skip_shapes:
         print("weight gradients alone (bf16, channels_last):")

@@ -31,9 +31,9 @@ from collections.abc import Callable
 
 import torch
 
-from common import ab_arguments, alternating_rounds, cifar_default_step, hardware
+from common import ab_arguments, alternating_rounds, cifar_default_step, hardware, kernel_variant
 from reslab.models import blocks, bn_act
-from reslab.models.bn_act import _kernel_name, _openmp_library, kernel_status, load_kernel
+from reslab.models.bn_act import kernel_status, load_kernel
 
 
 def adds(ext) -> None:
@@ -89,11 +89,8 @@ def main() -> None:
     if new is None:
         raise SystemExit(f"no kernel here: {kernel_status()}")
     print(f"kernel: {kernel_status()}")
-    omp = _openmp_library()
-    old = bn_act._build(_kernel_name(omp) + "_noprefetch", march="native", openmp=omp,
-                        defines=("RESLAB_PREFETCH_BYTES=0",))  # fmt: skip
-    reads = bn_act._build(_kernel_name(omp) + "_noprefetchw", march="native", openmp=omp,
-                          defines=("RESLAB_PREFETCH_WRITES=0",))  # fmt: skip
+    old = kernel_variant("_noprefetch", "RESLAB_PREFETCH_BYTES=0")
+    reads = kernel_variant("_noprefetchw", "RESLAB_PREFETCH_WRITES=0")
     print("a + b alone:")
     adds(new)
 

@@ -24,9 +24,16 @@ from collections.abc import Callable
 
 import torch
 
-from common import ab_arguments, alternating_rounds, cifar_default_step, hardware
+from common import (
+    ab_arguments,
+    alternating_rounds,
+    amx_kernel,
+    cifar_default_step,
+    hardware,
+    kernel_variant,
+)
 from reslab.models import bn_act, conv_wgrad
-from reslab.models.bn_act import _kernel_name, _openmp_library, kernel_status, load_kernel
+from reslab.models.bn_act import kernel_status
 
 
 def cold_seconds(f: Callable[[], object], reps: int = 25) -> float:
@@ -47,13 +54,9 @@ def cold_seconds(f: Callable[[], object], reps: int = 25) -> float:
 def main() -> None:
     args = ab_arguments().parse_args()
     print(hardware())
-    new = load_kernel()
-    if new is None or not new.conv3x3_wgrad_available():
-        raise SystemExit(f"the AMX kernel does not run here (kernel: {kernel_status()})")
+    new = amx_kernel()
     print(f"kernel: {kernel_status()}")
-    omp = _openmp_library()
-    old = bn_act._build(_kernel_name(omp) + "_nowgradprefetch", march="native", openmp=omp,
-                        defines=("RESLAB_WGRAD_PREFETCH=0",))  # fmt: skip
+    old = kernel_variant("_nowgradprefetch", "RESLAB_WGRAD_PREFETCH=0")
     print("weight gradients alone, operands evicted from L2 before each call:")
     cl = torch.channels_last
     for c, side, stride in ((16, 32, 1), (32, 16, 1), (64, 8, 1), (16, 32, 2), (32, 16, 2)):

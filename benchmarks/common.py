@@ -292,3 +292,24 @@ def print_rounds(model: str, precision: str, rounds: int, steps: int,
     ratio = [b / a for a, b in zip(rates[base], rates[new])]
     print(f"{new} / {base}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
           + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+
+
+def amx_kernel():
+    """reslab's compiled kernels where their AMX convolutions run here; else exit with a line
+    saying why (the AMX A/B scripts measure nothing elsewhere)."""
+    from reslab.models.bn_act import kernel_status, load_kernel
+
+    ext = load_kernel()
+    if ext is None or not ext.conv3x3_wgrad_available():
+        raise SystemExit(f"the AMX kernels do not run here (kernel: {kernel_status()})")
+    return ext
+
+
+def kernel_variant(suffix: str, *defines: str):
+    """reslab's kernels rebuilt with `defines` ("NAME=VALUE": a switch in kernels/*.cpp) under a
+    name of their own (the same OpenMP runtime as the default build), to compare with it."""
+    from reslab.models import bn_act
+
+    omp = bn_act._openmp_library()
+    name = bn_act._kernel_name(omp) + suffix
+    return bn_act._build(name, march="native", openmp=omp, defines=defines)
