@@ -54,6 +54,10 @@ def matmul_peak(
 # Where a training step's time goes, by what the op does. First match wins; names are matched
 # lower-case against the profiler's op names (eager aten ops and inductor's fused kernels).
 _CATEGORIES = (
+    # identity-shape BasicBlocks as one op (models/block_op.py): its forward's record and its
+    # C++ autograd node, holding the same kernels as the categories below
+    ("BasicBlocks as one op (AMX convs + fused BN+ReLU), backward", ("basicblockop>",)),
+    ("BasicBlocks as one op (AMX convs + fused BN+ReLU), forward", ("reslab::basic_block",)),
     ("fused BN+ReLU(+add) kernel backward", ("_bnactbackward",)),
     ("fused BN+ReLU(+add) kernel forward", ("_bnact",)),
     # reslab's 3x3 convolutions (models/conv_wgrad.py, tiled_wgrad.py): the autograd nodes' self
@@ -281,9 +285,9 @@ def alternating_rounds(
 
 
 def print_rounds(model: str, precision: str, rounds: int, steps: int,
-                 rates: dict[str, list[float]], base: str, new: str) -> None:  # fmt: skip
+                 rates: dict[str, list[float]], base: str, new: str, batch: int = 128) -> None:  # fmt: skip
     """alternating_rounds' img/s per path and round, and new / base per round with its median."""
-    print(f"\n{model} training step, batch 128, {precision}, {rounds} alternating rounds "
+    print(f"\n{model} training step, batch {batch}, {precision}, {rounds} alternating rounds "
           f"of {steps} steps each (after 3 untimed)")  # fmt: skip
     width = max(len(k) for k in rates)
     for k, v in rates.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reslab.models import block_op
 from reslab.models.bn_act import bn_relu, fork_for_shortcut
 from reslab.models.layers import PadShortcut, _hooked, conv1x1, conv3x3, make_shortcut
 from reslab.models.tiled_wgrad import apply_conv, wgrad_path
@@ -72,6 +73,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused, tiled = self.fused_bn_act, self.tiled_wgrad
+        if fused and tiled:  # the whole block as one op where it applies (models/block_op.py)
+            out = block_op.forward(self, x)
+            if out is not None:
+                return out
         out, short = _conv_and_shortcut(self, self.conv1, x, tiled=tiled)
         out = bn_relu(self.bn1, out, fused=fused)
         # [N, planes, H/s, W/s]; bn2(out) is F(x), added before the ReLU

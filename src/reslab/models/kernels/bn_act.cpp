@@ -611,6 +611,15 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stri
                          bool bf16_channels_last);
 // kernels/conv_fwd.cpp
 at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed);
+// kernels/block.cpp
+at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& g1,
+                             const at::Tensor& b1, const at::Tensor& running_mean1,
+                             const at::Tensor& running_var1, const at::Tensor& batches1,
+                             double momentum1, double eps1, const at::Tensor& w2,
+                             const at::Tensor& g2, const at::Tensor& b2,
+                             const at::Tensor& running_mean2, const at::Tensor& running_var2,
+                             const at::Tensor& batches2, double momentum2, double eps2,
+                             bool residual);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd", &bn_act_simd, "the vector code this build runs");
@@ -629,4 +638,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3x3_forward", &conv3x3_forward,
         "a 3x3 stride-1 padding-1 conv (or, transposed, its input gradient) on AMX tiles, bf16",
         py::arg("x"), py::arg("w"), py::arg("transposed") = false);
+  m.def("basic_block_train", &basic_block_train,
+        "a stride-1 BasicBlock's training forward as one autograd op (kernels/block.cpp)");
 }

@@ -1,0 +1,126 @@
+// A stride-1 BasicBlock of equal widths as one autograd op for CPU training steps:
+//   out = relu(bn2(conv2(relu(bn1(conv1(x))))) + x)   (residual; a plain block adds nothing)
+// with the kernels of this extension: the convolutions' outputs and input gradients from
+// conv_fwd.cpp, their weight gradients from conv_wgrad.cpp, batch norm + ReLU (+ the add) from
+// bn_act.cpp, and x's two gradients (the shortcut's and conv1's) summed by bn_act.cpp's add.
+// Built with bn_act.cpp by reslab/models/bn_act.py; used by reslab/models/block_op.py.
+//
+// The block's per-op training step took five Python autograd Functions (the fork of x, two
+// convs, two batch norms), two weight casts and their gradients' casts back, and a dozen Python
+// checks: 0.17-0.33 ms a block on a 2-core Xeon whatever the batch size (ResNet-56's step
+// x1.065-1.093 without them: benchmarks/ab_block_op.py, session 30). Here the forward is one
+// Python call and the backward runs in C++ alone. The same kernels on the same tensors as that
+// path: the same bits (outputs, every gradient, the running statistics;
+// tests/models/test_block_op.py).
+#include <torch/extension.h>
+
+#include <vector>
+
+// bn_act.cpp, conv_fwd.cpp, conv_wgrad.cpp: compiled into the same extension.
+std::vector<at::Tensor> bn_act_forward_train(const at::Tensor& x,
+                                             const c10::optional<at::Tensor>& r,
+                                             const at::Tensor& weight, const at::Tensor& bias,
+                                             at::Tensor running_mean, at::Tensor running_var,
+                                             at::Tensor num_batches_tracked, double momentum,
+                                             double eps);
+std::vector<at::Tensor> bn_act_backward(const at::Tensor& dy, const at::Tensor& x,
+                                        const at::Tensor& mask, const at::Tensor& mean,
+                                        const at::Tensor& rstd, const at::Tensor& weight,
+                                        bool with_residual);
+at::Tensor add(const at::Tensor& a, const at::Tensor& b);
+at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed);
+at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride,
+                         bool bf16_channels_last);
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// A batch norm's state that the forward updates in place (not an input of the op: no gradient).
+struct Norm {
+  at::Tensor running_mean, running_var, num_batches_tracked;
+  double momentum, eps;
+};
+
+// The weight as the convolution kernels take it: bf16 (autocast's cast of an fp32 weight; its
+// layout kept, as .to() keeps it).
+at::Tensor kernel_weight(const at::Tensor& w) {
+  return w.scalar_type() == at::kBFloat16 ? w : w.to(at::kBFloat16);
+}
+
+// The weight gradient in w's dtype and layout: the kernel's fp32 sums rounded once to bf16 (as
+// oneDNN's bf16 gradient is), then cast as autocast's cast of the weight passes it back.
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& w) {
+  const at::Tensor dw = conv3x3_wgrad(x, dy, 1, /*bf16_channels_last=*/true);
+  return dw.to(w.scalar_type()).contiguous(w.suggest_memory_format());
+}
+
+class BasicBlockOp : public torch::autograd::Function<BasicBlockOp> {
+ public:
+  // x [N, C, H, W] bf16 channels_last; w1, w2 [C, C, 3, 3] (fp32 under autocast, or bf16);
+  // g, b: the norms' fp32 weights and biases.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
+                            const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& w2,
+                            const at::Tensor& g2, const at::Tensor& b2, Norm n1, Norm n2,
+                            bool residual) {
+    const at::Tensor k1 = kernel_weight(w1), k2 = kernel_weight(w2);
+    const at::Tensor y1 = conv3x3_forward(x, k1, false);  // conv1(x)
+    // -> (z1 = relu(bn1(y1)), mask, mean, rstd)
+    const std::vector<at::Tensor> f1 =
+        bn_act_forward_train(y1, c10::nullopt, g1, b1, n1.running_mean, n1.running_var,
+                             n1.num_batches_tracked, n1.momentum, n1.eps);
+    const at::Tensor y2 = conv3x3_forward(f1[0], k2, false);  // conv2(z1)
+    const std::vector<at::Tensor> f2 = bn_act_forward_train(
+        y2, residual ? c10::optional<at::Tensor>(x) : c10::nullopt, g2, b2, n2.running_mean,
+        n2.running_var, n2.num_batches_tracked, n2.momentum, n2.eps);
+    ctx->save_for_backward(
+        {x, w1, k1, y1, f1[1], f1[2], f1[3], g1, f1[0], w2, k2, y2, f2[1], f2[2], f2[3], g2});
+    ctx->saved_data["residual"] = residual;
+    return f2[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The kernels' results are not differentiable: a gradient of this gradient (create_graph)
+    // would silently lose the block's terms.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "reslab: a gradient of a gradient (create_graph=True) cannot pass a block "
+                "computed as one CPU op; turn off the CPU training paths for it (config "
+                "fused_bn_act: false)");
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &w1 = s[1], &k1 = s[2], &y1 = s[3], &m1 = s[4], &mean1 = s[5],
+                     &rstd1 = s[6], &g1 = s[7], &z1 = s[8], &w2 = s[9], &k2 = s[10], &y2 = s[11],
+                     &m2 = s[12], &mean2 = s[13], &rstd2 = s[14], &g2 = s[15];
+    const bool residual = ctx->saved_data["residual"].toBool();
+    const at::Tensor dout = grads[0].contiguous(at::MemoryFormat::ChannelsLast);
+    // bn2 (+ the shortcut's gradient): (dy2, dg2, db2, dx from the shortcut)
+    const std::vector<at::Tensor> d2 = bn_act_backward(dout, y2, m2, mean2, rstd2, g2, residual);
+    const at::Tensor dz1 = conv3x3_forward(d2[0], k2, true);
+    const at::Tensor dw2 = weight_grad(z1, d2[0], w2);
+    const std::vector<at::Tensor> d1 = bn_act_backward(dz1, y1, m1, mean1, rstd1, g1, false);
+    const at::Tensor dw1 = weight_grad(x, d1[0], w1);
+    at::Tensor dx;  // where x needs one: conv1's input gradient (+ the shortcut's)
+    if (ctx->needs_input_grad(0)) {
+      dx = conv3x3_forward(d1[0], k1, true);
+      if (residual) dx = ::add(dx, d2[3]);  // bn_act.cpp's (at::add is another)
+    }
+    return {dx, dw1, d1[1], d1[2], dw2, d2[1], d2[2], at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& g1,
+                             const at::Tensor& b1, const at::Tensor& running_mean1,
+                             const at::Tensor& running_var1, const at::Tensor& batches1,
+                             double momentum1, double eps1, const at::Tensor& w2,
+                             const at::Tensor& g2, const at::Tensor& b2,
+                             const at::Tensor& running_mean2, const at::Tensor& running_var2,
+                             const at::Tensor& batches2, double momentum2, double eps2,
+                             bool residual) {
+  RECORD_FUNCTION("reslab::basic_block", std::vector<c10::IValue>());  // for profiles
+  return BasicBlockOp::apply(x, w1, g1, b1, w2, g2, b2,
+                             Norm{running_mean1, running_var1, batches1, momentum1, eps1},
+                             Norm{running_mean2, running_var2, batches2, momentum2, eps2},
+                             residual);
+}
