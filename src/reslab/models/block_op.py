@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reslab.models import conv_wgrad
+from reslab.models import bn_act, conv_wgrad
 from reslab.models.bn_act import load_kernel
 from reslab.models.layers import _hooked
 
@@ -40,19 +40,6 @@ def _plain_conv(conv: nn.Module, channels: int) -> bool:
         and conv.in_channels == channels
         and conv.out_channels == channels
     )
-
-
-def _norm(bn: nn.Module) -> bool:
-    """A training-mode BatchNorm2d with fp32 affine weights and running statistics (the fused
-    BN kernel's conditions, bn_act.usable)."""
-    if type(bn) is not nn.BatchNorm2d or not (bn.training and bn.affine and bn.track_running_stats):
-        return False
-    if bn.momentum is None or bn.num_batches_tracked is None:
-        return False
-    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            return False
-    return bn.num_batches_tracked.dtype == torch.long
 
 
 def _weight(conv: nn.Conv2d) -> torch.Tensor | None:
@@ -85,7 +72,8 @@ def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if any(_hooked(m) for m in (block, block.conv1, block.conv2, block.bn1, block.bn2)):
         return None
-    if not (_norm(block.bn1) and _norm(block.bn2)):
+    # the fused BN kernel's conditions (the convs keep x's shape, dtype and layout)
+    if not (bn_act.usable(block.bn1, x, None) and bn_act.usable(block.bn2, x, None)):
         return None
     w1, w2 = _weight(block.conv1), _weight(block.conv2)
     if w1 is None or w2 is None:
