@@ -5,7 +5,7 @@ fed by the on-device TensorLoader with pad/crop/flip, at full size (32x32: the r
 with every batch downsampled to 28, 24 and 20 pixels as `small_size` does. Sizes are timed in
 interleaved rounds so that drift of the machine's speed hits them all alike. Prints img/s, the
 time per image relative to 32x32 (the pixel ratio is what one expects), the conv+fc TFLOP/s and
-their fraction of the measured bf16 matmul peak.
+their fraction of the measured matmul peak (bf16's, or fp32's where the default trains in fp32).
 
     python benchmarks/bench_sizes.py --data ../shared/data [--model resnet20] [--rounds 4]
 """
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import hardware, load_average, matmul_peak
+from common import hardware, load_average, matmul_peak, peak_dtype
 
 
 def main() -> None:
@@ -80,17 +80,18 @@ def main() -> None:
             rates[s].append(args.steps * args.batch / (time.perf_counter() - t0))
     keep = max(1, args.rounds - 1)
     ips = {s: sum(sorted(v)[-keep:]) / keep for s, v in rates.items()}  # best rounds
-    peak = matmul_peak(torch.bfloat16)
+    pdtype, peak_name = peak_dtype(precision)
+    peak = matmul_peak(pdtype)
     ref = ips.get(32, ips[args.sizes[0]])
     print(f"{args.model}, batch {args.batch}, precision {precision}, channels_last, eager; "
           f"best {keep} of {args.rounds} rounds of {args.steps} steps")  # fmt: skip
     print(f"{'size':>5}{'img/s':>9}{'time/img vs 32':>16}{'pixels vs 32':>14}{'TFLOP/s':>9}"
-          f"{'of bf16 peak':>14}")  # fmt: skip
+          f"{f'of {peak_name} peak':>14}")  # fmt: skip
     for s in args.sizes:
         tf = ips[s] * flops[s]
         print(f"{s:>5}{ips[s]:>9.0f}{ref / ips[s]:>16.3f}{(s / 32) ** 2:>14.3f}"
               f"{tf / 1e12:>9.3f}{tf / peak:>14.1%}")  # fmt: skip
-    print(f"measured bf16 matmul peak {peak / 1e12:.3f} TFLOP/s; load average "
+    print(f"measured {peak_name} matmul peak {peak / 1e12:.3f} TFLOP/s; load average "
           f"{load_average():.2f}")  # fmt: skip
     print(hardware())
 

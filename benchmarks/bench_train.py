@@ -8,12 +8,14 @@ paths `reslab train` turns on, by the same call (models/cpu_paths.py): each relu
 shortcut]) as one fused kernel (models/bn_act.py), the 3x3 weight gradients from the AMX kernel
 or tiling (models/tiled_wgrad.py); beside it the same without the BN kernel (fused_bn_act=false)
 and with torch.compile. (Before session 27 this benchmark set only the BN kernel's flag.) All four paths and the
-bf16 matmul peak are timed in alternating rounds and each takes its best round, so that a drift
+matmul peak are timed in alternating rounds and each takes its best round, so that a drift
 in the machine's speed (large on this VM) does not fall on one path only; the median over
 rounds of each round's ratio to the reference is printed beside the best rounds.
 Same model, optimizer, batch (--batch, 128 by default) and real CIFAR-10 images; prints img/s,
-the ratio, and the fraction of the machine's measured bf16 matmul peak that the training step
-reaches.
+the ratio, and the fraction of the machine's measured matmul peak that the training step
+reaches: the bf16 peak where the default trains in bf16, the fp32 peak on a CPU without native
+bf16 (e.g. AMD Zen 3), where the default trains in fp32 and an emulated bf16 peak would
+flatter every path.
 
     python benchmarks/bench_train.py --data ../shared/data [--steps 30 --rounds 3] [--batch 256]
 """
@@ -36,6 +38,7 @@ from common import (
     hardware,
     load_average,
     matmul_peak,
+    peak_dtype,
     step_profile,
 )
 from reslab.analysis.complexity import count_macs
@@ -120,6 +123,9 @@ def main() -> None:
 
     dev = torch.device("cpu")
     precision = resolve_precision("auto", dev)
+    # The denominator is the peak of the arithmetic the default runs in: bf16 where the CPU has
+    # it natively, else fp32 (bf16 there is emulated, ~100x slower than fp32 on AMD Zen 3).
+    pdtype, peak_name = peak_dtype(precision)
     pre = cifar_preprocess("per_pixel", train.images)
     loader = TensorLoader(train.images, train.labels, batch_size=args.batch, preprocess=pre,
                           train=True, channels_last=True)  # fmt: skip
@@ -148,7 +154,7 @@ def main() -> None:
         order = list(paths)[i % len(paths) :] + list(paths)[: i % len(paths)]
         for k in order:
             rates[k].append(time_steps(paths[k], max(args.steps // args.rounds, 1), args.warmup))
-        peaks.append(matmul_peak(torch.bfloat16))
+        peaks.append(matmul_peak(pdtype))
     ref, ours, unfused, compiled = (max(rates[k]) for k in paths)
     profiles = [
         format_profile(
@@ -162,12 +168,13 @@ def main() -> None:
     ]
 
     macs = count_macs(create_model(args.model), 32)
-    peak_bf16 = max(peaks)
-    peak_fp32 = matmul_peak(torch.float32)
+    peak = max(peaks)
+    other_name = "fp32" if peak_name == "bf16" else "bf16"
+    peak_other = matmul_peak(torch.float32 if peak_name == "bf16" else torch.bfloat16)
     flops_per_img = 3 * 2 * macs  # forward + backward (2x forward), 2 FLOPs per multiply-add
     print(f"\n{args.model} training, batch {args.batch}, {args.steps} timed steps per path in "
           f"{args.rounds} alternating rounds (each after {args.warmup} untimed); best round")  # fmt: skip
-    print(f"{'path':<58}{'img/s':>9}{'ratio':>8}{'TFLOP/s':>9}{'of bf16 peak':>14}")
+    print(f"{'path':<58}{'img/s':>9}{'ratio':>8}{'TFLOP/s':>9}{f'of {peak_name} peak':>14}")
     rows = [
         ("reference: eager fp32 NCHW, PIL/torchvision DataLoader", ref),
         (f"reslab: {precision} autocast, channels_last, on-device data", ours),
@@ -177,26 +184,26 @@ def main() -> None:
     for name, ips in rows:
         tf_s = ips * flops_per_img
         print(f"{name:<58}{ips:>9.0f}{ips / ref:>7.2f}x{tf_s / 1e12:>9.3f}"
-              f"{100 * tf_s / peak_bf16:>13.1f}%")  # fmt: skip
+              f"{100 * tf_s / peak:>13.1f}%")  # fmt: skip
     print("img/s per round: " + "; ".join(
         f"{k} " + " ".join(f"{v:.0f}" for v in rates[k]) for k in paths
-    ) + "; bf16 peak TFLOP/s " + " ".join(f"{v / 1e12:.3f}" for v in peaks))  # fmt: skip
+    ) + f"; {peak_name} peak TFLOP/s " + " ".join(f"{v / 1e12:.3f}" for v in peaks))  # fmt: skip
     # Best rounds can come from different moments of a drifting VM (one path's best round may
     # fall in a fast minute); ratios within each round, then their median, are the robust view.
     med = {k: statistics.median(r / f for r, f in zip(rates[k], rates["reference"])) for k in paths}
     med_peak = {k: statistics.median(r * flops_per_img / p for r, p in zip(rates[k], peaks))
                 for k in paths}  # fmt: skip
     print("median over rounds of the same round's ratio to the reference (and share of that "
-          "round's bf16 peak): " + "; ".join(f"{k} {med[k]:.2f}x ({med_peak[k]:.1%})"
+          f"round's {peak_name} peak): " + "; ".join(f"{k} {med[k]:.2f}x ({med_peak[k]:.1%})"
                                              for k in paths if k != "reference"))  # fmt: skip
-    print(f"measured matmul peak: bf16 {peak_bf16 / 1e12:.3f} TFLOP/s (best round), "
-          f"fp32 {peak_fp32 / 1e12:.3f} TFLOP/s (2048^2, all threads)")  # fmt: skip
+    print(f"measured matmul peak: {peak_name} {peak / 1e12:.3f} TFLOP/s (best round), "
+          f"{other_name} {peak_other / 1e12:.3f} TFLOP/s (square matmuls, all threads)")  # fmt: skip
     # Issue 17's two targets in one unit: 4x the reference is only reachable where it asks for
     # less than the whole measured bf16 peak (on a CPU whose fp32 path is already efficient it
     # cannot be), and 30% of the peak expressed as a multiple of the reference.
-    need = 4 * ref * flops_per_img / peak_bf16
-    at30 = 0.3 * peak_bf16 / flops_per_img
-    print(f"4x the reference = {4 * ref:.0f} img/s = {need:.0%} of the measured bf16 peak"
+    need = 4 * ref * flops_per_img / peak
+    at30 = 0.3 * peak / flops_per_img
+    print(f"4x the reference = {4 * ref:.0f} img/s = {need:.0%} of the measured {peak_name} peak"
           f"{' (beyond this CPU)' if need > 1 else ''}; 30% of the peak = {at30:.0f} img/s = "
           f"{at30 / ref:.2f}x the reference")  # fmt: skip
     gain = compiled / ours - 1
@@ -207,9 +214,9 @@ def main() -> None:
     else:
         print(f"compiling took {compile_s:.0f} s (first step) and does not pay: {gain:+.1%} img/s")
     print("\n" + "\n\n".join(profiles))
-    conv_s, lines = conv_ceiling(create_model(args.model), batch=args.batch)
+    conv_s, lines = conv_ceiling(create_model(args.model), batch=args.batch, dtype=pdtype)
     ceiling = args.batch / conv_s
-    print(f"\nconvolutions alone (bf16 channels_last, timed shape by shape): {conv_s * 1e3:.1f} ms "
+    print(f"\nconvolutions alone ({peak_name} channels_last, timed shape by shape): {conv_s * 1e3:.1f} ms "
           f"per step -> ceiling {ceiling:.0f} img/s = {ceiling / ref:.2f}x the reference if every "
           "other op were free")  # fmt: skip
     print("\n".join(lines))

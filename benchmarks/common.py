@@ -30,15 +30,34 @@ def load_average() -> float:
         return 0.0
 
 
+def peak_dtype(precision: str) -> tuple[torch.dtype, str]:
+    """The matmul peak a training step in `precision` is measured against: bf16's for bf16,
+    fp32's otherwise (on a CPU without native bf16 the default trains in fp32, and the emulated
+    bf16 peak, ~100x lower there, would make every path look near or above 100%)."""
+    return (torch.bfloat16, "bf16") if precision == "bf16" else (torch.float32, "fp32")
+
+
 def matmul_peak(
     dtype: torch.dtype, *, n: int = 2048, seconds: float = 2.0, device: torch.device | None = None
 ) -> float:
     """Measured FLOP/s of a large square matmul in `dtype` on `device` (default the CPU): the
-    machine's practical peak for that dtype, as the benchmarks' denominator."""
+    machine's practical peak for that dtype, as the benchmarks' denominator. Where one n x n
+    product would take more than a tenth of `seconds` (bf16 on a CPU without native bf16, e.g.
+    AMD Zen 3, runs ~100x below fp32: 13 s for one 2048^2 product), n is halved until it does
+    not (down to 256), so that the measurement keeps to about `seconds`."""
     device = device or torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    probe = torch.randn(256, 256, device=device).to(dtype)
+    probe @ probe
+    sync()
+    t0 = time.perf_counter()
+    probe @ probe
+    sync()
+    per_flop = (time.perf_counter() - t0) / (2 * 256**3)  # pessimistic: a small product is slower
+    while n > 256 and 2 * n**3 * per_flop > seconds / 10:
+        n //= 2
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
     sync()

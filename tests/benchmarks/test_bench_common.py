@@ -70,3 +70,16 @@ def test_conv_ceiling_times_the_weight_gradient_as_training_computes_it(monkeypa
     # every 3x3 shape but the stem's (3 channels): 16->16, 32->32, 64->64 and the two stride-2
     assert len(kernel) == 5 and sum("stride 2" in line for line in kernel) == 2
     assert all(" wgrad " in line for line in lines if line not in kernel)
+
+
+def test_matmul_peak_keeps_to_its_time_where_one_product_would_not():
+    """One 8192^2 fp32 product takes seconds on these CPUs (and one 2048^2 bf16 product 13 s
+    where bf16 is emulated, AMD Zen 3): the measurement shrinks the matrices to keep its time."""
+    import time
+
+    t0 = time.perf_counter()
+    flops = common.matmul_peak(torch.float32, n=8192, seconds=0.2)
+    assert time.perf_counter() - t0 < 5.0
+    assert 1e9 < flops < 1e15
+    assert common.peak_dtype("bf16") == (torch.bfloat16, "bf16")
+    assert common.peak_dtype("fp32") == (torch.float32, "fp32")

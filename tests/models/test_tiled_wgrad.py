@@ -118,8 +118,20 @@ def test_under_autocast_output_is_the_direct_one_and_the_gradient_bf16_close(amx
     (dw,) = torch.autograd.grad(y, conv.weight, dy)
     (dw_ref,) = torch.autograd.grad(ref, conv.weight, dy)
     assert dw.dtype == torch.float32  # back through autocast's cast to the fp32 parameter
-    # Both are bf16 sums rounded once: one bf16 unit of the largest entry at most.
-    assert (dw - dw_ref).abs().max() <= dw_ref.abs().max() * 2**-7
+    # The same sum in float64 of the bf16 operands that both paths multiplied.
+    w64 = conv.weight.detach().double().requires_grad_(True)
+    y64 = torch.nn.functional.conv2d(x.bfloat16().double(), w64, padding=1)
+    (dw64,) = torch.autograd.grad(y64, w64, dy.double())
+    top = dw64.abs().max()
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # Native bf16 (AVX-512 BF16, AMX): both are fp32 sums rounded once to bf16, so they are
+        # one bf16 unit of the largest entry apart at most.
+        assert (dw - dw_ref).abs().max() <= dw_ref.abs().max() * 2**-7
+    # Without it (e.g. AMD Zen 3) oneDNN's emulated bf16 weight gradient is ~2% off float64
+    # either way (measured: 0.0168 of the largest entry for both paths), so there tiling must
+    # only be no further from float64 than the direct path.
+    err, err_ref = ((d.double() - dw64).abs().max() / top for d in (dw, dw_ref))
+    assert err <= max(1.25 * err_ref, 2**-7)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet18", "resnet50"])
@@ -143,9 +155,13 @@ def test_a_bf16_training_step_with_tiling_matches_the_direct_one(name, amx):
     assert all(torch.isfinite(g).all() for g in tiled.values())
     differs = [n for n in tiled if not torch.equal(tiled[n], direct[n])]
     assert differs, "no weight gradient was tiled"
-    for n in tiled:  # the same gradient; bf16 sums in another order
+    # The same gradient, bf16 sums in another order: 2% of the largest entry where the CPU has
+    # native bf16; oneDNN's emulated bf16 (e.g. AMD Zen 3) is ~2% off float64 by itself (see the
+    # test above), so two such sums may be twice that apart.
+    tol = 0.02 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0.05
+    for n in tiled:
         scale = direct[n].abs().max()
-        assert (tiled[n] - direct[n]).abs().max() <= 0.02 * scale + 1e-6, n
+        assert (tiled[n] - direct[n]).abs().max() <= tol * scale + 1e-6, n
 
 
 @pytest.mark.parametrize(("name", "n"), [("resnet20", 9), ("resnet18", 8), ("resnet50", 16)])
