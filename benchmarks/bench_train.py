@@ -175,9 +175,10 @@ def main() -> None:
     print(f"\n{args.model} training, batch {args.batch}, {args.steps} timed steps per path in "
           f"{args.rounds} alternating rounds (each after {args.warmup} untimed); best round")  # fmt: skip
     print(f"{'path':<58}{'img/s':>9}{'ratio':>8}{'TFLOP/s':>9}{f'of {peak_name} peak':>14}")
+    mode = precision if precision == "fp32" else f"{precision} autocast"
     rows = [
         ("reference: eager fp32 NCHW, PIL/torchvision DataLoader", ref),
-        (f"reslab: {precision} autocast, channels_last, on-device data", ours),
+        (f"reslab: {mode}, channels_last, on-device data", ours),
         ("  the same with fused_bn_act=false (eager BN, ReLU, adds)", unfused),
         ("reslab --compile: the same + torch.compile (after compiling)", compiled),
     ]

@@ -55,6 +55,9 @@ step() {  # step NAME FILE CMD...: run CMD (from benchmarks/ for the benches), t
 {
     date -u +"%Y-%m-%d %H:%M UTC"
     lscpu | grep -E '^(Model name|Vendor ID|CPU\(s\)|Thread|Core|Socket)' || true
+    # "AMD EPYC" alone does not say which: family 25 model 1 is Zen 3 (no AVX-512), 17 Zen 4.
+    grep -m1 -E '^cpu family' /proc/cpuinfo || true
+    grep -m1 -E '^model\s' /proc/cpuinfo || true
     echo "bf16/AMX flags: $(grep -ow -E 'amx_bf16|amx_tile|amx_int8|avx512_bf16|avx512f' <<<"$flags" | sort -u | tr '\n' ' ')"
     "$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import hardware; print(hardware())'
     echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -4,13 +4,14 @@ On a 2-core CPU a CIFAR ResNet's training step spends about half its time in bat
 and the residual adds, each a separate pass over memory (results/cpu-kind/). This op makes the
 forward two passes (channel sums, then normalise+add+ReLU) and the backward two (masked sums,
 then the input gradient and, with a residual, the shortcut's gradient), with a C++ kernel
-(kernels/bn_act.cpp: AVX-512 code where the CPU has it, portable vector code elsewhere)
-compiled on first use for this CPU and cached by torch, its loops on torch's own OpenMP threads
-(`_openmp_library`; one thread where that runtime cannot be found). The ReLU's mask is kept as
-one bit per value, so the backward reads x, dy and the bits rather than x, dy and y. The model
-is unchanged: the same BatchNorm2d modules, parameters, running statistics and state_dict; only
-how `relu(bn(x) + r)` is computed differs. An identity block's input feeds both its shortcut and
-its first conv; `fork_for_shortcut` has the kernel sum the two gradients it gets back.
+(kernels/bn_act.cpp: AVX-512 code where the CPU has it, AVX2 code on CPUs without it, portable
+vector code elsewhere) compiled on first use for this CPU and cached by torch, its loops on
+torch's own OpenMP threads (`_openmp_library`; one thread where that runtime cannot be found).
+The ReLU's mask is kept as one bit per value, so the backward reads x, dy and the bits rather
+than x, dy and y. The model is unchanged: the same BatchNorm2d modules, parameters, running
+statistics and state_dict; only how `relu(bn(x) + r)` is computed differs. An identity block's
+input feeds both its shortcut and its first conv; `fork_for_shortcut` has the kernel sum the
+two gradients it gets back.
 
 Used where every condition holds (see `usable`): the block's `fused_bn_act` flag (set by
 `use_fused_bn_act`, which the trainer calls for CPU runs), training mode, an nn.BatchNorm2d with

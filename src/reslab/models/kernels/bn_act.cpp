@@ -28,6 +28,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define RESLAB_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(RESLAB_NO_AVX2)
+// CPUs without AVX-512 (e.g. AMD Zen 3): the portable struct below, compiled for AVX2, made a
+// ResNet-20 fp32 step ~25% slower than eager BN/ReLU/add (its bit masks went lane by lane).
+#include <immintrin.h>
+#define RESLAB_AVX2 1
 #endif
 
 namespace {
@@ -100,6 +105,69 @@ inline Mask vpositive(V z) { return _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _
 // max(0, z) returns its second operand when one is NaN: a NaN stays NaN, as in torch.relu.
 inline V vrelu(V z) { return _mm512_max_ps(_mm512_setzero_ps(), z); }
 inline V vkeep(Mask m, V g) { return _mm512_maskz_mov_ps(m, g); }
+#elif defined(RESLAB_AVX2)
+// 16 lanes as two AVX2 registers, with the AVX-512 code's semantics lane for lane.
+struct V {
+  __m256 lo, hi;
+};
+using Mask = uint16_t;
+inline V vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline __m256 load_bf16x8(const uint16_t* p) {  // exact: the bits go to the high half
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline V vload(const uint16_t* p) { return {load_bf16x8(p), load_bf16x8(p + 8)}; }
+inline void vstore(float* p, V v) {
+  _mm256_storeu_ps(p, v.lo);
+  _mm256_storeu_ps(p + 8, v.hi);
+}
+inline __m256i bf16_bits(__m256 v) {  // fp32 -> bf16 bits in each 32-bit lane, nearest even
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                           16);
+}
+inline void store_bf16x8(uint16_t* p, __m256i b) {  // lanes hold 0..0xFFFF: the pack is exact
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+inline void vstore(uint16_t* p, V v) {
+  store_bf16x8(p, bf16_bits(v.lo));
+  store_bf16x8(p + 8, bf16_bits(v.hi));
+}
+inline __m256i nan_as_ffff(__m256 v, __m256i b) {  // torch's vector conversion stores 0xFFFF
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_or_si256(b, _mm256_and_si256(nan, _mm256_set1_epi32(0xFFFF)));
+}
+inline void vstore_exact(uint16_t* p, V v) {  // as vstore, and any NaN as 0xFFFF
+  store_bf16x8(p, nan_as_ffff(v.lo, bf16_bits(v.lo)));
+  store_bf16x8(p + 8, nan_as_ffff(v.hi, bf16_bits(v.hi)));
+}
+inline V vadd(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline V vsub(V a, V b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+inline V vfma(V a, V b, V c) {  // a * b + c
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline V vfnma(V a, V b, V c) {  // c - a * b
+  return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline Mask vpositive(V z) {
+  const __m256 zero = _mm256_setzero_ps();
+  return Mask(_mm256_movemask_ps(_mm256_cmp_ps(z.lo, zero, _CMP_GT_OQ)) |
+              (_mm256_movemask_ps(_mm256_cmp_ps(z.hi, zero, _CMP_GT_OQ)) << 8));
+}
+// max(0, z) returns its second operand when one is NaN: a NaN stays NaN, as in torch.relu.
+inline V vrelu(V z) {
+  const __m256 zero = _mm256_setzero_ps();
+  return {_mm256_max_ps(zero, z.lo), _mm256_max_ps(zero, z.hi)};
+}
+inline __m256 keep8(int bits, __m256 g) {  // g where bit i of `bits` is set, else +0
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), bit), bit);
+  return _mm256_and_ps(_mm256_castsi256_ps(on), g);
+}
+inline V vkeep(Mask m, V g) { return {keep8(m & 0xFF, g.lo), keep8(m >> 8, g.hi)}; }
 #else
 // Portable: 16 floats as a struct whose loops the compiler vectorises for the CPU it targets.
 struct V {
@@ -600,6 +668,8 @@ std::string bn_act_simd() {
 #else
   return "avx512";
 #endif
+#elif defined(RESLAB_AVX2)
+  return "avx2";
 #else
   return "portable (compiler-vectorised)";
 #endif
