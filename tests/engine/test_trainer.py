@@ -87,6 +87,26 @@ def test_the_banner_warns_when_other_jobs_already_load_the_cpu() -> None:
     assert busy_cpu_note(torch.device("meta"), 2) is None  # not a CPU run
 
 
+def test_the_banner_warns_when_bf16_is_only_emulated(
+    cifar_root: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """--precision bf16 on a CPU without AVX512-BF16 or AMX (AMD Zen 3) trained ~12x slower than
+    fp32 and nothing said why. The CPU's own answer first, then both answers set."""
+    import reslab.runtime.precision as prec
+    from reslab.engine.progress import emulated_bf16_note
+
+    cpu = torch.device("cpu")
+    assert (emulated_bf16_note(cpu, "bf16") is None) == prec.bf16_is_fast(cpu)
+    assert emulated_bf16_note(cpu, "fp32") is None
+    for fast in (False, True):
+        monkeypatch.setattr(prec, "bf16_is_fast", lambda device, fast=fast: fast)
+        train(_cfg(cifar_root, tmp_path / f"fast{fast}", iters=1, eval_every=1,
+                   precision="bf16", train_subset=8, eval_subset=8, batch_size=8))  # fmt: skip
+        notes = [ln for ln in capsys.readouterr().err.splitlines() if "no native bf16" in ln]
+        assert len(notes) == (0 if fast else 1), notes
+        assert fast or ("note" in notes[0] and "--precision auto" in notes[0])
+
+
 def test_more_threads_than_cores_on_an_idle_cpu_is_not_called_busy(monkeypatch) -> None:
     """--threads 4 on 2 idle cores had always been warned about (the threshold went negative).
     The measurement is set here to an idle and a loaded machine."""
