@@ -200,7 +200,7 @@ def main() -> None:
     print(f"measured matmul peak: {peak_name} {peak / 1e12:.3f} TFLOP/s (best round), "
           f"{other_name} {peak_other / 1e12:.3f} TFLOP/s (square matmuls, all threads)")  # fmt: skip
     # Issue 17's two targets in one unit: 4x the reference is only reachable where it asks for
-    # less than the whole measured bf16 peak (on a CPU whose fp32 path is already efficient it
+    # less than the whole measured peak (on a CPU whose fp32 path is already efficient it
     # cannot be), and 30% of the peak expressed as a multiple of the reference.
     need = 4 * ref * flops_per_img / peak
     at30 = 0.3 * peak / flops_per_img

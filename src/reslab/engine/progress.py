@@ -63,7 +63,7 @@ def emulated_bf16_note(device: torch.device, precision: str) -> str | None:
 
     if device.type != "cpu" or precision != "bf16" or bf16_is_fast(device):
         return None
-    return ("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and trains about "
+    return ("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and trains over "
             "10x slower than fp32 here; --precision auto (or fp32) trains in fp32")  # fmt: skip
 
 
