@@ -93,6 +93,7 @@ def test_table6_report_and_rerun_skips(cifar_root: Path, tmp_path: Path, shared_
     assert _stamps(shared_runs, ["resnet20-s0", "resnet32-s0"]) == stamps  # not retrained
 
 
+@pytest.mark.slow  # ~20 s each on a 2-core Zen 3; every target's plan: test_plans.py
 def test_fig6_and_fig7_share_runs(cifar_root: Path, tmp_path: Path, shared_runs: Path) -> None:
     runs = ["plain20-s0", "plain32-s0", "resnet20-s0", "resnet32-s0"]
     done = {r: (shared_runs / "smoke" / r / "final.json").is_file() for r in runs}  # by table6
@@ -125,6 +126,7 @@ def test_fig6_and_fig7_share_runs(cifar_root: Path, tmp_path: Path, shared_runs:
     _png(tmp_path / "f6r" / "fig6.png")
 
 
+@pytest.mark.slow  # ~20 s each on a 2-core Zen 3; every target's plan: test_plans.py
 def test_shortcuts(cifar_root: Path, tmp_path: Path) -> None:
     report = _go("shortcuts", cifar_root, tmp_path / "sc")
     _png(tmp_path / "sc" / "shortcuts.png")
@@ -137,6 +139,7 @@ def test_shortcuts(cifar_root: Path, tmp_path: Path) -> None:
     assert rows[3][1] == " / ".join(r[2] for r in rows[:3])  # the means of the table above
 
 
+@pytest.mark.slow  # ~20 s each on a 2-core Zen 3; every target's plan: test_plans.py
 def test_alexnet_parts(cifar_root: Path, tmp_path: Path) -> None:
     report = _go("alexnet-parts", cifar_root, tmp_path / "ap")
     _png(tmp_path / "ap" / "alexnet_parts.png")
