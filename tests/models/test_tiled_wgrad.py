@@ -17,8 +17,11 @@ from reslab.models.tiled_wgrad import (
     tile_images,
     use_tiled_wgrad,
 )
+from reslab.runtime.precision import bf16_is_fast
 
 CL = torch.channels_last
+
+NATIVE_BF16 = bf16_is_fast(torch.device("cpu"))  # AVX512-BF16 or AMX: not emulated
 
 
 @pytest.fixture
@@ -123,7 +126,7 @@ def test_under_autocast_output_is_the_direct_one_and_the_gradient_bf16_close(amx
     y64 = torch.nn.functional.conv2d(x.bfloat16().double(), w64, padding=1)
     (dw64,) = torch.autograd.grad(y64, w64, dy.double())
     top = dw64.abs().max()
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if NATIVE_BF16:
         # Native bf16 (AVX-512 BF16, AMX): both are fp32 sums rounded once to bf16, so they are
         # one bf16 unit of the largest entry apart at most.
         assert (dw - dw_ref).abs().max() <= dw_ref.abs().max() * 2**-7
@@ -137,9 +140,7 @@ def test_under_autocast_output_is_the_direct_one_and_the_gradient_bf16_close(amx
 # Tiling is a bf16 path of CPUs with AMX. Where bf16 is only emulated (e.g. AMD Zen 3: a step
 # runs 12x slower than fp32) the ImageNet nets' checks cost 30 s of the default run's 15 minutes
 # and check a path such a CPU never takes: there the CIFAR nets carry the check.
-_EMULATED = pytest.mark.skipif(
-    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="bf16 is emulated on this CPU"
-)
+_EMULATED = pytest.mark.skipif(not NATIVE_BF16, reason="bf16 is emulated on this CPU")
 
 
 @pytest.mark.parametrize(
@@ -170,7 +171,7 @@ def test_a_bf16_training_step_with_tiling_matches_the_direct_one(name, amx):
     # The same gradient, bf16 sums in another order: 2% of the largest entry where the CPU has
     # native bf16; oneDNN's emulated bf16 (e.g. AMD Zen 3) is ~2% off float64 by itself (see the
     # test above), so two such sums may be twice that apart.
-    tol = 0.02 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0.05
+    tol = 0.02 if NATIVE_BF16 else 0.05
     for n in tiled:
         scale = direct[n].abs().max()
         assert (tiled[n] - direct[n]).abs().max() <= tol * scale + 1e-6, n
