@@ -268,12 +268,13 @@ def test_quiet_rows_name_their_runs_one_by_one_and_fused(cifar_root: Path, tmp_p
                                                           capsys) -> None:  # fmt: skip
     """Without progress there is no "run i/N" or group header: each row names its run(s)."""
     opts = dict(budget="smoke", data=str(cifar_root), device="cpu", progress=False)
-    reproduce("shortcuts", out=tmp_path / "one", only=["resnet32-s0"], fused=False, **opts)
-    assert _rows_by_label(capsys.readouterr().out) == {"resnet32-s0": [4, 8, 12]}
-    reproduce("shortcuts", out=tmp_path / "two", seeds=2, only=["resnet32-s0", "resnet32-s1"],
+    # Table 6's ResNet-20 runs: the smallest nets a table trains (3 runs of 12 iterations).
+    reproduce("table6", out=tmp_path / "one", only=["resnet20-s0"], fused=False, **opts)
+    assert _rows_by_label(capsys.readouterr().out) == {"resnet20-s0": [4, 8, 12]}
+    reproduce("table6", out=tmp_path / "two", seeds=2, only=["resnet20-s0", "resnet20-s1"],
               fused=True, **opts)  # fmt: skip
     assert _rows_by_label(capsys.readouterr().out) == {
-        "fused resnet32-s0, resnet32-s1": [4, 8, 12]}  # fmt: skip
+        "fused resnet20-s0, resnet20-s1": [4, 8, 12]}  # fmt: skip
 
 
 def test_a_time_limited_run_is_marked_stopped_then_resumed(cifar_root: Path, tmp_path: Path):
