@@ -93,15 +93,15 @@ def test_nan_propagates_as_in_eager():
     ("march", "simd"),
     [
         ("x86-64-v3", "avx2"),
-        # x86 CPUs without AVX2 or non-x86 ones: slow, as a build costs up to 2 min of the
-        # default run's 15 on a 2-core AMD Zen 3 (whose own build is the AVX2 one)
+        # x86 CPUs without AVX2 or non-x86 ones: slow, as a build costs 40 s of the default
+        # run's 15 min on a 2-core AMD Zen 3 (whose own build is the AVX2 one)
         pytest.param("x86-64-v2", "portable", marks=pytest.mark.slow),
     ],
 )
 def test_the_other_vector_codes_match_float64_too(monkeypatch, march, simd):
     """The kernel has three vector codes: AVX-512, AVX2 (CPUs without AVX-512, e.g. AMD Zen 3)
     and a portable one. Each must pass the same accuracy checks: this CPU's own build runs one,
-    the others are built for an older target (about 40-130 s to compile, cached after)."""
+    the others are built for an older target (about 40 s to compile, cached after)."""
     from reslab.models import bn_act
 
     ext = load_kernel()
@@ -491,21 +491,78 @@ def test_the_kernel_loads_past_an_old_lock_file_without_a_warning():
         assert lock_left == "True" and said == "[]", said
 
 
-def test_builds_are_kept_apart_per_torch_and_python_version(monkeypatch):
+def test_builds_are_kept_apart_per_torch_python_and_install(monkeypatch, tmp_path):
     """One home directory can serve environments with different torch versions (the GPU image's
     2.11 beside 2.14): each gets its own build directory, so no build made against one torch's
-    headers is loaded by another, and 2.14's kept lock file never meets 2.11's clean-up."""
+    headers is loaded by another, and 2.14's kept lock file never meets 2.11's clean-up. So does
+    another install of reslab (a checkout beside a site-packages copy): sharing one, each would
+    recompile over the other at every switch. TORCH_EXTENSIONS_DIR moves them, as torch's own."""
     from reslab.models import bn_act
 
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     here = bn_act._build_dir("reslab_bn_act_x")
     assert here == bn_act._build_dir("reslab_bn_act_x")
     assert os.path.basename(here).startswith("reslab_bn_act_x_")
-    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
-    other_torch = bn_act._build_dir("reslab_bn_act_x")
-    monkeypatch.undo()
-    monkeypatch.setattr(bn_act, "sys", types.SimpleNamespace(version_info=(3, 99, 0)))
-    other_python = bn_act._build_dir("reslab_bn_act_x")
-    assert len({here, other_torch, other_python}) == 3
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", torch.__version__ + ".other")
+        other_torch = bn_act._build_dir("reslab_bn_act_x")
+    with monkeypatch.context() as m:
+        m.setattr(bn_act, "sys", types.SimpleNamespace(version_info=(3, 99, 0)))
+        other_python = bn_act._build_dir("reslab_bn_act_x")
+    with monkeypatch.context() as m:
+        m.setattr(bn_act, "_kernels_dir", lambda: str(tmp_path / "other-checkout"))
+        other_install = bn_act._build_dir("reslab_bn_act_x")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+        other_venv = bn_act._build_dir("reslab_bn_act_x")
+    assert len({here, other_torch, other_python, other_install, other_venv}) == 5
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    moved = bn_act._build_dir("reslab_bn_act_x")
+    assert moved == str(tmp_path / "ext" / os.path.basename(here))
+
+
+def test_a_compile_is_known_ahead_and_announced_once(monkeypatch, tmp_path):
+    """Compiling the kernels takes tens of seconds: `kernel_needs_build` tells it ahead (no build
+    cached for this CPU and environment), and a run's CPU paths announce it before they build."""
+    from reslab.models import bn_act, cpu_paths
+
+    load_kernel()  # a build in the usual place: nothing to compile there
+    assert not bn_act.kernel_needs_build()
+    monkeypatch.setattr(bn_act, "_EXT", None)  # as in a new process...
+    assert not bn_act.kernel_needs_build()  # ...that finds the cached build
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache
+    assert bn_act.kernel_needs_build()
+    monkeypatch.setenv("RESLAB_BN_KERNEL", "0")
+    assert not bn_act.kernel_needs_build()  # turned off: nothing will be built
+    monkeypatch.delenv("RESLAB_BN_KERNEL")
+
+    said: list[str] = []
+    monkeypatch.setattr(cpu_paths, "load_kernel", lambda: None)  # no 40 s build in this test
+    model = create_model("resnet20")
+    cpu_paths.use_cpu_training_paths(model, precision="fp32", announce=said.append)
+    assert len(said) == 1 and said[0].startswith("compiling the CPU kernels")
+    cpu_paths.use_cpu_training_paths(model, precision="fp32", announce=said.append,
+                                     fused_bn_act=False)  # fmt: skip
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    cpu_paths.use_cpu_training_paths(model, precision="fp32", announce=said.append)
+    assert len(said) == 1  # the kernel off, or its build cached: nothing said
+
+
+@pytest.mark.slow
+def test_a_cold_cache_run_says_it_compiles_then_a_second_run_does_not(tmp_path, cifar_root):
+    """The whole path in real processes, on an empty TORCH_EXTENSIONS_DIR: one line before the
+    banner while the kernels compile (about 40 s on 2 cores), none the next time."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    outs = []
+    for run in ("a", "b"):
+        cmd = [sys.executable, "-m", "reslab", "train", "--data", str(cifar_root), "--iters", "1",
+               "--set", "eval_every=100000", "--out", str(tmp_path / run)]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(r.stderr)
+    assert outs[0].count("compiling the CPU kernels") == 1
+    assert outs[0].index("compiling the CPU kernels") < outs[0].index("BN+ReLU    fused kernel")
+    assert "compiling" not in outs[1] and "BN+ReLU    fused kernel" in outs[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is logged only without CUDA")

@@ -298,7 +298,7 @@ class Trainer:
         if self.device.type == "cpu" and not cfg.compile:
             self._kernel, self._wgrad = use_cpu_training_paths(
                 self.model, precision=self.precision, fused_bn_act=cfg.fused_bn_act,
-                tiled_wgrad=cfg.tiled_wgrad,
+                tiled_wgrad=cfg.tiled_wgrad, announce=self._say if self.dist.is_main else None,
             )  # fmt: skip
         if cfg.compile:
             # dynamic=False: one graph specialised per input shape ([B,3,24,24] then
@@ -306,6 +306,11 @@ class Trainer:
             # with symbolic sizes, whose steps ran x0.84-0.90 of the specialised ones on Intel
             # AMX and about as fast on AMD Zen 4 (bench_compile.py --static, results/cpu-kind/).
             self.net = torch.compile(self.net, mode=cfg.compile_mode, dynamic=False)
+
+    def _say(self, line: str) -> None:
+        """One line on stderr ahead of the run's banner (e.g. a kernel compile that takes a
+        while, so that the wait is not silent)."""
+        print(f"reslab: {self._prefix}{line}", file=sys.stderr, flush=True)
 
     def _elastic_restart(self, last: Path) -> bool:
         """Under `torchrun --max-restarts K`, a restarted worker group resumes from the last

@@ -42,8 +42,8 @@ from reslab.models.layers import _eager_training, set_block_flag
 _LOCK = threading.Lock()
 # The extension's sources (kernels/): the fused BN+ReLU, and the AMX weight gradient and stride-1
 # convolution (models/conv_wgrad.py) that share its build.
-_SOURCES = ("bn_act.cpp", "conv_wgrad.cpp", "conv_fwd.cpp", "block.cpp")
-_HEADERS = ("amx.h",)  # included by the sources: materialised beside them
+_SOURCES = ("bn_act.cpp", "conv_wgrad.cpp", "conv_fwd.cpp", "block.cpp", "bind.cpp")
+_HEADERS = ("amx.h", "api.h")  # included by the sources: materialised beside them
 _EXT: Any = None
 _FAILED: str | None = None
 
@@ -76,16 +76,28 @@ def _cpp_extension() -> Any:
     return cpp_extension
 
 
+def _kernels_dir() -> str:
+    """Where this reslab's kernel sources are (site-packages, or a checkout's src/)."""
+    return str(resources.files("reslab.models") / "kernels")
+
+
 def _build_dir(name: str) -> str:
-    """Where torch builds and caches the extension `name`. The directory is per torch and Python
-    version too: one home directory may serve several environments (the GPU image's torch 2.11
-    beside 2.14 here), a build made against one torch's headers must never be loaded by another,
-    and torch 2.14's lock file (kept on purpose) would otherwise look like a dead build to an
-    older torch's clean-up below."""
-    get_default_build_root = _cpp_extension().get_default_build_root
-    tag = f"torch{torch.__version__}-py{sys.version_info[0]}.{sys.version_info[1]}"
+    """Where torch builds and caches the extension `name`: under TORCH_EXTENSIONS_DIR if set (as
+    torch's own builds), else torch's default root, in a directory of its own per environment.
+    One home directory may serve several: torch and Python versions (the GPU image's torch 2.11
+    beside 2.14 here), whose headers a build must match and whose lock files differ (2.14's is
+    kept on purpose and would look like a dead build to an older torch's clean-up below); and
+    installs of reslab in other places (a checkout and a site-packages copy, or two clones),
+    whose build files name other source paths: shared, each would rebuild over the other at
+    every switch, and one process could load the library while another rewrites it."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or _cpp_extension().get_default_build_root()
+    tag = "\n".join([
+        f"torch{torch.__version__}-py{sys.version_info[0]}.{sys.version_info[1]}",
+        os.path.dirname(os.path.realpath(torch.__file__)),
+        os.path.realpath(_kernels_dir()),
+    ])  # fmt: skip
     digest = hashlib.sha256(tag.encode()).hexdigest()[:8]
-    return os.path.join(get_default_build_root(), f"{name}_{digest}")
+    return os.path.join(root, f"{name}_{digest}")
 
 
 def _lock_file_blocks() -> bool:
@@ -185,9 +197,21 @@ def _kernel_name(openmp: str | None) -> str:
     return f"reslab_bn_act_{_cpu_key()}" + ("_omp" if openmp else "")
 
 
+def kernel_needs_build() -> bool:
+    """Whether `load_kernel` would compile the extension now: nothing loaded yet and no build of
+    it cached for this CPU and environment. The compile takes a while (41 s on a 2-core AMD Zen
+    3, 119 s before the sources stopped including <torch/extension.h>: bench_kernel_build.py),
+    so a run says so first."""
+    if _EXT is not None or _FAILED is not None or os.environ.get("RESLAB_BN_KERNEL") == "0":
+        return False
+    name = _kernel_name(_openmp_library())
+    build = _build_dir(name)
+    return not any(os.path.exists(os.path.join(build, name + ext)) for ext in (".so", ".pyd"))
+
+
 def load_kernel() -> Any | None:
-    """The compiled extension, built on the first call (about 30 s) and cached by torch under
-    TORCH_EXTENSIONS_DIR; None (with one warning) where it cannot be built, and None without a
+    """The compiled extension, built on the first call (about 40 s on 2 cores) and cached by torch
+    (`_build_dir`); None (with one warning) where it cannot be built, and None without a
     warning under RESLAB_BN_KERNEL=0 (the eager path, e.g. to compare)."""
     global _EXT, _FAILED
     if _EXT is not None or _FAILED is not None:

@@ -12,25 +12,12 @@
 // Python call and the backward runs in C++ alone. The same kernels on the same tensors as that
 // path: the same bits (outputs, every gradient, the running statistics;
 // tests/models/test_block_op.py).
-#include <torch/extension.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <vector>
 
-// bn_act.cpp, conv_fwd.cpp, conv_wgrad.cpp: compiled into the same extension.
-std::vector<at::Tensor> bn_act_forward_train(const at::Tensor& x,
-                                             const c10::optional<at::Tensor>& r,
-                                             const at::Tensor& weight, const at::Tensor& bias,
-                                             at::Tensor running_mean, at::Tensor running_var,
-                                             at::Tensor num_batches_tracked, double momentum,
-                                             double eps);
-std::vector<at::Tensor> bn_act_backward(const at::Tensor& dy, const at::Tensor& x,
-                                        const at::Tensor& mask, const at::Tensor& mean,
-                                        const at::Tensor& rstd, const at::Tensor& weight,
-                                        bool with_residual);
-at::Tensor add(const at::Tensor& a, const at::Tensor& b);
-at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed);
-at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride,
-                         bool bf16_channels_last);
+#include "api.h"
 
 namespace {
 
@@ -68,11 +55,11 @@ class BasicBlockOp : public torch::autograd::Function<BasicBlockOp> {
     const at::Tensor y1 = conv3x3_forward(x, k1, false);  // conv1(x)
     // -> (z1 = relu(bn1(y1)), mask, mean, rstd)
     const std::vector<at::Tensor> f1 =
-        bn_act_forward_train(y1, c10::nullopt, g1, b1, n1.running_mean, n1.running_var,
+        bn_act_forward_train(y1, std::nullopt, g1, b1, n1.running_mean, n1.running_var,
                              n1.num_batches_tracked, n1.momentum, n1.eps);
     const at::Tensor y2 = conv3x3_forward(f1[0], k2, false);  // conv2(z1)
     const std::vector<at::Tensor> f2 = bn_act_forward_train(
-        y2, residual ? c10::optional<at::Tensor>(x) : c10::nullopt, g2, b2, n2.running_mean,
+        y2, residual ? std::optional<at::Tensor>(x) : std::nullopt, g2, b2, n2.running_mean,
         n2.running_var, n2.num_batches_tracked, n2.momentum, n2.eps);
     ctx->save_for_backward(
         {x, w1, k1, y1, f1[1], f1[2], f1[3], g1, f1[0], w2, k2, y2, f2[1], f2[2], f2[3], g2});

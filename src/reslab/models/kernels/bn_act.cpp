@@ -16,7 +16,9 @@
 //           residual, dr = g (the gradient the shortcut receives). Reading the mask instead of
 //           y saves 2 of the 8 bytes each bf16 value costs in both passes.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +26,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "api.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -495,7 +499,7 @@ void check_x(const at::Tensor& x) {
 
 // -> (y, mask, mean, biased var, rstd); r may be None (no residual). mask holds one bit per
 // value of y (y > 0), numel / 16 int16 words, for the backward.
-std::vector<at::Tensor> bn_act_forward(const at::Tensor& x, const c10::optional<at::Tensor>& r,
+std::vector<at::Tensor> bn_act_forward(const at::Tensor& x, const std::optional<at::Tensor>& r,
                                        const at::Tensor& weight, const at::Tensor& bias,
                                        const at::Tensor& shift, double eps) {
   check_x(x);
@@ -533,7 +537,7 @@ static inline float lerp_as_torch(float start, float end, float w) {
 // Done here rather than as four small torch ops a layer, which took ~70 us each time in a
 // training step on a 2-core CPU (the big loops just before had evicted their code from cache).
 std::vector<at::Tensor> bn_act_forward_train(const at::Tensor& x,
-                                             const c10::optional<at::Tensor>& r,
+                                             const std::optional<at::Tensor>& r,
                                              const at::Tensor& weight, const at::Tensor& bias,
                                              at::Tensor running_mean, at::Tensor running_var,
                                              at::Tensor num_batches_tracked, double momentum,
@@ -673,41 +677,4 @@ std::string bn_act_simd() {
 #else
   return "portable (compiler-vectorised)";
 #endif
-}
-
-// kernels/conv_wgrad.cpp, compiled into the same extension.
-bool conv3x3_wgrad_available();
-at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stride,
-                         bool bf16_channels_last);
-// kernels/conv_fwd.cpp
-at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed);
-// kernels/block.cpp
-at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& g1,
-                             const at::Tensor& b1, const at::Tensor& running_mean1,
-                             const at::Tensor& running_var1, const at::Tensor& batches1,
-                             double momentum1, double eps1, const at::Tensor& w2,
-                             const at::Tensor& g2, const at::Tensor& b2,
-                             const at::Tensor& running_mean2, const at::Tensor& running_var2,
-                             const at::Tensor& batches2, double momentum2, double eps2,
-                             bool residual);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("simd", &bn_act_simd, "the vector code this build runs");
-  m.def("threads", &bn_act_threads, "threads the kernel's parallel loops run on");
-  m.def("forward", &bn_act_forward, "BatchNorm (+residual) + ReLU forward, training mode");
-  m.def("forward_train", &bn_act_forward_train,
-        "forward, and the running statistics and batch counter updated in place");
-  m.def("backward", &bn_act_backward, "BatchNorm (+residual) + ReLU backward");
-  m.def("add", &add, "a + b for two channels_last tensors of one shape and dtype");
-  m.def("add_subsampled", &add_subsampled, "dx[:, :, ::s, ::s] += g[:, lo:lo + C], in place");
-  m.def("conv3x3_wgrad_available", &conv3x3_wgrad_available,
-        "whether conv3x3_wgrad runs here (built with AMX, and the OS lets this process use it)");
-  m.def("conv3x3_wgrad", &conv3x3_wgrad,
-        "a 3x3 padding-1 conv's weight gradient (stride 1 or 2): fp32, or bf16 channels_last",
-        py::arg("x"), py::arg("dy"), py::arg("stride") = 1, py::arg("bf16_channels_last") = false);
-  m.def("conv3x3_forward", &conv3x3_forward,
-        "a 3x3 stride-1 padding-1 conv (or, transposed, its input gradient) on AMX tiles, bf16",
-        py::arg("x"), py::arg("w"), py::arg("transposed") = false);
-  m.def("basic_block_train", &basic_block_train,
-        "a stride-1 BasicBlock's training forward as one autograd op (kernels/block.cpp)");
 }

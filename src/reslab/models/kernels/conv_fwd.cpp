@@ -26,7 +26,8 @@
 // rounded once to bf16 (nearest even): the same convolution as oneDNN's, summed in another order
 // (tests/models/test_conv_fwd.py checks it exactly on integer data).
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -37,6 +38,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "api.h"
 
 namespace {
 

@@ -25,7 +25,8 @@
 // oneDNN's, summed in another order, kept in fp32 and rounded once at the end (by the kernel to
 // bf16 with bf16_channels_last, else by the caller).
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -35,6 +36,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "api.h"
 
 namespace {
 
