@@ -526,24 +526,23 @@ def test_a_compile_is_known_ahead_and_announced_once(monkeypatch, tmp_path):
     cached for this CPU and environment), and a run's CPU paths announce it before they build."""
     from reslab.models import bn_act, cpu_paths
 
-    load_kernel()  # a build in the usual place: nothing to compile there
+    load_kernel()  # a build where this environment keeps it: nothing to compile there
     assert not bn_act.kernel_needs_build()
     monkeypatch.setattr(bn_act, "_EXT", None)  # as in a new process...
     assert not bn_act.kernel_needs_build()  # ...that finds the cached build
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache
-    assert bn_act.kernel_needs_build()
-    monkeypatch.setenv("RESLAB_BN_KERNEL", "0")
-    assert not bn_act.kernel_needs_build()  # turned off: nothing will be built
-    monkeypatch.delenv("RESLAB_BN_KERNEL")
-
     said: list[str] = []
     monkeypatch.setattr(cpu_paths, "load_kernel", lambda: None)  # no 40 s build in this test
     model = create_model("resnet20")
-    cpu_paths.use_cpu_training_paths(model, precision="fp32", announce=said.append)
-    assert len(said) == 1 and said[0].startswith("compiling the CPU kernels")
-    cpu_paths.use_cpu_training_paths(model, precision="fp32", announce=said.append,
-                                     fused_bn_act=False)  # fmt: skip
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    with monkeypatch.context() as m:
+        m.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache
+        assert bn_act.kernel_needs_build()
+        m.setenv("RESLAB_BN_KERNEL", "0")
+        assert not bn_act.kernel_needs_build()  # turned off: nothing will be built
+        m.delenv("RESLAB_BN_KERNEL")
+        cpu_paths.use_cpu_training_paths(model, precision="fp32", announce=said.append)
+        assert len(said) == 1 and said[0].startswith("compiling the CPU kernels")
+        cpu_paths.use_cpu_training_paths(model, precision="fp32", announce=said.append,
+                                         fused_bn_act=False)  # fmt: skip
     cpu_paths.use_cpu_training_paths(model, precision="fp32", announce=said.append)
     assert len(said) == 1  # the kernel off, or its build cached: nothing said
 
