@@ -118,6 +118,26 @@ def test_export_cli_onnx_carries_metadata(tmp_path: Path, model_file, capsys) ->
     assert "does not fit this model" in err and "r20.safetensors" in err
 
 
+def test_export_format_follows_the_suffix_of_out(tmp_path: Path, model_file, capsys) -> None:
+    """--format may be left out where --out's suffix names it (.onnx, .pt/.ts: TorchScript);
+    another suffix is one error line naming the file and both fixes, and nothing is written."""
+    onnx = pytest.importorskip("onnx")
+    path, _ = model_file
+    out = tmp_path / "r20.onnx"
+    assert main(["export", "--checkpoint", str(path), "--out", str(out)]) == 0
+    assert "(onnx, resnet20" in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(str(out)))
+    ts = tmp_path / "r20.pt"
+    assert main(["export", "--checkpoint", str(path), "--out", str(ts)]) == 0
+    assert "(torchscript, resnet20" in capsys.readouterr().out
+    scripted = torch.jit.load(str(ts))
+    assert scripted(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "r20.bin")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "r20.bin" in err and "--format onnx" in err
+    assert not (tmp_path / "r20.bin").exists()
+
+
 def test_predict_csv_rows_match_json_and_rate_is_reported(
     tmp_path: Path, model_file, cifar_test_images, capsys
 ) -> None:

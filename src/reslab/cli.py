@@ -101,6 +101,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from reslab.export import export_weights
 
     try:
+        args.format = args.format or _export_format(args.out)
         check_output_file(args.out, "--out", [args.checkpoint, args.weights])
         model, info = _load_model_source(args)
         out, size = export_weights(model, info, args.out, format=args.format)
@@ -112,10 +113,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --out's suffix names the format when --format is not given (TorchScript files are usually .pt).
+_EXPORT_SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript",
+                    ".torchscript": "torchscript"}  # fmt: skip
+
+
+def _export_format(out: str) -> str:
+    from pathlib import Path
+
+    fmt = _EXPORT_SUFFIXES.get(Path(out).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"--out {out}: its suffix names no format; end it in .onnx or .pt, or "
+                         "add --format onnx or --format torchscript")  # fmt: skip
+    return fmt
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model to ONNX or TorchScript (dynamic batch)")
     _add_model_source(p)
-    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--format", choices=["onnx", "torchscript"],
+                   help="default: from --out's suffix (.onnx; .pt, .ts: TorchScript)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="FILE")
     p.set_defaults(func=cmd_export)
 
