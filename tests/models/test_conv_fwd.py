@@ -141,6 +141,50 @@ def test_non_finite_inputs_reach_the_outputs_they_touch(ext):
     assert torch.isfinite(out[0][:, ~touched]).all()
 
 
+@pytest.mark.parametrize("ci,co,side", [(16, 16, 32), (16, 32, 9), (32, 32, 16), (64, 64, 8)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_add_gives_the_bits_of_adding_after_the_convolution(ext, ci, co, side, transposed):
+    """conv3x3_forward(x, w, add=r) is the convolution stored in bf16, then r added as torch's bf16
+    add does it (and the extension's own add): the same bits, including subnormal sums (which
+    the CPU's bf16 conversion would flush), infinities and NaN. The shapes take each of the
+    kernel's accumulator layouts (16, 32 and 64 output channels a group)."""
+    g = torch.Generator().manual_seed(ci + co + side)
+    x = torch.randn(3, ci, side, side, generator=g).bfloat16().contiguous(memory_format=CL)
+    w = (
+        torch.randn(ci, co, 3, 3, generator=g)
+        if transposed
+        else torch.randn(co, ci, 3, 3, generator=g)
+    )
+    w = w.bfloat16()
+    out_c = co  # transposed: w is [x.size(1), result channels, 3, 3]
+    r = torch.randn(3, out_c, side, side, generator=g)
+    r[0, :, 0, 0] = torch.tensor([float("inf"), float("nan"), 1e-39, -1e-39] * (out_c // 4))
+    r = r.bfloat16().contiguous(memory_format=CL)
+    conv = ext.conv3x3_forward(x, w, transposed)
+    fused = ext.conv3x3_forward(x, w, transposed, add=r)
+    assert fused.shape == conv.shape and fused.is_contiguous(memory_format=CL)
+    expected = conv + r
+    same = (fused.view(torch.int16) == expected.view(torch.int16)) | (
+        fused.isnan() & expected.isnan()
+    )
+    assert bool(same.all())
+    assert torch.equal(fused.view(torch.int16), ext.add(conv, r).view(torch.int16))
+    # subnormal values pass through the sum unchanged (a convolution of zeros adds 0)
+    tiny = torch.full_like(r, 1e-39).contiguous(memory_format=CL)
+    assert tiny.float().abs().min() > 0
+    through = ext.conv3x3_forward(torch.zeros_like(x), w, transposed, add=tiny)
+    assert torch.equal(through.view(torch.int16), tiny.view(torch.int16))
+
+
+def test_add_must_match_the_result(ext):
+    x = torch.randn(2, 16, 4, 4).bfloat16().contiguous(memory_format=CL)
+    w = torch.randn(16, 16, 3, 3).bfloat16()
+    for bad in (torch.zeros(2, 16, 4, 4).bfloat16(), torch.zeros(2, 16, 4, 4).contiguous(memory_format=CL),
+                torch.zeros(2, 16, 4, 5).bfloat16().contiguous(memory_format=CL)):  # fmt: skip
+        with pytest.raises(RuntimeError, match="add must be a bf16 channels_last"):
+            ext.conv3x3_forward(x, w, add=bad)
+
+
 def test_bad_arguments_are_refused_with_a_message(ext):
     x = torch.randn(2, 16, 4, 4).bfloat16().contiguous(memory_format=CL)
     w = torch.randn(16, 16, 3, 3).bfloat16()

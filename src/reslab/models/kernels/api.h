@@ -40,7 +40,8 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stri
                          bool bf16_channels_last);
 
 // conv_fwd.cpp
-at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed);
+at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed,
+                           const std::optional<at::Tensor>& add = std::nullopt);
 
 // block.cpp
 at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& g1,

@@ -15,9 +15,16 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <optional>
 #include <vector>
 
 #include "api.h"
+
+// 0 sums x's two gradients in a pass of their own after conv1's input gradient (before session 34),
+// to compare.
+#ifndef RESLAB_BLOCK_FUSED_ADD
+#define RESLAB_BLOCK_FUSED_ADD 1
+#endif
 
 namespace {
 
@@ -88,8 +95,15 @@ class BasicBlockOp : public torch::autograd::Function<BasicBlockOp> {
     const at::Tensor dw1 = weight_grad(x, d1[0], w1);
     at::Tensor dx;  // where x needs one: conv1's input gradient (+ the shortcut's)
     if (ctx->needs_input_grad(0)) {
+#if RESLAB_BLOCK_FUSED_ADD
+      // the shortcut's term added as the convolution writes its result: the bits of the sum
+      // after it (conv_fwd.cpp's store16), one pass over x-sized memory less
+      dx = conv3x3_forward(d1[0], k1, true,
+                           residual ? std::optional<at::Tensor>(d2[3]) : std::nullopt);
+#else
       dx = conv3x3_forward(d1[0], k1, true);
       if (residual) dx = ::add(dx, d2[3]);  // bn_act.cpp's (at::add is another)
+#endif
     }
     return {dx, dw1, d1[1], d1[2], dw2, d2[1], d2[2], at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -184,27 +185,57 @@ inline void store_tiles(float* tmp) {  // tmp: [16 MB positions][16 NB channels]
   }
 }
 
+// fp32 -> bf16 as torch's vectorised conversion does it (its bf16 add's): nearest even,
+// subnormals kept, any NaN stored as 0xFFFF (bn_act.cpp's vstore_exact; see write_out's add).
+inline __m256i bf16_exact(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  return _mm512_cvtepi32_epi16(u);
+}
+inline __m512 bf16_to_fp32(__m256i h) {  // exact: the bits go to the high half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// 16 sums t to bf16 at dst; with add (not null), then dst = add + that bf16 value, rounded as
+// torch's bf16 add rounds: the same bits as storing the convolution and adding `add` after it
+// (bn_act.cpp's add, which the block op called for x's two gradients before session 34).
+inline void store16(uint16_t* dst, const float* t, const uint16_t* add) {
+  const __m256i r = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(t));
+  if (add == nullptr) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), r);
+    return;
+  }
+  const __m512 a = bf16_to_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(add)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      bf16_exact(_mm512_add_ps(bf16_to_fp32(r), a)));
+}
+
 // Grid positions [q0, q0 + n) of one image, sums tmp ([n][16 NB] fp32), to its output's channels
 // [g 16 NB, +16 NB) in bf16: (h, w) = divmod(q, W + 1); w = W is not an output. The rounding is
 // the CPU's (vcvtne2ps2bf16: nearest even as torch rounds; a NaN may keep other bits than
-// torch's 0x7FC0).
+// torch's 0x7FC0). add (or null): a tensor of the output's shape and layout added to it (store16).
 template <int NB>
 inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n, int64_t g,
-                      uint16_t* out) {
+                      uint16_t* out, const uint16_t* add) {
   int64_t h = q0 / p.Wp, w = q0 % p.Wp;
   for (int64_t r = 0; r < n; ++r) {
     if (h >= p.H) break;
     if (w < p.W) {
-      uint16_t* dst = out + (h * p.W + w) * p.Co + g * NB * 16;
-      if constexpr (NB % 2 == 0)
+      const int64_t at = (h * p.W + w) * p.Co + g * NB * 16;
+      uint16_t* dst = out + at;
+      if (add != nullptr)
+        for (int nb = 0; nb < NB; ++nb)
+          store16(dst + nb * 16, tmp + (r * NB + nb) * 16, add + at + nb * 16);
+      else if constexpr (NB % 2 == 0)
         for (int nb = 0; nb < NB; nb += 2) {
           const float* t = tmp + (r * NB + nb) * 16;
           _mm512_storeu_si512(dst + nb * 16, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(t + 16),
                                                                           _mm512_loadu_ps(t)));
         }
       else
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(tmp + r * 16)));
+        store16(dst, tmp + r * 16, nullptr);
     }
     if (++w == p.Wp) w = 0, ++h;
   }
@@ -216,7 +247,7 @@ inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n,
 // copies fill_rows rows of the next image.
 template <int MB, int NB, bool TAIL>
 void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16_t>& bpv, int64_t g,
-                 uint16_t* out, float* tmp, Filler& next, int64_t fill_rows) {
+                 uint16_t* out, const uint16_t* add, float* tmp, Filler& next, int64_t fill_rows) {
   const uint16_t* bp = bpv.data();
   const int64_t nbs = p.Co / 16, a_stride = p.S * 2, a_step = 16 * p.S, blk = 16 * MB;
   constexpr int64_t kPart = (16 * MB + 2) / 3;  // positions written out after each kernel row
@@ -233,13 +264,13 @@ void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16
         products<MB, NB, 4, 5>(a + p.a_tail, a_step, a_stride, b + p.full * nbs * 512);
       if (q0 > 0) {
         const int64_t r0 = kh * kPart, n = std::min(kPart, blk - r0);
-        write_out<NB>(p, before + r0 * 16 * NB, q0 - blk + r0, n, g, out);
+        write_out<NB>(p, before + r0 * 16 * NB, q0 - blk + r0, n, g, out, add);
       }
       next.run(fill_rows);
     }
     store_tiles<MB, NB>(mine);
   }
-  write_out<NB>(p, tmp + ((p.Q / blk - 1) & 1) * 256 * MB * NB, p.Q - blk, blk, g, out);
+  write_out<NB>(p, tmp + ((p.Q / blk - 1) & 1) * 256 * MB * NB, p.Q - blk, blk, g, out, add);
 }
 
 #endif  // RESLAB_AMX
@@ -249,8 +280,12 @@ void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16
 // conv2d(x, w, stride 1, padding 1) for x [N, Ci, H, W] and w [Co, Ci, 3, 3], bf16, x channels_last
 // on the CPU, Ci and Co multiples of 16 -> [N, Co, H, W] bf16 channels_last. With transposed, w is
 // [Ci, Co, 3, 3] and the result is conv2d's input gradient for the output gradient x:
-// conv_transpose2d(x, w, padding 1) (stride 1). Needs conv3x3_wgrad_available().
-at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed) {
+// conv_transpose2d(x, w, padding 1) (stride 1). add: a bf16 channels_last tensor of the result's
+// shape added to it, with the bits of adding it after (torch's bf16 add, or bn_act.cpp's): one
+// pass over memory less where a sum follows the convolution (an identity block's input gradient:
+// the shortcut's term). Needs conv3x3_wgrad_available().
+at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed,
+                           const std::optional<at::Tensor>& add) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "conv3x3_forward takes a channels_last bf16 CPU tensor");
@@ -262,6 +297,11 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
   TORCH_CHECK(Ci % 16 == 0 && Co % 16 == 0 && Ci > 0 && Co > 0, "channels must be multiples of 16");
   at::Tensor out = at::empty({x.size(0), Co, x.size(2), x.size(3)}, x.options(),
                              at::MemoryFormat::ChannelsLast);
+  if (add.has_value())
+    TORCH_CHECK(add->device().is_cpu() && add->scalar_type() == at::kBFloat16 &&
+                    add->sizes() == out.sizes() &&
+                    add->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "conv3x3_forward: add must be a bf16 channels_last CPU tensor of the result's shape");
   if (out.numel() == 0) return out;
 #ifdef RESLAB_AMX
   TORCH_CHECK(reslab_amx::amx_permitted(), "conv3x3_forward needs a CPU with AMX (bf16 tiles)");
@@ -269,6 +309,7 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
   const std::vector<uint16_t> bp = pack_weights(p, w, transposed);
   const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   auto* O = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const auto* A = add.has_value() ? reinterpret_cast<const uint16_t*>(add->data_ptr()) : nullptr;
   at::parallel_for(0, p.N, 1, [&](int64_t n0, int64_t n1) {
     TileConfig cfg;
     for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
@@ -289,8 +330,9 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
       Filler next{&p, n + 1 < n1 ? X + (n + 1) * p.H * p.W * p.Ci : nullptr,
                   bufs + (n + 1 - n0) % 2 * values};
       uint16_t* o = O + n * p.H * p.W * p.Co;
+      const uint16_t* a = A != nullptr ? A + n * p.H * p.W * p.Co : nullptr;
       for (int64_t g = 0; g < groups; ++g) {
-        const auto args = std::tie(p, buf, bp, g, o, tmp, next, fill_rows);
+        const auto args = std::tie(p, buf, bp, g, o, a, tmp, next, fill_rows);
         if (p.NB == 4)
           p.tail ? std::apply(image_group<1, 4, true>, args) : std::apply(image_group<1, 4, false>, args);
         else if (p.NB == 2)
