@@ -1,14 +1,19 @@
 """Session 34: an identity block's input gradient with the shortcut's term added as conv1's input
 gradient is written (kernels/conv_fwd.cpp's `add`), against a pass of its own after it (the
 extension's add, as sessions 30-33 ran it). Same bits (tests/models/test_block_op.py); one pass
-over x-sized memory (two reads, one write) less a block.
+over x-sized memory (two reads, one write) less a block. `--change`:
+
+  add:  both steps below against sessions 30-33's block op;
+  mask: only the second step: the shortcut's term (dout where bn2's ReLU passed it) read from
+        dout and the ReLU's bit mask as the sum is written, instead of stored by bn2's backward
+        and read back (one x-sized write less).
 
 One block op's forward + backward at each CIFAR stage's shape (batch 128), then medians of
 per-round ratios over alternating rounds of the default training step (real CIFAR-10 batches
 through the TensorLoader, as `reslab train` runs it), switching the kernels the block op calls
-between this build and one built with RESLAB_BLOCK_FUSED_ADD=0.
+between this build and one built without the change.
 
-    python benchmarks/ab_block_add.py --data ../shared/data [--model resnet56] [--size 24]
+    python benchmarks/ab_block_add.py --data ../shared/data [--change mask] [--model resnet56]
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ from common import (
 )
 from reslab.models import block_op
 from reslab.models.bn_act import kernel_status
+
+# --change -> the defines of the build without it
+_CHANGES = {
+    "add": ("RESLAB_BLOCK_FUSED_ADD=0", "RESLAB_BLOCK_MASKED_ADD=0"),
+    "mask": ("RESLAB_BLOCK_MASKED_ADD=0",),
+}
 
 
 def _block_call(ext, c: int, side: int):
@@ -58,8 +69,8 @@ def one_block(kernels: dict) -> None:
             for name, run in calls.items():
                 t = median_seconds(run, reps=20)
                 times[name] = min(times.get(name, t), t)
-        a, b = times["add after"], times["add inside"]
-        print(f"  {c} channels on {side}x{side}: add after {a * 1e3:.3f} ms, add inside "
+        a, b = times["before"], times["after"]
+        print(f"  {c} channels on {side}x{side}: before {a * 1e3:.3f} ms, after "
               f"{b * 1e3:.3f} ms: x{a / b:.3f}")  # fmt: skip
 
 
@@ -68,12 +79,14 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32, help="image side (24: progressive resizing)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--skip-block", action="store_true", help="only the training step")
+    p.add_argument("--change", choices=sorted(_CHANGES), default="add")
     args = p.parse_args()
     print(hardware())
     ext = amx_kernel()
     print(f"kernel: {kernel_status()}")
-    kernels = {"add after": kernel_variant("_addafter", "RESLAB_BLOCK_FUSED_ADD=0"),
-               "add inside": ext}  # fmt: skip
+    print(f"change: {args.change}")
+    before = kernel_variant("_s34" + args.change, *_CHANGES[args.change])
+    kernels = {"before": before, "after": ext}
     if not args.skip_block:
         one_block(kernels)
 
@@ -92,7 +105,7 @@ def main() -> None:
     finally:
         block_op.load_kernel = original
     print(f"\nimages {args.size}x{args.size}")
-    print_rounds(args.model, precision, args.rounds, args.steps, rates, "add after", "add inside",
+    print_rounds(args.model, precision, args.rounds, args.steps, rates, "before", "after",
                  batch=args.batch)  # fmt: skip
 
 

@@ -176,6 +176,41 @@ def test_add_gives_the_bits_of_adding_after_the_convolution(ext, ci, co, side, t
     assert torch.equal(through.view(torch.int16), tiny.view(torch.int16))
 
 
+def _mask_bits(keep: torch.Tensor) -> torch.Tensor:
+    """bn_act.cpp's ReLU mask of a channels_last tensor: int16, bit b of word k for the value at
+    offset 16 k + b in memory (NHWC) order."""
+    flat = keep.permute(0, 2, 3, 1).reshape(-1, 16).to(torch.int32)
+    words = (flat << torch.arange(16, dtype=torch.int32)).sum(1)
+    return torch.where(words >= 2**15, words - 2**16, words).to(torch.int16)
+
+
+@pytest.mark.parametrize("ci,co,side", [(16, 16, 32), (32, 32, 16), (64, 64, 8)])
+def test_add_mask_adds_only_the_kept_values(ext, ci, co, side):
+    """add_mask: the block op's shortcut gradient, dout where bn2's ReLU passed it, added from
+    dout and the mask bits: the bits of adding dout masked to zero after the convolution."""
+    g = torch.Generator().manual_seed(side)
+    x = torch.randn(2, ci, side, side, generator=g).bfloat16().contiguous(memory_format=CL)
+    w = torch.randn(ci, co, 3, 3, generator=g).bfloat16()
+    dout = torch.randn(2, co, side, side, generator=g).bfloat16().contiguous(memory_format=CL)
+    keep = torch.rand(2, co, side, side, generator=g) < 0.5
+    # _mask_bits is the layout of the fused BN+ReLU kernel's own mask
+    c = torch.zeros(co)
+    z, bits = ext.forward_train(dout, None, torch.ones(co), c, c.clone(), torch.ones(co),
+                                torch.zeros((), dtype=torch.long), 0.1, 1e-5)[:2]  # fmt: skip
+    assert torch.equal(bits, _mask_bits(z > 0))
+    fused = ext.conv3x3_forward(x, w, True, add=dout, add_mask=_mask_bits(keep))
+    masked = torch.where(keep, dout, torch.zeros_like(dout)).contiguous(memory_format=CL)
+    expected = ext.conv3x3_forward(x, w, True) + masked
+    assert torch.equal(fused.view(torch.int16), expected.view(torch.int16))
+    everything = _mask_bits(torch.ones_like(keep))
+    assert torch.equal(ext.conv3x3_forward(x, w, True, add=dout, add_mask=everything),
+                       ext.conv3x3_forward(x, w, True, add=dout))  # fmt: skip
+    with pytest.raises(RuntimeError, match="add_mask must be an int16"):
+        ext.conv3x3_forward(x, w, True, add=dout, add_mask=_mask_bits(keep)[1:])
+    with pytest.raises(RuntimeError, match="add_mask must be an int16"):
+        ext.conv3x3_forward(x, w, True, add_mask=_mask_bits(keep))
+
+
 def test_add_must_match_the_result(ext):
     x = torch.randn(2, 16, 4, 4).bfloat16().contiguous(memory_format=CL)
     w = torch.randn(16, 16, 3, 3).bfloat16()

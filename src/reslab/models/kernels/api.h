@@ -41,7 +41,8 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stri
 
 // conv_fwd.cpp
 at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed,
-                           const std::optional<at::Tensor>& add = std::nullopt);
+                           const std::optional<at::Tensor>& add = std::nullopt,
+                           const std::optional<at::Tensor>& add_mask = std::nullopt);
 
 // block.cpp
 at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& g1,

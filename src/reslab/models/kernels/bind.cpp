@@ -23,8 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("dy"), py::arg("stride") = 1, py::arg("bf16_channels_last") = false);
   m.def("conv3x3_forward", &conv3x3_forward,
         "a 3x3 stride-1 padding-1 conv (or, transposed, its input gradient) on AMX tiles, bf16; "
-        "add: a tensor of the result's shape added to it",
-        py::arg("x"), py::arg("w"), py::arg("transposed") = false, py::arg("add") = py::none());
+        "add: a tensor of the result's shape added to it (where add_mask's bit is set)",
+        py::arg("x"), py::arg("w"), py::arg("transposed") = false, py::arg("add") = py::none(),
+        py::arg("add_mask") = py::none());
   m.def("basic_block_train", &basic_block_train,
         "a stride-1 BasicBlock's training forward as one autograd op (kernels/block.cpp)");
 }

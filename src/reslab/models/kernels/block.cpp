@@ -25,6 +25,17 @@
 #ifndef RESLAB_BLOCK_FUSED_ADD
 #define RESLAB_BLOCK_FUSED_ADD 1
 #endif
+// 0 has bn2's backward store the shortcut's gradient for that sum (session 34's first step), to
+// compare; 1 (with the sum inside) has the sum read it from dout and bn2's ReLU mask.
+#if RESLAB_BLOCK_FUSED_ADD && !defined(RESLAB_BLOCK_MASKED_ADD)
+#define RESLAB_BLOCK_MASKED_ADD 1
+#endif
+#ifndef RESLAB_BLOCK_MASKED_ADD
+#define RESLAB_BLOCK_MASKED_ADD 0
+#endif
+#if RESLAB_BLOCK_MASKED_ADD && !RESLAB_BLOCK_FUSED_ADD
+#error "RESLAB_BLOCK_MASKED_ADD needs RESLAB_BLOCK_FUSED_ADD"
+#endif
 
 namespace {
 
@@ -87,8 +98,12 @@ class BasicBlockOp : public torch::autograd::Function<BasicBlockOp> {
                      &m2 = s[12], &mean2 = s[13], &rstd2 = s[14], &g2 = s[15];
     const bool residual = ctx->saved_data["residual"].toBool();
     const at::Tensor dout = grads[0].contiguous(at::MemoryFormat::ChannelsLast);
-    // bn2 (+ the shortcut's gradient): (dy2, dg2, db2, dx from the shortcut)
-    const std::vector<at::Tensor> d2 = bn_act_backward(dout, y2, m2, mean2, rstd2, g2, residual);
+    // bn2 (+ the shortcut's gradient): (dy2, dg2, db2, dx from the shortcut). The shortcut's
+    // gradient is dout where relu passed it (mask m2): conv1's input gradient adds it from dout
+    // and m2 as it writes dx (conv_fwd.cpp's add_mask), so it is never stored.
+    const bool shortcut_grad = residual && !RESLAB_BLOCK_MASKED_ADD;
+    const std::vector<at::Tensor> d2 =
+        bn_act_backward(dout, y2, m2, mean2, rstd2, g2, shortcut_grad);
     const at::Tensor dz1 = conv3x3_forward(d2[0], k2, true);
     const at::Tensor dw2 = weight_grad(z1, d2[0], w2);
     const std::vector<at::Tensor> d1 = bn_act_backward(dz1, y1, m1, mean1, rstd1, g1, false);
@@ -98,8 +113,12 @@ class BasicBlockOp : public torch::autograd::Function<BasicBlockOp> {
 #if RESLAB_BLOCK_FUSED_ADD
       // the shortcut's term added as the convolution writes its result: the bits of the sum
       // after it (conv_fwd.cpp's store16), one pass over x-sized memory less
-      dx = conv3x3_forward(d1[0], k1, true,
-                           residual ? std::optional<at::Tensor>(d2[3]) : std::nullopt);
+      if (!residual)
+        dx = conv3x3_forward(d1[0], k1, true);
+      else if (shortcut_grad)
+        dx = conv3x3_forward(d1[0], k1, true, d2[3]);
+      else
+        dx = conv3x3_forward(d1[0], k1, true, dout, m2);
 #else
       dx = conv3x3_forward(d1[0], k1, true);
       if (residual) dx = ::add(dx, d2[3]);  // bn_act.cpp's (at::add is another)

@@ -200,14 +200,19 @@ inline __m512 bf16_to_fp32(__m256i h) {  // exact: the bits go to the high half
 
 // 16 sums t to bf16 at dst; with add (not null), then dst = add + that bf16 value, rounded as
 // torch's bf16 add rounds: the same bits as storing the convolution and adding `add` after it
-// (bn_act.cpp's add, which the block op called for x's two gradients before session 34).
-inline void store16(uint16_t* dst, const float* t, const uint16_t* add) {
+// (bn_act.cpp's add, which the block op called for x's two gradients before session 34). With
+// a mask (add_mask not null: one bit a value, bn_act.cpp's ReLU mask), add's values where its
+// bit is 0 count as 0, and the others as bn_act.cpp's backward stores them for the shortcut
+// (through the CPU's bf16 conversion): the shortcut's gradient without storing it.
+inline void store16(uint16_t* dst, const float* t, const uint16_t* add, const uint16_t* add_mask) {
   const __m256i r = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(t));
   if (add == nullptr) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), r);
     return;
   }
-  const __m512 a = bf16_to_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(add)));
+  __m512 a = bf16_to_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(add)));
+  if (add_mask != nullptr)
+    a = bf16_to_fp32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(*add_mask, a)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
                       bf16_exact(_mm512_add_ps(bf16_to_fp32(r), a)));
 }
@@ -218,7 +223,7 @@ inline void store16(uint16_t* dst, const float* t, const uint16_t* add) {
 // torch's 0x7FC0). add (or null): a tensor of the output's shape and layout added to it (store16).
 template <int NB>
 inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n, int64_t g,
-                      uint16_t* out, const uint16_t* add) {
+                      uint16_t* out, const uint16_t* add, const uint16_t* add_mask) {
   int64_t h = q0 / p.Wp, w = q0 % p.Wp;
   for (int64_t r = 0; r < n; ++r) {
     if (h >= p.H) break;
@@ -227,7 +232,8 @@ inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n,
       uint16_t* dst = out + at;
       if (add != nullptr)
         for (int nb = 0; nb < NB; ++nb)
-          store16(dst + nb * 16, tmp + (r * NB + nb) * 16, add + at + nb * 16);
+          store16(dst + nb * 16, tmp + (r * NB + nb) * 16, add + at + nb * 16,
+                  add_mask != nullptr ? add_mask + (at + nb * 16) / 16 : nullptr);
       else if constexpr (NB % 2 == 0)
         for (int nb = 0; nb < NB; nb += 2) {
           const float* t = tmp + (r * NB + nb) * 16;
@@ -235,7 +241,7 @@ inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n,
                                                                           _mm512_loadu_ps(t)));
         }
       else
-        store16(dst, tmp + r * 16, nullptr);
+        store16(dst, tmp + r * 16, nullptr, nullptr);
     }
     if (++w == p.Wp) w = 0, ++h;
   }
@@ -247,7 +253,8 @@ inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n,
 // copies fill_rows rows of the next image.
 template <int MB, int NB, bool TAIL>
 void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16_t>& bpv, int64_t g,
-                 uint16_t* out, const uint16_t* add, float* tmp, Filler& next, int64_t fill_rows) {
+                 uint16_t* out, const uint16_t* add, const uint16_t* add_mask, float* tmp,
+                 Filler& next, int64_t fill_rows) {
   const uint16_t* bp = bpv.data();
   const int64_t nbs = p.Co / 16, a_stride = p.S * 2, a_step = 16 * p.S, blk = 16 * MB;
   constexpr int64_t kPart = (16 * MB + 2) / 3;  // positions written out after each kernel row
@@ -264,13 +271,13 @@ void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16
         products<MB, NB, 4, 5>(a + p.a_tail, a_step, a_stride, b + p.full * nbs * 512);
       if (q0 > 0) {
         const int64_t r0 = kh * kPart, n = std::min(kPart, blk - r0);
-        write_out<NB>(p, before + r0 * 16 * NB, q0 - blk + r0, n, g, out, add);
+        write_out<NB>(p, before + r0 * 16 * NB, q0 - blk + r0, n, g, out, add, add_mask);
       }
       next.run(fill_rows);
     }
     store_tiles<MB, NB>(mine);
   }
-  write_out<NB>(p, tmp + ((p.Q / blk - 1) & 1) * 256 * MB * NB, p.Q - blk, blk, g, out, add);
+  write_out<NB>(p, tmp + ((p.Q / blk - 1) & 1) * 256 * MB * NB, p.Q - blk, blk, g, out, add, add_mask);
 }
 
 #endif  // RESLAB_AMX
@@ -283,9 +290,12 @@ void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16
 // conv_transpose2d(x, w, padding 1) (stride 1). add: a bf16 channels_last tensor of the result's
 // shape added to it, with the bits of adding it after (torch's bf16 add, or bn_act.cpp's): one
 // pass over memory less where a sum follows the convolution (an identity block's input gradient:
-// the shortcut's term). Needs conv3x3_wgrad_available().
+// the shortcut's term). add_mask (with add): bn_act.cpp's ReLU mask of add's shape (int16, a bit
+// a value in memory order): only add's values whose bit is set are added (store16). Needs
+// conv3x3_wgrad_available().
 at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed,
-                           const std::optional<at::Tensor>& add) {
+                           const std::optional<at::Tensor>& add,
+                           const std::optional<at::Tensor>& add_mask) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "conv3x3_forward takes a channels_last bf16 CPU tensor");
@@ -302,6 +312,11 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
                     add->sizes() == out.sizes() &&
                     add->is_contiguous(at::MemoryFormat::ChannelsLast),
                 "conv3x3_forward: add must be a bf16 channels_last CPU tensor of the result's shape");
+  if (add_mask.has_value())
+    TORCH_CHECK(add.has_value() && add_mask->device().is_cpu() &&
+                    add_mask->scalar_type() == at::kShort && add_mask->is_contiguous() &&
+                    add_mask->numel() * 16 == out.numel(),
+                "conv3x3_forward: add_mask must be an int16 CPU tensor of a bit per value of add");
   if (out.numel() == 0) return out;
 #ifdef RESLAB_AMX
   TORCH_CHECK(reslab_amx::amx_permitted(), "conv3x3_forward needs a CPU with AMX (bf16 tiles)");
@@ -310,6 +325,8 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
   const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   auto* O = reinterpret_cast<uint16_t*>(out.data_ptr());
   const auto* A = add.has_value() ? reinterpret_cast<const uint16_t*>(add->data_ptr()) : nullptr;
+  const auto* AM =
+      add_mask.has_value() ? reinterpret_cast<const uint16_t*>(add_mask->data_ptr()) : nullptr;
   at::parallel_for(0, p.N, 1, [&](int64_t n0, int64_t n1) {
     TileConfig cfg;
     for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
@@ -331,8 +348,9 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
                   bufs + (n + 1 - n0) % 2 * values};
       uint16_t* o = O + n * p.H * p.W * p.Co;
       const uint16_t* a = A != nullptr ? A + n * p.H * p.W * p.Co : nullptr;
+      const uint16_t* am = AM != nullptr ? AM + n * p.H * p.W * p.Co / 16 : nullptr;
       for (int64_t g = 0; g < groups; ++g) {
-        const auto args = std::tie(p, buf, bp, g, o, a, tmp, next, fill_rows);
+        const auto args = std::tie(p, buf, bp, g, o, a, am, tmp, next, fill_rows);
         if (p.NB == 4)
           p.tail ? std::apply(image_group<1, 4, true>, args) : std::apply(image_group<1, 4, false>, args);
         else if (p.NB == 2)
