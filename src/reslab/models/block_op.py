@@ -1,6 +1,7 @@
 """A BasicBlock of stride 1 and equal widths as one autograd op in CPU training (kernels/block.cpp):
 relu(bn2(conv2(relu(bn1(conv1(x))))) [+ x]) with the extension's kernels (the AMX convolutions of
-models/conv_wgrad.py, the fused BN+ReLU of models/bn_act.py, the fork's sum).
+models/conv_wgrad.py, the fused BN+ReLU of models/bn_act.py; x's two gradients summed as conv1's
+input gradient is written).
 
 The same kernels on the same tensors as the block's per-op path with both CPU training flags
 set, so the same bits (outputs, gradients, running statistics; tests/models/test_block_op.py);

@@ -2,16 +2,19 @@
 //   out = relu(bn2(conv2(relu(bn1(conv1(x))))) + x)   (residual; a plain block adds nothing)
 // with the kernels of this extension: the convolutions' outputs and input gradients from
 // conv_fwd.cpp, their weight gradients from conv_wgrad.cpp, batch norm + ReLU (+ the add) from
-// bn_act.cpp, and x's two gradients (the shortcut's and conv1's) summed by bn_act.cpp's add.
-// Built with bn_act.cpp by reslab/models/bn_act.py; used by reslab/models/block_op.py.
+// bn_act.cpp; x's two gradients (the shortcut's and conv1's) are summed as conv1's input
+// gradient is written, the shortcut's read from the output's gradient and bn2's ReLU bits
+// (conv_fwd.cpp's add and add_mask: the bits of the sum after it, three x-sized passes over
+// memory less a block; session 34). Built with bn_act.cpp by reslab/models/bn_act.py; used by
+// reslab/models/block_op.py.
 //
 // The block's per-op training step took five Python autograd Functions (the fork of x, two
 // convs, two batch norms), two weight casts and their gradients' casts back, and a dozen Python
 // checks: 0.17-0.33 ms a block on a 2-core Xeon whatever the batch size (ResNet-56's step
 // x1.065-1.093 without them: benchmarks/ab_block_op.py, session 30). Here the forward is one
 // Python call and the backward runs in C++ alone. The same kernels on the same tensors as that
-// path: the same bits (outputs, every gradient, the running statistics;
-// tests/models/test_block_op.py).
+// path (whose fork sums x's gradients with bn_act.cpp's add): the same bits (outputs, every
+// gradient, the running statistics; tests/models/test_block_op.py).
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 

@@ -277,7 +277,8 @@ void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16
     }
     store_tiles<MB, NB>(mine);
   }
-  write_out<NB>(p, tmp + ((p.Q / blk - 1) & 1) * 256 * MB * NB, p.Q - blk, blk, g, out, add, add_mask);
+  write_out<NB>(p, tmp + ((p.Q / blk - 1) & 1) * 256 * MB * NB, p.Q - blk, blk, g, out, add,
+                add_mask);
 }
 
 #endif  // RESLAB_AMX
