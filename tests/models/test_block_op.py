@@ -66,16 +66,18 @@ def _train(model: nn.Module, x, y, *, steps: int, enabled: bool, monkeypatch, au
 
 
 @pytest.mark.parametrize(
-    ("name", "blocks"),
-    # every stride-1 block of equal widths: all but the 2 stage transitions in the CIFAR nets; in
-    # ResNet-18 layer1's two and layer2's second (layer3-4: 256-512 channels, above the kernels')
-    [("resnet20", 7), ("plain20", 7), ("resnet18", 3)],
+    ("name", "shortcut", "blocks"),
+    # every stride-1 block of equal widths, and every stride-2 one whose shortcut is option A's
+    # (or absent): all 9 in the CIFAR nets (2 are stage transitions); in ResNet-18 layer1's two
+    # and layer2's second (layer3-4: 256-512 channels, above the kernels'), with option A
+    # layer2's first too (B projects it)
+    [("resnet20", "A", 9), ("plain20", "A", 9), ("resnet18", "B", 3), ("resnet18", "A", 4)],
 )
-def test_training_steps_are_the_per_op_path_s_bits(name, blocks, monkeypatch):
+def test_training_steps_are_the_per_op_path_s_bits(name, shortcut, blocks, monkeypatch):
     """Three SGD steps of a whole model: the outputs, every gradient of every step, the weights
     and the running statistics after are the per-op path's bit for bit (the op counted)."""
     torch.manual_seed(0)
-    base = create_model(name, num_classes=10).to(memory_format=CL)
+    base = create_model(name, num_classes=10, shortcut=shortcut).to(memory_format=CL)
     use_cpu_training_paths(base, precision="bf16")
     side = 32 if name != "resnet18" else 64
     x = torch.randn(16, 3, side, side).contiguous(memory_format=CL)
@@ -91,11 +93,12 @@ def test_training_steps_are_the_per_op_path_s_bits(name, blocks, monkeypatch):
         assert torch.equal(got[2][k], v), k
 
 
-def test_a_bf16_model_without_autocast_and_an_input_without_gradient(monkeypatch):
+@pytest.mark.parametrize("which", ["layer1.1", "layer2.0"])  # stride 1, and 2 with option A
+def test_a_bf16_model_without_autocast_and_an_input_without_gradient(which, monkeypatch):
     """Weights stored in bf16 (no autocast: the op takes them as they are and gives bf16
     gradients), and a block input that needs no gradient (the op skips x's): the per-op bits."""
     torch.manual_seed(1)
-    block = create_model("resnet20", num_classes=10).layer1[1].to(memory_format=CL)
+    block = create_model("resnet20", num_classes=10).get_submodule(which).to(memory_format=CL)
     block = block.to(torch.bfloat16)
     for bn in (block.bn1, block.bn2):  # the fused BN keeps fp32 parameters (as autocast does)
         bn.float()
@@ -174,15 +177,32 @@ def test_where_it_applies_and_where_the_block_takes_its_own_path(monkeypatch):
     assert _op(block, x) is None
 
 
-def test_transition_blocks_and_projection_shortcuts_take_their_own_path():
-    """Stride 2 (a stage's first block) and option B/C's projections: never the op."""
+def test_transition_blocks_take_it_with_option_a_and_projection_shortcuts_never():
+    """A stage's first block (stride 2, 16 -> 32 channels) with option A's shortcut or none is
+    the op; option B/C's projections never are, nor anything the op does not compute as the
+    block would (sides whose halves are odd, a hooked shortcut)."""
     x = _x()
     for option in ("A", "B", "C"):
         torch.manual_seed(0)
         m = create_model("resnet20", num_classes=10, shortcut=option).to(memory_format=CL)
         use_cpu_training_paths(m, precision="bf16")
-        assert _op(m.layer2[0], _x(16, side=16)) is None  # 16 -> 32 channels, stride 2
+        transition = _op(m.layer2[0], _x(16, side=16))
+        assert (transition is None) == (option != "A")
         assert (_op(m.layer1[1], x) is None) == (option == "C")  # C projects every shortcut
+    m = create_model("plain20", num_classes=10).to(memory_format=CL)
+    use_cpu_training_paths(m, precision="bf16")
+    assert _op(m.layer2[0], _x(16, side=16)) is not None  # no shortcut at all
+    m = create_model("resnet20", num_classes=10).to(memory_format=CL)
+    use_cpu_training_paths(m, precision="bf16")
+    out = _op(m.layer2[0], _x(16, side=16))
+    assert out is not None and out.shape == (4, 32, 8, 8)
+    assert _op(m.layer2[0], _x(16, side=14)) is None  # conv2's width 7: odd
+    assert _op(m.layer2[0], _x(16, side=15)) is None  # odd sides: not the kernels' stride 2
+    assert _op(m.layer2[0], _x(32, side=16)) is None  # 32 channels in: not this block
+    handle = m.layer2[0].downsample.register_forward_hook(lambda *a: None)
+    assert _op(m.layer2[0], _x(16, side=16)) is None  # the op would not call the shortcut
+    handle.remove()
+    assert _op(m.layer2[0], _x(16, side=16)) is not None
 
 
 def test_a_gradient_of_a_gradient_is_refused_with_a_clear_message():

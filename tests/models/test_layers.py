@@ -149,6 +149,32 @@ def test_the_kernels_subsampled_add_is_torchs_strided_add_bit_for_bit(dtype, sha
     assert layers._kernel_add_subsampled(out.contiguous(), g, s, lo) is False
 
 
+@pytest.mark.skipif(load_kernel() is None, reason="no C++ toolchain for the kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "shape,s,lo,hi",
+    [((8, 16, 32, 32), 2, 8, 8), ((3, 32, 7, 9), 2, 16, 16), ((2, 48, 5, 5), 2, 5, 7),
+     ((2, 16, 6, 6), 1, 0, 0), ((1, 64, 9, 4), 3, 0, 64)],
+)  # fmt: skip
+def test_the_kernels_subsample_pad_is_the_sliced_copy(dtype, shape, s, lo, hi):
+    """Option A's shortcut from the kernel (one pass) equals slicing and zero padding, values
+    and layout, NaN and inf included; _pad_forward takes it only where it applies."""
+    x = torch.randn(shape).to(dtype)
+    x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    x = x.contiguous(memory_format=CL)
+    ref = F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, lo, hi))
+    out = load_kernel().subsample_pad(x, s, lo, hi)
+    assert out.is_contiguous(memory_format=CL) and out.shape == ref.shape
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # NaN == NaN, -0 != 0
+    assert torch.equal(out.view(bits), ref.view(bits))
+    got = layers._pad_forward(x, s, lo, hi, 1)
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num()) and got.is_contiguous(memory_format=CL)
+    assert layers._kernel_takes(x) and not layers._kernel_takes(x.contiguous())
+    assert not layers._kernel_takes(x[:, :8].contiguous(memory_format=CL))  # 8 channels
+    nchw = layers._pad_forward(x.contiguous(), s, lo, hi, 1)  # torch's ops, x's own layout
+    assert torch.equal(nchw.nan_to_num(), ref.nan_to_num()) and nchw.is_contiguous()
+
+
 @pytest.mark.parametrize("kernel", [False, True])
 def test_double_backward_through_option_a_blocks_matches_autograd(kernel, monkeypatch) -> None:
     """create_graph=True (an input-gradient penalty): the shortcut's gradient stays in the graph

@@ -1,7 +1,10 @@
-"""A BasicBlock of stride 1 and equal widths as one autograd op in CPU training (kernels/block.cpp):
-relu(bn2(conv2(relu(bn1(conv1(x))))) [+ x]) with the extension's kernels (the AMX convolutions of
-models/conv_wgrad.py, the fused BN+ReLU of models/bn_act.py; x's two gradients summed as conv1's
-input gradient is written).
+"""A BasicBlock as one autograd op in CPU training (kernels/block.cpp): relu(bn2(conv2(relu(bn1(
+conv1(x))))) [+ shortcut(x)]) with the extension's kernels (the AMX convolutions of
+models/conv_wgrad.py, the fused BN+ReLU of models/bn_act.py). Stride 1 with equal widths and the
+identity shortcut (x's two gradients summed as conv1's input gradient is written), and, since
+session 35, a stage's first block: conv1 of stride 2 (oneDNN's output and input gradient, the
+AMX kernel's weight gradient) with option A's shortcut (x subsampled, zero channels padded;
+section 3.3); plain blocks (no shortcut) of either kind too.
 
 The same kernels on the same tensors as the block's per-op path with both CPU training flags
 set, so the same bits (outputs, gradients, running statistics; tests/models/test_block_op.py);
@@ -9,8 +12,10 @@ what goes is the per-block Python and autograd bookkeeping: five autograd Functi
 casts and their gradients' casts back, a dozen checks. On a 2-core Xeon with AMX that is
 0.17-0.33 ms a block's forward + backward whatever the batch (one 16-channel block on 32 images
 of 8x8: 0.64 -> 0.47 ms), ResNet-56's training step x1.065-1.093 and ResNet-20's x1.038-1.060
-at batch 128 (two runs each; benchmarks/ab_block_op.py, session 30). `forward` returns None
-wherever any condition below fails, and the block takes its per-op path.
+at batch 128 (two runs each; benchmarks/ab_block_op.py, session 30); the two transition blocks
+as well (with option A's shortcut from one kernel pass, layers._pad_forward): ResNet-20 x1.043
+(session 35). `forward` returns None wherever any condition below fails, and the block takes
+its per-op path.
 """
 
 from __future__ import annotations
@@ -20,27 +25,47 @@ from torch import nn
 
 from reslab.models import bn_act, conv_wgrad
 from reslab.models.bn_act import load_kernel
-from reslab.models.layers import _hooked
+from reslab.models.layers import PadShortcut, _hooked
 
 # False: every block takes its per-op path (benchmarks compare the two).
 ENABLED = True
+# False: stride-2 blocks (a stage's first) take their per-op path (benchmarks/ab_block_op.py
+# --transitions compares the two).
+TRANSITIONS = True
 
 
-def _plain_conv(conv: nn.Module, channels: int) -> bool:
-    """A bias-free 3x3, stride-1, padding-1 nn.Conv2d from `channels` to `channels`."""
+def _plain_conv(conv: nn.Module, channels: int, out: int | None = None, stride: int = 1) -> bool:
+    """A bias-free 3x3, padding-1 nn.Conv2d of `stride` from `channels` to `out` (`channels`)."""
     return (
         type(conv) is nn.Conv2d
         and conv.training
         and conv.bias is None
         and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
+        and conv.stride == (stride, stride)
         and conv.padding == (1, 1)
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and conv.in_channels == channels
-        and conv.out_channels == channels
+        and conv.out_channels == (channels if out is None else out)
     )
+
+
+def _shortcut(block: nn.Module, c: int, planes: int) -> tuple[int, int, int] | None:
+    """(stride, zero channels before x's, after) of the block's shortcut where the op computes
+    it: stride 1 with the identity (or none, in a plain block); stride 2 with option A's
+    subsampling and zero padding (or none). None for anything else (projections)."""
+    sc = block.downsample if block.residual else None
+    stride = block.conv1.stride[0]
+    if stride == 1:
+        return (1, 0, 0) if sc is None and planes == c else None
+    if stride != 2 or not TRANSITIONS:
+        return None
+    if sc is None:
+        return (2, 0, 0)
+    if type(sc) is PadShortcut and sc.stride == 2 and c + sum(sc.pad) == planes:
+        return (2, *sc.pad) if not _hooked(sc) else None
+    return None
 
 
 def _weight(conv: nn.Conv2d) -> torch.Tensor | None:
@@ -58,35 +83,43 @@ def _weight(conv: nn.Conv2d) -> torch.Tensor | None:
 
 def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """block(x) as one op where it applies (training a flagged BasicBlock whose shortcut is the
-    identity or absent, conv1 and conv2 taking the AMX kernels, both norms the fused kernel's,
-    no hooks), else None."""
+    identity, option A's at stride 2, or absent; conv1 and conv2 taking the AMX kernels (conv1's
+    weight gradient alone at stride 2), both norms the fused kernel's, no hooks), else None."""
     if not ENABLED or not conv_wgrad.FORWARD_KERNEL or not block.training:
         return None
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
     if not (isinstance(x, torch.Tensor) and torch.is_grad_enabled()):
         return None  # (an fx Proxy, or no_grad: nothing to save for a backward)
-    if block.residual and block.downsample is not None:
-        return None
     c = x.shape[1] if x.dim() == 4 else 0
-    if not (_plain_conv(block.conv1, c) and _plain_conv(block.conv2, c)):
+    planes = block.conv2.out_channels
+    geometry = _shortcut(block, c, planes)
+    if geometry is None:
+        return None
+    stride = geometry[0]
+    if not (_plain_conv(block.conv1, c, planes, stride) and _plain_conv(block.conv2, planes)):
         return None
     if any(_hooked(m) for m in (block, block.conv1, block.conv2, block.bn1, block.bn2)):
         return None
-    # the fused BN kernel's conditions (the convs keep x's shape, dtype and layout)
+    # The fused BN kernel's conditions: the convs keep x's dtype and layout; at stride 2 their
+    # outputs have `planes` channels (a multiple of 16, as conv_wgrad.usable checks) and a
+    # quarter of x's pixels (two or more: conv_wgrad.usable asks for 16 images and even sides).
     if not (bn_act.usable(block.bn1, x, None) and bn_act.usable(block.bn2, x, None)):
         return None
     w1, w2 = _weight(block.conv1), _weight(block.conv2)
     if w1 is None or w2 is None:
         return None
-    if not conv_wgrad.usable(x, c, 1):  # bf16 channels_last, the sizes, the kernel built here
+    # bf16 channels_last, the sizes, the kernels built here: conv1's weight gradient (stride 1:
+    # its output and input gradient too) and conv2's (on conv1's output, whose width, halved at
+    # stride 2, this checks even)
+    if not conv_wgrad.usable(x, planes, stride):
         return None
     bn1, bn2 = block.bn1, block.bn2
     return load_kernel().basic_block_train(
         x, w1, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, bn1.num_batches_tracked,
         bn1.momentum, bn1.eps, w2, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var,
-        bn2.num_batches_tracked, bn2.momentum, bn2.eps, block.residual,
+        bn2.num_batches_tracked, bn2.momentum, bn2.eps, block.residual, *geometry,
     )  # fmt: skip
 
 
-__all__ = ["ENABLED", "forward"]
+__all__ = ["ENABLED", "TRANSITIONS", "forward"]

@@ -1,8 +1,9 @@
 """The CPU training paths a `reslab train` run turns on, in one place for the trainer and the
 benchmarks: relu(bn(x) [+ shortcut]) as one fused kernel (models/bn_act.py) and the 3x3 convs'
 weight gradients from the AMX kernel or over tiled images (models/tiled_wgrad.py); with both,
-stride-1 BasicBlocks as one op where the AMX kernels run (models/block_op.py). They only change
-how a training step is computed: weights, outputs and state_dict stay the same."""
+BasicBlocks as one op where the AMX kernels run (stride 1, and stride 2 with option A's shortcut
+or none; models/block_op.py). They only change how a training step is computed: weights,
+outputs and state_dict stay the same."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def use_cpu_training_paths(
     if tiled_wgrad and _tiled.use_tiled_wgrad(model):
         wgrad = _tiled.status(precision)
         if kernel is not None and wgrad.startswith("AMX kernel") and block_op.ENABLED:
-            wgrad += "; stride-1 blocks of equal widths as one op"  # models/block_op.py
+            # models/block_op.py
+            wgrad += "; stride-1 blocks of equal widths and option-A transitions as one op"
     return kernel, wgrad
 
 

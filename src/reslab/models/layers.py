@@ -65,6 +65,8 @@ class _SubsamplePad(torch.autograd.Function):
 
 def _pad_forward(x: torch.Tensor, stride: int, lo: int, hi: int, groups: int) -> torch.Tensor:
     """subsample_pad(x, ...) in x's memory format."""
+    if groups == 1 and _kernel_takes(x):  # one pass instead of three strided ones: a copy
+        return _kernel().subsample_pad(x, stride, lo, hi)
     n, kc = x.shape[:2]
     c = kc // groups
     sub = x[:, :, ::stride, ::stride]
@@ -94,23 +96,33 @@ def _pad_backward_add(
     )
 
 
-def _kernel_add_subsampled(dx: torch.Tensor, g: torch.Tensor, stride: int, lo: int) -> bool:
-    """The same in-place add through the CPU kernel of models/bn_act.py where that is already
-    built (training with the fused BN+ReLU flag builds it) and takes these tensors: torch's
-    strided add_ is slow for 16 channels a pixel. Returns whether it did the add."""
+def _kernel():
+    """The CPU kernels' module of models/bn_act.py where it is already built (training with the
+    fused BN+ReLU flag builds it), else None."""
     from reslab.models import bn_act  # imported here: bn_act imports this module
 
-    ext = bn_act.loaded_kernel()
-    if ext is None or dx.device.type != "cpu" or g.device.type != "cpu":
+    return bn_act.loaded_kernel()
+
+
+def _kernel_takes(x: torch.Tensor) -> bool:
+    """Whether the built kernels' option-A loops take x: a channels_last CPU tensor in bf16 or
+    fp32 with a multiple of 16 channels (their results are not differentiable: the callers run
+    inside autograd Functions)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 4:
         return False
-    if dx.dtype not in (torch.bfloat16, torch.float32) or g.dtype != dx.dtype or dx.dim() != 4:
+    if x.shape[1] % 16 or not x.is_contiguous(memory_format=torch.channels_last):
         return False
-    cl = torch.channels_last
-    if dx.shape[1] % 16 or not (
-        dx.is_contiguous(memory_format=cl) and g.is_contiguous(memory_format=cl)
-    ):
+    return _kernel() is not None
+
+
+def _kernel_add_subsampled(dx: torch.Tensor, g: torch.Tensor, stride: int, lo: int) -> bool:
+    """The same in-place add through the CPU kernel where it takes these tensors: torch's
+    strided add_ is slow for 16 channels a pixel. Returns whether it did the add."""
+    if g.dtype != dx.dtype or g.device.type != "cpu" or g.dim() != 4 or not _kernel_takes(dx):
         return False
-    ext.add_subsampled(dx, g, stride, lo)
+    if not g.is_contiguous(memory_format=torch.channels_last):
+        return False
+    _kernel().add_subsampled(dx, g, stride, lo)
     return True
 
 

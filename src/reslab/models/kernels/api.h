@@ -32,6 +32,7 @@ std::vector<at::Tensor> bn_act_backward(const at::Tensor& dy, const at::Tensor& 
                                         const at::Tensor& rstd, const at::Tensor& weight,
                                         bool with_residual);
 void add_subsampled(at::Tensor dx, const at::Tensor& g, int64_t s, int64_t lo);
+at::Tensor subsample_pad(const at::Tensor& x, int64_t s, int64_t lo, int64_t hi);
 at::Tensor add(const at::Tensor& a, const at::Tensor& b);
 
 // conv_wgrad.cpp
@@ -52,4 +53,5 @@ at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at
                              const at::Tensor& g2, const at::Tensor& b2,
                              const at::Tensor& running_mean2, const at::Tensor& running_var2,
                              const at::Tensor& batches2, double momentum2, double eps2,
-                             bool residual);
+                             bool residual, int64_t stride = 1, int64_t pad_lo = 0,
+                             int64_t pad_hi = 0);

@@ -14,6 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_train", &bn_act_forward_train,
         "forward, and the running statistics and batch counter updated in place");
   m.def("backward", &bn_act_backward, "BatchNorm (+residual) + ReLU backward");
+  m.def("subsample_pad", &subsample_pad,
+        "x[:, :, ::s, ::s] with lo zero channels before and hi after, channels_last");
   m.def("add", &add, "a + b for two channels_last tensors of one shape and dtype");
   m.def("add_subsampled", &add_subsampled, "dx[:, :, ::s, ::s] += g[:, lo:lo + C], in place");
   m.def("conv3x3_wgrad_available", &conv3x3_wgrad_available,
@@ -27,5 +29,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("transposed") = false, py::arg("add") = py::none(),
         py::arg("add_mask") = py::none());
   m.def("basic_block_train", &basic_block_train,
-        "a stride-1 BasicBlock's training forward as one autograd op (kernels/block.cpp)");
+        "a BasicBlock's training forward as one autograd op (kernels/block.cpp): stride 1 with "
+        "an identity shortcut (or none), or stride 2 with option A's (pad_lo, pad_hi zero "
+        "channels) or none",
+        py::arg("x"), py::arg("w1"), py::arg("g1"), py::arg("b1"), py::arg("running_mean1"),
+        py::arg("running_var1"), py::arg("batches1"), py::arg("momentum1"), py::arg("eps1"),
+        py::arg("w2"), py::arg("g2"), py::arg("b2"), py::arg("running_mean2"),
+        py::arg("running_var2"), py::arg("batches2"), py::arg("momentum2"), py::arg("eps2"),
+        py::arg("residual"), py::arg("stride") = 1, py::arg("pad_lo") = 0,
+        py::arg("pad_hi") = 0);
 }
