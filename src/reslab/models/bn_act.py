@@ -42,7 +42,7 @@ from reslab.models.layers import _eager_training, set_block_flag
 _LOCK = threading.Lock()
 # The extension's sources (kernels/): the fused BN+ReLU, and the AMX weight gradient and stride-1
 # convolution (models/conv_wgrad.py) that share its build.
-_SOURCES = ("bn_act.cpp", "conv_wgrad.cpp", "conv_fwd.cpp", "block.cpp", "bind.cpp")
+_SOURCES = ("bn_act.cpp", "conv_wgrad.cpp", "conv_fwd.cpp", "block.cpp", "augment.cpp", "bind.cpp")
 _HEADERS = ("amx.h", "api.h")  # included by the sources: materialised beside them
 _EXT: Any = None
 _FAILED: str | None = None

@@ -1,5 +1,5 @@
 // The functions of reslab's CPU kernels extension that cross its files: defined in bn_act.cpp,
-// conv_wgrad.cpp, conv_fwd.cpp and block.cpp, bound to Python in bind.cpp (the build:
+// conv_wgrad.cpp, conv_fwd.cpp, block.cpp and augment.cpp, bound to Python in bind.cpp (the build:
 // reslab/models/bn_act.py).
 //
 // The compute files include ATen's core headers only, and bind.cpp torch's pybind11 glue: the
@@ -44,6 +44,11 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stri
 at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed,
                            const std::optional<at::Tensor>& add = std::nullopt,
                            const std::optional<at::Tensor>& add_mask = std::nullopt);
+
+// augment.cpp
+at::Tensor crop_normalize(const at::Tensor& images, const at::Tensor& idx, const at::Tensor& rows,
+                          const at::Tensor& cols, const at::Tensor& scale,
+                          const at::Tensor& shift, int64_t pad);
 
 // block.cpp
 at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& g1,

@@ -28,6 +28,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "add: a tensor of the result's shape added to it (where add_mask's bit is set)",
         py::arg("x"), py::arg("w"), py::arg("transposed") = false, py::arg("add") = py::none(),
         py::arg("add_mask") = py::none());
+  m.def("crop_normalize", &crop_normalize,
+        "a training batch of uint8 images normalised, padded, cropped and mirrored in one pass "
+        "(kernels/augment.cpp)");
   m.def("basic_block_train", &basic_block_train,
         "a BasicBlock's training forward as one autograd op (kernels/block.cpp): stride 1 with "
         "an identity shortcut (or none), or stride 2 with option A's (pad_lo, pad_hi zero "
