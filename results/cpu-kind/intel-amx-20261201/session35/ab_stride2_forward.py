@@ -1,5 +1,11 @@
+"""Session 35: the transition op's conv1 from the AMX stride-2 forward (amx_stride2_forward_dropped.diff
+applied) against oneDNN's (a build with RESLAB_BLOCK_S2_FWD=0), alternating rounds of the default
+step. Run from benchmarks/: python ../results/cpu-kind/intel-amx-20261201/session35/ab_stride2_forward.py
+--data ../../shared/data"""
 import sys
-sys.path.insert(0, "/work/main/benchmarks")
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))
 from common import ab_arguments, alternating_rounds, amx_kernel, cifar_default_step, hardware, kernel_variant, print_rounds
 from reslab.models import bn_act
 a = ab_arguments(rounds=10, steps=20)
