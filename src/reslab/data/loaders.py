@@ -217,7 +217,7 @@ class TensorLoader(ShardedOrder):
         crop_normalize (kernels/augment.cpp: one pass instead of six), where it applies: a CPU
         training batch of 3-channel images, fp32, no PCA lighting, the kernels already built
         (the trainer's CPU paths build them); else None. The same draws, the same bits."""
-        from reslab.models.bn_act import loaded_kernel  # imported here: models import torch ops
+        from reslab.models.bn_act import loaded_kernel  # here: data/ loads without models/
 
         ext = loaded_kernel()
         if ext is None or not isinstance(idx, torch.Tensor) or self.lighting is not None:
