@@ -46,6 +46,10 @@ namespace {
 #ifdef RESLAB_AMX
 
 // 0 copies each image before its products instead of during the previous image's (to compare).
+// 0 packs the weights a value at a time on all threads (before session 36), to compare.
+#ifndef RESLAB_FWD_PACK_VECTOR
+#define RESLAB_FWD_PACK_VECTOR 1
+#endif
 #ifndef RESLAB_FWD_OVERLAP
 #define RESLAB_FWD_OVERLAP 1
 #endif
@@ -97,26 +101,65 @@ FwdPlan make_fwd_plan(int64_t N, int64_t Ci, int64_t Co, int64_t H, int64_t W) {
 // (k = chunk 32 + 2r, k + 1) for each of 16 output channels, k over (kw, ci) = (k / Ci, k % Ci).
 // transposed: the output channel o and input channel i of this convolution read w[i][o][2-kh][2-kw]
 // (the input gradient of conv2d(., w) is this convolution of the output gradient). w is read in
-// place through its strides (a training step's is channels_last), on all threads: this runs twice
-// a convolution a step, 10-30 us on one thread at 16-64 channels.
+// place through its strides, on the calling thread, twice a convolution a step. A training
+// step's weight is channels_last: a row is then one gather (forward: w[o][ci][kh][kw] and
+// w[o][ci + 1][kh][kw] are one 32-bit word, and the 16 output channels' words are s0 apart) or
+// one interleave of two 16-value loads (transposed: o is w's contiguous dimension); other
+// layouts go a value at a time. (Before session 36 the values went one at a time on all
+// threads, which wrote into the same lines: 10-50 us a call at 16-64 channels on 2 cores.)
 std::vector<uint16_t> pack_weights(const FwdPlan& p, const at::Tensor& w, bool transposed) {
   const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const int64_t nbs = p.Co / 16, chunks = p.chunks, Ci = p.Ci;
   const int64_t s0 = w.stride(0), s1 = w.stride(1), s2 = w.stride(2), s3 = w.stride(3);
   std::vector<uint16_t> out(3 * chunks * nbs * 512, 0);  // a 16-value chunk's rows 8-15 stay 0
-  uint16_t* dst = out.data();
-  at::parallel_for(0, w.size(0), 1, [&](int64_t a0, int64_t a1) {
+  // the 64-byte row of kernel row kh (of the packed layout), pair k, channel block nb
+  auto row = [&](int64_t kh, int64_t k, int64_t nb) {
+    return out.data() + ((kh * chunks + (k >> 5)) * nbs + nb) * 512 + ((k & 31) >> 1) * 32;
+  };
+#if RESLAB_FWD_PACK_VECTOR
+  if (!transposed && s1 == 1 && s0 < (int64_t{1} << 26)) {
+    const __m512i offsets =
+        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                           _mm512_set1_epi32(static_cast<int32_t>(s0)));
+    for (int64_t kh = 0; kh < 3; ++kh)
+      for (int64_t kw = 0; kw < 3; ++kw)
+        for (int64_t ci = 0; ci < Ci; ci += 2)
+          for (int64_t nb = 0; nb < nbs; ++nb)
+            _mm512_storeu_si512(
+                row(kh, kw * Ci + ci, nb),
+                _mm512_i32gather_epi32(offsets, W + nb * 16 * s0 + kh * s2 + kw * s3 + ci, 2));
+    return out;
+  }
+  if (transposed && s1 == 1) {
+    alignas(64) uint16_t pairs[32];  // (a_c, b_c) for c = 0..15 from two 16-value rows
+    for (int c = 0; c < 16; ++c) pairs[2 * c] = c, pairs[2 * c + 1] = 32 + c;
+    const __m512i interleave = _mm512_load_si512(pairs);
+    auto load16 = [](const uint16_t* q) {
+      return _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    };
+    for (int64_t kh = 0; kh < 3; ++kh)
+      for (int64_t kw = 0; kw < 3; ++kw)
+        for (int64_t i = 0; i < Ci; i += 2)
+          for (int64_t nb = 0; nb < nbs; ++nb) {
+            const uint16_t* q = W + i * s0 + nb * 16 + kh * s2 + kw * s3;  // w[i][o..o+15][kh][kw]
+            _mm512_storeu_si512(row(2 - kh, (2 - kw) * Ci + i, nb),
+                                _mm512_permutex2var_epi16(load16(q), interleave, load16(q + s0)));
+          }
+    return out;
+  }
+#endif
+  // Other layouts (and all of them with RESLAB_FWD_PACK_VECTOR=0, on all threads as before
+  // session 36, to compare).
+  at::parallel_for(0, RESLAB_FWD_PACK_VECTOR ? 1 : w.size(0), 1, [&](int64_t a0, int64_t a1) {
+    if (RESLAB_FWD_PACK_VECTOR) a0 = 0, a1 = w.size(0);
     for (int64_t a = a0; a < a1; ++a)
       for (int64_t b = 0; b < w.size(1); ++b) {
         const int64_t o = transposed ? b : a, i = transposed ? a : b;
-        uint16_t* base = dst + (o >> 4) * 512 + 2 * (o & 15);
         const uint16_t* src = W + a * s0 + b * s1;
         for (int64_t kh = 0; kh < 3; ++kh)
           for (int64_t kw = 0; kw < 3; ++kw) {
             const int64_t k = (transposed ? 2 - kw : kw) * Ci + i;
-            const int64_t row = transposed ? 2 - kh : kh;
-            base[((row * chunks + (k >> 5)) * nbs) * 512 + ((k & 31) >> 1) * 32 + (k & 1)] =
-                src[kh * s2 + kw * s3];
+            row(transposed ? 2 - kh : kh, k, o >> 4)[2 * (o & 15) + (k & 1)] = src[kh * s2 + kw * s3];
           }
       }
   });
