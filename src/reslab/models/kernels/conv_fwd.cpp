@@ -50,6 +50,10 @@ namespace {
 #ifndef RESLAB_FWD_PACK_VECTOR
 #define RESLAB_FWD_PACK_VECTOR 1
 #endif
+// 0 writes a 16-channel output a position at a time (before session 36), to compare.
+#ifndef RESLAB_FWD_PAIRS
+#define RESLAB_FWD_PAIRS 1
+#endif
 #ifndef RESLAB_FWD_OVERLAP
 #define RESLAB_FWD_OVERLAP 1
 #endif
@@ -283,7 +287,13 @@ inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n,
           _mm512_storeu_si512(dst + nb * 16, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(t + 16),
                                                                           _mm512_loadu_ps(t)));
         }
-      else
+      else if (RESLAB_FWD_PAIRS && p.Co == 16 && w + 1 < p.W && r + 1 < n) {
+        // 16 channels: this position and the next of its row (32 contiguous values) at once
+        const float* t = tmp + r * 16;
+        _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(t + 16),
+                                                               _mm512_loadu_ps(t)));
+        ++r, ++w;
+      } else
         store16(dst, tmp + r * 16, nullptr, nullptr);
     }
     if (++w == p.Wp) w = 0, ++h;

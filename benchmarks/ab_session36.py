@@ -1,0 +1,110 @@
+"""Session 36's changes to kernels/conv_fwd.cpp (the blocks' stride-1 convolutions and input
+gradients), each against the build before it:
+
+  session 35: the weights packed for the tiles a value at a time on all threads
+              (RESLAB_FWD_PACK_VECTOR=0), a 16-channel output written a position at a time
+              (RESLAB_FWD_PAIRS=0);
+  +pack:      the weights packed on the calling thread, one gather or interleave per tile row
+              (the threads had written single values into the same cache lines);
+  +pairs:     a 16-channel output written two positions (64 bytes) at a time.
+All three compute the same bits. First the convolution alone: one call on a batch of 2 (8x8,
+where packing the weights is most of it) and at batch 128 on each CIFAR stage's shape; then
+medians of per-round ratios over alternating rounds of the default training step (real
+CIFAR-10 batches through the TensorLoader, as `reslab train` runs it), switching the kernels
+the block ops call.
+
+    python benchmarks/ab_session36.py --data ../shared/data [--model resnet56] [--skip-alone]
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+
+import torch
+
+from common import (
+    ab_arguments,
+    alternating_rounds,
+    amx_kernel,
+    cifar_default_step,
+    hardware,
+    kernel_variant,
+    median_seconds,
+)
+from reslab.models import block_op
+from reslab.models.bn_act import kernel_status
+
+BUILDS = {
+    "session 35": ("RESLAB_FWD_PACK_VECTOR=0", "RESLAB_FWD_PAIRS=0"),
+    "+pack": ("RESLAB_FWD_PAIRS=0",),
+    "+pairs": (),
+}
+
+
+def alone(kernels: dict) -> None:
+    """ms (us for the batch of 2) of one call, best of 3 medians, forward and input gradient."""
+    cl = torch.channels_last
+    g = torch.Generator().manual_seed(0)
+    for n, side, unit, scale in ((2, 8, "us", 1e6), (128, None, "ms", 1e3)):
+        print(f"one convolution, batch {n} ({unit}: forward / input gradient):")
+        for c, s in ((16, 32), (32, 16), (64, 8)):
+            x = (
+                torch.randn(n, c, side or s, side or s, generator=g)
+                .bfloat16()
+                .contiguous(memory_format=cl)
+            )
+            w = (
+                torch.randn(c, c, 3, 3, generator=g)
+                .mul(0.1)
+                .bfloat16()
+                .contiguous(memory_format=cl)
+            )
+            best: dict[str, list[float]] = {}
+            for _ in range(3):
+                for name, ext in kernels.items():
+                    t = [median_seconds(lambda ext=ext, tr=tr, x=x, w=w: ext.conv3x3_forward(x, w, tr),
+                                        reps=200 if n == 2 else 30) for tr in (False, True)]  # fmt: skip
+                    best[name] = [min(a, b) for a, b in zip(best.get(name, t), t)]
+            print(f"  {c} channels on {side or s}x{side or s}: " + ", ".join(
+                f"{k} {v[0] * scale:.3f} / {v[1] * scale:.3f}" for k, v in best.items()))  # fmt: skip
+
+
+def main() -> None:
+    p = ab_arguments(rounds=10, steps=20)
+    p.add_argument("--skip-alone", action="store_true", help="only the training step")
+    args = p.parse_args()
+    print(hardware())
+    ext = amx_kernel()
+    print(f"kernel: {kernel_status()}")
+    kernels = {k: (kernel_variant("_s36" + str(i), *d) if d else ext)
+               for i, (k, d) in enumerate(BUILDS.items())}  # fmt: skip
+    if not args.skip_alone:
+        alone(kernels)
+
+    def switch(name: str):
+        def to() -> None:
+            block_op.load_kernel = lambda: kernels[name]
+
+        return to
+
+    precision, _, step = cifar_default_step(args.data, args.model)
+    original = block_op.load_kernel
+    try:
+        rates = alternating_rounds({k: switch(k) for k in kernels}, step, rounds=args.rounds,
+                                   steps=args.steps)  # fmt: skip
+    finally:
+        block_op.load_kernel = original
+    print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating "
+          f"rounds of {args.steps} steps each (after 3 untimed)")  # fmt: skip
+    for k, v in rates.items():
+        print(f"{k:>10}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
+              + f"; median {statistics.median(v):.0f}")  # fmt: skip
+    for prev, k in [*itertools.pairwise(BUILDS), ("session 35", "+pairs")]:
+        ratio = [b / a for a, b in zip(rates[prev], rates[k])]
+        print(f"{k} / {prev}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
+              + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
