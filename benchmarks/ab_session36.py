@@ -1,14 +1,16 @@
-"""Session 36's changes to kernels/conv_fwd.cpp (the blocks' stride-1 convolutions and input
-gradients), each against the build before it:
+"""Session 36's changes to the blocks' convolution kernels, each against the build before it:
 
-  session 35: the weights packed for the tiles a value at a time on all threads
-              (RESLAB_FWD_PACK_VECTOR=0), a 16-channel output written a position at a time
-              (RESLAB_FWD_PAIRS=0);
+  session 35: kernels/conv_fwd.cpp packing the weights for the tiles a value at a time on all
+              threads (RESLAB_FWD_PACK_VECTOR=0) and writing a 16-channel output a position at
+              a time (RESLAB_FWD_PAIRS=0); kernels/conv_wgrad.cpp transposing the output
+              gradient with four rounds of vpermt2w (RESLAB_WGRAD_UNPACK=0);
   +pack:      the weights packed on the calling thread, one gather or interleave per tile row
               (the threads had written single values into the same cache lines);
-  +pairs:     a 16-channel output written two positions (64 bytes) at a time.
-All three compute the same bits. First the convolution alone: one call on a batch of 2 (8x8,
-where packing the weights is most of it) and at batch 128 on each CIFAR stage's shape; then
+  +pairs:     a 16-channel output written two positions (64 bytes) at a time;
+  +unpack:    the output gradient transposed by lane loads and three rounds of unpacks.
+All four compute the same bits. First each kernel alone: a convolution on a batch of 2 (8x8,
+where packing the weights is most of it) and at batch 128 on each CIFAR stage's shape, and the
+weight gradient at batch 128; then
 medians of per-round ratios over alternating rounds of the default training step (real
 CIFAR-10 batches through the TensorLoader, as `reslab train` runs it), switching the kernels
 the block ops call.
@@ -36,9 +38,10 @@ from reslab.models import block_op
 from reslab.models.bn_act import kernel_status
 
 BUILDS = {
-    "session 35": ("RESLAB_FWD_PACK_VECTOR=0", "RESLAB_FWD_PAIRS=0"),
-    "+pack": ("RESLAB_FWD_PAIRS=0",),
-    "+pairs": (),
+    "session 35": ("RESLAB_FWD_PACK_VECTOR=0", "RESLAB_FWD_PAIRS=0", "RESLAB_WGRAD_UNPACK=0"),
+    "+pack": ("RESLAB_FWD_PAIRS=0", "RESLAB_WGRAD_UNPACK=0"),
+    "+pairs": ("RESLAB_WGRAD_UNPACK=0",),
+    "+unpack": (),
 }
 
 
@@ -68,6 +71,20 @@ def alone(kernels: dict) -> None:
                     best[name] = [min(a, b) for a, b in zip(best.get(name, t), t)]
             print(f"  {c} channels on {side or s}x{side or s}: " + ", ".join(
                 f"{k} {v[0] * scale:.3f} / {v[1] * scale:.3f}" for k, v in best.items()))  # fmt: skip
+    print("weight gradient, batch 128 (ms):")
+    for c, s, stride in ((16, 32, 1), (32, 16, 1), (64, 8, 1), (16, 32, 2), (32, 16, 2)):
+        x = torch.randn(128, c, s, s, generator=g).bfloat16().contiguous(memory_format=cl)
+        dy = torch.randn(128, c * stride, s // stride, s // stride, generator=g).bfloat16()
+        dy = dy.contiguous(memory_format=cl)
+        times: dict[str, float] = {}
+        for _ in range(3):
+            for name, ext in kernels.items():
+                t = median_seconds(
+                    lambda ext=ext, x=x, dy=dy, st=stride: ext.conv3x3_wgrad(x, dy, st, True)
+                )
+                times[name] = min(times.get(name, t), t)
+        print(f"  {c} -> {c * stride} channels on {s}x{s}, stride {stride}: "
+              + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in times.items()))  # fmt: skip
 
 
 def main() -> None:
@@ -100,7 +117,7 @@ def main() -> None:
     for k, v in rates.items():
         print(f"{k:>10}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
               + f"; median {statistics.median(v):.0f}")  # fmt: skip
-    for prev, k in [*itertools.pairwise(BUILDS), ("session 35", "+pairs")]:
+    for prev, k in [*itertools.pairwise(BUILDS), ("session 35", "+unpack")]:
         ratio = [b / a for a, b in zip(rates[prev], rates[k])]
         print(f"{k} / {prev}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
               + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip

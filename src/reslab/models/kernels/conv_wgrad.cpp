@@ -56,7 +56,59 @@ constexpr int64_t kBlock = 16;  // images summed apart (see conv3x3_wgrad)
 #ifndef RESLAB_WGRAD_PREFETCH
 #define RESLAB_WGRAD_PREFETCH 1
 #endif
+// 0 transposes dy with session 26's vpermt2w rounds instead of lane loads and unpacks, to compare.
+#ifndef RESLAB_WGRAD_UNPACK
+#define RESLAB_WGRAD_UNPACK 1
+#endif
 
+#if RESLAB_WGRAD_UNPACK
+// 32 pixels (np of them real, the rest zeros) of 16 channels at src, pixel stride ps ->
+// dst row c (stride ld) = channel c's 32 values, in pixel order. Each 128-bit lane of a register
+// is loaded with 8 channels of one pixel: register j of half g holds, in lane l, channels
+// 8g..8g+7 of pixel 8l + j. Three rounds of in-lane unpacks (words, pairs, quads) then transpose
+// each lane's 8 x 8 words, which leaves register j of half g with channel 8g + j of pixels
+// 8l..8l+7 in lane l: the row, in order. 48 one-cycle unpacks and 48 lane inserts a block,
+// where four rounds of vpermt2w (session 26's, RESLAB_WGRAD_UNPACK=0) took 64 two-cycle
+// permutes on port 5 (session 36).
+template <bool kFull>
+inline void transpose_half(const uint16_t* src, int64_t ps, int64_t np, int g, uint16_t* dst,
+                           int64_t ld) {
+  auto lane = [&](int64_t p) {
+    return kFull || p < np
+               ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + p * ps + 8 * g))
+               : _mm_setzero_si128();
+  };
+  __m512i a[8], b[8], c[8];
+  for (int j = 0; j < 8; ++j) {
+    __m512i v = _mm512_castsi128_si512(lane(j));
+    v = _mm512_inserti32x4(v, lane(8 + j), 1);
+    v = _mm512_inserti32x4(v, lane(16 + j), 2);
+    a[j] = _mm512_inserti32x4(v, lane(24 + j), 3);
+  }
+  for (int k = 0; k < 8; k += 2) {  // b[k] lane: a[k][0] a[k+1][0] .. a[k][3] a[k+1][3]
+    b[k] = _mm512_unpacklo_epi16(a[k], a[k + 1]);
+    b[k + 1] = _mm512_unpackhi_epi16(a[k], a[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {  // c[k + m]: words 2m, 2m + 1 of a[k..k+3]
+    c[k] = _mm512_unpacklo_epi32(b[k], b[k + 2]);
+    c[k + 1] = _mm512_unpackhi_epi32(b[k], b[k + 2]);
+    c[k + 2] = _mm512_unpacklo_epi32(b[k + 1], b[k + 3]);
+    c[k + 3] = _mm512_unpackhi_epi32(b[k + 1], b[k + 3]);
+  }
+  uint16_t* out = dst + 8 * g * ld;
+  for (int m = 0; m < 4; ++m) {  // word 2m and 2m + 1 of all eight
+    _mm512_storeu_si512(out + 2 * m * ld, _mm512_unpacklo_epi64(c[m], c[4 + m]));
+    _mm512_storeu_si512(out + (2 * m + 1) * ld, _mm512_unpackhi_epi64(c[m], c[4 + m]));
+  }
+}
+
+inline void transpose_block(const uint16_t* src, int64_t ps, int64_t np, uint16_t* dst,
+                            int64_t ld) {
+  for (int g = 0; g < 2; ++g)
+    np == 32 ? transpose_half<true>(src, ps, np, g, dst, ld)
+             : transpose_half<false>(src, ps, np, g, dst, ld);
+}
+#else
 // vpermt2w indices that transpose 32 pixels x 16 channels of bf16 held in 16 registers (two
 // pixels each) in 4 steps: step k pairs registers i and i | 2^k and sorts their 64 values by
 // bit k of the channel, so that register c ends with channel c's 32 pixels (in pixel order:
@@ -125,6 +177,8 @@ inline void transpose_block(const uint16_t* src, int64_t ps, int64_t np, uint16_
   }
   for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * ld, r[c]);
 }
+
+#endif  // RESLAB_WGRAD_UNPACK
 
 // The geometry of one call: per-image tile data and the accumulator tiles' taps.
 struct Plan {
