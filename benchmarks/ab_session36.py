@@ -3,12 +3,14 @@
   session 35: kernels/conv_fwd.cpp packing the weights for the tiles a value at a time on all
               threads (RESLAB_FWD_PACK_VECTOR=0) and writing a 16-channel output a position at
               a time (RESLAB_FWD_PAIRS=0); kernels/conv_wgrad.cpp transposing the output
-              gradient with four rounds of vpermt2w (RESLAB_WGRAD_UNPACK=0);
+              gradient with four rounds of vpermt2w (RESLAB_WGRAD_UNPACK=0) and making stride
+              1's two odd pair copies of x in two passes (RESLAB_WGRAD_TWIN=0);
   +pack:      the weights packed on the calling thread, one gather or interleave per tile row
               (the threads had written single values into the same cache lines);
   +pairs:     a 16-channel output written two positions (64 bytes) at a time;
-  +unpack:    the output gradient transposed by lane loads and three rounds of unpacks.
-All four compute the same bits. First each kernel alone: a convolution on a batch of 2 (8x8,
+  +unpack:    the output gradient transposed by lane loads and three rounds of unpacks;
+  +twin:      both odd pair copies written from one pass (they differ only at row starts).
+All five compute the same bits. First each kernel alone: a convolution on a batch of 2 (8x8,
 where packing the weights is most of it) and at batch 128 on each CIFAR stage's shape, and the
 weight gradient at batch 128; then
 medians of per-round ratios over alternating rounds of the default training step (real
@@ -38,10 +40,16 @@ from reslab.models import block_op
 from reslab.models.bn_act import kernel_status
 
 BUILDS = {
-    "session 35": ("RESLAB_FWD_PACK_VECTOR=0", "RESLAB_FWD_PAIRS=0", "RESLAB_WGRAD_UNPACK=0"),
-    "+pack": ("RESLAB_FWD_PAIRS=0", "RESLAB_WGRAD_UNPACK=0"),
-    "+pairs": ("RESLAB_WGRAD_UNPACK=0",),
-    "+unpack": (),
+    "session 35": (
+        "RESLAB_FWD_PACK_VECTOR=0",
+        "RESLAB_FWD_PAIRS=0",
+        "RESLAB_WGRAD_UNPACK=0",
+        "RESLAB_WGRAD_TWIN=0",
+    ),
+    "+pack": ("RESLAB_FWD_PAIRS=0", "RESLAB_WGRAD_UNPACK=0", "RESLAB_WGRAD_TWIN=0"),
+    "+pairs": ("RESLAB_WGRAD_UNPACK=0", "RESLAB_WGRAD_TWIN=0"),
+    "+unpack": ("RESLAB_WGRAD_TWIN=0",),
+    "+twin": (),
 }
 
 
@@ -117,7 +125,7 @@ def main() -> None:
     for k, v in rates.items():
         print(f"{k:>10}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
               + f"; median {statistics.median(v):.0f}")  # fmt: skip
-    for prev, k in [*itertools.pairwise(BUILDS), ("session 35", "+unpack")]:
+    for prev, k in [*itertools.pairwise(BUILDS), ("session 35", "+twin")]:
         ratio = [b / a for a, b in zip(rates[prev], rates[k])]
         print(f"{k} / {prev}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
               + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip

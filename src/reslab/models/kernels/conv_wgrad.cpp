@@ -60,6 +60,9 @@ constexpr int64_t kBlock = 16;  // images summed apart (see conv3x3_wgrad)
 #ifndef RESLAB_WGRAD_UNPACK
 #define RESLAB_WGRAD_UNPACK 1
 #endif
+#ifndef RESLAB_WGRAD_TWIN
+#define RESLAB_WGRAD_TWIN 1
+#endif
 
 #if RESLAB_WGRAD_UNPACK
 // 32 pixels (np of them real, the rest zeros) of 16 channels at src, pixel stride ps ->
@@ -278,6 +281,11 @@ void lay_out(const Plan& p, const uint16_t* x, const uint16_t* dy, uint16_t* out
   const int64_t half = p.HW / 2;
   for (int64_t c = 0; c < p.copies; ++c) {
     const Copy& cp = copies_of(p)[c];
+    // Stride 1's copies 1 and 2 (kw = 0 and 2) hold the same pairs but for the lanes kept at row
+    // starts: both are written from one pass (session 36; RESLAB_WGRAD_TWIN=0 makes two).
+    const bool twin = RESLAB_WGRAD_TWIN && p.s == 1 && c == 1;
+    if (RESLAB_WGRAD_TWIN && p.s == 1 && c == 2) continue;
+    const __mmask32 keep2 = twin ? copies_of(p)[2].row_start_keep : 0;
     for (int64_t ib = 0; ib < p.Ci / 16; ++ib) {
       uint16_t* dst = out + p.dsz + c * p.csz + ib * p.P * 32 + p.G / 2 * 32;
       const uint16_t* src = x + (cp.p * p.Wi + cp.q) * p.Ci + ib * 16;
@@ -301,12 +309,14 @@ void lay_out(const Plan& p, const uint16_t* x, const uint16_t* dy, uint16_t* out
                                  : i > 0 ? pixel(i - 1, p.W - 1) : _mm512_setzero_si512();
           const __m512i v = _mm512_permutex2var_epi16(before, interleave, pixel(i, j));
           _mm512_storeu_si512(o, j == 0 ? _mm512_maskz_mov_epi16(keep, v) : v);
+          if (twin) _mm512_storeu_si512(o + p.csz, j == 0 ? _mm512_maskz_mov_epi16(keep2, v) : v);
         }
       }
       if (cp.odd && half > 0) {  // the last pair: (the last pixel, 0), at a row start
         const __m512i v = _mm512_permutex2var_epi16(pixel(p.H - 1, p.W - 1), interleave,
                                                     _mm512_setzero_si512());
         _mm512_storeu_si512(dst + half * 32, _mm512_maskz_mov_epi16(keep, v));
+        if (twin) _mm512_storeu_si512(dst + p.csz + half * 32, _mm512_maskz_mov_epi16(keep2, v));
       }
     }
   }
