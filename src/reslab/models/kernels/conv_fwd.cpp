@@ -45,7 +45,6 @@ namespace {
 
 #ifdef RESLAB_AMX
 
-// 0 copies each image before its products instead of during the previous image's (to compare).
 // 0 packs the weights a value at a time on all threads (before session 36), to compare.
 #ifndef RESLAB_FWD_PACK_VECTOR
 #define RESLAB_FWD_PACK_VECTOR 1
@@ -54,6 +53,7 @@ namespace {
 #ifndef RESLAB_FWD_PAIRS
 #define RESLAB_FWD_PAIRS 1
 #endif
+// 0 copies each image before its products instead of during the previous image's (to compare).
 #ifndef RESLAB_FWD_OVERLAP
 #define RESLAB_FWD_OVERLAP 1
 #endif
@@ -152,10 +152,9 @@ std::vector<uint16_t> pack_weights(const FwdPlan& p, const at::Tensor& w, bool t
     return out;
   }
 #endif
-  // Other layouts (and all of them with RESLAB_FWD_PACK_VECTOR=0, on all threads as before
-  // session 36, to compare).
-  at::parallel_for(0, RESLAB_FWD_PACK_VECTOR ? 1 : w.size(0), 1, [&](int64_t a0, int64_t a1) {
-    if (RESLAB_FWD_PACK_VECTOR) a0 = 0, a1 = w.size(0);
+  // Other layouts a value at a time (and all of them with RESLAB_FWD_PACK_VECTOR=0, on all
+  // threads as before session 36, to compare).
+  auto values = [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a)
       for (int64_t b = 0; b < w.size(1); ++b) {
         const int64_t o = transposed ? b : a, i = transposed ? a : b;
@@ -166,7 +165,11 @@ std::vector<uint16_t> pack_weights(const FwdPlan& p, const at::Tensor& w, bool t
             row(transposed ? 2 - kh : kh, k, o >> 4)[2 * (o & 15) + (k & 1)] = src[kh * s2 + kw * s3];
           }
       }
-  });
+  };
+  if (RESLAB_FWD_PACK_VECTOR)
+    values(0, w.size(0));
+  else
+    at::parallel_for(0, w.size(0), 1, values);
   return out;
 }
 

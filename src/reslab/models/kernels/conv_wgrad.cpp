@@ -60,6 +60,7 @@ constexpr int64_t kBlock = 16;  // images summed apart (see conv3x3_wgrad)
 #ifndef RESLAB_WGRAD_UNPACK
 #define RESLAB_WGRAD_UNPACK 1
 #endif
+// 0 writes stride 1's two odd pair copies of x in two passes (before session 36), to compare.
 #ifndef RESLAB_WGRAD_TWIN
 #define RESLAB_WGRAD_TWIN 1
 #endif
