@@ -31,6 +31,7 @@ from common import (
     cifar_default_step,
     hardware,
     kernel_variant,
+    print_ratios,
 )
 from reslab.models import bn_act, conv_wgrad
 from reslab.models.bn_act import kernel_status
@@ -94,15 +95,14 @@ def main() -> None:
                                    steps=args.steps)  # fmt: skip
     finally:
         bn_act._EXT, conv_wgrad.weight_grad = new, weight_grad
-    print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating rounds "
-          f"of {args.steps} steps each (after 3 untimed)")  # fmt: skip
-    for k, v in rates.items():
-        print(f"{k:>12}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
-              + f"; median {statistics.median(v):.0f}")  # fmt: skip
-    for prev, k in [*itertools.pairwise(paths), ("session 26", "+bf16 out")]:
-        ratio = [b / a for a, b in zip(rates[prev], rates[k])]
-        print(f"{k} / {prev}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
-              + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+    print_ratios(
+        args.model,
+        precision,
+        args.rounds,
+        args.steps,
+        rates,
+        [*itertools.pairwise(paths), ("session 26", "+bf16 out")],
+    )
 
 
 if __name__ == "__main__":

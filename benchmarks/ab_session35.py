@@ -17,7 +17,6 @@ batch alone first.
 from __future__ import annotations
 
 import itertools
-import statistics
 from collections.abc import Callable
 
 import torch
@@ -29,6 +28,7 @@ from common import (
     cifar_default_step,
     hardware,
     median_seconds,
+    print_ratios,
 )
 from reslab.data.cifar import load_cifar
 from reslab.data.loaders import TensorLoader
@@ -106,15 +106,15 @@ def main() -> None:
     finally:
         _set(True, True, True)
     print(f"\nimages {args.size}x{args.size}")
-    print(f"{args.model} training step, batch {args.batch}, {precision}, {args.rounds} "
-          f"alternating rounds of {args.steps} steps each (after 3 untimed)")  # fmt: skip
-    for k, v in rates.items():
-        print(f"{k:>10}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
-              + f"; median {statistics.median(v):.0f}")  # fmt: skip
-    for prev, k in [*itertools.pairwise(PATHS), ("session 34", "+data")]:
-        ratio = [b / a for a, b in zip(rates[prev], rates[k])]
-        print(f"{k} / {prev}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
-              + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+    print_ratios(
+        args.model,
+        precision,
+        args.rounds,
+        args.steps,
+        rates,
+        [*itertools.pairwise(PATHS), ("session 34", "+data")],
+        batch=args.batch,
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ the block ops call.
 from __future__ import annotations
 
 import itertools
-import statistics
 
 import torch
 
@@ -35,6 +34,7 @@ from common import (
     hardware,
     kernel_variant,
     median_seconds,
+    print_ratios,
 )
 from reslab.models import block_op
 from reslab.models.bn_act import kernel_status
@@ -120,15 +120,14 @@ def main() -> None:
                                    steps=args.steps)  # fmt: skip
     finally:
         block_op.load_kernel = original
-    print(f"\n{args.model} training step, batch 128, {precision}, {args.rounds} alternating "
-          f"rounds of {args.steps} steps each (after 3 untimed)")  # fmt: skip
-    for k, v in rates.items():
-        print(f"{k:>10}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
-              + f"; median {statistics.median(v):.0f}")  # fmt: skip
-    for prev, k in [*itertools.pairwise(BUILDS), ("session 35", "+twin")]:
-        ratio = [b / a for a, b in zip(rates[prev], rates[k])]
-        print(f"{k} / {prev}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
-              + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+    print_ratios(
+        args.model,
+        precision,
+        args.rounds,
+        args.steps,
+        rates,
+        [*itertools.pairwise(BUILDS), ("session 35", "+twin")],
+    )
 
 
 if __name__ == "__main__":

@@ -306,15 +306,25 @@ def alternating_rounds(
 def print_rounds(model: str, precision: str, rounds: int, steps: int,
                  rates: dict[str, list[float]], base: str, new: str, batch: int = 128) -> None:  # fmt: skip
     """alternating_rounds' img/s per path and round, and new / base per round with its median."""
+    print_ratios(model, precision, rounds, steps, rates, [(base, new)], batch=batch)
+
+
+def print_ratios(model: str, precision: str, rounds: int, steps: int,
+                 rates: dict[str, list[float]], pairs: list[tuple[str, str]],
+                 batch: int = 128) -> None:  # fmt: skip
+    """alternating_rounds' img/s per path and round, then for each (base, new) of `pairs` new /
+    base per round with its median (the A/B scripts' steps: each change over the one before it,
+    and the last over the first)."""
     print(f"\n{model} training step, batch {batch}, {precision}, {rounds} alternating rounds "
           f"of {steps} steps each (after 3 untimed)")  # fmt: skip
     width = max(len(k) for k in rates)
     for k, v in rates.items():
         print(f"{k:>{width}}: img/s per round " + " ".join(f"{a:.0f}" for a in v)
               + f"; median {statistics.median(v):.0f}")  # fmt: skip
-    ratio = [b / a for a, b in zip(rates[base], rates[new])]
-    print(f"{new} / {base}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
-          + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
+    for base, new in pairs:
+        ratio = [b / a for a, b in zip(rates[base], rates[new])]
+        print(f"{new} / {base}, per round: " + " ".join(f"{r:.3f}" for r in ratio)
+              + f"; median x{statistics.median(ratio):.3f}")  # fmt: skip
 
 
 def amx_kernel():
