@@ -1,5 +1,5 @@
-"""The AMX convolution kernel (kernels/conv_fwd.cpp: a 3x3 stride-1 conv and its input gradient)
-against float64 and oneDNN. Needs a CPU with AMX (skipped elsewhere: the kernel is not built
+"""The AMX convolution kernel (kernels/conv_fwd.cpp: a 3x3 conv of stride 1 or 2 and its input
+gradient) against float64 and oneDNN. Needs a CPU with AMX (skipped elsewhere: the kernel is not built
 there)."""
 
 from __future__ import annotations
@@ -85,6 +85,82 @@ def test_any_shape_equals_float64_exactly(ext, n, ci, co, h, w):
     _check_exact(ext, n, ci, co, h, w, seed=n * 7 + h)
 
 
+def _check_exact_stride2(ext, n, ci, co, h, w, seed=0):
+    """Stride 2: the output ((h + 1) / 2 x (w + 1) / 2) and, where the output has 32k channels,
+    the input gradient of an input of 2 Ho x 2 Wo (conv_transpose2d's output_padding 1 where h,
+    w are even), both with contiguous and channels_last weights."""
+    x = _ints((n, ci, h, w), seed).contiguous(memory_format=CL)
+    wt = _ints((co, ci, 3, 3), seed + 1)
+    ref = F.conv2d(x.double(), wt.double(), padding=1, stride=2).bfloat16()
+    for weight in (wt, wt.contiguous(memory_format=CL)):
+        out = ext.conv3x3_forward(x, weight, stride=2)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=CL)
+        assert torch.equal(out, ref)
+    if co % 32:
+        return
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    dy = _ints((n, co, ho, wo), seed + 2).contiguous(memory_format=CL)
+    ref_dx = F.conv_transpose2d(dy.double(), wt.double(), padding=1, stride=2, output_padding=1)
+    ref_dx = ref_dx.bfloat16()
+    for weight in (wt, wt.contiguous(memory_format=CL)):
+        dx = ext.conv3x3_forward(dy, weight, transposed=True, stride=2)
+        assert dx.shape == (n, ci, 2 * ho, 2 * wo) and dx.is_contiguous(memory_format=CL)
+        assert torch.equal(dx, ref_dx)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 16, 32, 32, 32),  # CIFAR's first transition: a 16-value chunk per kernel row
+        (3, 32, 64, 16, 16),  # the second: 3 chunks of 32, 4 accumulators
+        (1, 16, 32, 1, 1),  # one pixel: only the centre tap reads x
+        (1, 16, 16, 5, 7),  # odd sides: the last output row and column read the padding
+        (1, 48, 32, 9, 9),  # 3 Ci = 144; the even rows' buffer starts inside a pixel
+        (2, 64, 32, 8, 8),  # fewer outputs than inputs: the input gradient has 64 channels
+        (1, 128, 128, 4, 6),  # many chunks, two channel groups
+        (5, 32, 32, 2, 40),  # rows longer than a block
+    ],
+)
+def test_stride_2_equals_float64_exactly_on_exact_data(ext, shape):
+    """Stride 2's own layouts (x's odd and even rows in two buffers; the input gradient's four
+    phases, 1, 2 or 4 taps each): a misplaced row, phase or tap shows as a difference."""
+    _check_exact_stride2(ext, *shape)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    ci=st.sampled_from([16, 32, 48, 64]),
+    co=st.sampled_from([16, 32, 64]),
+    h=st.integers(1, 20),
+    w=st.integers(1, 20),
+)
+def test_stride_2_any_shape_equals_float64_exactly(ext, n, ci, co, h, w):
+    _check_exact_stride2(ext, n, ci, co, h, w, seed=n * 5 + w)
+
+
+@pytest.mark.parametrize("c,side", [(16, 32), (32, 16)])
+def test_stride_2_on_real_data_is_as_accurate_as_onednn(ext, c, side):
+    """A CIFAR net's transitions (c -> 2c channels) on real-valued data: within one bf16 step
+    of oneDNN's output and input gradient, and as close to float64."""
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(12, c, side, side, generator=g).bfloat16().contiguous(memory_format=CL)
+    wt = (torch.randn(2 * c, c, 3, 3, generator=g) * 0.1).bfloat16()
+    dy = torch.randn(12, 2 * c, side // 2, side // 2, generator=g).bfloat16()
+    dy = dy.contiguous(memory_format=CL)
+    args = ((2, 2), (1, 1), (1, 1), False, (0, 0), 1)
+    cases = (
+        (ext.conv3x3_forward(x, wt, stride=2), F.conv2d(x.double(), wt.double(), padding=1, stride=2),
+         torch.ops.aten.convolution(x, wt, None, *args)),
+        (ext.conv3x3_forward(dy, wt, transposed=True, stride=2),
+         F.conv_transpose2d(dy.double(), wt.double(), padding=1, stride=2, output_padding=1),
+         torch.ops.aten.convolution_backward(dy, x, wt, None, *args, [True, False, False])[0]),
+    )  # fmt: skip
+    for got, ref, one in cases:
+        assert ((got.double() - ref).abs() <= ref.abs() * 2**-8 + ref.abs().max() * 1e-5).all()
+        assert ((got.double() - one.double()).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+
+
 @pytest.mark.parametrize("c,side", [(16, 32), (32, 16), (64, 8)])
 def test_on_real_data_it_is_as_accurate_as_onednn(ext, c, side):
     """Real-valued data: fp32 sums rounded once to bf16, so within half a bf16 step (plus the
@@ -111,15 +187,20 @@ def test_on_real_data_it_is_as_accurate_as_onednn(ext, c, side):
 def test_the_result_does_not_depend_on_the_number_of_threads(ext):
     x = torch.randn(7, 32, 12, 10).bfloat16().contiguous(memory_format=CL)
     wt = torch.randn(16, 32, 3, 3).bfloat16()
+    calls = (
+        lambda: ext.conv3x3_forward(x, wt),
+        lambda: ext.conv3x3_forward(x, wt, stride=2),
+        lambda: ext.conv3x3_forward(x, wt.transpose(0, 1).contiguous(), transposed=True, stride=2),
+    )
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ext.conv3x3_forward(x, wt)
+        one = [f() for f in calls]
         torch.set_num_threads(max(2, threads))
-        many = ext.conv3x3_forward(x, wt)
+        many = [f() for f in calls]
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, many)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
 
 
 def test_an_empty_batch_gives_an_empty_output(ext):
@@ -233,6 +314,12 @@ def test_bad_arguments_are_refused_with_a_message(ext):
         ext.conv3x3_forward(x, torch.randn(16, 16, 1, 1).bfloat16())
     with pytest.raises(RuntimeError, match="input channels"):
         ext.conv3x3_forward(x, torch.randn(16, 32, 3, 3).bfloat16())
+    with pytest.raises(RuntimeError, match="stride 1 or 2, not 3"):
+        ext.conv3x3_forward(x, w, stride=3)
+    with pytest.raises(RuntimeError, match="add and add_mask are for stride 1"):
+        ext.conv3x3_forward(x, w, add=torch.zeros(2, 16, 2, 2).bfloat16(), stride=2)
+    with pytest.raises(RuntimeError, match="multiple of 32 channels"):
+        ext.conv3x3_forward(x, w, transposed=True, stride=2)  # x: a 16-channel gradient
     x8 = torch.randn(2, 8, 4, 4).bfloat16().contiguous(memory_format=CL)
     with pytest.raises(RuntimeError, match="multiples of 16"):
         ext.conv3x3_forward(x8, torch.randn(16, 8, 3, 3).bfloat16())

@@ -310,9 +310,9 @@ def test_a_training_step_with_the_kernel_matches_the_direct_one(ext, name, monke
             calls.append((tuple(a.shape), stride))
             return ext.conv3x3_wgrad(a, b, stride, **kw)
 
-        def conv3x3_forward(self, a, w, transposed=False):
-            convs.append(transposed)
-            return ext.conv3x3_forward(a, w, transposed)
+        def conv3x3_forward(self, a, w, transposed=False, stride=1):
+            convs.append((transposed, stride))
+            return ext.conv3x3_forward(a, w, transposed, stride=stride)
 
     monkeypatch.setattr(conv_wgrad, "load_kernel", lambda: Counting())
     monkeypatch.setattr(conv_wgrad, "available", lambda: True)
@@ -336,10 +336,13 @@ def test_a_training_step_with_the_kernel_matches_the_direct_one(ext, name, monke
         assert torch.isfinite(g).all(), n
         scale = direct[n].abs().max()
         assert (g - direct[n]).abs().max() <= scale * 0.05 + 1e-6, n  # bf16 steps apart
-    # the stride-1 ones' forward and input gradient from the AMX convolution (conv_fwd.cpp)
-    stride1 = eligible - (1 if name == "resnet18" else 2)
+    # their forward and input gradient from the AMX convolution (conv_fwd.cpp), the stride-2
+    # ones' too (their outputs have 32 or more channels)
+    stride2 = 1 if name == "resnet18" else 2
     fp32, both = grads(False, bf16=False), grads(True, forward_kernel=True)
-    assert convs.count(False) == stride1 and convs.count(True) == stride1
+    for transposed in (False, True):
+        assert convs.count((transposed, 1)) == eligible - stride2
+        assert convs.count((transposed, 2)) == stride2
     assert all(torch.isfinite(g).all() for g in both.values())
 
     def distance(g: dict[str, torch.Tensor]) -> float:  # to fp32's, relative, over all weights
@@ -352,7 +355,7 @@ def test_the_banner_names_the_kernel_where_it_runs(monkeypatch):
     monkeypatch.setattr(tiled_wgrad, "_amx", lambda: True)
     monkeypatch.setattr(conv_wgrad, "available", lambda: True)
     assert tiled_wgrad.status("bf16").startswith(
-        "AMX kernel (16-128 channels, even widths; stride 1: outputs and input gradients too)"
+        "AMX kernel (16-128 channels, even widths; outputs and input gradients too)"
     )
     monkeypatch.setattr(conv_wgrad, "FORWARD_KERNEL", False)
     assert tiled_wgrad.status("bf16").startswith("AMX kernel (16-128 channels, even widths)")

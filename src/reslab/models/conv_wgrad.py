@@ -19,7 +19,11 @@ buffer, the nine taps as tile products over it (alone, with the operands evicted
 step: 1.3-1.4x oneDNN's speed at 16 channels on 32x32 and 32 on 16x16, 1.0-1.1x at 64 on 8x8; a
 training step ResNet-20 x1.028, ResNet-56 x1.071: benchmarks/ab_conv_fwd.py, session 29); the
 same sums in fp32, rounded once to bf16, so within one bf16 step of oneDNN's output
-(tests/models/test_conv_fwd.py). Stride 2 stays oneDNN's.
+(tests/models/test_conv_fwd.py). Since session 37 those of stride 2 too (`STRIDE2_FORWARD`,
+`STRIDE2_INPUT_GRAD`): the forward over x's even and odd rows in two buffers, the input gradient
+as four phases (the output's even and odd rows and columns, each a stride-1 product over the
+output gradient with 1, 2 or 4 of the taps); the input gradient where the output has a multiple
+of 32 channels.
 """
 
 from __future__ import annotations
@@ -87,22 +91,51 @@ def weight_grad(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, stride:
 FORWARD_KERNEL = True
 
 
+# Stride 2's outputs and input gradients from kernels/conv_fwd.cpp too (since session 37; the
+# block op's RESLAB_BLOCK_S2_FORWARD and RESLAB_BLOCK_S2_INPUT_GRAD builds take the same); False:
+# oneDNN's. Alone at a CIFAR net's transitions (batch 128, 2-core Xeon with AMX): the input
+# gradient x1.9 oneDNN's speed, the output x1.2-1.8 (benchmarks/ab_session37.py).
+STRIDE2_FORWARD = True
+STRIDE2_INPUT_GRAD = True
+
+
 def _fwd_kernel(stride: int) -> bool:
-    return FORWARD_KERNEL and stride == 1
+    return FORWARD_KERNEL and (stride == 1 or STRIDE2_FORWARD)
+
+
+def _dgrad_kernel(stride: int, dy: torch.Tensor) -> bool:
+    """The input gradient from the kernel: stride 1, or stride 2 with dy of 32k channels (the
+    caller checked `usable`, which asks for even sides at stride 2)."""
+    if not FORWARD_KERNEL or torch.is_grad_enabled():
+        return False
+    return stride == 1 or (STRIDE2_INPUT_GRAD and dy.shape[1] % 32 == 0)
+
+
+def output(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """conv2d(x, weight, stride, padding 1) where `usable` holds: the kernel's or oneDNN's."""
+    if _fwd_kernel(stride):
+        return load_kernel().conv3x3_forward(x, weight, stride=stride)
+    return torch.ops.aten.convolution(x, weight, None, *conv_args(stride))
+
+
+def input_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int):
+    """conv2d(x, weight, stride, padding 1)'s input gradient for dy (channels_last) where
+    `usable` holds: the kernel's or oneDNN's (the differentiable op under create_graph)."""
+    if _dgrad_kernel(stride, dy):
+        return load_kernel().conv3x3_forward(dy, weight, transposed=True, stride=stride)
+    return _BACKWARD(dy, x, weight, None, *conv_args(stride), [True, False, False])[0]
 
 
 class AmxWgradConv(torch.autograd.Function):
     """conv2d(x, weight) with 3x3 kernels, padding 1, stride 1 or 2 (bf16, channels_last); the
-    weight gradient from the AMX kernel; for stride 1 the output and the input gradient from
-    the AMX convolution kernel too, else from oneDNN."""
+    weight gradient from the AMX kernel; the output and the input gradient from the AMX
+    convolution kernel too where `output` and `input_grad` take it, else from oneDNN."""
 
     @staticmethod
     def forward(ctx, x, weight, stride=1):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.stride = stride
-        if _fwd_kernel(stride):
-            return load_kernel().conv3x3_forward(x, weight)
-        return torch.ops.aten.convolution(x, weight, None, *conv_args(stride))
+        return output(x, weight, stride)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
@@ -110,10 +143,7 @@ class AmxWgradConv(torch.autograd.Function):
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            if _fwd_kernel(ctx.stride) and not torch.is_grad_enabled():
-                dx = load_kernel().conv3x3_forward(dy, weight, transposed=True)
-            else:
-                dx = _BACKWARD(dy, x, weight, None, *conv_args(ctx.stride), [True, False, False])[0]
+            dx = input_grad(dy, x, weight, ctx.stride)
         if ctx.needs_input_grad[1]:
             dw = weight_grad(x, dy, weight, ctx.stride)
         return dx, dw, None
@@ -124,4 +154,15 @@ def _cl(w: torch.Tensor) -> bool:
     return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
 
-__all__ = ["MAX_CHANNELS", "AmxWgradConv", "available", "conv_args", "usable", "weight_grad"]
+__all__ = [
+    "MAX_CHANNELS",
+    "STRIDE2_FORWARD",
+    "STRIDE2_INPUT_GRAD",
+    "AmxWgradConv",
+    "available",
+    "conv_args",
+    "input_grad",
+    "output",
+    "usable",
+    "weight_grad",
+]

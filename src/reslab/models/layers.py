@@ -139,27 +139,36 @@ class _ConvSubsamplePad(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.conv_args, ctx.pad_args, ctx.wgrad_kernel = conv_args, pad_args, wgrad_kernel
         stride, padding, dilation, groups = conv_args
-        out = torch.ops.aten.convolution(
-            x, weight, None, stride, padding, dilation, False, (0, 0), groups
-        )
+        if wgrad_kernel:  # the AMX kernels apply (conv_wgrad.usable): the output may be theirs
+            from reslab.models import conv_wgrad  # imports this module
+
+            out = conv_wgrad.output(x, weight, stride[0])
+        else:
+            out = torch.ops.aten.convolution(
+                x, weight, None, stride, padding, dilation, False, (0, 0), groups
+            )
         return out, _pad_forward(x, *pad_args)
 
     @staticmethod
     def backward(ctx, g_out, g_short):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
-        # The weight gradient from the AMX kernel where the caller found it applies (a 3x3
-        # stride-2 conv1 of a CIFAR net in CPU training, models/conv_wgrad.py), else oneDNN's.
-        kernel = ctx.wgrad_kernel and ctx.needs_input_grad[1]
-        mask = [True, ctx.needs_input_grad[1] and not kernel, False]
-        dx, dw, _ = torch.ops.aten.convolution_backward(
-            g_out, x, weight, None, stride, padding, dilation, False, (0, 0), groups, mask
-        )
-        if kernel:
-            from reslab.models.conv_wgrad import weight_grad  # imports this module
+        # The weight gradient (and the input gradient where conv_wgrad.input_grad takes it) from
+        # the AMX kernels where the caller found they apply (a 3x3 stride-2 conv1 of a CIFAR net
+        # in CPU training, models/conv_wgrad.py), else oneDNN's.
+        if ctx.wgrad_kernel:
+            from reslab.models import conv_wgrad  # imports this module
 
             g = g_out.contiguous(memory_format=torch.channels_last)
-            dw = weight_grad(x, g, weight, stride[0])
+            dx = conv_wgrad.input_grad(g, x, weight, stride[0])
+            dw = None
+            if ctx.needs_input_grad[1]:
+                dw = conv_wgrad.weight_grad(x, g, weight, stride[0])
+        else:
+            mask = [True, ctx.needs_input_grad[1], False]
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                g_out, x, weight, None, stride, padding, dilation, False, (0, 0), groups, mask
+            )
         pstride, lo, _hi, pgroups = ctx.pad_args
         _pad_backward_add(dx, g_short.to(dx.dtype), pstride, lo, x.shape[1] // pgroups, pgroups)
         return dx, dw, None, None, None

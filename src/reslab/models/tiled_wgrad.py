@@ -189,7 +189,7 @@ def status(precision: str) -> str:
         return "direct (the AMX kernel and tiling were measured faster only on CPUs with AMX)"
     tiled = "tiled on maps up to 8x8 (and up to 14x14 with 128+ channels)"
     if conv_wgrad.available():
-        fwd = "; stride 1: outputs and input gradients too" if conv_wgrad.FORWARD_KERNEL else ""
+        fwd = "; outputs and input gradients too" if conv_wgrad.FORWARD_KERNEL else ""
         return (f"AMX kernel (16-{conv_wgrad.MAX_CHANNELS} channels, even widths{fwd}), "
                 f"else {tiled}")  # fmt: skip
     return tiled

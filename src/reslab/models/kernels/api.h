@@ -43,7 +43,8 @@ at::Tensor conv3x3_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t stri
 // conv_fwd.cpp
 at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed,
                            const std::optional<at::Tensor>& add = std::nullopt,
-                           const std::optional<at::Tensor>& add_mask = std::nullopt);
+                           const std::optional<at::Tensor>& add_mask = std::nullopt,
+                           int64_t stride = 1);
 
 // augment.cpp
 at::Tensor crop_normalize(const at::Tensor& images, const at::Tensor& idx, const at::Tensor& rows,

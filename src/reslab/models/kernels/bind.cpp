@@ -24,10 +24,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a 3x3 padding-1 conv's weight gradient (stride 1 or 2): fp32, or bf16 channels_last",
         py::arg("x"), py::arg("dy"), py::arg("stride") = 1, py::arg("bf16_channels_last") = false);
   m.def("conv3x3_forward", &conv3x3_forward,
-        "a 3x3 stride-1 padding-1 conv (or, transposed, its input gradient) on AMX tiles, bf16; "
+        "a 3x3 padding-1 conv of stride 1 or 2 (or, transposed, its input gradient) on AMX "
+        "tiles, bf16; "
         "add: a tensor of the result's shape added to it (where add_mask's bit is set)",
         py::arg("x"), py::arg("w"), py::arg("transposed") = false, py::arg("add") = py::none(),
-        py::arg("add_mask") = py::none());
+        py::arg("add_mask") = py::none(), py::arg("stride") = 1);
   m.def("crop_normalize", &crop_normalize,
         "a training batch of uint8 images normalised, padded, cropped and mirrored in one pass "
         "(kernels/augment.cpp)");

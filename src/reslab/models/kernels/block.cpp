@@ -10,8 +10,9 @@
 // memory less a block; session 34). Built with bn_act.cpp by reslab/models/bn_act.py; used by
 // reslab/models/block_op.py.
 //
-// A stride-2 block's conv1 takes oneDNN's output and input gradient (conv_fwd.cpp has stride 1
-// only) and the AMX weight gradient, as the per-op path's layers._ConvSubsamplePad does, and the
+// A stride-2 block's conv1 takes conv_fwd.cpp's stride-2 output and input gradient (oneDNN's
+// before session 37; the input gradient stays oneDNN's for fewer than 32 output channels) and
+// the AMX weight gradient, as the per-op path's layers._ConvSubsamplePad does, and the
 // shortcut's gradient is added at the subsampled positions of x's (bn_act.cpp's add_subsampled).
 //
 // The block's per-op training step took five Python autograd Functions (the fork of x, two
@@ -49,6 +50,16 @@
 #error "RESLAB_BLOCK_MASKED_ADD needs RESLAB_BLOCK_FUSED_ADD"
 #endif
 
+// 0 takes oneDNN's stride-2 output (before session 37), to compare; the per-op path takes the
+// same as the default (models/conv_wgrad.py's STRIDE2_FORWARD).
+#ifndef RESLAB_BLOCK_S2_FORWARD
+#define RESLAB_BLOCK_S2_FORWARD 1
+#endif
+// 0 takes oneDNN's stride-2 input gradient (before session 37), to compare (STRIDE2_INPUT_GRAD).
+#ifndef RESLAB_BLOCK_S2_INPUT_GRAD
+#define RESLAB_BLOCK_S2_INPUT_GRAD 1
+#endif
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -74,22 +85,26 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, const at::Tens
   return dw.to(w.scalar_type()).contiguous(w.suggest_memory_format());
 }
 
-// A stage's first block: conv1 of stride 2 (oneDNN's, as the per-op path's
-// layers._ConvSubsamplePad and conv_wgrad.AmxWgradConv call it: conv_fwd.cpp has stride 1
-// only), and, for a residual block, option A's shortcut (section 3.3): x subsampled by 2 with
-// `lo` zero channels before x's and `hi` after.
+// A stage's first block: conv1 of stride 2 (conv_fwd.cpp's, or oneDNN's, as the per-op path's
+// layers._ConvSubsamplePad and conv_wgrad.AmxWgradConv call them), and, for a residual block,
+// option A's shortcut (section 3.3): x subsampled by 2 with `lo` zero channels before x's and
+// `hi` after.
 struct Transition {
   int64_t stride, lo, hi;
 };
 
-// oneDNN's 3x3 convolution of stride s, padding 1 (x [N, C, H, W] -> [N, P, H/s, W/s]), and its
-// input gradient: the calls of the per-op path (conv_wgrad.conv_args).
+// The 3x3 convolution of stride s, padding 1 (x [N, C, H, W] -> [N, P, H/s, W/s]; the block op
+// takes even sides), and its input gradient: the kernel's where the per-op path takes it
+// (conv_wgrad._fwd_kernel), else oneDNN's (conv_wgrad.conv_args).
 at::Tensor conv_s(const at::Tensor& x, const at::Tensor& k, int64_t s) {
+  if (RESLAB_BLOCK_S2_FORWARD) return conv3x3_forward(x, k, false, std::nullopt, std::nullopt, s);
   return at::convolution(x, k, std::nullopt, {s, s}, {1, 1}, {1, 1}, false, {0, 0}, 1);
 }
 
 at::Tensor conv_s_input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& k,
                              int64_t s) {
+  if (RESLAB_BLOCK_S2_INPUT_GRAD && dy.size(1) % 32 == 0)
+    return conv3x3_forward(dy, k, true, std::nullopt, std::nullopt, s);
   return std::get<0>(at::convolution_backward(dy, x, k, std::nullopt, {s, s}, {1, 1}, {1, 1},
                                               false, {0, 0}, 1, {true, false, false}));
 }
