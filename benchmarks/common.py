@@ -187,18 +187,21 @@ def conv_ceiling(
         gy = torch.randn_like(y)
         conv, back = torch.ops.aten.convolution, torch.ops.aten.convolution_backward
         # As reslab's training computes each phase: the AMX kernels or tiled images where the
-        # blocks' tiled_wgrad rule takes the conv (models/tiled_wgrad.py; for stride 1 the
-        # kernel path's output and input gradient too, models/conv_wgrad.py), else oneDNN.
+        # blocks' tiled_wgrad rule takes the conv (models/tiled_wgrad.py; the kernel path's
+        # output and input gradient too where models/conv_wgrad.py takes them), else oneDNN.
         path = wgrad_path(modules[key], x)
         ext = load_kernel() if path == "kernel" else None
-        if path == "kernel" and stride == (1, 1) and conv_wgrad.FORWARD_KERNEL:
-            phases = {"fwd kernel": seconds(ext.conv3x3_forward, x, w)}
-            if i > 0:
-                phases["dgrad kernel"] = seconds(ext.conv3x3_forward, gy, w, True)
+        s = stride[0]
+        if path == "kernel" and conv_wgrad._fwd_kernel(s):
+            phases = {"fwd kernel": seconds(ext.conv3x3_forward, x, w, False, None, None, s)}
         else:
             phases = {"fwd": seconds(conv, x, w, None, *args)}
-            if i > 0:  # the input image needs no gradient
-                phases["dgrad"] = seconds(back, gy, x, w, None, *args, [True, False, False])
+        if i == 0:
+            pass  # the input image needs no gradient
+        elif path == "kernel" and conv_wgrad._dgrad_kernel(s, gy):
+            phases["dgrad kernel"] = seconds(ext.conv3x3_forward, gy, w, True, None, None, s)
+        else:
+            phases["dgrad"] = seconds(back, gy, x, w, None, *args, [True, False, False])
         if path == "kernel":
             phases["wgrad kernel"] = seconds(ext.conv3x3_wgrad, x, gy, stride[0])
         elif path == "tiled":
