@@ -14,6 +14,7 @@ alternating rounds of the default training step (real CIFAR-10 batches through t
 TensorLoader, as `reslab train` runs it), switching the kernels the block ops call.
 
     python benchmarks/ab_session37.py --data ../shared/data [--model resnet56] [--skip-alone]
+        [--builds "+input grad,+forward"]
 """
 
 from __future__ import annotations
@@ -78,14 +79,19 @@ def alone(ext) -> None:
 def main() -> None:
     p = ab_arguments(rounds=10, steps=20)
     p.add_argument("--skip-alone", action="store_true", help="only the training step")
+    p.add_argument("--builds", default=",".join(BUILDS),
+                   help="the builds to alternate, comma-separated (default: all three)")  # fmt: skip
     args = p.parse_args()
+    names = args.builds.split(",")
+    if len(names) < 2 or any(n not in BUILDS for n in names):
+        raise SystemExit(f"--builds: two or more of {', '.join(BUILDS)}")
     print(hardware())
     ext = amx_kernel()
     print(f"kernel: {kernel_status()}")
     if not args.skip_alone:
         alone(ext)
     kernels = {k: (kernel_variant("_s37" + str(i), *d) if d else ext)
-               for i, (k, d) in enumerate(BUILDS.items())}  # fmt: skip
+               for i, (k, d) in enumerate(BUILDS.items()) if k in names}  # fmt: skip
 
     def switch(name: str):
         def to() -> None:
@@ -106,7 +112,7 @@ def main() -> None:
         args.rounds,
         args.steps,
         rates,
-        [*itertools.pairwise(BUILDS), ("session 36", "+forward")],
+        [*itertools.pairwise(names), *([(names[0], names[-1])] if len(names) > 2 else [])],
     )
 
 

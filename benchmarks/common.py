@@ -192,7 +192,7 @@ def conv_ceiling(
         path = wgrad_path(modules[key], x)
         ext = load_kernel() if path == "kernel" else None
         s = stride[0]
-        if path == "kernel" and conv_wgrad._fwd_kernel(s):
+        if path == "kernel" and conv_wgrad._fwd_kernel(s, ws[0]):
             phases = {"fwd kernel": seconds(ext.conv3x3_forward, x, w, False, None, None, s)}
         else:
             phases = {"fwd": seconds(conv, x, w, None, *args)}

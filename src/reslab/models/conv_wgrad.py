@@ -23,7 +23,8 @@ same sums in fp32, rounded once to bf16, so within one bf16 step of oneDNN's out
 `STRIDE2_INPUT_GRAD`): the forward over x's even and odd rows in two buffers, the input gradient
 as four phases (the output's even and odd rows and columns, each a stride-1 product over the
 output gradient with 1, 2 or 4 of the taps); the input gradient where the output has a multiple
-of 32 channels.
+of 32 channels; both up to 64 output channels (a CIFAR net's transitions; oneDNN's was faster at
+ImageNet's 128).
 """
 
 from __future__ import annotations
@@ -94,26 +95,32 @@ FORWARD_KERNEL = True
 # Stride 2's outputs and input gradients from kernels/conv_fwd.cpp too (since session 37; the
 # block op's RESLAB_BLOCK_S2_FORWARD and RESLAB_BLOCK_S2_INPUT_GRAD builds take the same); False:
 # oneDNN's. Alone at a CIFAR net's transitions (batch 128, 2-core Xeon with AMX): the input
-# gradient x1.9 oneDNN's speed, the output x1.2-1.8 (benchmarks/ab_session37.py).
+# gradient x1.9 oneDNN's speed, the output x1.2-1.8 (benchmarks/ab_session37.py); at ResNet-18's
+# 64 -> 128 on 56x56 (batch 32) x0.95 and x0.97: up to STRIDE2_MAX_CHANNELS output channels
+# only (kernels/block.cpp's kStride2MaxChannels, the same).
 STRIDE2_FORWARD = True
 STRIDE2_INPUT_GRAD = True
+STRIDE2_MAX_CHANNELS = 64
 
 
-def _fwd_kernel(stride: int) -> bool:
-    return FORWARD_KERNEL and (stride == 1 or STRIDE2_FORWARD)
+def _fwd_kernel(stride: int, out_channels: int) -> bool:
+    if stride == 1:
+        return FORWARD_KERNEL
+    return FORWARD_KERNEL and STRIDE2_FORWARD and out_channels <= STRIDE2_MAX_CHANNELS
 
 
 def _dgrad_kernel(stride: int, dy: torch.Tensor) -> bool:
-    """The input gradient from the kernel: stride 1, or stride 2 with dy of 32k channels (the
-    caller checked `usable`, which asks for even sides at stride 2)."""
+    """The input gradient from the kernel: stride 1, or stride 2 with dy of 32k channels, up to
+    STRIDE2_MAX_CHANNELS (the caller checked `usable`, which asks for even sides at stride 2)."""
     if not FORWARD_KERNEL or torch.is_grad_enabled():
         return False
-    return stride == 1 or (STRIDE2_INPUT_GRAD and dy.shape[1] % 32 == 0)
+    c = dy.shape[1]
+    return stride == 1 or (STRIDE2_INPUT_GRAD and c % 32 == 0 and c <= STRIDE2_MAX_CHANNELS)
 
 
 def output(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
     """conv2d(x, weight, stride, padding 1) where `usable` holds: the kernel's or oneDNN's."""
-    if _fwd_kernel(stride):
+    if _fwd_kernel(stride, weight.shape[0]):
         return load_kernel().conv3x3_forward(x, weight, stride=stride)
     return torch.ops.aten.convolution(x, weight, None, *conv_args(stride))
 
@@ -158,6 +165,7 @@ __all__ = [
     "MAX_CHANNELS",
     "STRIDE2_FORWARD",
     "STRIDE2_INPUT_GRAD",
+    "STRIDE2_MAX_CHANNELS",
     "AmxWgradConv",
     "available",
     "conv_args",

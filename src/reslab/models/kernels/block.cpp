@@ -11,9 +11,10 @@
 // reslab/models/block_op.py.
 //
 // A stride-2 block's conv1 takes conv_fwd.cpp's stride-2 output and input gradient (oneDNN's
-// before session 37; the input gradient stays oneDNN's for fewer than 32 output channels) and
-// the AMX weight gradient, as the per-op path's layers._ConvSubsamplePad does, and the
-// shortcut's gradient is added at the subsampled positions of x's (bn_act.cpp's add_subsampled).
+// before session 37, and still beyond 64 output channels, or for the input gradient where they
+// are not a multiple of 32) and the AMX weight gradient, as the per-op path's
+// layers._ConvSubsamplePad does, and the shortcut's gradient is added at the subsampled
+// positions of x's (bn_act.cpp's add_subsampled).
 //
 // The block's per-op training step took five Python autograd Functions (the fork of x, two
 // convs, two batch norms), two weight casts and their gradients' casts back, and a dozen Python
@@ -62,6 +63,10 @@
 
 namespace {
 
+// Stride 2 takes the kernel up to this many output channels, as the per-op path does
+// (models/conv_wgrad.py's STRIDE2_MAX_CHANNELS: oneDNN's measured faster at 128).
+constexpr int64_t kStride2MaxChannels = 64;
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -97,13 +102,14 @@ struct Transition {
 // takes even sides), and its input gradient: the kernel's where the per-op path takes it
 // (conv_wgrad._fwd_kernel), else oneDNN's (conv_wgrad.conv_args).
 at::Tensor conv_s(const at::Tensor& x, const at::Tensor& k, int64_t s) {
-  if (RESLAB_BLOCK_S2_FORWARD) return conv3x3_forward(x, k, false, std::nullopt, std::nullopt, s);
+  if (RESLAB_BLOCK_S2_FORWARD && k.size(0) <= kStride2MaxChannels)
+    return conv3x3_forward(x, k, false, std::nullopt, std::nullopt, s);
   return at::convolution(x, k, std::nullopt, {s, s}, {1, 1}, {1, 1}, false, {0, 0}, 1);
 }
 
 at::Tensor conv_s_input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& k,
                              int64_t s) {
-  if (RESLAB_BLOCK_S2_INPUT_GRAD && dy.size(1) % 32 == 0)
+  if (RESLAB_BLOCK_S2_INPUT_GRAD && dy.size(1) % 32 == 0 && dy.size(1) <= kStride2MaxChannels)
     return conv3x3_forward(dy, k, true, std::nullopt, std::nullopt, s);
   return std::get<0>(at::convolution_backward(dy, x, k, std::nullopt, {s, s}, {1, 1}, {1, 1},
                                               false, {0, 0}, 1, {true, false, false}));
