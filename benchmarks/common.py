@@ -196,9 +196,11 @@ def conv_ceiling(
             phases = {"fwd kernel": seconds(ext.conv3x3_forward, x, w, False, None, None, s)}
         else:
             phases = {"fwd": seconds(conv, x, w, None, *args)}
+        with torch.no_grad():  # as in a backward, where the kernels take the input gradient
+            dgrad_kernel = path == "kernel" and conv_wgrad._dgrad_kernel(s, gy)
         if i == 0:
             pass  # the input image needs no gradient
-        elif path == "kernel" and conv_wgrad._dgrad_kernel(s, gy):
+        elif dgrad_kernel:
             phases["dgrad kernel"] = seconds(ext.conv3x3_forward, gy, w, True, None, None, s)
         else:
             phases["dgrad"] = seconds(back, gy, x, w, None, *args, [True, False, False])
