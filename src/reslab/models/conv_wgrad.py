@@ -95,7 +95,8 @@ FORWARD_KERNEL = True
 # Stride 2's outputs and input gradients from kernels/conv_fwd.cpp too (since session 37; the
 # block op's RESLAB_BLOCK_S2_FORWARD and RESLAB_BLOCK_S2_INPUT_GRAD builds take the same); False:
 # oneDNN's. Alone at a CIFAR net's transitions (batch 128, 2-core Xeon with AMX): the input
-# gradient x1.9 oneDNN's speed, the output x1.2-1.8 (benchmarks/ab_session37.py); at ResNet-18's
+# gradient x1.75-2.03 oneDNN's speed, the output x0.97-1.78 (benchmarks/ab_session37.py; a
+# ResNet-20 step x1.025, session 37); at ResNet-18's
 # 64 -> 128 on 56x56 (batch 32) x0.95 and x0.97: up to STRIDE2_MAX_CHANNELS output channels
 # only (kernels/block.cpp's kStride2MaxChannels, the same).
 STRIDE2_FORWARD = True

@@ -25,8 +25,8 @@
 // copies the next image into a second buffer (alone: x1.15 at 16 channels on 32x32). fp32 sums,
 // rounded once to bf16 (nearest even): the same convolution as oneDNN's, summed in another order
 // (tests/models/test_conv_fwd.py checks it exactly on integer data).
-// Stride 2 (session 37; oneDNN's before, x1.2-1.8 the forward and x1.9 the input gradient at a
-// CIFAR net's transitions, batch 128, alone):
+// Stride 2 (session 37; oneDNN's before, x0.97-1.8 the forward and x1.75-2.0 the input gradient
+// at a CIFAR net's transitions, batch 128, alone):
 //   forward: output (h, w) reads x's rows 2h - 1, 2h, 2h + 1 from column 2w - 1. The buffer
 //   holds x's odd rows (after a zero row) and its even rows in two planes, rows of 2 G pixels
 //   (G = W/2 + 1 grid positions a row: a zero column, x's row, zeros): position q = h G + w
