@@ -101,7 +101,6 @@ struct FwdPlan {
   int64_t NB, MB;  // accumulator tiles: MB position blocks x NB channel blocks
   int64_t Q;       // grid positions computed per image: whole blocks of 16 MB
   int64_t values;  // buffer values per image (whole 64-byte lines), zeros past the image
-  int64_t odd_at;  // kStride2: where the plane of x's even rows starts (values)
   int64_t chunks;  // full + tail
   int64_t os, ph, pw, Hout, Wout;  // grid (h, w) is output pixel (h os + ph, w os + pw)
 };
@@ -153,10 +152,10 @@ FwdPlan make_fwd_plan(int64_t N, int64_t Ci, int64_t Co, int64_t H, int64_t W, i
     // x's column 2 w - 1) on, 3 Ci values.
     const int64_t reach = 2 * (p.Q - 1) + 3;  // pixels a plane's reads span from its row 0
     const int64_t odd = std::max((p.Ho + 1) * p.Wp, p.Wp + reach);
-    p.odd_at = 0;
     const int64_t even_at = (odd * Ci + 31) / 32 * 32;
-    p.values = even_at + std::max(p.Ho * p.Wp, reach) * Ci;
-    p.a_off[0] = 0, p.a_off[1] = even_at, p.a_off[2] = p.Wp * Ci;
+    // whole 64-byte lines, so that the second buffer's rows start on lines too
+    p.values = (even_at + std::max(p.Ho * p.Wp, reach) * Ci + 31) / 32 * 32;
+    p.a_off[0] = 0, p.a_off[1] = even_at, p.a_off[2] = p.Wp * Ci;  // odd row h, even h, odd h + 1
   } else {
     // Stride 1's buffer: H + 2 rows of W + 1 pixels, the image at row 1, column 1. The furthest
     // read: position Q - 1, kernel row 2, three pixels (Ci = 16: entry + 2).
