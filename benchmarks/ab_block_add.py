@@ -22,15 +22,14 @@ import torch
 
 from common import (
     ab_arguments,
-    alternating_rounds,
     amx_kernel,
     cifar_default_step,
     hardware,
+    kernel_rounds,
     kernel_variant,
     median_seconds,
     print_rounds,
 )
-from reslab.models import block_op
 from reslab.models.bn_act import kernel_status
 
 # --change -> the defines of the build without it
@@ -90,20 +89,9 @@ def main() -> None:
     if not args.skip_block:
         one_block(kernels)
 
-    def switch(name: str):
-        def to() -> None:
-            block_op.load_kernel = lambda: kernels[name]
-
-        return to
-
     precision, _, step = cifar_default_step(args.data, args.model, batch=args.batch,
                                             size=args.size)  # fmt: skip
-    original = block_op.load_kernel
-    try:
-        rates = alternating_rounds({k: switch(k) for k in kernels}, step, rounds=args.rounds,
-                                   steps=args.steps, batch=args.batch)  # fmt: skip
-    finally:
-        block_op.load_kernel = original
+    rates = kernel_rounds(kernels, step, rounds=args.rounds, steps=args.steps, batch=args.batch)
     print(f"\nimages {args.size}x{args.size}")
     print_rounds(args.model, precision, args.rounds, args.steps, rates, "before", "after",
                  batch=args.batch)  # fmt: skip

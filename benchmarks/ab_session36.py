@@ -28,15 +28,14 @@ import torch
 
 from common import (
     ab_arguments,
-    alternating_rounds,
     amx_kernel,
     cifar_default_step,
     hardware,
+    kernel_rounds,
     kernel_variant,
     median_seconds,
     print_ratios,
 )
-from reslab.models import block_op
 from reslab.models.bn_act import kernel_status
 
 BUILDS = {
@@ -107,19 +106,8 @@ def main() -> None:
     if not args.skip_alone:
         alone(kernels)
 
-    def switch(name: str):
-        def to() -> None:
-            block_op.load_kernel = lambda: kernels[name]
-
-        return to
-
     precision, _, step = cifar_default_step(args.data, args.model)
-    original = block_op.load_kernel
-    try:
-        rates = alternating_rounds({k: switch(k) for k in kernels}, step, rounds=args.rounds,
-                                   steps=args.steps)  # fmt: skip
-    finally:
-        block_op.load_kernel = original
+    rates = kernel_rounds(kernels, step, rounds=args.rounds, steps=args.steps)
     print_ratios(
         args.model,
         precision,

@@ -25,15 +25,15 @@ import torch
 
 from common import (
     ab_arguments,
-    alternating_rounds,
     amx_kernel,
     cifar_default_step,
     hardware,
+    kernel_rounds,
     kernel_variant,
     median_seconds,
     print_ratios,
 )
-from reslab.models import block_op, conv_wgrad
+from reslab.models import conv_wgrad
 from reslab.models.bn_act import kernel_status
 
 BUILDS = {
@@ -93,19 +93,8 @@ def main() -> None:
     kernels = {k: (kernel_variant("_s37" + str(i), *d) if d else ext)
                for i, (k, d) in enumerate(BUILDS.items()) if k in names}  # fmt: skip
 
-    def switch(name: str):
-        def to() -> None:
-            block_op.load_kernel = lambda: kernels[name]
-
-        return to
-
     precision, _, step = cifar_default_step(args.data, args.model)
-    original = block_op.load_kernel
-    try:
-        rates = alternating_rounds({k: switch(k) for k in kernels}, step, rounds=args.rounds,
-                                   steps=args.steps)  # fmt: skip
-    finally:
-        block_op.load_kernel = original
+    rates = kernel_rounds(kernels, step, rounds=args.rounds, steps=args.steps)
     print_ratios(
         args.model,
         precision,

@@ -308,6 +308,27 @@ def alternating_rounds(
     return rates
 
 
+def kernel_rounds(
+    kernels: dict, step: Callable[[], None], *, rounds: int, steps: int, batch: int = 128
+) -> dict[str, list[float]]:
+    """alternating_rounds over builds of reslab's kernels: path k has the block ops
+    (models/block_op.py) call kernels[k]; the default is put back afterwards."""
+    from reslab.models import block_op
+
+    def switch(name: str) -> Callable[[], None]:
+        def to() -> None:
+            block_op.load_kernel = lambda: kernels[name]
+
+        return to
+
+    original = block_op.load_kernel
+    try:
+        return alternating_rounds({k: switch(k) for k in kernels}, step, rounds=rounds,
+                                  steps=steps, batch=batch)  # fmt: skip
+    finally:
+        block_op.load_kernel = original
+
+
 def print_rounds(model: str, precision: str, rounds: int, steps: int,
                  rates: dict[str, list[float]], base: str, new: str, batch: int = 128) -> None:  # fmt: skip
     """alternating_rounds' img/s per path and round, and new / base per round with its median."""
