@@ -873,9 +873,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=_workers, default=2, help="DataLoader workers for folders")
     p.add_argument("--max-pixels", type=_positive, help=MAX_PIXELS_HELP)
     p.add_argument("--split", choices=["test", "val5k"], default="test")
-    p.add_argument("--views", choices=["center", "flip", "ten-crop", "multi-scale"],
+    p.add_argument("--views", choices=["center", "flip", "flip-shift", "ten-crop", "multi-scale"],
                    default="center", help="test-time views whose softmax scores are averaged: "
-                   "flip = image + mirror; ten-crop = 4 corners + centre and their mirrors "
+                   "flip = image + mirror; flip-shift = those two and both moved 1 pixel "
+                   "down-right and up-left; ten-crop = 4 corners + centre and their mirrors "
                    "(CIFAR: of the 4-pixel-padded image)")  # fmt: skip
     p.add_argument(
         "--scales",

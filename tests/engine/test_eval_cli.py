@@ -121,6 +121,12 @@ def test_eval_cli_views_and_bad_files(
                  "--out", str(tmp_path / "o"), "--precision", "auto"]) == 0  # fmt: skip
     flip_doc = json.loads(flip_out.read_text())
     assert flip_doc["views"] == "flip"
+    shift_out = tmp_path / "shift.json"
+    assert main(["eval", "--checkpoint", str(checkpoints[0]), "--data", str(cifar_root),
+                 "--limit", "30", "--views", "flip-shift", "--json", str(shift_out),
+                 "--out", str(tmp_path / "o"), "--precision", "fp32"]) == 0  # fmt: skip
+    shift_doc = json.loads(shift_out.read_text())
+    assert shift_doc["views"] == "flip-shift" and shift_doc["members"][0]["num_samples"] == 30
     # "auto" is reported as what it resolved to, on the screen and in the JSON
     assert flip_doc["precision"] in ("bf16", "fp32")
     assert f"30 images, {flip_doc['precision']}\n" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from reslab.data.loaders import TensorLoader
 from reslab.data.preprocess import Preprocess
 from reslab.engine import evaluator
 from reslab.engine.evaluator import evaluate, evaluate_ensemble
-from reslab.engine.views import flip, make_views, multi_scale, ten_crop
+from reslab.engine.views import flip, flip_shift, make_views, multi_scale, ten_crop
 
 
 class Logits(nn.Module):
@@ -145,6 +145,38 @@ def test_flip_view_and_chunked_forward_change_nothing(monkeypatch: pytest.Monkey
         mean = (net(images).softmax(1) + net(images.flip(-1)).softmax(1)) / 2
     nll = -mean.gather(1, labels[:, None]).log().mean().item()
     assert whole.loss == pytest.approx(nll, rel=1e-5)
+
+
+def test_flip_shift_views_exact_and_averaged_equally() -> None:
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5) + 1  # no zeros inside
+    v = make_views(x, "flip-shift")
+    assert v.shape == (2, 6, 3, 4, 5) and torch.equal(flip_shift(x), v)
+    moved = torch.zeros(2, 2, 3, 4, 5)
+    moved[:, 0, :, 1:, 1:] = x[:, :, :-1, :-1]  # down-right: out[i, j] = x[i - 1, j - 1]
+    moved[:, 1, :, :-1, :-1] = x[:, :, 1:, 1:]  # up-left: out[i, j] = x[i + 1, j + 1]
+    assert torch.equal(v[:, 0], x) and torch.equal(v[:, 1:3], moved)
+    assert torch.equal(v[:, 3:], torch.stack((x, moved[:, 0], moved[:, 1]), 1).flip(-1))
+    # The edge a moved view leaves is zero (the mean colour of a normalised batch), one pixel wide.
+    assert v[:, 1, :, 0].abs().sum() == 0 and v[:, 1, :, :, 0].abs().sum() == 0
+    assert v[:, 1, :, 1:, 1:].min() >= 1 and v[:, 2, :, -1].abs().sum() == 0
+    two = flip_shift(x, shift=2)
+    assert torch.equal(two[:, 1, :, 2:, 2:], x[:, :, :-2, :-2]) and two[:, 1, :, :2].sum() == 0
+    with pytest.raises(ValueError, match="shift must be at least 1"):
+        flip_shift(x, shift=0)
+    # evaluate() averages the six views' softmax with equal weights.
+    torch.manual_seed(0)
+    from reslab.models import create_model
+
+    net = create_model("resnet20").eval()
+    images, labels = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    res = evaluate(net, [(images, labels)], device="cpu", views="flip-shift")
+    with torch.no_grad():
+        mean = torch.stack([net(flip_shift(images)[:, k]).softmax(1) for k in range(6)]).mean(0)
+    nll = -mean.gather(1, labels[:, None]).log().mean().item()
+    assert res.loss == pytest.approx(nll, rel=1e-5)
+    assert res.top1_error == pytest.approx(100.0 * (mean.argmax(1) != labels).double().mean())
+    flip_only = evaluate(net, [(images, labels)], device="cpu", views="flip")
+    assert flip_only.loss != pytest.approx(res.loss, rel=1e-6)  # the moved views count
 
 
 def test_bf16_matches_fp32_on_clear_margins() -> None:

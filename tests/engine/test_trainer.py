@@ -209,14 +209,15 @@ def test_resnet110_style_warmup_returns_to_base_lr(cifar_root: Path, tmp_path: P
     assert ckpt["train_state"]["warmup_ended_at"] == 20
 
 
-def test_eval_views_flip_reports_the_mirror_averaged_error(
-    cifar_root: Path, tmp_path: Path
+@pytest.mark.parametrize("views", ["flip", "flip-shift"])
+def test_eval_views_report_the_view_averaged_error(
+    cifar_root: Path, tmp_path: Path, views: str
 ) -> None:
     from reslab.data.cifar import load_cifar
     from reslab.engine.eval_run import load_checkpoint_model
     from reslab.engine.evaluator import evaluate
 
-    cfg = _cfg(cifar_root, tmp_path / "run", iters=10, eval_every=10, eval_views="flip",
+    cfg = _cfg(cifar_root, tmp_path / "run", iters=10, eval_every=10, eval_views=views,
                alternate_flip=True, normalization="per_channel", schedule="linear",
                decay_bn=False, weight_decay=5e-4, small_size=24)  # fmt: skip
     final = train(cfg, progress=False)  # 5 iterations at 24x24, then 5 at 32x32
@@ -226,8 +227,8 @@ def test_eval_views_flip_reports_the_mirror_averaged_error(
     test = load_cifar(cifar_root, split="test")
     x, y = m.preprocess.normalize(test.images[:64]), test.labels[:64]
     net = m.model.to(memory_format=torch.channels_last)
-    flip = evaluate(net, [(x, y)], device="cpu", views="flip")
-    assert final["test_error"] == pytest.approx(flip.top1_error)
+    averaged = evaluate(net, [(x, y)], device="cpu", views=views)
+    assert final["test_error"] == pytest.approx(averaged.top1_error)
 
 
 def test_time_limit_counts_this_call_only(

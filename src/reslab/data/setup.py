@@ -190,7 +190,7 @@ def build_folder(
         # --views ten-crop` makes it: [10, 3, S, S] per image.
         eval_tf = ten_crop_transform(resize=cfg.resize, crop_size=cfg.image_size,
                                      square=pre.square)  # fmt: skip
-    else:  # center; "flip" mirrors the centre crop on the device
+    else:  # center; "flip" and "flip-shift" are made from the centre crop on the device
         eval_tf = center_crop_transform(resize=cfg.resize, crop_size=cfg.image_size,
                                         square=pre.square)  # fmt: skip
     held_out = None

@@ -101,10 +101,11 @@ class TrainConfig:
     # also updates once a second of wall time, whichever comes first
     eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
     # section 4.2 tests CIFAR on the single image ("center"). "flip" averages the softmax of
-    # the image and its mirror (2x the eval cost); "ten-crop" 4 corners + centre and their
+    # the image and its mirror (2x the eval cost); "flip-shift" of those two and both moved one
+    # pixel down-right and up-left (6x, views.flip_shift); "ten-crop" 4 corners + centre and their
     # mirrors (10x): for image folders section 3.4's 10-crop of the image resized to `resize`,
-    # as `reslab eval --views ten-crop`. NOTE(paper): on CIFAR, flip and ten-crop (of the image
-    # padded by 4 pixels) are reslab extensions.
+    # as `reslab eval --views ten-crop`. NOTE(paper): on CIFAR, flip, flip-shift and ten-crop (of
+    # the image padded by 4 pixels) are reslab extensions.
     eval_views: str = "center"
     out: str = "runs/run"  # RUN_DIR
     seed: int = 0
@@ -240,7 +241,7 @@ class TrainConfig:
             "schedule": ("step", "cosine", "linear"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "folder_augment": ("imagenet", "alexnet"),
-            "eval_views": ("center", "flip", "ten-crop"),
+            "eval_views": ("center", "flip", "flip-shift", "ten-crop"),
             # torch.compile's modes (cli.COMPILE_MODES): checked here, not at the first step
             "compile_mode": (
                 "default",

@@ -204,7 +204,7 @@ def folder_batches(
     batch_size: int, workers: int, pin_memory: bool = False, max_pixels: int | None = None,
 ) -> tuple[Iterable, list[str]]:  # fmt: skip
     """An image folder through the data pipeline's evaluation transforms (uint8, in workers):
-    centre crop [B, 3, S, S] (also for flip), ten-crop [B, 10, 3, S, S], or the multi-scale
+    centre crop [B, 3, S, S] (also for flip and flip-shift), ten-crop [B, 10, 3, S, S], or the multi-scale
     views of one image at a time (its aspect ratio kept: a list of [1, 2, 3, h, w], image and flip, per scale)."""
     from torch.utils.data import DataLoader, Subset
 
@@ -212,7 +212,7 @@ def folder_batches(
     from reslab.data.folder import ImageFolder
 
     resize, crop = pre.test_resize, pre.input_size
-    if views in ("center", "flip"):  # "flip": the evaluator mirrors the centre crop
+    if views in ("center", "flip", "flip-shift"):  # the evaluator makes these from the crop
         tf = T.center_crop_transform(resize=resize, crop_size=crop, square=pre.square)
     elif views == "ten-crop":
         # Corners need an image larger than the crop: at least section 3.4's 256-for-224.

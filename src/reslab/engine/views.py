@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from reslab.data import transforms as T
 
-VIEWS = ("center", "flip", "ten-crop", "multi-scale")
+VIEWS = ("center", "flip", "flip-shift", "ten-crop", "multi-scale")
 # Section 3.4: the fully-convolutional test averages scores over these shorter sides.
 IMAGENET_SCALES = (224, 256, 384, 480, 640)
 # NOTE(paper): the paper tests CIFAR on the single original 32x32 image only; multi-scale on
@@ -55,6 +55,28 @@ def flip(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((x, x.flip(-1)), dim=1)
 
 
+def flip_shift(x: torch.Tensor, *, shift: int = 1) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 6, C, H, W]: the image, the image moved `shift` pixels down and right,
+    and moved up and left (the edge it leaves filled with zeros), then the mirrors of the three.
+
+    Zero in a normalised batch is the mean colour: each moved view is a crop that training's
+    4-pixel zero padding also makes. On six CIFAR-10 ResNet-20 checkpoints of `cifar10-progressive`
+    (results/test-views-cifar) it gave 0.15-0.47 points (mean 0.25) less error than `flip`, at 3x
+    its cost.
+
+    NOTE(paper): the paper tests CIFAR on the single original image; this is a reslab extension
+    (the view set of fast CIFAR training, e.g. airbench, weighted equally here).
+    """
+    if shift < 1:
+        raise ValueError(f"shift must be at least 1 pixel, got {shift}")
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (shift, shift, shift, shift))  # [B, C, H + 2s, W + 2s]
+    down_right = padded[..., :h, :w]  # out[i, j] = x[i - s, j - s]
+    up_left = padded[..., 2 * shift : 2 * shift + h, 2 * shift : 2 * shift + w]
+    three = torch.stack((x, down_right, up_left), dim=1)  # [B, 3, C, H, W]
+    return torch.cat((three, three.flip(-1)), dim=1)
+
+
 def multi_scale(x: torch.Tensor, *, scales: Sequence[int]) -> list[torch.Tensor]:
     """[B, C, H, W] -> one [B, C, s, s] batch per scale, resized bilinearly.
 
@@ -83,6 +105,8 @@ def make_views(
         return list(x) if isinstance(x, (list, tuple)) else x
     if views == "flip":
         return flip(x)
+    if views == "flip-shift":
+        return flip_shift(x)
     if views == "ten-crop":
         return ten_crop(x, size=size)
     if scales is None:
