@@ -211,12 +211,20 @@ def test_resnet110_style_warmup_returns_to_base_lr(cifar_root: Path, tmp_path: P
 
 @pytest.mark.parametrize("views", ["flip", "flip-shift"])
 def test_eval_views_report_the_view_averaged_error(
-    cifar_root: Path, tmp_path: Path, views: str
+    cifar_root: Path, tmp_path: Path, views: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import reslab.engine.trainer as trainer_module
     from reslab.data.cifar import load_cifar
-    from reslab.engine.eval_run import load_checkpoint_model
+    from reslab.engine.eval_run import fast_eval_model, load_checkpoint_model
     from reslab.engine.evaluator import evaluate
 
+    evaluated: list[int] = []  # BatchNorm layers left in each model the run evaluated
+
+    def spy(net, *args, **kwargs):
+        evaluated.append(sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in net.modules()))
+        return evaluate(net, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", spy)
     cfg = _cfg(cifar_root, tmp_path / "run", iters=10, eval_every=10, eval_views=views,
                alternate_flip=True, normalization="per_channel", schedule="linear",
                decay_bn=False, weight_decay=5e-4, small_size=24)  # fmt: skip
@@ -226,9 +234,13 @@ def test_eval_views_report_the_view_averaged_error(
     m = load_checkpoint_model(tmp_path / "run" / "last.pt", device="cpu")
     test = load_cifar(cifar_root, split="test")
     x, y = m.preprocess.normalize(test.images[:64]), test.labels[:64]
-    net = m.model.to(memory_format=torch.channels_last)
+    # The run evaluates the model `reslab eval` builds from its checkpoint (BatchNorm folded,
+    # channels_last): the same scores, so the same error to the last digit.
+    net = fast_eval_model(m.model, torch.device("cpu"))
     averaged = evaluate(net, [(x, y)], device="cpu", views=views)
-    assert final["test_error"] == pytest.approx(averaged.top1_error)
+    assert final["test_error"] == averaged.top1_error
+    assert evaluated and all(n == 0 for n in evaluated)  # the run's evaluations: no BatchNorm
+    assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.model.modules())
 
 
 def test_time_limit_counts_this_call_only(

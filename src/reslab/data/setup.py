@@ -34,8 +34,12 @@ def cifar_preprocess(mode: str, train_images: torch.Tensor) -> Preprocess:
         return Preprocess(kind="cifar", input_size=32, mode="per_pixel",
                           mean=mean_image(train_images), std=[1.0, 1.0, 1.0])  # fmt: skip
     if mode == "per_channel":
-        m = train_images.float().mean((0, 2, 3)) / 255 if len(train_images) else CIFAR10_MEAN
-        s = train_images.float().std((0, 2, 3)) / 255 if len(train_images) else CIFAR10_STD
+        if not len(train_images):
+            return Preprocess(kind="cifar", input_size=32, mode="per_channel",
+                              mean=CIFAR10_MEAN, std=CIFAR10_STD)  # fmt: skip
+        # One fp32 copy for both statistics (50k images: 614 MB, ~0.7 s to make on 2 cores).
+        pixels = train_images.float()
+        m, s = pixels.mean((0, 2, 3)) / 255, pixels.std((0, 2, 3)) / 255
         return Preprocess(kind="cifar", input_size=32, mode="per_channel", mean=m, std=s)
     raise ValueError(f"normalization must be per_pixel or per_channel, got {mode!r}")
 
