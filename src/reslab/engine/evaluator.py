@@ -144,8 +144,11 @@ def view_probs(
 
 # Images per forward pass: ten-crop turns a 500-image batch into 5,000 crops, whose activations
 # overflow the CPU's caches (ResNet-20 bf16 on 2 Zen 4 cores: ~2,500 img/s at 256-512 per pass,
-# ~1,600 at 2,000). Eval-mode outputs do not depend on how a batch is split.
-FORWARD_CHUNK = 512
+# ~1,600 at 2,000). On 2 Intel AMX cores (L2 2 MiB a core), 10k CIFAR images x 6 views, folded
+# ResNet-20, medians of 3: 64 -> 7.40 s, 128 -> 6.76, 256 -> 6.95, 512 -> 9.13, 1024 -> 13.61.
+# 256: within 3% of the best here and inside the range measured best on Zen 4 (smaller passes
+# were not timed there). Eval-mode outputs do not depend on how a batch is split.
+FORWARD_CHUNK = 256
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

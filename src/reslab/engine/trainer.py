@@ -448,7 +448,8 @@ class Trainer:
         }
         # The model `reslab eval` runs (BatchNorm folded into the convolutions, channels_last on
         # the CPU; a copy, made once per evaluation), so a checkpoint evaluates to the run's own
-        # numbers. ResNet-20's 6-view test of 10k CIFAR-10 images on 2 cores: 11.9 s -> 8.5 s.
+        # numbers. ResNet-20's 6-view test of 10k CIFAR-10 images on 2 cores: 11.9 s -> 8.5 s (and
+        # ~7 s with evaluator.FORWARD_CHUNK 256).
         from reslab.engine.eval_run import fast_eval_model
 
         net = fast_eval_model(self.model, self.device) if self.data.evals else self.model
