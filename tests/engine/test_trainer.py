@@ -243,6 +243,29 @@ def test_eval_views_report_the_view_averaged_error(
     assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.model.modules())
 
 
+def test_a_model_that_cannot_be_copied_is_evaluated_unfolded(
+    cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Evaluations run on a folded copy; a model the Python API gave something uncopyable (here a
+    lock) is evaluated as it is, with one line said, and the run finishes with its files."""
+    import threading
+
+    from reslab.engine.rundir import release_lock
+    from reslab.engine.trainer import Trainer
+
+    cfg = _cfg(cifar_root, tmp_path / "run", iters=4, eval_every=2, save_every=2)
+    trainer = Trainer(cfg, progress=False)
+    trainer.model.layer1.lock = threading.Lock()  # deepcopy: "cannot pickle '_thread.lock'"
+    try:
+        final = trainer.fit()
+    finally:
+        release_lock(tmp_path / "run")
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and final["iter"] == 4 and (tmp_path / "run" / "last.pt").is_file()
+    err = capsys.readouterr().err
+    assert err.count("evaluating the model unfolded") == 1 and "TypeError" in err
+
+
 def test_time_limit_counts_this_call_only(
     cifar_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

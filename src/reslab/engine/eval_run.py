@@ -204,8 +204,8 @@ def folder_batches(
     batch_size: int, workers: int, pin_memory: bool = False, max_pixels: int | None = None,
 ) -> tuple[Iterable, list[str]]:  # fmt: skip
     """An image folder through the data pipeline's evaluation transforms (uint8, in workers):
-    centre crop [B, 3, S, S] (also for flip and flip-shift), ten-crop [B, 10, 3, S, S], or the multi-scale
-    views of one image at a time (its aspect ratio kept: a list of [1, 2, 3, h, w], image and flip, per scale)."""
+    centre crop [B, 3, S, S] (also for flip and flip-shift), ten-crop [B, 10, 3, S, S], or the
+    multi-scale views of one image at a time (its aspect ratio kept: a list of [1, 2, 3, h, w], image and flip, per scale)."""
     from torch.utils.data import DataLoader, Subset
 
     from reslab.data import transforms as T
