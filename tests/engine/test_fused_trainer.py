@@ -93,6 +93,28 @@ def test_member_trained_fused_equals_trained_alone(
     assert type(loaded.model).__name__ == "CifarResNet"
 
 
+def test_members_whose_copy_fails_are_evaluated_unfolded(
+    cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Members evaluate through Trainer._eval_model too: a failing folded copy is said once per
+    member and the fused run still finishes with every member's files."""
+    import reslab.engine.eval_run as eval_run
+
+    def fail(model, device):
+        raise TypeError("cannot pickle '_thread.lock' object")
+
+    monkeypatch.setattr(eval_run, "fast_eval_model", fail)
+    outs = [tmp_path / f"m{s}" for s in (1, 2)]
+    finals = train_fused([_cfg(cifar_root, o, s) for o, s in zip(outs, (1, 2), strict=True)],
+                         progress=False)  # fmt: skip
+    assert [f["iter"] for f in finals] == [6, 6]
+    assert all((o / "last.pt").is_file() for o in outs)
+    err = capsys.readouterr().err
+    for o in outs:
+        assert err.count(f"{o}: evaluating the model unfolded") == 1
+
+
 @pytest.mark.slow
 def test_per_member_resnet110_warmup_equals_alone(
     cifar_root: Path, tmp_path: Path, float64: None

@@ -179,6 +179,7 @@ class FusedTrainer:
             # The single trainer's attributes its save/restore/evaluate methods read.
             m.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # fp32/bf16 only
             m._log, m.recipe, m._saved_step = None, None, None
+            m._prefix, m._unfolded_said = f"{cfg.out}: ", False  # Trainer._say, _eval_model
             self.members.append(m)
         self.model = FusedCifarNet([m.model for m in self.members]).to(self.device)
         if cfg0.channels_last:
