@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as F
 
 from reslab.data.cifar import DataError
 from reslab.data.images import (
@@ -511,6 +510,8 @@ class ImageFolder(Dataset):
     def _load(self, i: int) -> Tensor:
         img = load_image(os.fsdecode(self._paths[i]), max_pixels=self.max_pixels)
         if self.min_size and min(img.shape[-2:]) < self.min_size:
+            from torchvision.transforms.v2 import functional as F
+
             img = F.resize(img, self.min_size, antialias=True)
         return img
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -234,6 +233,8 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
     # torchvision decodes every frame of an animation (PIL reads one), and turns only JPEG and
     # PNG upright: PIL takes those cases.
     if not (head.animated or head.turned):
+        from torchvision.io import ImageReadMode, decode_image  # here: tests/test_imports.py
+
         try:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                mode=ImageReadMode.RGB, apply_exif_orientation=True)  # fmt: skip

@@ -18,13 +18,18 @@ runs batched on the training device on float [N, 3, H, W] in the 0-1 pixel scale
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from reslab.data.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
+# torchvision is imported where a function needs it: its import (which pulls torch._dynamo in
+# through torchvision.ops) costs ~0.9 s of every CIFAR command, whose data never meets it.
 
 __all__ = [
     "IMAGENET_PCA_EIGVAL",
@@ -93,6 +98,8 @@ class RandomShorterSideCrop(nn.Module):
         return min(round(top / scale), h - bh), min(round(left / scale), w - bw), bh, bw
 
     def forward(self, img: Tensor) -> Tensor:
+        from torchvision.transforms.v2 import functional as F
+
         t, c, bh, bw = self.sample_box(*img.shape[-2:])
         return F.resized_crop(img, t, c, bh, bw, [self.size, self.size], antialias=True)
 
@@ -109,6 +116,8 @@ def imagenet_train_transform(
     (`PCALighting`, `Preprocess.normalize`). Images smaller than the crop are upscaled by the
     resize (any shorter side < 256 is), never padded.
     """
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             RandomShorterSideCrop(size=crop_size, shorter_side=shorter_side),
@@ -120,6 +129,8 @@ def imagenet_train_transform(
 def alexnet_train_transform(*, resize: int = 256, crop_size: int = 224) -> v2.Compose:
     """The source notes' (AlexNet) variant: resize to 256x256 (aspect not kept), random 224
     crop, horizontal flip. uint8 [3, H, W] -> uint8 [3, 224, 224]; PCA lighting on the device."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.Resize([resize, resize], antialias=True),
@@ -139,6 +150,8 @@ def center_crop_transform(
 ) -> v2.Compose:
     """Single-view evaluation: shorter side to `resize` (with `square`, the whole image to
     resize x resize, as AlexNet's training crops see it), centre `crop_size` crop."""
+    from torchvision.transforms import v2
+
     return v2.Compose([v2.Resize(_test_size(resize, square), antialias=True),
                        v2.CenterCrop(crop_size)])  # fmt: skip
 
@@ -170,6 +183,8 @@ class TenCrop(nn.Module):
         self.resize, self.crop_size, self.square = resize, crop_size, square
 
     def forward(self, img: Tensor) -> Tensor:
+        from torchvision.transforms.v2 import functional as F
+
         img = F.resize(img, _test_size(self.resize, self.square), antialias=True)
         return ten_crop(img, size=self.crop_size)
 
@@ -193,6 +208,8 @@ def multiscale_views(
     NOTE(paper): the flips follow the fully-convolutional test of VGG that the paper cites; pass
     flip=False for the scales alone.
     """
+    from torchvision.transforms.v2 import functional as F
+
     views = []
     for s in shorter_sides:
         x = F.resize(image, s, antialias=True)

@@ -16,6 +16,12 @@ at batch 128 (two runs each; benchmarks/ab_block_op.py, session 30); the two tra
 as well (with option A's shortcut from one kernel pass, layers._pad_forward): ResNet-20 x1.043
 (session 35). `forward` returns None wherever any condition below fails, and the block takes
 its per-op path.
+
+`infer` (session 39) is the same for evaluation: an eval-mode BasicBlock whose BatchNorms are
+folded into its convolutions (the model `reslab eval` and a run's evaluations build) as two calls
+of the AMX convolution kernel, each adding its bias (and, for conv2, the shortcut), applying the
+ReLU and rounding once as it writes its output, where the eager ops write conv1's output, its
+ReLU, conv2's output, the sum and its ReLU as five passes over memory.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ ENABLED = True
 # False: stride-2 blocks (a stage's first) take their per-op path (benchmarks/ab_block_op.py
 # --transitions compares the two).
 TRANSITIONS = True
+# False: eval-mode blocks take their eager ops (benchmarks/ab_session39.py compares the two).
+INFER = True
 
 
 def _plain_conv(conv: nn.Module, channels: int, out: int | None = None, stride: int = 1) -> bool:
@@ -122,4 +130,74 @@ def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     )  # fmt: skip
 
 
-__all__ = ["ENABLED", "TRANSITIONS", "forward"]
+def _folded_conv(conv: nn.Module, channels: int, out: int, stride: int) -> bool:
+    """A 3x3, padding-1 nn.Conv2d of `stride` from `channels` to `out`, with or without a bias
+    (a BatchNorm folded into it), in eval mode."""
+    return (
+        type(conv) is nn.Conv2d
+        and not conv.training
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (stride, stride)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and conv.in_channels == channels
+        and conv.out_channels == out
+    )
+
+
+def _infer_weight(conv: nn.Conv2d) -> torch.Tensor | None:
+    """conv's weight for the inference kernel: bf16, or fp32 under CPU bf16 autocast (cast
+    inside, as autocast would cast it); None otherwise."""
+    w = conv.weight
+    if w.device.type != "cpu":
+        return None
+    if w.dtype == torch.bfloat16:
+        return w
+    if w.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        return w if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    return None
+
+
+def infer(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """block(x) for an eval-mode BasicBlock whose BatchNorms are folded into its convolutions
+    (reslab.inference.fold_batchnorm, as `reslab eval` and a run's evaluations build the model),
+    as two calls of the AMX convolution kernel with bias, shortcut add and ReLU applied as each
+    output is written (kernels/block.cpp's basic_block_infer); None wherever it does not apply
+    (then the block runs its eager ops): grad mode on, not a plain CPU bf16 channels_last
+    tensor, projection shortcuts, hooks, tracing, export or compile, sizes the kernel does not
+    take (conv_wgrad.usable: 16 images a thread or more, even output widths).
+
+    Within one bf16 rounding of the eager ops, which round conv1's output, conv2's and their
+    sum with the shortcut apart (tests/models/test_block_infer.py)."""
+    if not INFER or not conv_wgrad.FORWARD_KERNEL or block.training or torch.is_grad_enabled():
+        return None
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    # a plain tensor (not a Proxy, FakeTensor or other subclass: those are traced, not run)
+    if type(x) is not torch.Tensor or x.dtype != torch.bfloat16 or x.dim() != 4:
+        return None
+    c, planes = x.shape[1], block.conv2.out_channels
+    geometry = _shortcut(block, c, planes)
+    if geometry is None:
+        return None
+    stride = geometry[0]
+    if stride == 2 and planes > conv_wgrad.STRIDE2_MAX_CHANNELS:
+        return None  # oneDNN measured faster there (conv_wgrad.STRIDE2_MAX_CHANNELS)
+    conv1, conv2 = block.conv1, block.conv2
+    if not (_folded_conv(conv1, c, planes, stride) and _folded_conv(conv2, planes, planes, 1)):
+        return None
+    if type(block.bn1) is not nn.Identity or type(block.bn2) is not nn.Identity:
+        return None
+    if any(_hooked(m) for m in (block, conv1, conv2, block.bn1, block.bn2)):
+        return None
+    w1, w2 = _infer_weight(conv1), _infer_weight(conv2)
+    if w1 is None or w2 is None or not conv_wgrad.usable(x, planes, stride):
+        return None
+    return load_kernel().basic_block_infer(
+        x, w1, conv1.bias, w2, conv2.bias, block.residual, *geometry
+    )
+
+
+__all__ = ["ENABLED", "INFER", "TRANSITIONS", "forward", "infer"]

@@ -73,10 +73,14 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused, tiled = self.fused_bn_act, self.tiled_wgrad
-        if fused and tiled:  # the whole block as one op where it applies (models/block_op.py)
-            out = block_op.forward(self, x)
-            if out is not None:
-                return out
+        # The whole block as one op where it applies (models/block_op.py): training with both
+        # CPU paths on; eval with its BatchNorms folded (as `reslab eval` runs it), on AMX.
+        if self.training:
+            out = block_op.forward(self, x) if fused and tiled else None
+        else:
+            out = block_op.infer(self, x)
+        if out is not None:
+            return out
         out, short = _conv_and_shortcut(self, self.conv1, x, tiled=tiled)
         out = bn_relu(self.bn1, out, fused=fused)
         # [N, planes, H/s, W/s]; bn2(out) is F(x), added before the ReLU

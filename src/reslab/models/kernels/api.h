@@ -45,6 +45,8 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
                            const std::optional<at::Tensor>& add = std::nullopt,
                            const std::optional<at::Tensor>& add_mask = std::nullopt,
                            int64_t stride = 1);
+at::Tensor conv3x3_bias_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& add, bool relu, int64_t stride = 1);
 
 // augment.cpp
 at::Tensor crop_normalize(const at::Tensor& images, const at::Tensor& idx, const at::Tensor& rows,
@@ -61,3 +63,7 @@ at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at
                              const at::Tensor& batches2, double momentum2, double eps2,
                              bool residual, int64_t stride = 1, int64_t pad_lo = 0,
                              int64_t pad_hi = 0);
+at::Tensor basic_block_infer(const at::Tensor& x, const at::Tensor& w1,
+                             const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                             const std::optional<at::Tensor>& b2, bool residual,
+                             int64_t stride = 1, int64_t pad_lo = 0, int64_t pad_hi = 0);

@@ -29,6 +29,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "add: a tensor of the result's shape added to it (where add_mask's bit is set)",
         py::arg("x"), py::arg("w"), py::arg("transposed") = false, py::arg("add") = py::none(),
         py::arg("add_mask") = py::none(), py::arg("stride") = 1);
+  m.def("conv3x3_bias_act", &conv3x3_bias_act,
+        "inference: relu(conv3x3(x, w, stride, padding 1) + bias [+ add]) on AMX tiles, bf16, "
+        "rounded once",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("add") = py::none(),
+        py::arg("relu") = true, py::arg("stride") = 1);
   m.def("crop_normalize", &crop_normalize,
         "a training batch of uint8 images normalised, padded, cropped and mirrored in one pass "
         "(kernels/augment.cpp)");
@@ -40,6 +45,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("running_var1"), py::arg("batches1"), py::arg("momentum1"), py::arg("eps1"),
         py::arg("w2"), py::arg("g2"), py::arg("b2"), py::arg("running_mean2"),
         py::arg("running_var2"), py::arg("batches2"), py::arg("momentum2"), py::arg("eps2"),
+        py::arg("residual"), py::arg("stride") = 1, py::arg("pad_lo") = 0,
+        py::arg("pad_hi") = 0);
+  m.def("basic_block_infer", &basic_block_infer,
+        "an eval-mode BasicBlock with its BatchNorms folded into the convolutions' biases as "
+        "two kernel calls (kernels/block.cpp): stride 1 with an identity shortcut (or none), or "
+        "stride 2 with option A's or none",
+        py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         py::arg("residual"), py::arg("stride") = 1, py::arg("pad_lo") = 0,
         py::arg("pad_hi") = 0);
 }

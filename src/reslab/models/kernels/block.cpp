@@ -26,6 +26,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -218,4 +219,38 @@ at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at
                              Norm{running_mean1, running_var1, batches1, momentum1, eps1},
                              Norm{running_mean2, running_var2, batches2, momentum2, eps2},
                              residual, Transition{stride, pad_lo, pad_hi});
+}
+
+// Inference (session 39): an eval-mode BasicBlock whose BatchNorms are folded into its
+// convolutions (reslab.inference.fold_batchnorm: conv + bias), as `reslab eval` and a run's
+// evaluations compute it: relu(conv2(relu(conv1(x) + b1)) + b2 [+ shortcut(x)]) as two calls of
+// conv_fwd.cpp's inference epilogue, each writing its output once (bias, the shortcut's add and
+// the ReLU applied to the fp32 sums, rounded once), where eager ops write conv1's output, then
+// its ReLU, conv2's, the sum, its ReLU. Stride 1 with the identity shortcut (or none), or a
+// stage's first block of stride 2 with option A's (x subsampled, pad_lo and pad_hi zero
+// channels) or none; used by reslab/models/block_op.py's `infer`. No autograd: the caller
+// checks that no gradient is wanted.
+at::Tensor basic_block_infer(const at::Tensor& x, const at::Tensor& w1,
+                             const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                             const std::optional<at::Tensor>& b2, bool residual, int64_t stride,
+                             int64_t pad_lo, int64_t pad_hi) {
+  RECORD_FUNCTION("reslab::basic_block_infer", std::vector<c10::IValue>());  // for profiles
+  TORCH_CHECK(stride == 1 || stride == 2, "reslab: a block op of stride 1 or 2, not ", stride);
+  TORCH_CHECK(pad_lo >= 0 && pad_hi >= 0 && (stride == 2 || pad_lo + pad_hi == 0),
+              "reslab: a block op's shortcut pads channels only at stride 2");
+  TORCH_CHECK(!residual || x.size(1) + pad_lo + pad_hi == w2.size(0),
+              "reslab: the shortcut's channels (", x.size(1), " + ", pad_lo, " + ", pad_hi,
+              ") must be the block's (", w2.size(0), ")");
+  // The convolutions take bf16 operands as they are (autocast would only cast them to bf16).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  auto bias = [](const std::optional<at::Tensor>& b, const at::Tensor& w) {
+    return b.has_value() ? b->to(at::kFloat).contiguous()
+                         : at::zeros({w.size(0)}, w.options().dtype(at::kFloat));
+  };
+  // relu(conv1(x) + b1): [N, P, H/s, W/s]
+  const at::Tensor z1 =
+      conv3x3_bias_act(x, kernel_weight(w1), bias(b1, w1), std::nullopt, true, stride);
+  std::optional<at::Tensor> shortcut;
+  if (residual) shortcut = stride == 1 ? x : subsample_pad(x, stride, pad_lo, pad_hi);
+  return conv3x3_bias_act(z1, kernel_weight(w2), bias(b2, w2), shortcut, true, 1);
 }

@@ -349,21 +349,50 @@ inline void store16(uint16_t* dst, const float* t, const uint16_t* add, const ui
                       bf16_exact(_mm512_add_ps(bf16_to_fp32(r), a)));
 }
 
+// What is done to the sums as they are written (one image's pointers): add (or null) a tensor of
+// the output's shape and layout added to the rounded sums, where add_mask's bit is set (store16;
+// the training paths); bias (or null: then add and the rest as store16 does) the inference
+// epilogue: sum + bias[c] (+ add) (then max(., 0) with relu), rounded once (store16_bias).
+struct Epilogue {
+  const uint16_t* add = nullptr;
+  const uint16_t* add_mask = nullptr;
+  const float* bias = nullptr;  // [Co] fp32
+  bool relu = false;
+};
+
+// The inference epilogue of 16 sums t at output channels [c, c + 16): t + bias (+ add's bf16
+// values), with relu max(0, .), which keeps a NaN (the second operand of vmaxps is returned
+// when either is NaN) as torch.relu does, rounded once to bf16 (nearest even). An eval-mode
+// block's conv + bias, add and ReLU as eager ops round after the conv and after the add: this
+// rounds the same value once (within one bf16 step of theirs).
+inline void store16_bias(uint16_t* dst, const float* t, const float* bias, const uint16_t* add,
+                         bool relu) {
+  __m512 v = _mm512_add_ps(_mm512_loadu_ps(t), _mm512_loadu_ps(bias));
+  if (add != nullptr)
+    v = _mm512_add_ps(v, bf16_to_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(add))));
+  if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
 // Grid positions [q0, q0 + n) of one image, sums tmp ([n][16 NB] fp32), to its output's channels
 // [g 16 NB, +16 NB) in bf16: (h, w) = divmod(q, G) is output pixel (h os + ph, w os + pw);
 // w = Wo is not an output. The rounding is the CPU's (vcvtne2ps2bf16: nearest even as torch
-// rounds; a NaN may keep other bits than torch's 0x7FC0). add (or null): a tensor of the
-// output's shape and layout added to it (store16).
+// rounds; a NaN may keep other bits than torch's 0x7FC0). e: what is done to them (Epilogue).
 template <int NB>
 inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n, int64_t g,
-                      uint16_t* out, const uint16_t* add, const uint16_t* add_mask) {
+                      uint16_t* out, const Epilogue& e) {
+  const uint16_t *add = e.add, *add_mask = e.add_mask;
   int64_t h = q0 / p.G, w = q0 % p.G;
   for (int64_t r = 0; r < n; ++r) {
     if (h >= p.Ho) break;
     if (w < p.Wo) {
       const int64_t at = ((h * p.os + p.ph) * p.Wout + w * p.os + p.pw) * p.Co + g * NB * 16;
       uint16_t* dst = out + at;
-      if (add != nullptr)
+      if (e.bias != nullptr)
+        for (int nb = 0; nb < NB; ++nb)
+          store16_bias(dst + nb * 16, tmp + (r * NB + nb) * 16, e.bias + g * NB * 16 + nb * 16,
+                       add != nullptr ? add + at + nb * 16 : nullptr, e.relu);
+      else if (add != nullptr)
         for (int nb = 0; nb < NB; ++nb)
           store16(dst + nb * 16, tmp + (r * NB + nb) * 16, add + at + nb * 16,
                   add_mask != nullptr ? add_mask + (at + nb * 16) / 16 : nullptr);
@@ -392,8 +421,7 @@ inline void write_out(const FwdPlan& p, const float* tmp, int64_t q0, int64_t n,
 // copies fill_rows rows of the next image.
 template <int MB, int NB, bool TAIL>
 void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16_t>& bpv, int64_t g,
-                 uint16_t* out, const uint16_t* add, const uint16_t* add_mask, float* tmp,
-                 Filler& next, int64_t fill_rows) {
+                 uint16_t* out, const Epilogue& e, float* tmp, Filler& next, int64_t fill_rows) {
   const uint16_t* bp = bpv.data();
   const int64_t nbs = p.Co / 16, a_stride = p.pos * 2, a_step = 16 * p.pos, blk = 16 * MB;
   const int64_t part = (blk + p.taps - 1) / p.taps;  // positions written out after each tap
@@ -410,22 +438,20 @@ void image_group(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16
         products<MB, NB, 4, 5>(a + p.a_tail, a_step, a_stride, b + p.full * nbs * 512);
       if (q0 > 0) {
         const int64_t r0 = t * part, n = std::min(part, blk - r0);
-        if (n > 0) write_out<NB>(p, before + r0 * 16 * NB, q0 - blk + r0, n, g, out, add, add_mask);
+        if (n > 0) write_out<NB>(p, before + r0 * 16 * NB, q0 - blk + r0, n, g, out, e);
       }
       next.run(fill_rows);
     }
     store_tiles<MB, NB>(mine);
   }
-  write_out<NB>(p, tmp + ((p.Q / blk - 1) & 1) * 256 * MB * NB, p.Q - blk, blk, g, out, add,
-                add_mask);
+  write_out<NB>(p, tmp + ((p.Q / blk - 1) & 1) * 256 * MB * NB, p.Q - blk, blk, g, out, e);
 }
 
 // All of one image's outputs for one plan (a phase, for kStride2Back).
 inline void image_all(const FwdPlan& p, const uint16_t* buf, const std::vector<uint16_t>& bp,
-                      uint16_t* o, const uint16_t* a, const uint16_t* am, float* tmp, Filler& next,
-                      int64_t fill_rows) {
+                      uint16_t* o, const Epilogue& e, float* tmp, Filler& next, int64_t fill_rows) {
   for (int64_t g = 0; g < p.Co / (16 * p.NB); ++g) {
-    const auto args = std::tie(p, buf, bp, g, o, a, am, tmp, next, fill_rows);
+    const auto args = std::tie(p, buf, bp, g, o, e, tmp, next, fill_rows);
     if (p.NB == 4)
       p.tail ? std::apply(image_group<1, 4, true>, args) : std::apply(image_group<1, 4, false>, args);
     else if (p.NB == 2)
@@ -450,9 +476,34 @@ inline void image_all(const FwdPlan& p, const uint16_t* buf, const std::vector<u
 // shortcut's term). add_mask (with add): bn_act.cpp's ReLU mask of add's shape (int16, a bit a
 // value in memory order): only add's values whose bit is set are added (store16). Needs
 // conv3x3_wgrad_available().
+static at::Tensor conv3x3_run(const at::Tensor& x, const at::Tensor& w, bool transposed,
+                              const std::optional<at::Tensor>& add,
+                              const std::optional<at::Tensor>& add_mask,
+                              const std::optional<at::Tensor>& bias, bool relu, int64_t stride);
+
 at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transposed,
                            const std::optional<at::Tensor>& add,
                            const std::optional<at::Tensor>& add_mask, int64_t stride) {
+  return conv3x3_run(x, w, transposed, add, add_mask, std::nullopt, false, stride);
+}
+
+// Inference: relu(conv2d(x, w, bias, stride, padding 1) [+ add]) (max(0, .) with relu), the
+// sums, bias and add's values taken in fp32 and rounded once to bf16: an eval-mode block's
+// convolution with its BatchNorm folded in (bias: fp32 [Co]), its ReLU, and, for its second
+// convolution, the shortcut's add (stride 1) in one pass over the output.
+at::Tensor conv3x3_bias_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& add, bool relu, int64_t stride) {
+  TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 &&
+                  bias.is_contiguous() && bias.size(0) == w.size(0),
+              "conv3x3_bias_act: bias must be a contiguous fp32 CPU tensor of the weight's ",
+              w.size(0), " output channels");
+  return conv3x3_run(x, w, false, add, std::nullopt, bias, relu, stride);
+}
+
+static at::Tensor conv3x3_run(const at::Tensor& x, const at::Tensor& w, bool transposed,
+                              const std::optional<at::Tensor>& add,
+                              const std::optional<at::Tensor>& add_mask,
+                              const std::optional<at::Tensor>& bias, bool relu, int64_t stride) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "conv3x3_forward takes a channels_last bf16 CPU tensor");
@@ -499,6 +550,7 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
   const auto* A = add.has_value() ? reinterpret_cast<const uint16_t*>(add->data_ptr()) : nullptr;
   const auto* AM =
       add_mask.has_value() ? reinterpret_cast<const uint16_t*>(add_mask->data_ptr()) : nullptr;
+  const float* B = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const int64_t out_image = Hout * Wout * Co;
   at::parallel_for(0, p.N, 1, [&](int64_t n0, int64_t n1) {
     TileConfig cfg;
@@ -520,10 +572,12 @@ at::Tensor conv3x3_forward(const at::Tensor& x, const at::Tensor& w, bool transp
       Filler next{&p, n + 1 < n1 ? X + (n + 1) * p.H * p.W * p.Ci : nullptr,
                   bufs + (n + 1 - n0) % 2 * p.values};
       uint16_t* o = O + n * out_image;
-      const uint16_t* a = A != nullptr ? A + n * out_image : nullptr;
-      const uint16_t* am = AM != nullptr ? AM + n * out_image / 16 : nullptr;
+      Epilogue e;
+      e.add = A != nullptr ? A + n * out_image : nullptr;
+      e.add_mask = AM != nullptr ? AM + n * out_image / 16 : nullptr;
+      e.bias = B, e.relu = relu;
       for (size_t i = 0; i < plans.size(); ++i)
-        image_all(plans[i], buf, packed[i], o, a, am, tmp, next, fill_rows);
+        image_all(plans[i], buf, packed[i], o, e, tmp, next, fill_rows);
       next.run(p.H);  // whatever the slots left
     }
     _tile_release();
