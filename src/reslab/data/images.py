@@ -208,6 +208,16 @@ def _upright(im: Image.Image) -> Image.Image:
         return im
 
 
+def decode_image(data: Tensor) -> Tensor:
+    """An encoded image's bytes (uint8 [n]) -> uint8 [3, H, W] RGB, EXIF orientation applied, by
+    torchvision.io's decoder, imported here on first use: a CIFAR command, which never decodes
+    a file, does not pay torchvision's import (~0.9 s; tests/test_imports.py)."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as decode
+
+    return decode(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+
+
 def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
     """Read and decode one file to RGB uint8 [3, H, W], converting grey / CMYK / RGBA /
     palette / 16-bit, and turned upright as its EXIF orientation says (a phone photo stored
@@ -233,11 +243,8 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
     # torchvision decodes every frame of an animation (PIL reads one), and turns only JPEG and
     # PNG upright: PIL takes those cases.
     if not (head.animated or head.turned):
-        from torchvision.io import ImageReadMode, decode_image  # here: tests/test_imports.py
-
         try:
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                               mode=ImageReadMode.RGB, apply_exif_orientation=True)  # fmt: skip
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         except (RuntimeError, ValueError):
             img = None  # a format torchvision.io lacks (BMP, TIFF, ...) or broken: PIL decides
     if img is None:
