@@ -42,12 +42,21 @@ TRANSITIONS = True
 INFER = True
 
 
-def _plain_conv(conv: nn.Module, channels: int, out: int | None = None, stride: int = 1) -> bool:
-    """A bias-free 3x3, padding-1 nn.Conv2d of `stride` from `channels` to `out` (`channels`)."""
+def _plain_conv(
+    conv: nn.Module,
+    channels: int,
+    out: int | None = None,
+    stride: int = 1,
+    *,
+    training: bool = True,
+) -> bool:
+    """A 3x3, padding-1 nn.Conv2d of `stride` from `channels` to `out` (`channels`) in training
+    mode and bias-free, or (training=False) in eval mode with or without a bias (a BatchNorm
+    folded into it)."""
     return (
         type(conv) is nn.Conv2d
-        and conv.training
-        and conv.bias is None
+        and conv.training == training
+        and (conv.bias is None or not training)
         and conv.kernel_size == (3, 3)
         and conv.stride == (stride, stride)
         and conv.padding == (1, 1)
@@ -76,11 +85,11 @@ def _shortcut(block: nn.Module, c: int, planes: int) -> tuple[int, int, int] | N
     return None
 
 
-def _weight(conv: nn.Conv2d) -> torch.Tensor | None:
+def _weight(conv: nn.Conv2d, *, training: bool = True) -> torch.Tensor | None:
     """conv's weight as the op takes it: bf16, or fp32 under CPU bf16 autocast (cast inside,
-    as apply_conv casts it); None otherwise."""
+    as apply_conv casts it); one that takes a gradient in training; None otherwise."""
     w = conv.weight
-    if not w.requires_grad or w.device.type != "cpu":
+    if (training and not w.requires_grad) or w.device.type != "cpu":
         return None
     if w.dtype == torch.bfloat16:
         return w
@@ -130,36 +139,6 @@ def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     )  # fmt: skip
 
 
-def _folded_conv(conv: nn.Module, channels: int, out: int, stride: int) -> bool:
-    """A 3x3, padding-1 nn.Conv2d of `stride` from `channels` to `out`, with or without a bias
-    (a BatchNorm folded into it), in eval mode."""
-    return (
-        type(conv) is nn.Conv2d
-        and not conv.training
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (stride, stride)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-        and conv.in_channels == channels
-        and conv.out_channels == out
-    )
-
-
-def _infer_weight(conv: nn.Conv2d) -> torch.Tensor | None:
-    """conv's weight for the inference kernel: bf16, or fp32 under CPU bf16 autocast (cast
-    inside, as autocast would cast it); None otherwise."""
-    w = conv.weight
-    if w.device.type != "cpu":
-        return None
-    if w.dtype == torch.bfloat16:
-        return w
-    if w.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
-        return w if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
-    return None
-
-
 def infer(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """block(x) for an eval-mode BasicBlock whose BatchNorms are folded into its convolutions
     (reslab.inference.fold_batchnorm, as `reslab eval` and a run's evaluations build the model),
@@ -186,13 +165,16 @@ def infer(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if stride == 2 and planes > conv_wgrad.STRIDE2_MAX_CHANNELS:
         return None  # oneDNN measured faster there (conv_wgrad.STRIDE2_MAX_CHANNELS)
     conv1, conv2 = block.conv1, block.conv2
-    if not (_folded_conv(conv1, c, planes, stride) and _folded_conv(conv2, planes, planes, 1)):
+    if not (
+        _plain_conv(conv1, c, planes, stride, training=False)
+        and _plain_conv(conv2, planes, training=False)
+    ):
         return None
     if type(block.bn1) is not nn.Identity or type(block.bn2) is not nn.Identity:
         return None
     if any(_hooked(m) for m in (block, conv1, conv2, block.bn1, block.bn2)):
         return None
-    w1, w2 = _infer_weight(conv1), _infer_weight(conv2)
+    w1, w2 = _weight(conv1, training=False), _weight(conv2, training=False)
     if w1 is None or w2 is None or not conv_wgrad.usable(x, planes, stride):
         return None
     return load_kernel().basic_block_infer(

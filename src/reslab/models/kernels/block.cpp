@@ -198,6 +198,18 @@ class BasicBlockOp : public torch::autograd::Function<BasicBlockOp> {
   }
 };
 
+// The block ops' shapes: stride 1 or 2, channels padded only at stride 2, and the shortcut as
+// wide as the block's output (w2's channels).
+void check_geometry(const at::Tensor& x, const at::Tensor& w2, bool residual, int64_t stride,
+                    int64_t pad_lo, int64_t pad_hi) {
+  TORCH_CHECK(stride == 1 || stride == 2, "reslab: a block op of stride 1 or 2, not ", stride);
+  TORCH_CHECK(pad_lo >= 0 && pad_hi >= 0 && (stride == 2 || pad_lo + pad_hi == 0),
+              "reslab: a block op's shortcut pads channels only at stride 2");
+  TORCH_CHECK(!residual || x.size(1) + pad_lo + pad_hi == w2.size(0),
+              "reslab: the shortcut's channels (", x.size(1), " + ", pad_lo, " + ", pad_hi,
+              ") must be the block's (", w2.size(0), ")");
+}
+
 }  // namespace
 
 at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& g1,
@@ -209,12 +221,7 @@ at::Tensor basic_block_train(const at::Tensor& x, const at::Tensor& w1, const at
                              const at::Tensor& batches2, double momentum2, double eps2,
                              bool residual, int64_t stride, int64_t pad_lo, int64_t pad_hi) {
   RECORD_FUNCTION("reslab::basic_block", std::vector<c10::IValue>());  // for profiles
-  TORCH_CHECK(stride == 1 || stride == 2, "reslab: a block op of stride 1 or 2, not ", stride);
-  TORCH_CHECK(pad_lo >= 0 && pad_hi >= 0 && (stride == 2 || pad_lo + pad_hi == 0),
-              "reslab: a block op's shortcut pads channels only at stride 2");
-  TORCH_CHECK(!residual || x.size(1) + pad_lo + pad_hi == w2.size(0),
-              "reslab: the shortcut's channels (", x.size(1), " + ", pad_lo, " + ", pad_hi,
-              ") must be the block's (", w2.size(0), ")");
+  check_geometry(x, w2, residual, stride, pad_lo, pad_hi);
   return BasicBlockOp::apply(x, w1, g1, b1, w2, g2, b2,
                              Norm{running_mean1, running_var1, batches1, momentum1, eps1},
                              Norm{running_mean2, running_var2, batches2, momentum2, eps2},
@@ -235,12 +242,7 @@ at::Tensor basic_block_infer(const at::Tensor& x, const at::Tensor& w1,
                              const std::optional<at::Tensor>& b2, bool residual, int64_t stride,
                              int64_t pad_lo, int64_t pad_hi) {
   RECORD_FUNCTION("reslab::basic_block_infer", std::vector<c10::IValue>());  // for profiles
-  TORCH_CHECK(stride == 1 || stride == 2, "reslab: a block op of stride 1 or 2, not ", stride);
-  TORCH_CHECK(pad_lo >= 0 && pad_hi >= 0 && (stride == 2 || pad_lo + pad_hi == 0),
-              "reslab: a block op's shortcut pads channels only at stride 2");
-  TORCH_CHECK(!residual || x.size(1) + pad_lo + pad_hi == w2.size(0),
-              "reslab: the shortcut's channels (", x.size(1), " + ", pad_lo, " + ", pad_hi,
-              ") must be the block's (", w2.size(0), ")");
+  check_geometry(x, w2, residual, stride, pad_lo, pad_hi);
   // The convolutions take bf16 operands as they are (autocast would only cast them to bf16).
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto bias = [](const std::optional<at::Tensor>& b, const at::Tensor& w) {
