@@ -12,18 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from reslab.engine.eval_run import fast_eval_model
-from reslab.models import block_op, conv_wgrad
+from reslab.models import block_op
 from reslab.models.bn_act import load_kernel
 from reslab.models.cifar import cifar_resnet
 
 CL = torch.channels_last
-
-
-@pytest.fixture(scope="module")
-def ext():
-    if not conv_wgrad.available():
-        pytest.skip("the AMX kernels do not run on this CPU (built without AMX tiles)")
-    return load_kernel()
 
 
 def _ints(shape, seed, lo=-1, hi=2):

@@ -10,17 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reslab.models import conv_wgrad
-from reslab.models.bn_act import load_kernel
-
 CL = torch.channels_last
-
-
-@pytest.fixture(scope="module")
-def ext():
-    if not conv_wgrad.available():
-        pytest.skip("the AMX kernels do not run on this CPU (built without AMX tiles)")
-    return load_kernel()
 
 
 def _ints(shape, seed):

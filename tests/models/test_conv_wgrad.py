@@ -26,13 +26,6 @@ def small_batches(monkeypatch):
     monkeypatch.setattr(conv_wgrad, "_BLOCK", 1)
 
 
-@pytest.fixture(scope="module")
-def ext():
-    if not conv_wgrad.available():
-        pytest.skip("the AMX kernel does not run on this CPU (built without AMX tiles)")
-    return load_kernel()
-
-
 def _pair(n, ci, co, h, w, *, ints=False, seed=0, stride=1):
     """(x [n, ci, h, w], dy [n, co, h / stride, w / stride]) bf16 channels_last; small integers
     where `ints`, so that every product and sum is exact in fp32 and the kernel must equal
