@@ -745,7 +745,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from reslab.data.cifar import DataError
     from reslab.engine.eval_run import format_report, run_eval, write_outputs
-    from reslab.errors import check_output_file
+    from reslab.errors import UserError, check_output_file
 
     try:
         # Before the (long) evaluation: its results must have somewhere to go.
@@ -828,6 +828,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except OSError as e:  # the table above is printed; the files could not be written
         return _fail("eval", _os_error(e))
+    except UserError as e:  # e.g. DiskFullError from the atomic writes: one line already
+        return _fail("eval", e)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

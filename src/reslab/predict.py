@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from reslab.data.images import IMAGE_EXTENSIONS, BadImageError, load_image
+from reslab.data.images import IMAGE_EXTENSIONS, BadImageError, check_resize, load_image
 from reslab.data.preprocess import Preprocess, named_preprocess
 from reslab.inference import InferenceModel
 from reslab.models import model_info
@@ -112,7 +112,10 @@ def predict_files(
         for p in chunk:
             pred = Prediction(str(p))
             try:
-                good.append(fit_to_input(load_image(p, max_pixels=max_pixels), pre))
+                img = load_image(p, max_pixels=max_pixels)
+                if not pre.square:  # a square resize is always resize x resize
+                    check_resize(p, *img.shape[-2:], pre.test_resize, max_pixels=max_pixels)
+                good.append(fit_to_input(img, pre))
             except BadImageError as e:
                 pred.error = e.reason
             else:

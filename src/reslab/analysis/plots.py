@@ -122,10 +122,14 @@ def draw_curves(
 
 
 def save_figure(fig: Figure, out: str | Path) -> Path:
+    from reslab.runtime.checkpoint import write_file_atomic
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(out, dpi=120, format="png", bbox_inches="tight", pad_inches=0.1)
+    # Atomic: a kill while an earlier PNG of the same name is rewritten must not leave it empty.
+    write_file_atomic(out, lambda f: fig.savefig(f, dpi=120, format="png", bbox_inches="tight",
+                                                 pad_inches=0.1))  # fmt: skip
     return out
 
 

@@ -28,6 +28,7 @@ from reslab.data.cifar import DataError
 from reslab.data.images import (
     IMAGE_EXTENSIONS,
     BadImageError,
+    check_resize,
     default_max_pixels,
     describe_mode,
     load_image,
@@ -315,10 +316,15 @@ def _raise_unreadable(e: OSError) -> None:
     raise _unreadable_dir(e, e.filename)
 
 
-def _inspect(path: str, check: str, max_pixels: int | None) -> tuple[str | None, str | None, int]:
-    """-> (bad reason or None, conversion or None, shorter side)."""
+def _inspect(
+    path: str, check: str, max_pixels: int | None, min_size: int = 0
+) -> tuple[str | None, str | None, int]:
+    """-> (bad reason or None, conversion or None, shorter side). An image that the upscale to
+    `min_size` would blow up past max_pixels (a thin strip) is bad before anything is decoded."""
     try:
         head = read_header(path, max_pixels=max_pixels)
+        if min_size:
+            check_resize(path, head.height, head.width, min_size, max_pixels=max_pixels)
         if check == "decode":
             img = load_image(path, max_pixels=max_pixels)
             return None, describe_mode(head.mode), min(img.shape[-2:])
@@ -328,14 +334,14 @@ def _inspect(path: str, check: str, max_pixels: int | None) -> tuple[str | None,
 
 
 class _ScanSet(Dataset):
-    def __init__(self, paths: list[str], check: str, max_pixels: int | None) -> None:
-        self.paths, self.check, self.max_pixels = paths, check, max_pixels
+    def __init__(self, paths: list[str], check: str, max_pixels: int | None, min_size: int) -> None:
+        self.paths, self.check, self.max_pixels, self.min_size = paths, check, max_pixels, min_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[str | None, str | None, int]:
-        return _inspect(self.paths[i], self.check, self.max_pixels)
+        return _inspect(self.paths[i], self.check, self.max_pixels, self.min_size)
 
 
 def _warn_each(bad: Sequence[BadFile]) -> None:
@@ -397,11 +403,13 @@ def scan_folder(
         paths = [p for p, _ in listed]
         if num_workers > 0 and len(paths) > 256:
             loader = DataLoader(
-                _ScanSet(paths, check, max_pixels), batch_size=None, num_workers=num_workers
+                _ScanSet(paths, check, max_pixels, min_size),
+                batch_size=None,
+                num_workers=num_workers,
             )
             results = list(loader)
         else:
-            results = [_inspect(p, check, max_pixels) for p in paths]
+            results = [_inspect(p, check, max_pixels, min_size) for p in paths]
         for (path, label), (reason, conv, short) in zip(listed, results):
             if reason is not None:
                 report.bad.append(BadFile(path, reason))
@@ -442,6 +450,7 @@ _SKIP_CODES = {
     4: "decompression bomb",
     5: "unreadable",
     6: "permission denied",
+    7: "extreme aspect ratio",
 }
 
 
@@ -457,7 +466,10 @@ class ImageFolder(Dataset):
 
     `transform` runs on the decoded uint8 tensor in the DataLoader worker (e.g.
     `reslab.data.transforms.imagenet_train_transform()`). Images whose shorter side is below
-    `min_size` are upscaled to it first (so no crop fails), and reported.
+    `min_size` are upscaled to it first (so no crop fails), and reported. `resize`: the shorter
+    side `transform` resizes whole images to (a test-time transform; None for one that crops
+    first). An image that either resize would make larger than `max_pixels` (a thin strip:
+    images.check_resize) is skipped like an undecodable one, before any pixel is resized.
     """
 
     def __init__(
@@ -473,8 +485,10 @@ class ImageFolder(Dataset):
         num_workers: int = 0,
         unknown: Literal["ignore", "refuse"] = "ignore",
         on_bad: Literal["replace", "drop"] = "replace",
+        resize: int | None = None,
     ) -> None:
         self.root, self.transform, self.on_bad = str(root), transform, on_bad
+        self.resize = resize
         # Fixed here, in the process that builds the set: DataLoader workers started by spawn
         # (macOS, Windows) import PIL afresh and would not see a limit raised in this one.
         if max_pixels is None:
@@ -508,7 +522,11 @@ class ImageFolder(Dataset):
         return len(self._labels) if self._index is None else len(self._index)
 
     def _load(self, i: int) -> Tensor:
-        img = load_image(os.fsdecode(self._paths[i]), max_pixels=self.max_pixels)
+        path = os.fsdecode(self._paths[i])
+        img = load_image(path, max_pixels=self.max_pixels)
+        side = max(self.min_size, self.resize or 0)
+        if side:
+            check_resize(path, *img.shape[-2:], side, max_pixels=self.max_pixels)
         if self.min_size and min(img.shape[-2:]) < self.min_size:
             from torchvision.transforms.v2 import functional as F
 

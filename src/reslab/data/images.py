@@ -22,6 +22,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "BadImageError",
     "ImageHeader",
+    "check_resize",
     "default_max_pixels",
     "describe_mode",
     "load_image",
@@ -127,6 +128,27 @@ def _bomb(path: str | Path, w: int, h: int, limit: int) -> BadImageError:
         "; if the image is genuine, raise the limit (--max-pixels N on the command line, "
         "max_pixels=N in Python; the default is PIL.Image.MAX_IMAGE_PIXELS)",
     )
+
+
+def check_resize(
+    path: str | Path, height: int, width: int, shorter_side: int, *, max_pixels: int | None = None
+) -> None:
+    """Refuse an image that resizing its shorter side to `shorter_side` would blow up past the
+    decompression-bomb limit: a strip of 1 x 40,000,000 pixels is under the limit as stored (a
+    PNG of 116 KB) but 32 x 1,280,000,000 once its shorter side is 32, hundreds of GB in float.
+    The header check cannot see this: it depends on the size the image is resized to."""
+    limit = default_max_pixels() if max_pixels is None else max_pixels
+    short, long_ = min(height, width), max(height, width)
+    if short <= 0 or shorter_side <= short:
+        return  # shrinking never makes an image larger than it is (read_header checked that)
+    grown = shorter_side * (shorter_side * long_ // short)
+    if grown > limit:
+        raise BadImageError(
+            path,
+            f"extreme aspect ratio: {width}x{height} with its shorter side resized to "
+            f"{shorter_side} would be {grown:,} pixels, over the limit of {limit:,}; crop the "
+            "image (or raise --max-pixels / max_pixels=N)",
+        )
 
 
 def read_header(

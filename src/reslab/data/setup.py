@@ -213,6 +213,7 @@ def build_folder(
         else:
             held_out = copy.copy(train_ds)  # same files and skip marks, test-time transform
             held_out.transform = eval_tf
+            held_out.resize = None if pre.square else cfg.resize  # what eval_tf resizes to
             held_out = held_out.select(val_idx)
             notes.append(f"validation: {len(val_idx)} of {len(train_ds)} images held out "
                          f"(val_fraction {cfg.val_fraction}, stratified, seed {cfg.seed})")  # fmt: skip
@@ -241,7 +242,8 @@ def build_folder(
         if val_dir is not None:
             val_ds = ImageFolder(val_dir, transform=eval_tf, classes=classes, unknown="refuse",
                                  num_workers=min(cfg.workers or cores, cores),
-                                 max_pixels=cfg.max_pixels)  # fmt: skip
+                                 max_pixels=cfg.max_pixels,
+                                 resize=None if pre.square else cfg.resize)  # fmt: skip
         if cfg.eval_subset:
             val_ds = val_ds.select(range(min(cfg.eval_subset, len(val_ds))))
         # Ten-crop: a tenth of the images per batch, so a batch holds as many crops as in training.

@@ -213,6 +213,7 @@ def compute_folder_stats(
         num_workers=num_workers,
         max_pixels=max_pixels,
         on_bad="drop",  # a file that fails to decode is left out, not counted twice
+        resize=resize,
     )
     subset: Any = ds
     if max_images is not None and max_images < len(ds):

@@ -224,8 +224,10 @@ def folder_batches(
         sides = tuple(scales or default_scales(pre.input_size))
         tf = functools.partial(T.multiscale_views, shorter_sides=sides)
         batch_size = 1  # every image has its own aspect ratio at every scale
+        resize = max(sides)
     ds = ImageFolder(data, transform=tf, labels_file=labels_file, classes=classes,
-                     unknown="refuse", max_pixels=max_pixels)  # fmt: skip
+                     unknown="refuse", max_pixels=max_pixels,
+                     resize=None if pre.square and views != "multi-scale" else resize)  # fmt: skip
     part = Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
     # pin_memory (for a CUDA device): the evaluator's non_blocking copies are asynchronous only
     # from pinned memory; from pageable memory each one blocks the host.
@@ -374,6 +376,8 @@ def write_outputs(
     }
     json_path = json_path or out_dir / "eval.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(doc, indent=1))
+    from reslab.runtime.checkpoint import write_text_atomic
+
+    write_text_atomic(json_path, json.dumps(doc, indent=1))  # a kill keeps the previous report
     written.append(json_path)
     return written

@@ -193,5 +193,7 @@ def write_report(
     lines += [train_command(r.spec.cfg) for r in results] + ["```"]
     lines += ["", "## Hardware and versions", "", hardware_table(), ""]
     path = ctx.out / "REPORT.md"
-    path.write_text("\n".join(lines))
+    from reslab.runtime.checkpoint import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines))  # a kill keeps the previous report
     return path

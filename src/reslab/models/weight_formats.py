@@ -118,6 +118,11 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
         raise bad(f"preprocess input_size {p.input_size} / resize {resize!r} is out of range")
     if p.mean.dim() != 3 or p.mean.shape[0] != 3 or not torch.isfinite(p.mean).all():
         raise bad(f"preprocess mean has shape {list(p.mean.shape)} or non-finite values")
+    if tuple(p.mean.shape[1:]) not in ((1, 1), (p.input_size, p.input_size)):
+        # A mean image is subtracted from inputs of input_size: any other size would fail as a
+        # broadcast error deep inside predict (eval and training fall back to its channel means).
+        raise bad(f"preprocess mean image is {p.mean.shape[1]}x{p.mean.shape[2]} but input_size "
+                  f"is {p.input_size}")  # fmt: skip
     if p.std.shape != (3, 1, 1) or not (torch.isfinite(p.std).all() and (p.std > 0).all()):
         raise bad(f"preprocess std {p.std.flatten().tolist()} is not 3 positive numbers")
 

@@ -90,6 +90,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     _write_atomic(Path(path), lambda f: f.write(text.encode()))
 
 
+def write_file_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Replace `path` with what write(f) puts in a binary file, atomically: a kill leaves the
+    old file or the new one, never a truncated one (a figure, a report, an export)."""
+    _write_atomic(Path(path), write)
+
+
 def copy_atomic(src: str | Path, dst: str | Path) -> None:
     """Copy a file atomically (best.pt from the last.pt written at the same step)."""
     _write_atomic(Path(dst), lambda f: f.write(Path(src).read_bytes()))
