@@ -118,6 +118,11 @@ def test_a_closed_pipe_ends_quietly() -> None:
         ["train", "--threads", "100000"],
         ["demo", "--minutes", "nan"],
         ["demo", "--minutes", "-1"],
+        ["eval", "--checkpoint", "c.pt", "--views", "multi-scale", "--scales", "100000"],
+        ["train", "--iters", "5", "--epochs", "nan"],  # checked although --iters wins
+        ["train", "--iters", "5", "--epochs", "-1"],
+        ["train", "--epochs", "1e30"],
+        ["train", "--nproc", "0"],
     ],
 )
 def test_numbers_no_command_can_use_are_refused_by_the_parser(argv, capsys) -> None:
@@ -181,3 +186,18 @@ def test_max_restarts_without_nproc_is_refused_not_ignored(capsys, tmp_path) -> 
     err = capsys.readouterr().err
     assert "--max-restarts works with --nproc N" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["eval", "--checkpoint", "c.pt", "--model", "resnet56"], "--model goes with --weights"),
+        (["eval", "--checkpoint", "c.pt", "--scales", "40"], "--scales goes with --views multi"),
+        (["train", "--lr", "nan", "--iters", "1"], "reslab train: error: lr must be a number"),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused_in_one_line(argv, line, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert line in err[-1] and "Traceback" not in "".join(err), err
+    assert err[-1].count("reslab ") == 1  # the command named once, not "reslab x: reslab x:"

@@ -85,7 +85,9 @@ def _fail(cmd: str, err: BaseException | str) -> int:
 
     for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line first
         bar.close()
-    print(f"reslab {cmd}: error: {_one_line(err)}", file=sys.stderr)
+    line = _one_line(err)
+    line = line.removeprefix(f"reslab {cmd}: ")  # a message that already names the command
+    print(f"reslab {cmd}: error: {line}", file=sys.stderr)
     return 2
 
 
@@ -425,7 +427,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"])
     p.add_argument("--iters", type=_positive, help="iterations; a step schedule's milestones "
                    "scale with it")  # fmt: skip
-    p.add_argument("--epochs", type=float, help="passes over the training set (sets --iters)")
+    p.add_argument("--epochs", type=_epochs, help="passes over the training set (sets --iters)")
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--batch-size", type=_positive, help="mini-batch, over all processes")
     p.add_argument("--workers", type=_workers, help="image-folder loader processes (default: auto)")
@@ -457,7 +459,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "eval; --resume continues a stopped run with the limit afresh")  # fmt: skip
     p.add_argument("--download", action="store_true", help="fetch CIFAR if it is missing")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
-    p.add_argument("--nproc", type=int, help="processes on this machine (wraps torchrun)")
+    p.add_argument("--nproc", type=_positive, help="processes on this machine (wraps torchrun)")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="with --nproc: restart the processes this often after a failure; "
                    "they resume from RUN_DIR/last.pt")  # fmt: skip
@@ -621,6 +623,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _epochs(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and 0 < v <= 100_000):  # checked even where --iters overrides it
+        raise argparse.ArgumentTypeError(f"must be a number of epochs in (0, 100000], got {text!r}")
+    return v
+
+
 def _pixels(hi: int) -> Callable[[str], int]:
     """An argparse type for an image side: 8..hi pixels (a typo must not become a huge batch)."""
 
@@ -749,6 +761,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         # Before the (long) evaluation: its results must have somewhere to go.
+        if args.scales and args.views != "multi-scale":
+            raise ValueError("--scales goes with --views multi-scale; add it or drop --scales")
+        if args.checkpoint and args.model is not None:  # as predict and export refuse it
+            raise ValueError("--model goes with --weights; a --checkpoint names its own model")
         check_output_file(args.json, "--json", [*(args.checkpoint or ()), args.weights])
         files = args.checkpoint or [args.weights]
         out = Path(args.out) if args.out else None
@@ -882,7 +898,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "(CIFAR: of the 4-pixel-padded image)")  # fmt: skip
     p.add_argument(
         "--scales",
-        type=_positive,
+        type=_pixels(MAX_RESIZE),
         nargs="+",
         default=None,
         help="input sides for --views multi-scale (default 32 40 48 for 32px "
