@@ -90,3 +90,53 @@ def test_a_finished_demo_is_reported_not_trained_again(tmp_path: Path) -> None:
     assert _finished(cfg) is None
     (d / "final.json").write_text("{damaged")
     assert _finished(cfg) is None
+
+
+def test_download_is_tried_before_the_speed_is_measured(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Offline, `reslab demo --download` (what `make demo` runs without $RESLAB_DATA) had
+    measured the speed for a minute before the download failed."""
+    import reslab.data.cifar as cifar
+    import reslab.demo as demo
+    from reslab.data.cifar import DataError
+
+    def offline(root, *, dataset="cifar10"):
+        raise DataError(f"could not download {dataset} (offline)")
+
+    def never(*a, **k):
+        raise AssertionError("speed measured before the download")
+
+    monkeypatch.setattr(cifar, "download_cifar", offline)
+    monkeypatch.setattr(demo, "seconds_per_step", never)
+    rc = main(["demo", "--download", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "could not download cifar10" in capsys.readouterr().err
+
+
+def test_the_speed_is_measured_on_the_trainers_cpu_paths(monkeypatch) -> None:
+    """The plan had timed the eager step while training ran reslab's CPU kernels (2x on
+    Intel AMX), so a demo asked for 4 minutes trained about 2."""
+    import reslab.models.cpu_paths as cpu_paths
+    from reslab.demo import seconds_per_step
+
+    seen = []
+    monkeypatch.setattr(cpu_paths, "use_cpu_training_paths",
+                        lambda model, **kw: seen.append(kw) or (None, None))  # fmt: skip
+    cfg = replace(load_recipe("cifar10-fast"), device="cpu", precision="fp32", batch_size=4)
+    assert seconds_per_step(cfg, steps=3) > 0
+    assert len(seen) == 1 and seen[0]["precision"] == "fp32"
+    assert seconds_per_step(replace(cfg, fused_bn_act=False, tiled_wgrad=False), steps=3) > 0
+    assert seen[1]["fused_bn_act"] is False and seen[1]["tiled_wgrad"] is False
+
+
+@pytest.mark.parametrize("iters", [20, 37, 136, 137, 259, 655, 6001])
+def test_the_last_planned_evaluation_is_the_final_one(iters: int) -> None:
+    """iters // 4 evaluated at 652 and again at 655 (the final evaluation) in a 655-iteration
+    demo: a second pass over the test set and a row trained on 3 batches."""
+    from reslab.demo import plan_every
+
+    every = plan_every(iters)
+    periodic = list(range(every, iters + 1, every))
+    evals = sorted(set(periodic) | {iters})
+    assert len(evals) <= 5
+    assert min(b - a for a, b in zip([0, *evals], evals)) >= min(every, iters) // 2

@@ -336,6 +336,25 @@ def _notice(text: str) -> None:
     print(f"reslab train: {text}", file=sys.stderr, flush=True)
 
 
+def _check_something_to_resume(out: str) -> None:
+    """`--resume` into a folder with no run (a mistyped --out) had started a new run of the
+    defaults (64k iterations of cifar10-paper) under the banner "recipe the run's config.yaml".
+    A run killed before its first checkpoint still has its config.yaml and starts again on it."""
+    from pathlib import Path
+
+    from reslab.engine.rundir import RunDirError
+
+    run = Path(out)
+    if not (run / "last.pt").exists() and not (run / "config.yaml").exists():
+        where = (
+            "does not exist" if not run.exists() else "holds no run (no last.pt, no config.yaml)"
+        )
+        raise RunDirError(
+            f"--resume: {out} {where}: nothing to resume; check --out, or leave out --resume to "
+            "start a new run there"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
@@ -354,6 +373,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         cfg = _train_config(args)
+        if args.resume:
+            _check_something_to_resume(cfg.out)
         recipe = args.recipe or ("the run's config.yaml" if args.resume else _auto_recipe(args))
         final = train(cfg, resume=args.resume, recipe=recipe)
     except (UserError, TrainingDiverged) as e:

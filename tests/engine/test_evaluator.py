@@ -272,6 +272,12 @@ def test_an_image_folder_loader_is_evaluated_with_a_preprocess_and_refused_raw(t
     r = evaluate(model, loader, device="cpu", num_classes=2, normalize=pre)
     want = evaluate(model, loader, device="cpu", num_classes=2, normalize=pre.normalize)
     assert r.num_samples == 6 and r.top1_error == want.top1_error and r.loss == want.loss
+    # a checkpoint's `preprocess` (and WeightsInfo.preprocess) is the dict it stores: it had
+    # failed deep inside with "'dict' object is not callable"
+    stored = evaluate(model, loader, device="cpu", num_classes=2, normalize=pre.to_dict())
+    assert stored.top1_error == r.top1_error and stored.loss == r.loss
+    with pytest.raises(TypeError, match="normalize must be a callable, a Preprocess"):
+        evaluate(model, loader, device="cpu", num_classes=2, normalize="imagenet")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="the loader gives uint8 images: pass normalize="):
         evaluate(model, loader, device="cpu", num_classes=2)
 

@@ -196,6 +196,33 @@ def test_damaged_last_pt(cifar_root: Path, run_copy: Path, capsys, content: str)
     assert digest(run_copy) == before
 
 
+def test_resume_into_a_folder_without_a_run_refuses(
+    cifar_root: Path, tmp_path: Path, capsys
+) -> None:
+    """A mistyped --out with --resume had started a new run of the defaults (64k iterations of
+    cifar10-paper without train_args' overrides) under the banner "recipe the run's config.yaml"."""
+    missing = tmp_path / "typo"
+    fails_cleanly(["train", "--out", str(missing), "--resume", "--data", str(cifar_root)], capsys,
+                  "--resume:", "does not exist: nothing to resume")  # fmt: skip
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails_cleanly(train_args(cifar_root, empty, "--resume"), capsys, "holds no run")
+    assert list(empty.iterdir()) == []
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(
+    cifar_root: Path, tmp_path: Path
+) -> None:
+    """Its config.yaml is there, no last.pt: --resume starts it again on that config."""
+    out = tmp_path / "early"
+    assert main(train_args(cifar_root, out)) == 0
+    for name in ("last.pt", "final.json", "metrics.jsonl"):
+        (out / name).unlink()
+    assert main(train_args(cifar_root, out, "--resume")) == 0
+    assert (out / "last.pt").exists()
+
+
 def test_resume_without_last_pt_refuses(cifar_root: Path, run_copy: Path, capsys) -> None:
     (run_copy / "last.pt").unlink()
     before = digest(run_copy)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reslab.engine.eval_run import fast_eval_model
-from reslab.models import block_op
+from reslab.models import block_op, fused_eval
 from reslab.models.bn_act import load_kernel
 from reslab.models.cifar import cifar_resnet
 
@@ -130,6 +130,7 @@ def test_folded_block_takes_the_kernel_and_equals_float64(ext, monkeypatch, resi
             return kernel.basic_block_infer(*args)
 
     monkeypatch.setattr(block_op, "load_kernel", lambda: Spy())
+    monkeypatch.setattr(fused_eval, "ENABLED", False)  # the kernel: where oneDNN's op is absent
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = block(x)
     assert len(calls) == 1
@@ -164,12 +165,13 @@ def test_folded_resnet_logits_match_the_eager_ops(ext, monkeypatch):
         return out
 
     monkeypatch.setattr(block_op, "infer", counted)
+    monkeypatch.setattr(fused_eval, "ENABLED", False)  # the kernel: where oneDNN's op is absent
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fast = model(x).float()
         monkeypatch.setattr(block_op, "INFER", False)
         eager = model(x).float()
     with torch.no_grad():
-        exact = model(x)  # fp32: no autocast, so the eager ops
+        exact = model(x)  # fp32: no autocast, and the eager ops
     assert n[:9] == [True] * 9  # all 9 blocks, then (INFER off, or fp32) none
     assert not any(n[9:])
     torch.testing.assert_close(fast, eager, rtol=0.05, atol=0.05 * eager.abs().max().item())

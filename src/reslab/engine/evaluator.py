@@ -268,13 +268,21 @@ def evaluate_ensemble(
 
 
 def _as_normalizer(norm: object) -> Normalize | None:
-    """A Preprocess becomes its normalisation (any input size, as `reslab eval` applies it)."""
+    """A Preprocess becomes its normalisation (any input size, as `reslab eval` applies it);
+    so does the dict a checkpoint stores as its `preprocess` (also `WeightsInfo.preprocess`)."""
     from reslab.data.preprocess import Preprocess
 
+    if isinstance(norm, dict):
+        norm = Preprocess.from_dict(norm)
     if isinstance(norm, Preprocess):
         from reslab.engine.eval_run import normalizer  # here: eval_run imports this module
 
         return normalizer(norm)
+    if norm is not None and not callable(norm):
+        raise TypeError(
+            f"normalize must be a callable, a Preprocess or a checkpoint's preprocess dict, "
+            f"not {type(norm).__name__}"
+        )
     return norm  # type: ignore[return-value]
 
 

@@ -38,7 +38,8 @@ ENABLED = True
 # False: stride-2 blocks (a stage's first) take their per-op path (benchmarks/ab_block_op.py
 # --transitions compares the two).
 TRANSITIONS = True
-# False: eval-mode blocks take their eager ops (benchmarks/ab_session39.py compares the two).
+# False: eval-mode blocks take oneDNN's fused convolutions (models/fused_eval.py) or their
+# eager ops (benchmarks/ab_session39.py and ab_fused_eval.py compare them).
 INFER = True
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reslab.models import block_op
+from reslab.models import block_op, fused_eval
 from reslab.models.bn_act import bn_relu, fork_for_shortcut
 from reslab.models.layers import PadShortcut, _hooked, conv1x1, conv3x3, make_shortcut
 from reslab.models.tiled_wgrad import apply_conv, wgrad_path
@@ -74,11 +74,14 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused, tiled = self.fused_bn_act, self.tiled_wgrad
         # The whole block as one op where it applies (models/block_op.py): training with both
-        # CPU paths on; eval with its BatchNorms folded (as `reslab eval` runs it), on AMX.
+        # CPU paths on. Eval with its BatchNorms folded (as `reslab eval` runs it): on AMX in
+        # bf16, two calls of reslab's kernel; elsewhere two oneDNN convolutions with the bias,
+        # add and ReLUs fused in (models/fused_eval.py).
         if self.training:
             out = block_op.forward(self, x) if fused and tiled else None
         else:
             out = block_op.infer(self, x)
+            out = fused_eval.block(self, x) if out is None else out
         if out is not None:
             return out
         out, short = _conv_and_shortcut(self, self.conv1, x, tiled=tiled)
@@ -125,6 +128,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused, tiled = self.fused_bn_act, self.tiled_wgrad
+        out = None if self.training else fused_eval.block(self, x)  # BN folded: 3 fused convs
+        if out is not None:
+            return out
         out, short = _conv_and_shortcut(self, self.conv1, x, tiled=False)  # 1x1: never tiled
         out = bn_relu(self.bn1, out, fused=fused)
         out = bn_relu(self.bn2, apply_conv(self.conv2, out, tiled=tiled), fused=fused)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reslab.models import fused_eval
 from reslab.models.blocks import BasicBlock
 from reslab.models.bn_act import bn_relu
 from reslab.models.registry import ModelInfo, register_model
@@ -52,7 +53,9 @@ class CifarResNet(nn.Module):
     fused_bn_act = False  # the stem's relu(bn1(conv1)), as in BasicBlock
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = bn_relu(self.bn1, self.conv1(x), fused=self.fused_bn_act)  # [N, 16, 32, 32]
+        # [N, 16, 32, 32]; BN folded in eval: one oneDNN op (models/fused_eval.py)
+        stem = None if self.training else fused_eval.stem(self.conv1, self.bn1, x)
+        x = bn_relu(self.bn1, self.conv1(x), fused=self.fused_bn_act) if stem is None else stem
         return self.layer3(self.layer2(self.layer1(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reslab.models import fused_eval
 from reslab.models.blocks import BasicBlock, Block, Bottleneck
 from reslab.models.bn_act import bn_relu
 from reslab.models.registry import ModelInfo, register_model
@@ -54,7 +55,11 @@ class ResNet(nn.Module):
     fused_bn_act = False  # the stem's relu(bn1(conv1)), as in BasicBlock (models/bn_act.py)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(bn_relu(self.bn1, self.conv1(x), fused=self.fused_bn_act))
+        # [N, 3, H, W] -> [N, 64, H/2, W/2]: BN folded in eval, one oneDNN op (models/fused_eval.py)
+        stem = None if self.training else fused_eval.stem(self.conv1, self.bn1, x)
+        if stem is None:
+            stem = bn_relu(self.bn1, self.conv1(x), fused=self.fused_bn_act)
+        x = self.maxpool(stem)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
