@@ -71,12 +71,17 @@ def test_predict_reports_a_strip_that_resizing_would_blow_up(tmp_path: Path) -> 
     assert seen == [(1, 3, 32, 32)]  # the good image alone went through the model
 
 
-def test_a_strip_in_an_image_folder_is_skipped_not_resized(tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    for i in range(3):
+def _folder_with_a_strip(root: Path, per_class: int) -> Path:
+    """Class folders a/ and b/ of `per_class` 40x40 PNGs each, and a 20000x1 strip in a/."""
+    for i in range(per_class):
         _png(root / "a" / f"{i}.png", i)
         _png(root / "b" / f"{i}.png", 10 + i)
     _strip_png(root / "a" / "strip.png", 20_000)
+    return root
+
+
+def test_a_strip_in_an_image_folder_is_skipped_not_resized(tmp_path: Path) -> None:
+    root = _folder_with_a_strip(tmp_path / "data", 3)
     # Test-time: shorter side to 36 before the crop (`resize`): found when it is loaded.
     ds = ImageFolder(root, max_pixels=1_000_000, resize=36)
     i = next(k for k, (p, _) in enumerate(ds.samples) if p.endswith("strip.png"))
@@ -177,11 +182,7 @@ def test_data_check_and_the_training_scan_report_a_strip_before_decoding(tmp_pat
     from reslab.data.check import check_folder
     from reslab.data.folder import scan_folder
 
-    root = tmp_path / "data"
-    for i in range(2):
-        _png(root / "a" / f"{i}.png", i)
-        _png(root / "b" / f"{i}.png", 10 + i)
-    _strip_png(root / "b" / "strip.png", 20_000)
+    root = _folder_with_a_strip(tmp_path / "data", 2)
     for check in ("header", "decode"):
         report = scan_folder(root, check=check, min_size=32, max_pixels=1_000_000, warn=False)
         assert [Path(b.path).name for b in report.bad] == ["strip.png"], check
