@@ -126,7 +126,7 @@ def stem(conv_: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | N
     return conv(conv_, x, dtype, relu=True)
 
 
-def _shortcut(block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def _shortcut(block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The block's shortcut of x: x itself, option A's padded subsample (eager), or a folded
     projection (options B/C: Sequential(conv, Identity)) as one fused conv."""
     ds = block.downsample
