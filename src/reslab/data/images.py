@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,11 +179,15 @@ def read_header(
                 animated = bool(getattr(im, "is_animated", False))  # looks at frame 2 only
                 turned = im.format not in ("JPEG", "PNG") and _orientation(im) not in (0, 1)
     except Image.DecompressionBombError as e:
+        # PIL refuses to open past twice its limit, and its message quotes that doubled number:
+        # keep the image's size from it, and name reslab's limit
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(size.group(1)):,} pixels" if size else "the image"
         raise BadImageError(
             path,
-            f"decompression bomb: {e} If the image is genuine, raise the limit (--max-pixels N "
-            "on the command line, max_pixels=N in Python; the default is "
-            "PIL.Image.MAX_IMAGE_PIXELS).",
+            f"decompression bomb: {pixels} is more than twice the limit of {limit:,}; if the "
+            "image is genuine, raise the limit (--max-pixels N on the command line, "
+            "max_pixels=N in Python; the default is PIL.Image.MAX_IMAGE_PIXELS)",
         ) from None
     except UnidentifiedImageError:
         ext = Path(path).suffix.lower()
