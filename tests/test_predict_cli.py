@@ -269,3 +269,15 @@ def test_max_pixels_is_a_flag_of_every_command_that_reads_images(
     for argv in (["train"], ["eval", "--checkpoint", "c.pt"], ["data", "stats", "d"],
                  ["data", "check", "d"]):  # fmt: skip
         assert build_parser().parse_args([*argv, "--max-pixels", "7"]).max_pixels == 7
+
+
+def test_export_into_a_folder_that_refuses_files_names_out(model_file, capsys) -> None:
+    """/proc accepts no new file: the export fails at its atomic write, and the line names
+    --out (not the temporary file beside it)."""
+    if not Path("/proc/self").exists():
+        pytest.skip("needs Linux's /proc")
+    path, _ = model_file
+    out = "/proc/reslab-test.pt"
+    assert main(["export", "--checkpoint", str(path), "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out}: " in err[0] and ".tmp" not in err[0], err

@@ -107,10 +107,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out", [args.checkpoint, args.weights])
         model, info = _load_model_source(args)
         out, size = export_weights(model, info, args.out, format=args.format)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError) as e:
         return _fail("export", e)
     except OSError as e:  # e.g. the folder became unwritable, or the disk is full
-        return _fail("export", _os_error(e))
+        from pathlib import Path
+
+        # the atomic write's temporary file beside --out (.NAME.tmpXXXX): name --out instead
+        if e.filename and Path(str(e.filename)).name.startswith(f".{Path(args.out).name}."):
+            return _fail("export", f"--out {args.out}: {e.strerror or e} (writing beside it); "
+                         "choose a folder you can write to")  # fmt: skip
+        return _fail("export", e if isinstance(e, FileNotFoundError) else _os_error(e))
     print(f"wrote {out} ({args.format}, {info.model_name}, input [N, 3, {size}, {size}])")
     return 0
 

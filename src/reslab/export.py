@@ -126,7 +126,10 @@ def _export_torchscript(
         # torch.jit is deprecated upstream but is still what TorchScript consumers load.
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(out), _extra_files={_TS_META: json.dumps(meta)})
+        # opened here: a folder that refuses the file is an OSError naming it (torch's own
+        # writer raised a RuntimeError from C++ without the path)
+        with open(out, "wb") as f:
+            torch.jit.save(traced, f, _extra_files={_TS_META: json.dumps(meta)})
 
 
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
