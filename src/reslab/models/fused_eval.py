@@ -31,8 +31,9 @@ from reslab.models.layers import _hooked
 
 ENABLED = True  # off: eval blocks run their eager ops (A/B benchmarks, tests)
 # Inputs of fewer elements keep the eager ops: there the fused op's per-call work (casts,
-# checks) did not pay (session 40, InferenceModel on ResNet-20: with every conv fused, x0.78 and
-# x0.87 of the eager ops at 1 and 8 images; with this limit x1.0-1.3 from 64 images on).
+# checks) did not pay (session 40, InferenceModel on ResNet-20 with every conv fused: x0.79 and
+# x0.87 of the eager ops at 1 and 8 images in bf16, x0.67 at 1 image in fp32; from 256 images,
+# where every block's input is over this limit, x1.11-1.15 in fp32).
 MIN_ELEMENTS = 1 << 20
 
 
