@@ -239,7 +239,7 @@ def _train_config(args: argparse.Namespace):
     image folder gets the finetune recipe; without --model, --weights name the architecture."""
     import os
 
-    from reslab.data import resolve_data_root
+    from reslab.data import check_data_root, resolve_data_root
     from reslab.engine.config import TrainConfig, load_recipe
 
     stored = _stored_config(args) if args.resume and args.recipe is None else None
@@ -306,6 +306,7 @@ def _train_config(args: argparse.Namespace):
         ):
             if note and os.environ.get("RANK", "0") == "0":
                 _notice(note)
+    check_data_root(cfg.data)  # before it becomes a plain path: name --data or $RESLAB_DATA
     cfg.data = resolve_data_root(cfg.data)
     cfg.validate(source="reslab train")
     return cfg
@@ -314,28 +315,39 @@ def _train_config(args: argparse.Namespace):
 def _stored_config(args: argparse.Namespace):
     """`--resume` without --recipe continues the run as it was configured: RUN_DIR/config.yaml
     (plain YAML, read safely) is the base that --set and the flags change; the trainer then
-    refuses any change other than the run's length and where it runs."""
+    refuses any change other than the run's length and where it runs. Where config.yaml is
+    gone or damaged, the configuration stored in last.pt (the one the trainer compares with)."""
     from pathlib import Path
 
-    from reslab.engine.config import TrainConfig
-
-    path = Path(args.out or "runs/run") / "config.yaml"
-    if not path.is_file():
-        return None
+    from reslab.engine.config import ConfigError, TrainConfig
     from reslab.runtime.yaml_file import YamlFileError, read_yaml
 
-    try:
-        doc = read_yaml(path)
-    except (OSError, YamlFileError) as e:
-        from reslab.engine.config import ConfigError
+    run = Path(args.out or "runs/run")
+    path = run / "config.yaml"
+    doc, damage = None, "is missing"
+    if path.is_file():
+        try:
+            doc = read_yaml(path)
+        except (OSError, YamlFileError) as e:
+            damage = f"cannot be read ({e if isinstance(e, YamlFileError) else e.strerror})"
+        else:
+            if isinstance(doc, dict):
+                return TrainConfig.from_dict(
+                    {k: v for k, v in doc.items() if not k.startswith("_")}, source=str(path)
+                )
+            damage = "is empty" if doc is None else f"holds a {type(doc).__name__}, not a mapping"
+    if not (run / "last.pt").is_file():
+        if damage == "is missing":
+            return None  # nothing to resume from: _check_something_to_resume has said so
+        raise ConfigError(f"{path} {damage} and there is no last.pt; resume with --recipe NAME")
+    from reslab.runtime.checkpoint import load_checkpoint
 
-        reason = e if isinstance(e, YamlFileError) else e.strerror
-        raise ConfigError(f"{path}: cannot be read ({reason}); resume with --recipe NAME") from None
-    if not isinstance(doc, dict):
-        return None
-    return TrainConfig.from_dict(
-        {k: v for k, v in doc.items() if not k.startswith("_")}, source=str(path)
-    )
+    stored = load_checkpoint(run / "last.pt").get("config")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{path} {damage} and {run / 'last.pt'} holds no configuration; "
+                          "resume with --recipe NAME (the run's own)")  # fmt: skip
+    _notice(f"{path} {damage}: resuming with the configuration stored in last.pt")
+    return TrainConfig.from_dict(stored, source=f"{run / 'last.pt'}")
 
 
 def _notice(text: str) -> None:
@@ -613,6 +625,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     try:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a file; give a folder for REPORT.md and runs/")
+        from reslab.data import check_data_root
+
+        check_data_root(args.data, folders=False)
         if args.dry_run:
             from reslab.experiments.runner import describe_plan, make_plan
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from reslab.data import resolve_data_root
+from reslab.data import check_data_root, resolve_data_root
 from reslab.engine.config import TrainConfig, load_recipe
 from reslab.models import create_model
 from reslab.runtime.distributed import resolve_device
@@ -64,6 +64,7 @@ _PLANNED = ("iters", "eval_every", "save_every", "warmup_iters", "time_limit")
 
 
 def run_demo(*, data: str | None, out: str, minutes: float, download: bool = False) -> dict:
+    check_data_root(data, folders=False)
     cfg = replace(load_recipe("cifar10-fast"), data=resolve_data_root(data), out=out,
                   download=download)  # fmt: skip
     # A missing CIFAR is named (or fetched) before seconds of speed measurement.

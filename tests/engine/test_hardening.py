@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from reslab.cli import main
@@ -553,10 +554,62 @@ def test_recipes_and_run_configs_are_plain_utf8_yaml_without_aliases(
         and "must be a number of seconds > 0, got 'nan'" in capsys.readouterr().err
     )
     assert not (tmp_path / "s").exists()
-    # A run's own config.yaml damaged the same way: --resume says which file and what to do.
-    (run_copy / "config.yaml").write_bytes(b"model: resnet20\n\xff\xfe\n")
+
+
+def test_a_damaged_or_missing_config_yaml_resumes_on_last_pts_configuration(
+    cifar_root: Path, run_copy: Path, capsys
+) -> None:
+    """config.yaml is the base --resume changes; read as the defaults when damaged, the
+    trainer's refusal had blamed a changed setting (milestones). last.pt holds the same
+    configuration, and it is what the trainer compares with."""
+    damages = {
+        "not UTF-8": lambda p: p.write_bytes(b"model: resnet20\n\xff\xfe\n"),
+        "holds a list, not a mapping": lambda p: p.write_text("- a\n"),
+        "is empty": lambda p: p.write_text(""),
+        "is missing": lambda p: p.unlink(),
+    }
+    for iters, (what, damage) in enumerate(damages.items(), start=3):
+        damage(run_copy / "config.yaml")
+        argv = ["train", "--out", str(run_copy), "--resume", "--data", str(cifar_root)]
+        assert main([*argv, "--iters", str(iters)]) == 0, what
+        err = capsys.readouterr().err
+        assert what in err and "resuming with the configuration stored in last.pt" in err, err
+        assert "error" not in err and "Traceback" not in err
+        assert load_checkpoint(run_copy / "last.pt")["step"] == iters
+        doc = yaml.safe_load((run_copy / "config.yaml").read_text())  # written again
+        assert doc["train_subset"] == 64 and "_run" in doc
+    # Without last.pt there is nothing to take it from: one line naming the file and the fix.
+    (run_copy / "config.yaml").write_text("- a\n")
+    (run_copy / "last.pt").unlink()
     fails_cleanly(["train", "--out", str(run_copy), "--resume", "--data", str(cifar_root)],
-                  capsys, "config.yaml: cannot be read", "not UTF-8", "--recipe NAME")  # fmt: skip
+                  capsys, "config.yaml holds a list", "no last.pt", "--recipe NAME")  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_a_data_path_that_is_a_file_is_named_with_where_it_came_from(
+    how: str, tmp_path: Path, monkeypatch, capsys, finished_run: Path
+) -> None:
+    """Below a file the commands had named impossible paths (FILE/cifar-10-batches-py/...:
+    Not a directory), or blamed --data for $RESLAB_DATA."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.chdir(tmp_path)
+    if how == "env":
+        monkeypatch.setenv("RESLAB_DATA", str(afile))
+        data, origin = [], f"$RESLAB_DATA ({afile}) is a file"
+    else:
+        monkeypatch.delenv("RESLAB_DATA", raising=False)
+        data, origin = ["--data", str(afile)], f"--data {afile} is a file"
+    ckpt = str(finished_run / "last.pt")
+    for argv in (
+        ["train", "--model", "resnet20", "--iters", "2", "--out", "t", *data],
+        ["eval", "--checkpoint", ckpt, "--out", "e", *data],
+        ["demo", "--out", "d", *data],
+        ["reproduce", "table6", "--budget", "smoke", "--out", "r", *data],
+    ):
+        line = fails_cleanly(argv, capsys, origin, "give the directory that holds")
+        assert ("class folders" in line) == (argv[0] in ("train", "eval")), line
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
 def test_devices_compile_modes_and_splits_are_checked_up_front(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.data import resolve_data_root
+from reslab.data import check_data_root, resolve_data_root
 from reslab.data.preprocess import Preprocess
 from reslab.engine.evaluator import EnsembleResult, EvalResult, evaluate_ensemble
 from reslab.runtime.checkpoint import CheckpointError, load_checkpoint
@@ -259,6 +259,7 @@ def run_eval(
     batch_size: images per batch (each then gives 10 crops with ten-crop); default 500 for CIFAR,
     32 for folders. dataset: None takes the first checkpoint's own (`default_dataset`).
     """
+    check_data_root(data)
     data = resolve_data_root(data)
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
