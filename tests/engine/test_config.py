@@ -109,6 +109,15 @@ def test_model_options_of_the_wrong_type_are_refused_naming_the_recipe(tmp_path)
     with pytest.raises(ConfigError, match=r"^recipe .*r\.yaml: model_options\.residual must be "
                        r"true or false, got 'yes'$"):  # fmt: skip
         load_recipe(str(path))
+    # An option no model takes, or a class count none can have: named with the recipe (at
+    # build time the line could not say where the option came from).
+    path.write_text("model: resnet20\nmodel_options: {widen: 2}\n")
+    with pytest.raises(ConfigError, match=r"^recipe .*r\.yaml: model_options\.widen: no model "
+                       r"takes this option; the models' options are \[.*'shortcut'"):  # fmt: skip
+        load_recipe(str(path))
+    path.write_text("model: resnet20\nmodel_options: {num_classes: 0}\n")
+    with pytest.raises(ConfigError, match=r"^recipe .*r\.yaml: model_options\.num_classes must"):
+        load_recipe(str(path))
     path.write_text("model: plain20\nmodel_options: {residual: false, zero_init_residual: yes}\n")
     assert load_recipe(str(path)).model_options == {"residual": False, "zero_init_residual": True}
     c = TrainConfig()

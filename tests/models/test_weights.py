@@ -372,6 +372,8 @@ def test_safetensors_of_a_type_weights_cannot_have_are_refused(
         ({}, list("abcdefghijk"), None, "names 11 classes but the model has 10 outputs"),
         ({}, [*"abcdefghi", "a"], None, "classes names 'a' more than once"),
         ({"residual": "no"}, None, None, "model_options.residual must be true or false, got 'no'"),
+        ({"num_classes": 0}, None, None, "model_options.num_classes must be a whole number in 1.."),
+        ({"widen": 2}, None, None, "model_options.widen: no model takes this option"),
         ({}, None, {"input_size": 32.5}, "preprocess input_size is 32.5, not a whole number"),
         ({}, None, {"square": "yes"}, "preprocess square is 'yes', not true or false"),
     ],

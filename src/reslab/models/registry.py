@@ -122,13 +122,9 @@ def check_options(info: ModelInfo, options: dict[str, Any]) -> None:
             info.name,
             options["shortcut"],
         )
-    n = options.get("num_classes")
-    if n is not None and (
-        not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CLASSES
-    ):
-        raise ModelOptionError(
-            f"num_classes must be a whole number in 1..{MAX_CLASSES}, got {n!r} (model {info.name})"
-        )
+    problem = _num_classes_problem(options.get("num_classes"))
+    if problem:
+        raise ModelOptionError(f"{problem} (model {info.name})")
     for key, value in options.items():
         p = params.get(key)
         problem = None if p is None else _type_problem(key, value, p.default)
@@ -181,11 +177,29 @@ def normalize_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _num_classes_problem(n: Any) -> str | None:
+    if n is not None and (
+        not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CLASSES
+    ):
+        return f"num_classes must be a whole number in 1..{MAX_CLASSES}, got {n!r}"
+    return None
+
+
 def option_type_problem(options: dict[str, Any]) -> str | None:
-    """The first option whose value has the wrong type for every model that takes it (a
-    recipe's or a weights file's options, judged before the model they go to is known)."""
+    """The first option that no model takes, or whose value is wrong for every model taking
+    it (a recipe's or a weights file's options, judged before the model they go to is known).
+    """
     _ensure_loaded()
+    takers = [inspect.signature(i.builder).parameters for i in _REGISTRY.values()]
     for key, value in options.items():
+        if not any(key in ps or any(p.kind is p.VAR_KEYWORD for p in ps.values())
+                   for ps in takers):  # fmt: skip
+            # Caught here, the line names the recipe or file; at build time it could not.
+            known = sorted({k for ps in takers for k, p in ps.items()
+                            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)})  # fmt: skip
+            return f"{key}: no model takes this option; the models' options are {known}"
+        if key == "num_classes" and _num_classes_problem(value):
+            return _num_classes_problem(value)
         problems = [_type_problem(key, value, d) for d in _option_defaults(key)]
         if problems and all(problems):
             return problems[0]
