@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reslab.cli import _train_config, build_parser, main
+from reslab.cli import _empty_flag, _train_config, build_parser, main
 from reslab.engine.config import TrainConfig
 from reslab.engine.progress import banner
 
@@ -201,3 +201,28 @@ def test_flags_that_would_be_ignored_are_refused_in_one_line(argv, line, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert line in err[-1] and "Traceback" not in "".join(err), err
     assert err[-1].count("reslab ") == 1  # the command named once, not "reslab x: reslab x:"
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["train", "--out", ""], "--out"),  # had meant the current directory, silently
+        (["train", "--data=", "--iters", "1"], "--data"),  # had meant $RESLAB_DATA
+        (["eval", "--checkpoint", "c.pt", "--out", ""], "--out"),
+        (["predict", "x.png", "--model", "resnet20", "--weights", "w", "--csv", ""], "--csv"),
+        (["export", "--checkpoint", "", "--out", "m.onnx"], "--checkpoint"),
+    ],
+)
+def test_an_empty_flag_value_is_refused_before_anything_runs(
+    argv, flag, capsys, tmp_path, monkeypatch
+) -> None:
+    """`--out $RUN` with RUN unset: one line naming the flag, and nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"reslab {argv[0]}: error: {flag} is given an empty value (an unset shell "
+                   "variable?); give it one or drop the flag"]  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    # A flag that takes no value before an empty positional is not blamed.
+    argv = ["predict", "--json", "", "--model", "resnet20", "--weights", "w"]
+    assert _empty_flag(argv, build_parser().parse_args(argv)) is None

@@ -1097,6 +1097,18 @@ def _interrupt_hint(args: argparse.Namespace) -> str:
     return "; " + again + ("continues from its last checkpoint" if saved else "starts it again")
 
 
+def _empty_flag(argv: list[str], args: argparse.Namespace) -> str | None:
+    """The first `--flag ""` or `--flag=` whose value the command took as an empty string."""
+    for i, a in enumerate(argv):
+        flag = a[:-1] if a.startswith("--") and a.endswith("=") else None
+        if a == "" and i and argv[i - 1].startswith("--") and "=" not in argv[i - 1]:
+            flag = argv[i - 1]
+        value = getattr(args, (flag or "--")[2:].replace("-", "_"), None)
+        if flag and (value == "" or (isinstance(value, list) and "" in value)):
+            return flag
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for stream in (sys.stdout, sys.stderr):
@@ -1106,6 +1118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     args.argv = argv
+    empty = _empty_flag(argv, args)
+    if empty:
+        # `--out ""` had meant the current directory and `--data ""` $RESLAB_DATA, silently
+        # (an unset shell variable: `--out $RUN`).
+        return _fail(args.command, f"{empty} is given an empty value (an unset shell variable?); "
+                     "give it one or drop the flag")  # fmt: skip
     try:
         rc = args.func(args)
         sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at exit
