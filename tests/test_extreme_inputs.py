@@ -106,6 +106,18 @@ def test_a_strip_that_fits_after_resizing_is_still_read(tmp_path: Path) -> None:
     assert preds[0].error is None
 
 
+def test_a_png_wider_than_libpngs_limit_is_read_without_its_stderr_lines(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """libpng (in torchvision.io) refuses sides over 10^6 pixels, printing two lines of its own
+    in C before PIL read the image anyway; those lines came before reslab's own."""
+    from reslab.data.images import load_image
+
+    img = load_image(_strip_png(tmp_path / "w.png", 1_200_000), max_pixels=2_000_000)
+    assert img.shape == (3, 1, 1_200_000) and int(img[:, 0, ::100_000].float().mean()) == 128
+    assert "libpng" not in "".join(capfd.readouterr())
+
+
 # --- a per-pixel mean image of another size --------------------------------------------------
 
 

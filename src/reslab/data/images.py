@@ -269,7 +269,9 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> Tensor:
     img: Tensor | None = None
     # torchvision decodes every frame of an animation (PIL reads one), and turns only JPEG and
     # PNG upright: PIL takes those cases.
-    if not (head.animated or head.turned):
+    # libpng (inside torchvision.io) refuses a side over 10^6 pixels with two lines of its own
+    # on stderr before reslab could say anything: PIL reads those.
+    if not (head.animated or head.turned or max(head.width, head.height) > 1_000_000):
         try:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         except (RuntimeError, ValueError):
