@@ -108,3 +108,32 @@ def test_folded_batchnorm_gives_the_same_logits(name: str, options: dict, size: 
     torch.testing.assert_close(
         InferenceModel(model, precision="fp32")(x), want, atol=1e-4, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize(("name", "size", "batch"), [("resnet20", 32, 1), ("resnet20", 32, 40),
+                                                     ("resnet18", 64, 2)])  # fmt: skip
+def test_bf16_weights_cast_once_give_autocasts_logits_to_the_bit(
+    name: str, size: int, batch: int
+) -> None:
+    """On the CPU the bf16 path stores conv and linear weights in bf16 once (autocast had cast
+    them on every call): the same rounding, so the same logits as autocast over the fp32
+    folded model, through eager ops (1-2 images), reslab's eval kernel (40) and oneDNN's fused
+    convolutions; biases stay fp32 (the kernel adds them unrounded)."""
+    from reslab.inference import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = reslab.create_model(name).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    runner = InferenceModel(model, precision="bf16")
+    convs = [m for m in runner.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(m.bias is None or m.bias.dtype == torch.float32 for m in convs)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the caller's untouched
+    ref = fold_batchnorm(model).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size)
+    with torch.inference_mode(), P.autocast("bf16", torch.device("cpu")):
+        want = ref(x.contiguous(memory_format=torch.channels_last)).float()
+    assert torch.equal(runner(x), want)

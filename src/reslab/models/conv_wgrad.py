@@ -60,12 +60,17 @@ def usable(x: torch.Tensor, out_channels: int, stride: int = 1) -> bool:
         return False
     if max(c, out_channels) > MAX_CHANNELS:
         return False
-    if n < _BLOCK * torch.get_num_threads():
+    if n < min_images():
         # The kernel shares images among threads in blocks of 16 (so that its sums do not depend
         # on the thread count): fewer images leave threads idle, and it measured slower than
         # oneDNN there (x0.63-0.70 at batch 8-16 on 2 threads, ResNet-18 layer1/2 shapes).
         return False
     return x.is_contiguous(memory_format=torch.channels_last) and available()
+
+
+def min_images() -> int:
+    """The fewest images `usable` takes: 16 a thread (kernels/conv_wgrad.cpp's kBlock)."""
+    return _BLOCK * torch.get_num_threads()
 
 
 def conv_args(stride: int) -> tuple:

@@ -61,12 +61,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype the fused convolutions compute x's forward in, or None where they do not apply."""
     if not ENABLED or torch.is_grad_enabled():
         return None
+    # a plain tensor (not a Proxy, FakeTensor or other subclass: those are traced, not run);
+    # the size before the rest: the few-image calls of `reslab predict` end here, cheaply
+    if type(x) is not torch.Tensor or x.numel() < MIN_ELEMENTS:
+        return None
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
-    # a plain tensor (not a Proxy, FakeTensor or other subclass: those are traced, not run)
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() != 4:
-        return None
-    if x.numel() < MIN_ELEMENTS:
+    if x.device.type != "cpu" or x.dim() != 4:
         return None
     if not x.is_contiguous(memory_format=torch.channels_last):
         return None  # NCHW inputs keep the eager ops (the fused path is measured in channels_last)
