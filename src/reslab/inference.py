@@ -23,6 +23,7 @@ from reslab.models.resnet import ResNet
 from reslab.runtime.precision import autocast, resolve_precision
 
 BACKENDS = ("torch", "onnxruntime")
+PRECAST = True  # off: CPU bf16 weights cast by autocast on every call (benchmarks/ab_precast.py)
 
 
 class InferenceModel:
@@ -64,7 +65,7 @@ class InferenceModel:
         self.precision = resolve_precision(precision, self.device)
         model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
         self.model = model.to(self.device, memory_format=torch.channels_last)
-        if self.device.type == "cpu" and self.precision == "bf16":
+        if PRECAST and self.device.type == "cpu" and self.precision == "bf16":
             precast(self.model, torch.bfloat16)
 
     @torch.inference_mode()
