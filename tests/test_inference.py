@@ -137,3 +137,23 @@ def test_bf16_weights_cast_once_give_autocasts_logits_to_the_bit(
     with torch.inference_mode(), P.autocast("bf16", torch.device("cpu")):
         want = ref(x.contiguous(memory_format=torch.channels_last)).float()
     assert torch.equal(runner(x), want)
+
+
+def test_evaluations_cast_bf16_weights_once_and_score_the_same() -> None:
+    """`reslab eval` and a run's evaluations (eval_run.fast_eval_model) store the weights in
+    bf16 once when the CPU evaluates in bf16: the same softmax scores to the bit; fp32 keeps
+    fp32 weights."""
+    from reslab.engine.eval_run import fast_eval_model
+    from reslab.engine.evaluator import view_probs
+
+    torch.manual_seed(0)
+    net = reslab.create_model("resnet20").eval()
+    cpu = torch.device("cpu")
+    once, per_call = fast_eval_model(net, cpu, "bf16"), fast_eval_model(net, cpu)
+    assert once.conv1.weight.dtype == torch.bfloat16 and once.fc.weight.dtype == torch.bfloat16
+    assert per_call.conv1.weight.dtype == torch.float32
+    assert fast_eval_model(net, cpu, "fp32").conv1.weight.dtype == torch.float32
+    x = torch.randn(40, 3, 32, 32)
+    with torch.inference_mode():
+        a, b = (view_probs(m, x, num_classes=10, precision="bf16") for m in (once, per_call))
+    assert torch.equal(a, b)

@@ -500,7 +500,7 @@ class Trainer:
         from reslab.engine.eval_run import fast_eval_model
 
         try:
-            return fast_eval_model(self.model, self.device)
+            return fast_eval_model(self.model, self.device, self.precision)
         except Exception as e:  # an evaluation must not end the run
             if not self._unfolded_said and self.dist.is_main:
                 self._unfolded_said = True
