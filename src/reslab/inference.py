@@ -20,6 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from reslab.models.blocks import BasicBlock, Bottleneck
 from reslab.models.cifar import CifarResNet
 from reslab.models.resnet import ResNet
+from reslab.runtime.memory import tune_malloc
 from reslab.runtime.precision import autocast, resolve_precision
 
 BACKENDS = ("torch", "onnxruntime")
@@ -53,6 +54,7 @@ class InferenceModel:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.device, self.backend = torch.device(device), backend
+        tune_malloc()  # a forward's activations reused from the heap (reslab.runtime.memory)
         if backend == "onnxruntime":
             if self.device.type != "cpu" or precision not in ("auto", "fp32") or not input_size:
                 raise ValueError(

@@ -19,6 +19,7 @@ from reslab.data.preprocess import Preprocess
 from reslab.engine.evaluator import EnsembleResult, EvalResult, evaluate_ensemble
 from reslab.runtime.checkpoint import CheckpointError, load_checkpoint
 from reslab.runtime.distributed import resolve_device
+from reslab.runtime.memory import tune_malloc
 from reslab.runtime.precision import resolve_precision
 
 REQUIRED_KEYS = ("model_name", "model")
@@ -270,6 +271,7 @@ def run_eval(
     check_data_root(data)
     data = resolve_data_root(data)
     dev = resolve_device(device)
+    tune_malloc()  # an image folder's batches reuse the heap (reslab.runtime.memory)
     precision = resolve_precision(precision, dev)
     if bool(checkpoints) == (weights is not None):
         raise ValueError("give either --checkpoint FILE [FILE ...] or --model NAME --weights FILE")
