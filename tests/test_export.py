@@ -90,3 +90,18 @@ def test_bad_format_and_missing_dir(tmp_path: Path) -> None:
         export_model(model, tmp_path / "m.x", format="tflite", input_size=32)
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         export_model(model, tmp_path / "no_such_dir" / "m.onnx", format="onnx", input_size=32)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_leaves_the_callers_model_as_it_was(tmp_path: Path, fmt: str) -> None:
+    """export_model exports a copy: the caller's model stays in train mode, in its dtype (it was
+    switched to eval mode and cast to float32 in place, so a training loop that exported a
+    snapshot went on training with frozen BatchNorm statistics without a word)."""
+    model = reslab.create_model("resnet20").to(torch.bfloat16).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'pt'}"
+    export_model(model, out, format=fmt, input_size=32)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert read_export_metadata(out)["input_size"] == 32

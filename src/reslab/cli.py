@@ -401,11 +401,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail("train", _os_error(e))
     if os.environ.get("RANK", "0") == "0":
         print(_summary(final, cfg.out))
-        done = int(final.get("iter", 0))
-        if cfg.time_limit is not None and 0 < done < cfg.iters:
+        done, planned = int(final.get("iter", 0)), _planned_iters(cfg)
+        if cfg.time_limit is not None and planned and 0 < done < planned:
             print(f"stopped by the time limit ({cfg.time_limit:g} s) at iteration {done:,} of "
-                  f"{cfg.iters:,}; `reslab train --out {cfg.out} --resume` continues it")  # fmt: skip
+                  f"{planned:,}; `reslab train --out {cfg.out} --resume` continues it")  # fmt: skip
     return 0
+
+
+def _planned_iters(cfg) -> int | None:  # type: ignore[no-untyped-def]
+    """The run's length as it worked it out (from --epochs: RUN_DIR/config.yaml; train() leaves
+    the caller's config as it was)."""
+    from pathlib import Path
+
+    from reslab.runtime.yaml_file import YamlFileError, read_yaml
+
+    try:
+        doc = read_yaml(Path(cfg.out) / "config.yaml")
+    except (OSError, YamlFileError):
+        doc = None
+    iters = doc.get("iters") if isinstance(doc, dict) else None
+    return iters if isinstance(iters, int) else cfg.iters
 
 
 def _one_line(e: BaseException | str) -> str:

@@ -8,6 +8,7 @@ so a consumer needs nothing but the file. :func:`read_export_metadata` reads the
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -71,7 +72,9 @@ def export_model(
         classes=classes,
         input_size=input_size,
     )
-    model = model.to("cpu", torch.float32).eval()
+    # A copy: .to() and .eval() work in place, and the caller's model (a snapshot exported
+    # during training, a bf16 or CUDA model) must stay in its mode, dtype and device.
+    model = copy.deepcopy(model).to("cpu", torch.float32).eval()
     # Batch 2 for tracing: a batch of 1 could let a tracer specialise the batch dimension.
     example = torch.randn(2, 3, input_size, input_size)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

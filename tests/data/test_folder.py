@@ -197,6 +197,27 @@ def test_a_split_replaces_a_late_failure_from_its_own_samples(bad_folder: Path) 
     assert [Path(b.path).name for b in ds.skipped()] == ["truncated.jpg"]  # marks are shared
 
 
+def test_an_index_past_either_end_is_an_index_error(tmp_path: Path) -> None:
+    """ds[len(ds)] raises IndexError (it wrapped round to sample 0), so `for x, y in ds` and
+    `list(ds)`, which stop at the first IndexError, end after len(ds) samples instead of never;
+    negative indices count from the end as in a list."""
+    for k in range(4):
+        (tmp_path / f"class_{k % 2}").mkdir(exist_ok=True)
+        Image.fromarray(_rgb()).save(tmp_path / f"class_{k % 2}" / f"img{k}.png")
+    ds = ImageFolder(tmp_path, transform=center_crop_transform(resize=32, crop_size=24))
+    n = len(ds)
+    assert n == 4
+    for i in (n, n + 1, -n - 1, 10**6):
+        with pytest.raises(IndexError, match=f"index {i} is out of range for {n} samples"):
+            ds[i]
+    assert torch.equal(ds[-1][0], ds[n - 1][0]) and ds[-n][1] == ds[0][1]
+    assert len(list(ds)) == n
+    view = ds.select([1, 2])
+    with pytest.raises(IndexError):
+        view[2]
+    assert len(list(view)) == 2
+
+
 def test_small_images_are_upscaled(bad_folder: Path) -> None:
     ds = ImageFolder(bad_folder, min_size=32)
     i = [Path(p).name for p, _ in ds.samples].index("tiny.png")

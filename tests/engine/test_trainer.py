@@ -292,3 +292,26 @@ def test_time_limit_counts_this_call_only(
     said = capsys.readouterr().out
     assert "done: 6 iterations" in said and "stopped by" not in said
     assert json.loads((out / "final.json").read_text())["iter"] == 6
+
+
+def test_train_leaves_the_callers_config_as_it_was(cifar_root: Path, tmp_path: Path) -> None:
+    """What a run works out (iterations and milestones from epochs, the normalisation) goes into
+    its own copy and RUN_DIR/config.yaml: written back into the caller's object, a config reused
+    for a second run had trained with the first run's values (helper audit C, S3)."""
+    import dataclasses
+
+    import yaml
+
+    cfg = _cfg(cifar_root, tmp_path / "a", epochs=1.0, milestones=[20, 30], eval_every=1000,
+               save_every=1000)  # fmt: skip
+    before = dataclasses.asdict(cfg)
+    train(cfg, progress=False)
+    assert dataclasses.asdict(cfg) == before
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["iters"] == 2 and saved["epochs"] == 1.0  # 64 images / batch 32
+    cfg.out = str(tmp_path / "b")  # the same object, run again: the same resolution, afresh
+    train(cfg, progress=False)
+    again = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert {k: v for k, v in again.items() if k not in ("out", "_run")} == {
+        k: v for k, v in saved.items() if k not in ("out", "_run")
+    }

@@ -537,6 +537,9 @@ class ImageFolder(Dataset):
         """The sample; a file that fails to decode is marked in skipped() and replaced by the
         next usable sample (on_bad="replace": batches stay full) or None (on_bad="drop")."""
         n = len(self)
+        if not -n <= index < n:  # `for x, y in ds` stops at the first IndexError: no wrap here
+            raise IndexError(f"{self.root}: index {index} is out of range for {n} samples")
+        index %= n
         for step in range(min(n, 64)):
             i = (index + step) % n
             i = i if self._index is None else int(self._index[i])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import filecmp
 import json
 import math
@@ -718,7 +719,12 @@ def train(
     label: str | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg`; returns the final evaluation row (also in RUN_DIR/final.json). `label`
-    (a run's name) goes before each printed evaluation row and warning."""
+    (a run's name) goes before each printed evaluation row and warning. `cfg` is left as it
+    was: what the run works out (image size and resize from the weights, iterations from
+    epochs, milestones, normalisation) goes into its own copy, saved as RUN_DIR/config.yaml;
+    written back, a config reused for a second run (other weights) had trained with the first
+    run's values (a torchvision ResNet-18 fine-tuned at 32 px)."""
+    cfg = copy.deepcopy(cfg)
     try:
         with sigint_latch() as seen:
             trainer = Trainer(cfg, resume=resume, progress=progress, recipe=recipe, label=label)
