@@ -157,3 +157,31 @@ def test_evaluations_cast_bf16_weights_once_and_score_the_same() -> None:
     with torch.inference_mode():
         a, b = (view_probs(m, x, num_classes=10, precision="bf16") for m in (once, per_call))
     assert torch.equal(a, b)
+
+
+def test_inputs_a_user_may_pass_are_taken_or_refused_in_one_line() -> None:
+    """fp16/bf16/fp64 images run (fp64 had failed at every precision, fp16/bf16 at fp32); a
+    bf16 model at fp32 runs in fp32; integers, NHWC-less shapes, numpy arrays and a CUDA device
+    this machine lacks are one line saying what to pass (helper audit C, M1-M3)."""
+    torch.manual_seed(0)
+    net = reslab.create_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = InferenceModel(net, precision="fp32")(x)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        got = InferenceModel(net, precision="fp32")(x.to(dtype))
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    assert InferenceModel(net, precision="bf16")(x.double()).shape == (2, 10)
+    half = InferenceModel(copy.deepcopy(net).to(torch.bfloat16), precision="fp32")
+    assert half.model.conv1.weight.dtype == torch.float32 and half(x).shape == (2, 10)
+    runner = InferenceModel(net, precision="fp32")
+    with pytest.raises(TypeError, match="normalise them first"):
+        runner(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"\[N, C, H, W\]; got a \(3, 32, 32\) tensor"):
+        runner(x[0])
+    with pytest.raises(TypeError, match=r"\[N, C, H, W\]; got ndarray"):
+        runner(x.numpy())
+    if not torch.cuda.is_available():
+        from reslab.errors import UserError
+
+        with pytest.raises(UserError, match="torch sees no CUDA device"):
+            InferenceModel(net, device="cuda")

@@ -281,3 +281,21 @@ def test_export_into_a_folder_that_refuses_files_names_out(model_file, capsys) -
     assert main(["export", "--checkpoint", str(path), "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--out {out}: " in err[0] and ".tmp" not in err[0], err
+
+
+def test_one_path_given_as_a_string_is_one_path(tmp_path: Path, monkeypatch) -> None:
+    """collect_images("dir") had walked "/" (the string's first character) and predict_files
+    reported each character as a file it could not read (helper audit C, M6)."""
+    from reslab.inference import InferenceModel
+    from reslab.predict import collect_images, predict_files
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    assert collect_images(str(tmp_path / "imgs")) == [tmp_path / "imgs" / "a.png"]
+    assert collect_images(tmp_path / "imgs") == [tmp_path / "imgs" / "a.png"]
+    runner = InferenceModel(reslab.create_model("resnet20").eval(), precision="fp32")
+    pre = {**CIFAR10_PROJECT_PREPROCESS}
+    preds = predict_files(runner, str(tmp_path / "imgs" / "a.png"), preprocess=pre, classes=None)
+    assert len(preds) == 1 and preds[0].error is None
+    with pytest.raises(ValueError, match="topk and batch_size must be >= 1"):
+        predict_files(runner, [tmp_path / "imgs" / "a.png"], preprocess=pre, classes=None, topk=0)

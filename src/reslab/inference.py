@@ -53,7 +53,11 @@ class InferenceModel:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.device, self.backend = torch.device(device), backend
+        from reslab.runtime.distributed import resolve_device
+
+        # reslab's device rule: "cuda" on a machine without one is a line saying so, not
+        # torch's "invalid argument to exchangeDevice" at the first call
+        self.device, self.backend = resolve_device(str(device)), backend
         tune_malloc()  # a forward's activations reused from the heap (reslab.runtime.memory)
         if backend == "onnxruntime":
             if self.device.type != "cpu" or precision not in ("auto", "fp32") or not input_size:
@@ -66,12 +70,22 @@ class InferenceModel:
             return
         self.precision = resolve_precision(precision, self.device)
         model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
-        self.model = model.to(self.device, memory_format=torch.channels_last)
+        # fp32 weights whatever the model was held in (a bf16/fp16 model at precision fp32 had
+        # met fp32 inputs); bf16 gets them back in bf16 below, or by autocast
+        self.model = model.to(self.device, torch.float32, memory_format=torch.channels_last)
         if PRECAST and self.device.type == "cpu" and self.precision == "bf16":
             precast(self.model, torch.bfloat16)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = f"a {tuple(x.shape)} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"InferenceModel takes normalised images as a float tensor "
+                            f"[N, C, H, W]; got {got}")  # fmt: skip
+        if not x.is_floating_point():
+            raise TypeError(f"InferenceModel takes normalised float images, got {x.dtype}; "
+                            "normalise them first (reslab.data.preprocess.Preprocess)")  # fmt: skip
+        x = x.float()  # fp16/bf16/fp64 in; autocast makes bf16 of it where that is the precision
         if self.backend == "onnxruntime":
             (out,) = self._session.run(None, {"input": x.float().contiguous().numpy()})
             return torch.from_numpy(out)

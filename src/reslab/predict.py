@@ -37,7 +37,10 @@ class Prediction:
 
 
 def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given (any extension) and image files found recursively in directories, sorted."""
+    """Files as given (any extension) and image files found recursively in directories, sorted.
+    One path (a str or Path) is taken as one, not as a sequence of characters ("/" first)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -104,6 +107,10 @@ def predict_files(
 ) -> list[Prediction]:
     """Top-k (class, probability) per file, in order; unreadable files get an `error` instead
     (as do images over `max_pixels`, default PIL.Image.MAX_IMAGE_PIXELS)."""
+    if isinstance(paths, (str, os.PathLike)):  # one file, not its characters
+        paths = [Path(paths)]
+    if topk < 1 or batch_size < 1:
+        raise ValueError(f"topk and batch_size must be >= 1, got {topk} and {batch_size}")
     pre = Preprocess.from_dict(preprocess)
     results: list[Prediction] = []
     for chunk in _batches(list(paths), batch_size):

@@ -43,6 +43,10 @@ def test_exact_top1_top5_confusion_loss() -> None:
     )
     labels = torch.tensor([0, 3, 5, 5, 0])
     r = evaluate(Logits(), _batches(logits, labels, 2), device="cpu", num_classes=6)
+    # uint8 labels count the same (gather had refused them: helper audit C, M4)
+    r8 = evaluate(Logits(), _batches(logits, labels.to(torch.uint8), 2), device="cpu",
+                  num_classes=6)  # fmt: skip
+    assert torch.equal(r8.confusion, r.confusion) and r8.loss == r.loss
     assert r.num_samples == 5
     assert r.top1_error == pytest.approx(60.0)
     assert r.top5_error == pytest.approx(40.0)
@@ -287,3 +291,18 @@ def test_an_image_folder_loader_is_evaluated_with_a_preprocess_and_refused_raw(t
 
     own = evaluate(OwnNormalisation(), loader, device="cpu", num_classes=2)
     assert own.top1_error == r.top1_error and own.num_samples == 6
+
+
+def test_a_loader_refuses_labels_that_do_not_match_and_a_zero_batch() -> None:
+    """50 images with 40 labels had trained on 40 silently; batch 0 and channels-last images
+    were taken too (helper audit C, M5)."""
+    images = torch.zeros(50, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="50 images but 40 labels"):
+        TensorLoader(images, torch.zeros(40, dtype=torch.long), batch_size=10,
+                     preprocess=Preprocess(), train=False)  # fmt: skip
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
+        TensorLoader(images, torch.zeros(50, dtype=torch.long), batch_size=0,
+                     preprocess=Preprocess(), train=False)  # fmt: skip
+    with pytest.raises(ValueError, match="channels last"):
+        TensorLoader(images.permute(0, 2, 3, 1).contiguous(), torch.zeros(50, dtype=torch.long),
+                     batch_size=10, preprocess=Preprocess(), train=False)  # fmt: skip

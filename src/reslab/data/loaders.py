@@ -194,6 +194,13 @@ class TensorLoader(ShardedOrder):
             raise ValueError(
                 f"images must be uint8 [N, C, H, W], got {images.dtype} {images.shape}"
             )
+        if len(labels) != len(images):  # zip-like truncation would drop images silently
+            raise ValueError(f"{len(images)} images but {len(labels)} labels; give one label each")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        if images.shape[1] not in (1, 3) and images.shape[-1] in (1, 3):
+            raise ValueError(f"images must be [N, C, H, W], got {tuple(images.shape)} (channels "
+                             "last? permute(0, 3, 1, 2) them)")  # fmt: skip
         self._init_order(len(labels), batch_size, world_size)
         self.images, self.labels = images, labels.to(images.device)
         self.batch_size, self.preprocess, self.train = batch_size, preprocess, train

@@ -73,6 +73,7 @@ class _Counts:
     def add(self, probs: torch.Tensor, y: torch.Tensor) -> None:
         # probs: float32 [B, C]; y: int64 [B]. Out-of-range labels are counted, not indexed,
         # so a bad label becomes a clear error at the end instead of a device-side assert.
+        y = y.long()  # uint8/int16 labels index too (gather takes int64 only)
         valid = (y >= 0) & (y < self.c)
         ys = torch.where(valid, y, torch.zeros_like(y))
         pred = probs.argmax(1)
