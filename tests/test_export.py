@@ -105,3 +105,31 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path: Path, fmt: str) -> 
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert read_export_metadata(out)["input_size"] == 32
+
+
+def test_writers_name_the_target_not_their_temporary_file(tmp_path: Path) -> None:
+    """A folder where the file should go, or no folder for it: the error names the path given
+    (the OS had named `.NAME.tmpPID`, a file the user never asked for; helper audit C, M8)."""
+    from reslab.models.weights import save_safetensors
+    from reslab.predict import Prediction, write_csv
+
+    model = reslab.create_model("resnet20")
+    (tmp_path / "d.onnx").mkdir()
+    (tmp_path / "w.safetensors").mkdir()
+    (tmp_path / "p.csv").mkdir()
+    calls = {
+        "d.onnx": lambda p: export_model(model, p, format="onnx", input_size=32),
+        "w.safetensors": lambda p: save_safetensors(model, p, model_name="resnet20",
+                                                     model_options={}, preprocess=None,
+                                                     classes=None),
+        "p.csv": lambda p: write_csv([Prediction("a.png", [("cat", 0.9)], None)], p, topk=1),
+    }  # fmt: skip
+    for name, call in calls.items():
+        with pytest.raises(IsADirectoryError) as e:
+            call(tmp_path / name)
+        assert e.value.filename == str(tmp_path / name) and ".tmp" not in str(e.value)
+        missing = tmp_path / "nope" / name
+        with pytest.raises(FileNotFoundError) as e:
+            call(missing)
+        assert str(tmp_path / "nope") in str(e.value) and ".tmp" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "p.csv", "w.safetensors"]

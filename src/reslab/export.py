@@ -9,6 +9,7 @@ so a consumer needs nothing but the file. :func:`read_export_metadata` reads the
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import warnings
@@ -65,6 +66,8 @@ def export_model(
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder is there; give a file name", str(path))
     meta = export_metadata(
         model_name=model_name,
         model_options=model_options or {},

@@ -170,7 +170,9 @@ def write_csv(preds: Sequence[Prediction], path: str | os.PathLike, *, topk: int
     temporary file and renamed, so a killed run never leaves half a table."""
     import csv
 
-    path = Path(path)
+    from reslab.runtime.checkpoint import check_target
+
+    path = check_target(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # A model with fewer classes than --topk ranks only those: no columns that are always empty.
     topk = min(topk, max((len(p.top) for p in preds), default=0) or topk)

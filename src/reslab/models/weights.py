@@ -271,7 +271,9 @@ def save_safetensors(
         "preprocess": json.dumps(pre),
         "classes": json.dumps(classes),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    from reslab.runtime.checkpoint import check_target
+
+    tmp = check_target(path).with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         with tmp.open("rb") as f:

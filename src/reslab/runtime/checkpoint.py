@@ -32,13 +32,27 @@ def _umask() -> int:
     return mask
 
 
+def check_target(path: str | Path, *, make_folder: bool = False) -> Path:
+    """`path` as a file an atomic writer can replace, refused naming it (not the writer's
+    temporary file, which is all the OS error would name): a folder there, or no folder for it
+    (made instead with make_folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder is there; give a file name", str(path))
+    if make_folder:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder to write into", str(path.parent))
+    return path
+
+
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """write() into a temporary file in the same directory, fsync, rename over `path`.
 
     A reader (or a resumed run) sees either the old file or the new one, never half of one; the
     temporary file is removed on any failure (and by rundir.clean_stale_temps after a kill).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_target(path, make_folder=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file owner-only (0600); give it the mode any new file gets, so that
