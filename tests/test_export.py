@@ -133,3 +133,25 @@ def test_writers_name_the_target_not_their_temporary_file(tmp_path: Path) -> Non
             call(missing)
         assert str(tmp_path / "nope") in str(e.value) and ".tmp" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "p.csv", "w.safetensors"]
+
+
+def test_metadata_of_files_that_are_not_exports_is_one_line(tmp_path: Path) -> None:
+    """A plain torch.save file, junk named .onnx and an upper-case .ONNX: one ValueError naming
+    the file (torch's zip reader and protobuf had spoken for it); a bad input_size is refused
+    before any export (helper audit C, M9-M10)."""
+    model = reslab.create_model("resnet20")
+    onnx_upper = export_model(model, tmp_path / "M.ONNX", format="onnx", input_size=32)
+    assert read_export_metadata(onnx_upper)["input_size"] == 32
+    torch.save({"a": torch.zeros(2)}, tmp_path / "plain.pt")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\xff" * 50)
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    for name, needle in (("plain.pt", "carries no reslab metadata"),
+                         ("junk.onnx", "not a readable ONNX file"),
+                         ("junk.pt", "not a TorchScript export")):  # fmt: skip
+        with pytest.raises(ValueError, match=needle) as e:
+            read_export_metadata(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+    for bad in (0, "32", 5000, True):
+        with pytest.raises(ValueError, match="input_size must be a whole number of pixels"):
+            export_model(model, tmp_path / "x.onnx", format="onnx", input_size=bad)
+    assert not (tmp_path / "x.onnx").exists()

@@ -185,3 +185,16 @@ def test_inputs_a_user_may_pass_are_taken_or_refused_in_one_line() -> None:
 
         with pytest.raises(UserError, match="torch sees no CUDA device"):
             InferenceModel(net, device="cuda")
+
+
+def test_a_batchnorm_without_running_statistics_is_left_unfolded() -> None:
+    """track_running_stats=False normalises by each batch's statistics even in eval mode: no
+    fixed convolution equals it, so fold_batchnorm keeps it (it had failed inside torch's fuse
+    with an AssertionError; helper audit C, M13)."""
+    from reslab.inference import fold_batchnorm
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    folded = fold_batchnorm(net)
+    assert isinstance(folded[1], nn.BatchNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(folded(x), net.eval()(x))

@@ -63,6 +63,15 @@ def export_model(
     """Write `model` (on CPU, eval mode, fp32) to `path` as ONNX or TorchScript. Atomic write."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    from reslab.models.registry import MAX_INPUT_SIZE
+
+    if (
+        not isinstance(input_size, int)
+        or isinstance(input_size, bool)
+        or not 8 <= input_size <= MAX_INPUT_SIZE
+    ):
+        raise ValueError(f"input_size must be a whole number of pixels in 8..{MAX_INPUT_SIZE}, "
+                         f"got {input_size!r}")  # fmt: skip
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {path.parent} does not exist")
@@ -142,18 +151,27 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The reslab metadata of an exported file, decoded: model_name, model_options, preprocess,
     classes, input_size."""
     path = Path(path)
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         import onnx
 
-        proto = onnx.load(str(path), load_external_data=False)
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and kin: no common base to name
+            raise ValueError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
         raw = {p.key: p.value for p in proto.metadata_props}
     else:
-        files = {_TS_META: ""}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-        raw = json.loads(files[_TS_META] or "{}")
-    if "reslab.preprocess" not in raw:
+        # The metadata is a JSON entry of TorchScript's zip archive: read it alone (loading the
+        # module would build every weight; a plain torch.save file has no such entry).
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith(f"/extra/{_TS_META}")), None)
+                raw = json.loads(z.read(name)) if name else {}
+        except (zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a TorchScript export ({type(e).__name__}); reslab "
+                             "exports .onnx or TorchScript .pt files") from None  # fmt: skip
+    if not isinstance(raw, dict) or "reslab.preprocess" not in raw:
         raise ValueError(f"{path} carries no reslab metadata (not exported by reslab?)")
     return {
         "model_name": raw["reslab.model_name"] or None,

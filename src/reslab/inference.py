@@ -124,15 +124,21 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         if isinstance(module, (BasicBlock, Bottleneck, CifarResNet, ResNet)):
             for k in (1, 2, 3):
                 conv, bn = getattr(module, f"conv{k}", None), getattr(module, f"bn{k}", None)
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                if isinstance(conv, nn.Conv2d) and _foldable(bn):
                     setattr(module, f"conv{k}", fuse_conv_bn_eval(conv, bn))
                     setattr(module, f"bn{k}", nn.Identity())
         elif isinstance(module, nn.Sequential):
             for i in range(len(module) - 1):
                 conv, bn = module[i], module[i + 1]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                if isinstance(conv, nn.Conv2d) and _foldable(bn):
                     module[i], module[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
     return model
+
+
+def _foldable(bn: nn.Module) -> bool:
+    """A BatchNorm2d with running statistics: one without (track_running_stats=False)
+    normalises each batch by its own statistics even in eval mode, which no fixed conv can."""
+    return isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
 
 
 def _ort_session(model: nn.Module, input_size: int):
