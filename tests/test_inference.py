@@ -174,6 +174,8 @@ def test_inputs_a_user_may_pass_are_taken_or_refused_in_one_line() -> None:
     half = InferenceModel(copy.deepcopy(net).to(torch.bfloat16), precision="fp32")
     assert half.model.conv1.weight.dtype == torch.float32 and half(x).shape == (2, 10)
     runner = InferenceModel(net, precision="fp32")
+    with pytest.raises(TypeError, match=r"runs classifiers .* returns a dict: call it directly"):
+        InferenceModel(reslab.features(net, layers=["layer1"]), precision="fp32")(x)
     with pytest.raises(TypeError, match="normalise them first"):
         runner(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(TypeError, match=r"\[N, C, H, W\]; got a \(3, 32, 32\) tensor"):

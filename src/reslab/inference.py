@@ -91,7 +91,11 @@ class InferenceModel:
             return torch.from_numpy(out)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, self.device):
-            return self.model(x).float()
+            out = self.model(x)
+        if not isinstance(out, torch.Tensor):  # e.g. reslab.features(...): a dict of maps
+            raise TypeError(f"InferenceModel runs classifiers (one tensor of logits); this "
+                            f"model returns a {type(out).__name__}: call it directly")  # fmt: skip
+        return out.float()
 
     def __repr__(self) -> str:
         layout = "onnxruntime" if self.backend == "onnxruntime" else "channels_last"

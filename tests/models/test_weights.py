@@ -456,3 +456,13 @@ def test_a_pickle_of_another_protocol_is_refused_without_torch_warnings(tmp_path
     said = re.escape("torch.save's old non-zip format written with pickle protocol 4")
     with pytest.raises(WeightsError, match=said):
         read_weights(legacy)
+
+
+def test_metadata_that_is_not_plain_data_is_named(tmp_path: Path) -> None:
+    """json's "Object of type Tensor is not JSON serializable" had named neither the argument
+    nor the file (helper audit C, M12); nothing is written."""
+    with pytest.raises(ValueError, match=r"model_options must be plain data .*/w\.safetensors"):
+        save_safetensors(reslab.create_model("resnet20"), tmp_path / "w.safetensors",
+                         model_name="resnet20", model_options={"x": torch.zeros(1)},
+                         preprocess=None, classes=None)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

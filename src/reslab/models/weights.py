@@ -264,12 +264,20 @@ def save_safetensors(
         # A per-pixel mean image [3, H, W] is a tensor, not JSON: it rides as a tensor.
         tensors[_MEAN_TENSOR_KEY] = pre["mean"].detach().to("cpu", torch.float32).contiguous()
         pre["mean"] = "tensor"
+
+    def as_json(what: str, value: Any) -> str:
+        try:
+            return json.dumps(value)
+        except (TypeError, ValueError) as e:  # a tensor, a set, a NaN-free check's kin
+            raise ValueError(f"{what} must be plain data (numbers, text, lists, mappings) to be "
+                             f"written into {path}: {e}") from None  # fmt: skip
+
     metadata = {
         "format": "reslab",
         "model_name": model_name,
-        "model_options": json.dumps(model_options),
-        "preprocess": json.dumps(pre),
-        "classes": json.dumps(classes),
+        "model_options": as_json("model_options", model_options),
+        "preprocess": as_json("preprocess", pre),
+        "classes": as_json("classes", classes),
     }
     from reslab.runtime.checkpoint import check_target
 
