@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -153,3 +155,17 @@ def test_yaml_merge_keys_still_read_and_repeats_beside_them_are_refused() -> Non
     assert loads_yaml("c: {<<: {b: 2, d: 5}, b: 3}", label="t") == {"c": {"b": 3, "d": 5}}
     with pytest.raises(YamlDuplicateKeyError, match="'b' is given twice"):
         loads_yaml("c: {<<: {b: 2}, b: 3, b: 4}", label="t")
+
+
+def test_a_config_built_in_python_names_a_field_of_the_wrong_type() -> None:
+    """TrainConfig(...) is not coerced as from_dict is: lr="0.1" and out=None had ended in
+    TypeErrors naming neither field (helper audit C, M11)."""
+    from reslab.engine.config import ConfigError
+
+    for kw, needle in (({"lr": "0.1"}, "lr must be a number > 0, got '0.1'"),
+                       ({"weight_decay": None}, "weight_decay must be >= 0, got None"),
+                       ({"out": None}, "out must name the run's folder, got None"),
+                       ({"out": ""}, "out must name the run's folder, got ''")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            TrainConfig(**kw).validate()
+    TrainConfig(lr=1, out=Path("runs/x")).validate()  # an int lr and a Path are fine

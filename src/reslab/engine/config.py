@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -189,14 +190,20 @@ class TrainConfig:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
                 raise ConfigError(f"{source}: {name} must be a whole number >= 0, got {v!r}")
+
+        def number(v: Any) -> bool:  # (a TrainConfig built in Python is not coerced: lr="0.1")
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
         positive = ("lr", "gamma", "epochs", "time_limit", "warmup_lr")
         for name in positive:
             v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v > 0):
+            if v is not None and not (number(v) and v > 0):
                 raise ConfigError(f"{source}: {name} must be a number > 0, got {v!r}")
         for name in ("weight_decay", "head_lr_mult"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+            if not (number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{source}: {name} must be >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
+            raise ConfigError(f"{source}: out must name the run's folder, got {self.out!r}")
         if self.small_size is not None and not (
             isinstance(self.small_size, int) and 8 <= self.small_size <= 32
         ):
