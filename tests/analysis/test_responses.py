@@ -82,3 +82,14 @@ def test_plot_responses_writes_png(tmp_path: Path) -> None:
     with Image.open(out) as im:
         assert im.width > 500 and im.height > 500
         assert len(im.convert("L").getcolors(1 << 16) or []) > 10  # more than a blank canvas
+
+
+def test_integer_images_are_refused_naming_what_to_pass() -> None:
+    """uint8 images had met torch's "expected scalar type Byte but found Float" (helper audit
+    C, M15)."""
+    import pytest
+
+    net = create_model("resnet20")
+    with pytest.raises(TypeError, match=r"normalised float images, got torch\.uint8"):
+        layer_response_std(net, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), device="cpu")
+    assert net.training  # left in the mode it came in

@@ -93,6 +93,9 @@ def layer_response_std(
     try:
         for b in [batches] if isinstance(batches, torch.Tensor) else batches:
             x = b[0] if isinstance(b, (tuple, list)) else b
+            if not x.is_floating_point():  # torch's "expected scalar type Byte" named nothing
+                raise TypeError(f"layer_response_std takes normalised float images, got "
+                                f"{x.dtype}; normalise them first (Preprocess.normalize)")  # fmt: skip
             model(x.to(device))
     finally:
         for h in handles:
