@@ -27,23 +27,18 @@ CASES = (("resnet20", 32, 64, 100), ("resnet20", 32, 256, 30), ("resnet50", 224,
          ("resnet50", 224, 32, 5))  # fmt: skip
 
 CHILD = r"""
-import statistics, sys, time, torch
+import sys, torch
+sys.path.insert(0, sys.argv[5])  # benchmarks/: bench_infer's timing, median of the calls
+from bench_infer import images_per_s
 from reslab.inference import InferenceModel
 from reslab.models import create_model
 name, side, batch, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 runner = InferenceModel(create_model(name).eval())
 x = torch.randn(batch, 3, side, side)
-with torch.inference_mode():
-    for _ in range(3):
-        runner(x)
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        runner(x)
-        ts.append(time.perf_counter() - t0)
+ips = images_per_s(runner, x, iters=calls, warmup=3)
 peak = [ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
-print(statistics.median(ts) * 1e3, int(peak) / 1024)
+print(batch / ips * 1e3, int(peak) / 1024)
 """
 
 
@@ -84,7 +79,8 @@ def main() -> None:
         for r in range(args.rounds):
             for tuned in (False, True) if r % 2 == 0 else (True, False):
                 out = subprocess.run(
-                    [sys.executable, "-c", CHILD, name, str(side), str(batch), str(calls)],
+                    [sys.executable, "-c", CHILD, name, str(side), str(batch), str(calls),
+                     str(Path(__file__).resolve().parent)],
                     env=child_env(tuned), text=True, capture_output=True, check=True,
                 ).stdout.split()  # fmt: skip
                 ms[tuned].append(float(out[0]))
