@@ -87,7 +87,7 @@ class InferenceModel:
                             "normalise them first (reslab.data.preprocess.Preprocess)")  # fmt: skip
         x = x.float()  # fp16/bf16/fp64 in; autocast makes bf16 of it where that is the precision
         if self.backend == "onnxruntime":
-            (out,) = self._session.run(None, {"input": x.float().contiguous().numpy()})
+            (out,) = self._session.run(None, {"input": x.contiguous().numpy()})
             return torch.from_numpy(out)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, self.device):
