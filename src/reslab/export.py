@@ -9,7 +9,6 @@ so a consumer needs nothing but the file. :func:`read_export_metadata` reads the
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import os
 import warnings
@@ -73,10 +72,9 @@ def export_model(
         raise ValueError(f"input_size must be a whole number of pixels in 8..{MAX_INPUT_SIZE}, "
                          f"got {input_size!r}")  # fmt: skip
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {path.parent} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "a folder is there; give a file name", str(path))
+    from reslab.runtime.checkpoint import check_target
+
+    check_target(path)  # a folder there, or none for it: named before the export runs
     meta = export_metadata(
         model_name=model_name,
         model_options=model_options or {},

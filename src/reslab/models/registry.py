@@ -198,8 +198,8 @@ def option_type_problem(options: dict[str, Any]) -> str | None:
             known = sorted({k for ps in takers for k, p in ps.items()
                             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)})  # fmt: skip
             return f"{key}: no model takes this option; the models' options are {known}"
-        if key == "num_classes" and _num_classes_problem(value):
-            return _num_classes_problem(value)
+        if key == "num_classes" and (problem := _num_classes_problem(value)):
+            return problem
         problems = [_type_problem(key, value, d) for d in _option_defaults(key)]
         if problems and all(problems):
             return problems[0]
