@@ -111,3 +111,26 @@ def test_confusion_png_with_a_class_name_that_is_not_utf8(tmp_path: Path) -> Non
     name = os.fsdecode(b"caf\xe9")  # a folder name from a Latin-1 file system
     conf = torch.tensor([[3, 1], [0, 4]])
     _check_png(plot_confusion(conf, classes=[name, "tea"], out=tmp_path / "c.png"), min_side=200)
+
+
+def test_confusion_png_with_class_names_no_installed_font_draws(tmp_path: Path) -> None:
+    """Hangul class names (a Korean user's folders) without a Korean font installed: no
+    "Glyph missing" warnings, class numbers on the axes; names the default font draws stay."""
+    import warnings
+
+    from reslab.analysis import plots
+
+    names = ["고양이", "café", "개"]
+    labels, family = plots.drawable_labels(names)
+    assert labels[1] == "café"
+    if family is not None:  # a font with Hangul is installed here: the names as they are
+        assert labels == names
+        # (not matplotlib's own Last Resort font, which draws every character as a box)
+        assert not family[1].startswith("Last Resort")
+    else:
+        assert labels == ["class 0", "café", "class 2"]
+    conf = torch.tensor([[3, 1, 0], [0, 4, 1], [1, 0, 2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Glyph ... missing" would fail here
+        _check_png(plot_confusion(conf, classes=names, out=tmp_path / "k.png"), min_side=200)
+    assert plots.drawable_labels(["cat", "dog"]) == (["cat", "dog"], None)

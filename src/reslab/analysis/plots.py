@@ -6,6 +6,7 @@ never touches a display or global backend state.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,21 +185,67 @@ def plot_confusion(
     ax = fig.add_subplot()
     im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    xlabel = "predicted"
     if c <= 20:
         # A class folder whose name is not UTF-8 reaches here with surrogate escapes, which no
         # font can draw: shown with a replacement character instead.
         names = [str(n).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                  for n in (classes or range(c))]  # fmt: skip
-        ax.set_xticks(range(c), names, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(c), names, fontsize=8)
+        names, family = drawable_labels(names)
+        if any(n != f"class {i}" and names[i] == f"class {i}" for i, n in enumerate(classes or ())):
+            xlabel += " (class numbers: no installed font draws those names' script)"
+        ax.set_xticks(range(c), names, rotation=60, ha="right", fontsize=8, fontfamily=family)
+        ax.set_yticks(range(c), names, fontsize=8, fontfamily=family)
         for i in range(c):
             for j in range(c):
                 color = "white" if rates[i, j] > 0.5 else "black"
                 ax.text(
                     j, i, str(int(conf[i, j])), ha="center", va="center", fontsize=7, color=color
                 )
-    ax.set_xlabel("predicted")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("true")
     if title:
         ax.set_title(title)
     return save_figure(fig, out)
+
+
+def drawable_labels(names: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """(labels, font families) for tick labels: the names as they are with matplotlib's default
+    font where it draws every character (families None); else with an installed font that draws
+    the rest added as its fallback (class folders named in Korean, Chinese, ...); else, where no
+    installed font does, "class i" for each name it cannot draw. Matplotlib would draw empty
+    boxes and print a "Glyph ... missing" warning for each character instead."""
+    from matplotlib import font_manager
+
+    default = font_manager.findfont(font_manager.FontProperties())
+    missing = {ch for n in names for ch in n if ord(ch) not in _charmap(default)}
+    if not missing:
+        return list(names), None
+    fallback = _font_drawing(frozenset(missing))
+    if fallback is not None:
+        return list(names), [font_manager.FontProperties(fname=default).get_name(), fallback]
+    return [f"class {i}" if set(n) & missing else n for i, n in enumerate(names)], None
+
+
+@functools.lru_cache(maxsize=64)
+def _charmap(path: str) -> frozenset[int]:
+    """The code points the font file at `path` has glyphs for (empty if it cannot be read)."""
+    from matplotlib import ft2font
+
+    try:
+        return frozenset(ft2font.FT2Font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=16)
+def _font_drawing(chars: frozenset[str]) -> str | None:
+    """The family name of an installed font with glyphs for all of `chars`, or None."""
+    from matplotlib import font_manager
+
+    for entry in font_manager.fontManager.ttflist:
+        if entry.name.startswith("Last Resort"):
+            continue  # (matplotlib's own: a box with the code point's block for every character)
+        if all(ord(ch) in _charmap(entry.fname) for ch in chars):
+            return entry.name
+    return None
