@@ -200,3 +200,24 @@ def test_a_batchnorm_without_running_statistics_is_left_unfolded() -> None:
     assert isinstance(folded[1], nn.BatchNorm2d)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(folded(x), net.eval()(x))
+
+
+def test_hooks_on_a_batchnorm_or_its_conv_still_run_in_the_folded_copy() -> None:
+    """A hook the user put on a block's bn1 (or conv1) sees what it was registered for in
+    fold_batchnorm's copy, whose other pairs are folded; it had been replaced by an Identity
+    that never ran the hook (helper audit C's note)."""
+    from reslab.inference import fold_batchnorm
+    from reslab.models import create_model
+
+    net = create_model("resnet20").eval()
+    seen: list[tuple[int, ...]] = []
+    net.layer1[0].bn1.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    net.layer2[0].conv2.register_forward_pre_hook(lambda m, i: seen.append(tuple(i[0].shape)))
+    folded = fold_batchnorm(net)
+    assert isinstance(folded.layer1[0].bn1, nn.BatchNorm2d)  # kept, with its hook
+    assert isinstance(folded.layer2[0].bn2, nn.BatchNorm2d)  # its conv has a hook: kept
+    assert isinstance(folded.layer1[0].bn2, nn.Identity)  # the rest folded
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
+    assert seen == [(2, 16, 32, 32), (2, 32, 16, 16)] * 2  # the copy's calls, then net's

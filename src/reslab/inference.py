@@ -122,27 +122,36 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     folded into it: y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta becomes one conv with
     scaled weights and a bias. Pairs are found by reslab's naming (convK -> bnK in residual
     blocks and stems) and by (Conv2d, BatchNorm2d) neighbours in nn.Sequential (shortcuts B/C).
+    A pair where either module has hooks of its own stays as it is, so that they see what
+    they were registered for (a folded BatchNorm would be an Identity that never runs them).
     """
     model = copy.deepcopy(model).eval()
     for module in model.modules():
         if isinstance(module, (BasicBlock, Bottleneck, CifarResNet, ResNet)):
             for k in (1, 2, 3):
                 conv, bn = getattr(module, f"conv{k}", None), getattr(module, f"bn{k}", None)
-                if isinstance(conv, nn.Conv2d) and _foldable(bn):
+                if _foldable(conv, bn):
                     setattr(module, f"conv{k}", fuse_conv_bn_eval(conv, bn))
                     setattr(module, f"bn{k}", nn.Identity())
         elif isinstance(module, nn.Sequential):
             for i in range(len(module) - 1):
                 conv, bn = module[i], module[i + 1]
-                if isinstance(conv, nn.Conv2d) and _foldable(bn):
+                if _foldable(conv, bn):
                     module[i], module[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
     return model
 
 
-def _foldable(bn: nn.Module) -> bool:
-    """A BatchNorm2d with running statistics: one without (track_running_stats=False)
-    normalises each batch by its own statistics even in eval mode, which no fixed conv can."""
-    return isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+def _foldable(conv: nn.Module | None, bn: nn.Module | None) -> bool:
+    """A Conv2d and a BatchNorm2d with running statistics (one without, track_running_stats=
+    False, normalises each batch by its own statistics even in eval mode, which no fixed conv
+    can), neither with hooks of its own."""
+    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+        return False
+    hooked = any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in (conv, bn)
+    )
+    return bn.running_mean is not None and not hooked
 
 
 def _ort_session(model: nn.Module, input_size: int):
