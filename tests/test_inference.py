@@ -113,13 +113,18 @@ def test_folded_batchnorm_gives_the_same_logits(name: str, options: dict, size: 
 @pytest.mark.parametrize(("name", "size", "batch"), [("resnet20", 32, 1), ("resnet20", 32, 40),
                                                      ("resnet18", 64, 2)])  # fmt: skip
 def test_bf16_weights_cast_once_give_autocasts_logits_to_the_bit(
-    name: str, size: int, batch: int
+    name: str, size: int, batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On the CPU the bf16 path stores conv and linear weights in bf16 once (autocast had cast
     them on every call): the same rounding, so the same logits as autocast over the fp32
     folded model, through eager ops (1-2 images), reslab's eval kernel (40) and oneDNN's fused
-    convolutions; biases stay fp32 (the kernel adds them unrounded)."""
+    convolutions; biases stay fp32 (the kernel adds them unrounded). (Packed weights off: they
+    take the few-image calls to the fused op, whose rounding differs from the eager ops';
+    tests/models/test_fused_eval.py checks them against it.)"""
     from reslab.inference import fold_batchnorm
+    from reslab.models import fused_eval
+
+    monkeypatch.setattr(fused_eval, "PACK", False)
 
     torch.manual_seed(0)
     model = reslab.create_model(name).eval()
@@ -221,3 +226,14 @@ def test_hooks_on_a_batchnorm_or_its_conv_still_run_in_the_folded_copy() -> None
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
     assert seen == [(2, 16, 32, 32), (2, 32, 16, 16)] * 2  # the copy's calls, then net's
+
+
+def test_inference_model_packs_conv_weights_in_bf16_on_the_cpu_only() -> None:
+    from reslab.models import create_model, fused_eval
+
+    net = create_model("resnet20").eval()
+    bf16 = InferenceModel(net, precision="bf16")
+    fp32 = InferenceModel(net, precision="fp32")
+    assert bf16.model.conv1 in fused_eval._PACKED and fp32.model.conv1 not in fused_eval._PACKED
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(bf16(x), fp32(x), rtol=0.05, atol=0.05 * fp32(x).abs().max().item())

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from reslab.models import fused_eval
 from reslab.models.blocks import BasicBlock, Bottleneck
 from reslab.models.cifar import CifarResNet
 from reslab.models.resnet import ResNet
@@ -75,6 +76,10 @@ class InferenceModel:
         self.model = model.to(self.device, torch.float32, memory_format=torch.channels_last)
         if PRECAST and self.device.type == "cpu" and self.precision == "bf16":
             precast(self.model, torch.bfloat16)
+        if self.device.type == "cpu" and self.precision == "bf16":
+            # each conv's weight reordered for oneDNN once per input shape, not every call
+            # (ResNet-50 at one 224px image x1.5; models/fused_eval.py)
+            fused_eval.enable_packing(self.model)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

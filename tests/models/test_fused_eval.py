@@ -173,3 +173,47 @@ def test_small_inputs_and_amx_blocks_keep_their_paths(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             folded.layer1[1](big)
         assert len(calls) == (2 if kernel is not None else 4)  # the kernel where it applies
+
+
+@pytest.mark.parametrize(
+    "name,size,options",
+    [("resnet20", 32, {}), ("resnet20", 32, {"shortcut": "B"}), ("resnet50", 64, {})],
+)
+def test_packed_weights_give_the_same_bits_at_any_size(counted, monkeypatch, name, size, options):
+    """enable_packing (InferenceModel in bf16): each conv's weight reordered for oneDNN once per
+    input shape gives the outputs of the fused op reordering it on every call, to the bit, and
+    takes every conv fused even below MIN_ELEMENTS (the counted fixture lifts that limit for
+    the unpacked run; packing alone must lift it for the packed one)."""
+    model = fast_eval_model(_calibrated(name, size, **options), torch.device("cpu"))
+    x = torch.randn(2, 3, size, size).contiguous(memory_format=CL)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        unpacked = model(x)
+        assert fused_eval.enable_packing(model) == _convs(model)
+        monkeypatch.setattr(fused_eval, "MIN_ELEMENTS", 1 << 40)  # only packing lets it fuse
+        packed = model(x)
+        again = model(x)  # from the packed weights kept
+    assert len(counted) == 3 * _convs(model)
+    assert torch.equal(packed, unpacked) and torch.equal(again, unpacked)
+    conv = model.conv1
+    assert len(fused_eval._PACKED[conv]) == 1  # one input shape so far
+
+
+def test_packed_weights_follow_weight_changes_and_keep_a_few_shapes(monkeypatch):
+    monkeypatch.setattr(block_op, "INFER", False)
+    model = fast_eval_model(_calibrated("resnet20", 32), torch.device("cpu"))
+    fused_eval.enable_packing(model)
+    cache = fused_eval._PACKED[model.layer1[0].conv1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for n in range(1, fused_eval.PACKED_SHAPES + 3):
+            model(torch.randn(n, 3, 32, 32).contiguous(memory_format=CL))
+        assert len(cache) == fused_eval.PACKED_SHAPES  # the oldest shapes dropped
+        x = torch.randn(3, 3, 32, 32).contiguous(memory_format=CL)
+        before = model(x)
+        model.layer1[0].conv1.weight.mul_(-1)  # a changed weight is packed again
+        after = model(x)
+        monkeypatch.setattr(fused_eval, "PACK", False)
+        monkeypatch.setattr(fused_eval, "MIN_ELEMENTS", 0)
+        reference = model(x)  # the fused op reordering the changed weight itself
+    assert not torch.equal(before, after) and torch.equal(after, reference)
+    copy_ = __import__("copy").deepcopy(model)  # packed weights are not copied (weak, opaque)
+    assert copy_.layer1[0].conv1 not in fused_eval._PACKED

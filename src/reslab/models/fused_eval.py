@@ -18,11 +18,19 @@ tracing or compiling (those see the eager ops), a plain 4-d channels_last tensor
 bf16 (CPU bf16 autocast, or a bf16 input without autocast) or fp32 (fp32 input, no autocast),
 plain nn.Conv2d layers (zero padding, numeric padding) whose BatchNorm is folded (nn.Identity),
 and no hooks on the block or its parts.
+
+Packed weights (session 42, `enable_packing`; reslab.inference.InferenceModel turns it on for
+bf16 on the CPU): the fused op reorders a plain bf16 weight into oneDNN's blocked layout on every
+call, which at a few images cost more than the convolution (512 -> 512 channels 3x3 on 7x7, one
+image: 854 us eager, 267 us with the weight reordered once). A model with packing on keeps each
+conv's reordered weight per input shape (torch.ops.mkldnn._reorder_convolution_weight, as
+inductor's freezing pass does; the same outputs to the bit) and takes the fused op at any size.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import nn
@@ -35,6 +43,47 @@ ENABLED = True  # off: eval blocks run their eager ops (A/B benchmarks, tests)
 # x0.87 of the eager ops at 1 and 8 images in bf16, x0.67 at 1 image in fp32; from 256 images,
 # where every block's input is over this limit, x1.11-1.15 in fp32).
 MIN_ELEMENTS = 1 << 20
+PACK = True  # off: convs with packing on reorder their weight every call (A/B benchmarks, tests)
+PACKED_SHAPES = 4  # input shapes a conv keeps a packed weight for (the oldest dropped first)
+# conv -> {(input shape): ((weight version, data pointer), packed weight)}, for the convs of
+# models that enable_packing prepared; weak, so a dropped model frees its packed weights (and a
+# deepcopy of the model is not packed: oneDNN's opaque tensors do not copy)
+_PACKED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def enable_packing(model: nn.Module) -> int:
+    """Let every plain nn.Conv2d of `model` keep its bf16 weight in oneDNN's blocked layout
+    for the input shapes it meets (up to PACKED_SHAPES), and take the fused op at any size in
+    bf16: for a model that runs inference only (its weights are checked for changes, not for
+    gradients). Returns the number of convs prepared."""
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d]
+    for m in convs:
+        _PACKED.setdefault(m, {})
+    return len(convs)
+
+
+def _packing(*convs: nn.Module) -> bool:
+    return PACK and all(c in _PACKED for c in convs)
+
+
+def _weight(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w (conv's weight in x's dtype), or, for a packed conv in bf16, the same weight in
+    oneDNN's layout for x's shape, reordered on the first call with that shape (again after
+    the weight changed)."""
+    cache = _PACKED.get(conv) if PACK and w.dtype == torch.bfloat16 else None
+    if cache is None:
+        return w
+    key, version = tuple(x.shape), (conv.weight._version, conv.weight.data_ptr())
+    entry = cache.get(key)
+    if entry is None or entry[0] != version:
+        if entry is None and len(cache) >= PACKED_SHAPES:
+            cache.pop(next(iter(cache)))
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            list(x.shape),
+        )  # fmt: skip
+        entry = cache[key] = (version, packed)
+    return entry[1]
 
 
 @functools.cache
@@ -57,13 +106,14 @@ def _pointwise(x, w, b, padding, stride, dilation, groups, attr):  # type: ignor
     )
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype the fused convolutions compute x's forward in, or None where they do not apply."""
+def compute_dtype(x: torch.Tensor, packed: bool = False) -> torch.dtype | None:
+    """The dtype the fused convolutions compute x's forward in, or None where they do not apply
+    (packed: for convs with packed weights, which take bf16 inputs of any size)."""
     if not ENABLED or torch.is_grad_enabled():
         return None
     # a plain tensor (not a Proxy, FakeTensor or other subclass: those are traced, not run);
     # the size before the rest: the few-image calls of `reslab predict` end here, cheaply
-    if type(x) is not torch.Tensor or x.numel() < MIN_ELEMENTS:
+    if type(x) is not torch.Tensor or (x.numel() < MIN_ELEMENTS and not packed):
         return None
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
@@ -79,6 +129,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
         dtype = x.dtype
     else:
         return None
+    if packed and x.numel() < MIN_ELEMENTS and dtype != torch.bfloat16:
+        return None  # (fp32 weights are not packed: below the limit, eager stays faster)
     return dtype if available() else None
 
 
@@ -105,7 +157,7 @@ def conv(
 ) -> torch.Tensor:
     """[relu](conv(x) + conv.bias [+ add]) in `dtype`, x: [N, C, H, W] channels_last; the
     caller checked `_plain(conv)` and `compute_dtype(x) == dtype`."""
-    w = conv.weight.to(dtype)
+    w = _weight(conv, x, conv.weight.to(dtype))
     # in the input's dtype, as autocast casts it for the eager conv (oneDNN's fused binary op
     # requires that)
     b = None if conv.bias is None else conv.bias.to(dtype)
@@ -122,7 +174,7 @@ def conv(
 
 def stem(conv_: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """relu(norm(conv_(x))) for a stem whose norm is folded, or None where this does not apply."""
-    dtype = compute_dtype(x)
+    dtype = compute_dtype(x, _packing(conv_))
     if dtype is None or not _plain(conv_, norm):
         return None
     return conv(conv_, x, dtype, relu=True)
@@ -144,11 +196,12 @@ def block(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     fused op (the last with the shortcut's add), or None where this does not apply."""
     if block.training:
         return None
-    dtype = compute_dtype(x)
-    if dtype is None or _hooked(block):
-        return None
     k = 3 if hasattr(block, "conv3") else 2  # Bottleneck: conv1, conv2, conv3; BasicBlock: two
     pairs = [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, k + 1)]
+    ds = block.downsample if isinstance(block.downsample, nn.Sequential) else ()
+    dtype = compute_dtype(x, _packing(*(c for c, _ in pairs), *ds[:1]))
+    if dtype is None or _hooked(block):
+        return None
     if not all(_plain(c, n) for c, n in pairs):
         return None
     short = _shortcut(block, x, dtype) if block.residual else None
@@ -158,4 +211,13 @@ def block(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return conv(pairs[-1][0], out, dtype, relu=True, add=short)
 
 
-__all__ = ["ENABLED", "available", "block", "compute_dtype", "conv", "stem"]
+__all__ = [
+    "ENABLED",
+    "PACK",
+    "available",
+    "block",
+    "compute_dtype",
+    "conv",
+    "enable_packing",
+    "stem",
+]
