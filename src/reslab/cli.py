@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -441,6 +442,7 @@ def _summary(final: dict, out: str) -> str:
 def _relaunch_torchrun(args: argparse.Namespace) -> int:
     """`reslab train --nproc N [--max-restarts K] ...` = `torchrun --standalone
     --nproc-per-node N --max-restarts K -m reslab train ...` (one machine)."""
+    import os
     import subprocess
 
     from reslab.engine.config import check_batch_divides
@@ -462,7 +464,42 @@ def _relaunch_torchrun(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
            "-m", "reslab", *argv]  # fmt: skip
-    return subprocess.call(cmd)
+    # torchrun stops its workers on SIGTERM, but a SIGTERM (`timeout`, `kill PID`) or SIGKILL of
+    # this launcher alone had left torchrun and the workers training on in the background,
+    # holding the run directory: pass SIGTERM/SIGHUP on, and have the kernel send torchrun a
+    # SIGTERM when this process dies (set by the child itself before it execs torchrun: a
+    # preexec_fn would run Python in a forked copy of a process whose other threads may hold
+    # locks).
+    proc = subprocess.Popen([sys.executable, "-c", _EXEC_WITH_PARENT, str(os.getpid()), *cmd[1:]])
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    interrupted = False
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached torchrun too: let it stop its workers
+                interrupted = True
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if interrupted:
+        raise KeyboardInterrupt  # main's one line and exit code 130
+    return rc
+
+
+# The launcher's child: SIGTERM on the launcher's death (Linux's PR_SET_PDEATHSIG, which an exec
+# keeps; elsewhere nothing), then it becomes `python ARGS...` (torchrun). argv: launcher pid, ARGS.
+_EXEC_WITH_PARENT = """import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(143)  # the launcher died before the line above
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -641,8 +678,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a file; give a folder for REPORT.md and runs/")
         from reslab.data import check_data_root
+        from reslab.errors import check_output_file
 
         check_data_root(args.data, folders=False)
+        if not args.dry_run:
+            # Before any training: an unwritable --out would fail at the report, after hours.
+            for flag, path in (("--out", args.out), ("--runs", args.runs)):
+                check_output_file(path, flag, folder=True)
         if args.dry_run:
             from reslab.experiments.runner import describe_plan, make_plan
 
@@ -652,6 +694,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         path = reproduce(args.name, **opts)
     except (DataError, ConfigMismatch, ValueError) as e:
         return _fail("reproduce", e)
+    except OSError as e:  # e.g. the folder became unwritable, or the disk is full
+        return _fail("reproduce", _os_error(e))
     print(f"report: {path}")
     return 0
 

@@ -144,6 +144,12 @@ def run_one(
     cfg_file, final_file = run_dir / "config.yaml", run_dir / "final.json"
     if cfg_file.is_file():
         _same_run(read_yaml(cfg_file) or {}, cfg, run_dir)
+    elif final_file.is_file() and (run_dir / "last.pt").is_file():
+        # No config.yaml (deleted, or a copied run): the checkpoint's config says what this
+        # run is; a finished run of another net would be reported under this spec's name.
+        from reslab.runtime.checkpoint import load_checkpoint
+
+        _same_run(load_checkpoint(run_dir / "last.pt").get("config") or {}, cfg, run_dir)
     if final_file.is_file():
         final = _read_final(final_file)
         if final["iter"] >= cfg.iters:
