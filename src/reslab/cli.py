@@ -671,7 +671,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     import os
 
     from reslab.data.cifar import DataError
-    from reslab.experiments.runner import ConfigMismatch, reproduce
+    from reslab.experiments.runner import ConfigMismatch, RunProcessDied, reproduce
 
     opts = reproduce_options(args)
     try:
@@ -692,7 +692,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(describe_plan(ctx, plan))
             return 0
         path = reproduce(args.name, **opts)
-    except (DataError, ConfigMismatch, ValueError) as e:
+    except (DataError, ConfigMismatch, RunProcessDied, ValueError) as e:
         return _fail("reproduce", e)
     except OSError as e:  # e.g. the folder became unwritable, or the disk is full
         return _fail("reproduce", _os_error(e))

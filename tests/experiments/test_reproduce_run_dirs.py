@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +74,44 @@ def test_an_os_error_during_the_call_is_one_line(
     err = capsys.readouterr().err
     assert err.strip() == (f"reslab reproduce: error: Read-only file system "
                            f"({tmp_path / 'out' / 'table6.png'})")  # fmt: skip
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_jobs_worker_is_one_line_and_the_same_command_goes_on(
+    cifar_root: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of one --jobs worker (as the out-of-memory killer would) had ended reproduce in a
+    BrokenProcessPool traceback."""
+    cmd = [sys.executable, "-m", "reslab", "reproduce", "table6", "--budget", "cpu", "--only",
+           "resnet20-s0,resnet32-s0", "--jobs", "2", "--time-limit", "120", "--out",
+           str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--data", str(cifar_root),
+           "--device", "cpu", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "runs").rglob("config.yaml")):  # a worker has begun a run
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        workers = [int(p) for p in _children(proc.pid) if b"spawn_main" in _cmdline(int(p))]
+        assert workers
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("reslab reproduce: error: a worker process")
+    assert "the same command goes on" in err
+
+
+def _children(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return f.read().split()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

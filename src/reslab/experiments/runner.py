@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shlex
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -107,6 +108,10 @@ def _read_final(path: Path) -> dict[str, Any]:
 
 class ConfigMismatch(RuntimeError):
     """A RUN_DIR holds a run made with a different configuration."""
+
+
+class RunProcessDied(RuntimeError):
+    """A --jobs worker process ended without a result (killed: out of memory, a signal)."""
 
 
 def _same_run(old: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
@@ -240,13 +245,32 @@ def run_all(
     # last keeps one worker busy while the others idle (fig6 cpu-long on 2 CPU jobs, from the
     # measured run times: 72 min this way, 90 min in plan order).
     order = sorted(range(len(specs)), key=lambda i: -_cost(specs[i].cfg))
+    # A worker killed mid-run (out of memory) leaves its semaphores to multiprocessing's resource
+    # tracker, which would print a warning about them after RunProcessDied's line below; it
+    # starts with the first one (next line) and takes its warning filters from sys.warnoptions.
+    if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
+        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     slots = spawn.Value("i", 0)  # numbers the workers as they start, for worker_device
     compiling = any(s.cfg.compile for s in specs)
     compile_threads = max(1, (os.cpu_count() or 1) // jobs) if compiling else None
+    from concurrent.futures.process import BrokenProcessPool
+
     with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_init_worker,
                              initargs=(slots, compile_threads)) as pool:  # fmt: skip
         futures = {i: pool.submit(_run_quiet, specs[i], runs_root, threads) for i in order}
-        return [futures[i].result() for i in range(len(specs))]
+        try:
+            return [futures[i].result() for i in range(len(specs))]
+        except BrokenProcessPool:
+            # The pool stops every run when one worker dies; each run's files stay as its last
+            # checkpoint left them, so the same command goes on from there.
+            lost = [specs[i].name for i in order
+                    if not futures[i].done() or futures[i].exception() is not None]  # fmt: skip
+            raise RunProcessDied(
+                f"a worker process of --jobs {jobs} ended abruptly (killed, e.g. out of memory), "
+                f"which stops the pool; not finished: {', '.join(lost)}. Finished runs and "
+                "checkpoints are kept: the same command goes on from them (--jobs 1 runs one "
+                "at a time, with less memory)"
+            ) from None
 
 
 def _cost(cfg: TrainConfig) -> float:
