@@ -964,3 +964,33 @@ def test_resume_may_raise_the_bomb_limit(cifar_root: Path, run_copy: Path, tmp_p
     assert main(train_args(cifar_root, run_copy, "--resume", "--iters", "3", "--max-pixels",
                            "5000000000")) == 2  # fmt: skip
     assert "--max-pixels limits the images read from an image folder" in capsys.readouterr().err
+
+
+def test_temporaries_of_a_resumes_logs_and_a_reports_records_are_ones_kills_clean_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume's truncation of steps.jsonl and a report's copies of run records write through
+    temporaries that rundir.clean_stale_temps removes after a kill (`.NAME.XXXX.tmp`); theirs
+    had been `.NAME.tmpPID`, left for good (helper audit D, bug 5)."""
+    from reslab.engine.run_log import RunLog
+    from reslab.engine.rundir import clean_stale_temps
+    from reslab.experiments.report import copy_records
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "steps.jsonl").write_text("".join(f'{{"iter": {i}}}\n' for i in (1, 2, 3)))
+    (run / "metrics.jsonl").write_text('{"iter": 3, "val_error": 50.0}\n')
+    (run / "config.yaml").write_text("model: resnet20\n")
+    temps: list[Path] = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: temps.append(Path(a)) or real(a, b))
+    RunLog(run, resume_step=2, tensorboard=False).close()  # keeps the rows up to iteration 2
+    copy_records(run, tmp_path / "records")
+    monkeypatch.setattr(os, "replace", real)
+    assert (run / "steps.jsonl").read_text() == '{"iter": 1}\n{"iter": 2}\n'
+    assert temps and all(t.name.startswith(".") and t.name.endswith(".tmp") for t in temps)
+    for t in temps:  # what a kill before the rename would have left: removed at the next start
+        t.write_text("partial")
+    clean_stale_temps(run)
+    clean_stale_temps(tmp_path / "records")
+    assert not [t for t in temps if t.exists()]

@@ -4,7 +4,6 @@ the tensorboard package is installed, TensorBoard scalars in RUN_DIR/tb."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,8 @@ def _truncate(path: Path, step: int) -> None:
                 keep.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # a line torn by a kill
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    # (a temporary named as every atomic write's, which rundir.clean_stale_temps removes after
+    # a kill: its own `.NAME.tmpPID` had stayed in the run directory for good)
+    from reslab.runtime.checkpoint import write_text_atomic
+
+    write_text_atomic(path, "".join(keep))

@@ -71,15 +71,13 @@ def copy_records(run_dir: Path, dest: Path) -> bool:
     """Copy a run's small records beside the report (each file written to a temporary name and
     renamed), so that its links point at files that travel with the report. True if the run's
     config.yaml was there to copy."""
-    import shutil
+    from reslab.runtime.checkpoint import copy_atomic
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in RECORDS:
         src = run_dir / name
         if src.is_file():
-            tmp = dest / f".{name}.tmp{os.getpid()}"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest / name)
+            copy_atomic(src, dest / name)  # (synced before the rename, as every atomic write)
     return (dest / "config.yaml").is_file()
 
 
