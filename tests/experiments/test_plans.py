@@ -430,6 +430,10 @@ def test_claims_over_runs_the_time_limit_stopped_are_not_judged(tmp_path: Path) 
     one = table6.analyse(ctx, res({"resnet20-s0": 4000, "resnet56-s0": 4000})[:1])
     assert one.ordered is None and one.claim is not None and one.claim.answer == "n/a"
     assert "no order by depth to judge" in table6.render(one)
+    # one depth, stopped: its error is an unfinished run's, not a result (helper audit D, bug 8)
+    alone = table6.analyse(ctx, res({"resnet20-s0": 46, "resnet56-s0": 4000})[:1])
+    assert alone.stopped == [specs[0].label] and "judge nothing yet" in table6.render(alone)
+    assert "no order by depth" not in table6.render(alone)
     fctx = Context("fig6", "cpu", tmp_path, tmp_path / "runs", 1, "data", "cpu", "")
     fres = [RunResult(s, tmp_path, {"iter": s.cfg.iters - (i == 0), "test_error": 10.0,
                                     "train_error": 5.0}, [], "resumed", 0.0)

@@ -15,7 +15,7 @@ from reslab.analysis.tables import compare_table, fmt_best_mean_std, markdown_ta
 from reslab.data.cifar import load_cifar
 from reslab.engine.eval_run import load_checkpoint_model
 from reslab.experiments import recipes
-from reslab.experiments.recipes import Claim, judge, verdict
+from reslab.experiments.recipes import Claim, judge, unfinished, verdict
 from reslab.experiments.runner import Context, Plan, RunResult, RunSpec
 from reslab.models import create_model
 from reslab.models.cifar import TABLE6
@@ -109,6 +109,7 @@ class Table6Facts:
     last_iter: int | None = None  # of the seed-0 curves; None when there are none
     pairs: list[DepthPair] = field(default_factory=list)
     paired_images: int = 0
+    stopped: list[str] = field(default_factory=list)  # runs the time limit stopped (unfinished)
 
     @property
     def best(self) -> dict[int, float]:
@@ -148,6 +149,7 @@ def analyse(ctx: Context, results: Sequence[RunResult]) -> Table6Facts:
     facts = Table6Facts(ctx.budget, ctx.seeds, cfg0.iters, bool(cfg0.val_split), cfg0.eval_subset,
                         errs, {d: count_params(create_model(f"resnet{d}")) for d in errs})  # fmt: skip
     best = facts.best
+    facts.stopped = unfinished(results)
     if not best:
         return facts
     # The paper's error falls with depth up to 110 layers and rises at 1202 (7.93 vs 6.43,
@@ -281,7 +283,7 @@ def render(f: Table6Facts) -> str:
             + (
                 "Some runs stopped before their last iteration (see Runs): these are the errors "
                 "of unfinished runs, which judge nothing yet; the same command finishes them."
-                if f.claim.answer == "unfinished"
+                if f.claim.answer == "unfinished" or f.stopped
                 else "One depth was trained: there is no order by depth to judge."
                 if f.ordered is None
                 else "The order by depth is the paper's all the same: each deeper net ends lower."
