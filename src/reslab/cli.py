@@ -1037,6 +1037,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
                       "best.pt")]  # fmt: skip
         check_output_file(args.out, "--out", run_files, create_parent=True)
         runs = load_runs(args.run_dir)
+        # A run not yet evaluated (still starting, or killed before its first evaluation) has
+        # nothing to draw: the others are drawn, with a line saying which was left out.
+        keys = ("train_error", args.test_key or "test_error", "val_error")
+        empty = [d for d, run in zip(args.run_dir, runs)
+                 if not any(r.get(k) is not None for r in run.rows for k in keys)]  # fmt: skip
+        if len(empty) == len(runs):
+            raise ValueError(f"{', '.join(empty)}: no evaluation in metrics.jsonl yet (a run "
+                             "still starting, or stopped before its first); plot it once its "
+                             "first evaluation is written (train --eval-every)")  # fmt: skip
+        for d in empty:
+            print(f"reslab plot: left out {d}: no evaluation in its metrics.jsonl yet",
+                  file=sys.stderr)  # fmt: skip
+        runs = [run for d, run in zip(args.run_dir, runs) if d not in empty]
         out = plot_curves(runs, out=args.out, title=args.title, test_key=args.test_key)
     except (FileNotFoundError, ValueError) as e:
         return _fail("plot", e)

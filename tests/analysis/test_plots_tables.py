@@ -134,3 +134,23 @@ def test_confusion_png_with_class_names_no_installed_font_draws(tmp_path: Path) 
         warnings.simplefilter("error")  # matplotlib's "Glyph ... missing" would fail here
         _check_png(plot_confusion(conf, classes=names, out=tmp_path / "k.png"), min_side=200)
     assert plots.drawable_labels(["cat", "dog"]) == (["cat", "dog"], None)
+
+
+def test_plot_leaves_out_a_run_not_yet_evaluated(tmp_path: Path, capsys) -> None:
+    """A run still starting (empty metrics.jsonl) beside finished ones: the others are drawn and
+    one line names the folder left out; alone it is one line with the fix (it had refused the
+    whole plot with a line naming neither; helper audit D, bug 9)."""
+    a = _run_dir(tmp_path, "r20", "resnet20", 9.0)
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    (starting / "metrics.jsonl").write_text("")
+    out = tmp_path / "c.png"
+    assert main(["plot", str(a), str(starting), "--out", str(out)]) == 0
+    _check_png(out)
+    err = capsys.readouterr().err
+    assert (
+        err.strip() == f"reslab plot: left out {starting}: no evaluation in its metrics.jsonl yet"
+    )
+    assert main(["plot", str(starting), "--out", str(tmp_path / "d.png")]) == 2
+    err = capsys.readouterr().err
+    assert str(starting) in err and "--eval-every" in err and len(err.strip().splitlines()) == 1
