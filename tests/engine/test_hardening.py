@@ -719,8 +719,10 @@ def test_atomically_written_files_get_the_usual_mode(tmp_path: Path) -> None:
 def test_a_download_onto_a_file_and_negative_workers_are_one_line(tmp_path: Path, capsys) -> None:
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    fails_cleanly(["data", "download", str(afile)], capsys, str(afile))
+    fails_cleanly(["data", "download", str(afile)], capsys, str(afile), "is a file, not a folder")
     assert afile.read_text() == "mine"
+    # ... and says what to give instead ("File exists" had named no fix; audit D, bug 9)
+    fails_cleanly(["data", "download", str(afile / "sub")], capsys, "is a file, not a folder")
     with pytest.raises(SystemExit) as e:
         main(["data", "stats", str(tmp_path), "--out", str(tmp_path / "s.pt"), "--workers", "-3"])
     assert e.value.code == 2 and "must be a whole number from 0 to 1024" in capsys.readouterr().err

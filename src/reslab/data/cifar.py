@@ -237,6 +237,11 @@ def download_cifar(root: str | Path, *, dataset: str = "cifar10") -> Path:
         return target
     except DataError:
         pass
+    # a file where the folder (or one above it) would go: one line naming it, before any fetch
+    blocking = next((p for p in (Path(root), *Path(root).parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise DataError(f"{blocking} is a file, not a folder: give `reslab data download` a "
+                        "folder to put the data set in (it is made if missing)")  # fmt: skip
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
