@@ -115,3 +115,21 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def test_a_damaged_run_config_is_refused_before_any_run_trains(
+    cifar_root: Path, tmp_path: Path, capsys
+) -> None:
+    """A damaged config.yaml in the second run's folder had been found only at its turn, after
+    the first run had trained, in a line with no fix (helper audit D, bug 6)."""
+    runs = tmp_path / "runs"
+    bad = runs / "smoke" / "resnet32-s0"
+    bad.mkdir(parents=True)
+    (bad / "config.yaml").write_text("garbage: [\n")
+    argv = ["reproduce", "table6", "--budget", "smoke", "--out", str(tmp_path / "out"), "--runs",
+            str(runs), "--data", str(cifar_root), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad / "config.yaml") in err
+    assert f"delete {bad} to train that run again" in err
+    assert not any(runs.rglob("last.pt"))  # nothing trained

@@ -125,6 +125,26 @@ def _same_run(old: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
         )
 
 
+def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """ConfigMismatch unless what run_dir holds (if anything) is a run of `cfg`: by its
+    config.yaml, or, without one, by the configuration stored in a finished run's last.pt (a
+    copied run of another net would be reported under this spec's name)."""
+    from reslab.runtime.yaml_file import YamlFileError
+
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.is_file():
+        try:
+            old = read_yaml(cfg_file) or {}
+        except YamlFileError as e:
+            raise ConfigMismatch(f"{e}; delete {run_dir} to train that run again, or pass "
+                                 "another --runs") from None  # fmt: skip
+        _same_run(old if isinstance(old, dict) else {}, cfg, run_dir)
+    elif (run_dir / "final.json").is_file() and (run_dir / "last.pt").is_file():
+        from reslab.runtime.checkpoint import load_checkpoint
+
+        _same_run(load_checkpoint(run_dir / "last.pt").get("config") or {}, cfg, run_dir)
+
+
 def fresh_compiler(cfg: TrainConfig) -> None:
     """Empty torch.compile's caches before a compiled run. Dynamo keeps compiled code per Python
     function for the life of the process, at most `recompile_limit` (8) variants of each: the
@@ -146,15 +166,8 @@ def run_one(
     run_dir = runs_root / spec.name
     cfg = spec.cfg
     cfg.out = str(run_dir)
-    cfg_file, final_file = run_dir / "config.yaml", run_dir / "final.json"
-    if cfg_file.is_file():
-        _same_run(read_yaml(cfg_file) or {}, cfg, run_dir)
-    elif final_file.is_file() and (run_dir / "last.pt").is_file():
-        # No config.yaml (deleted, or a copied run): the checkpoint's config says what this
-        # run is; a finished run of another net would be reported under this spec's name.
-        from reslab.runtime.checkpoint import load_checkpoint
-
-        _same_run(load_checkpoint(run_dir / "last.pt").get("config") or {}, cfg, run_dir)
+    final_file = run_dir / "final.json"
+    check_run_dir(run_dir, cfg)
     if final_file.is_file():
         final = _read_final(final_file)
         if final["iter"] >= cfg.iters:
@@ -464,6 +477,10 @@ def reproduce(
     # A missing CIFAR is named before OUT or any run directory is made (nothing is left behind).
     for dataset in sorted({s.cfg.dataset for s in plan.specs} & set(DIRS)):
         check_cifar_files(ctx.data, dataset)
+    # Every run directory already there, before any run trains: a damaged or foreign one had
+    # been found only at its turn, after the runs before it had trained.
+    for spec in plan.specs if not plan.fused else ():  # (fused runs keep their own layout)
+        check_run_dir(ctx.runs_root / spec.name, spec.cfg)
     ctx.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if plan.fused:
