@@ -51,3 +51,29 @@ def test_stopping_the_launcher_stops_torchrun_and_its_workers(
     finally:
         for pid in _processes_naming(str(out)):  # whatever the test leaves, it ends
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_whose_peer_died_says_resume_continues_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """When another process of a --nproc run dies, this one's collective fails (gloo: the
+    connection closed): one line saying that --resume continues the run, not a traceback
+    through backward(); the same error outside a distributed run is raised as before."""
+    import reslab.engine.trainer as trainer
+    from reslab.cli import main
+
+    def lost(*a, **k):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1")
+
+    monkeypatch.setattr(trainer, "train", lost)
+    argv = ["train", "--model", "resnet20", "--iters", "2", "--out", str(tmp_path / "r"),
+            "--data", str(tmp_path)]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert lines[0].startswith("reslab train: error: another process of this 2-process run")
+    assert lines[0].endswith("the same command with --resume continues it")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main(argv)

@@ -400,6 +400,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail("train", _one_line(e))
     except OSError as e:  # e.g. permission denied: name the file
         return _fail("train", _os_error(e))
+    except RuntimeError as e:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world < 2 or not _peer_lost(e):
+            raise
+        # Another process of a --nproc run died (killed, out of memory): this one's collective
+        # fails. One line with what to do, instead of a traceback through backward().
+        return _fail("train", f"another process of this {world}-process run stopped "
+                     f"({_one_line(e)[:200]}); the run keeps its last checkpoint: the same "
+                     "command with --resume continues it")  # fmt: skip
     if os.environ.get("RANK", "0") == "0":
         print(_summary(final, cfg.out))
         done, planned = int(final.get("iter", 0)), _planned_iters(cfg)
@@ -407,6 +416,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"stopped by the time limit ({cfg.time_limit:g} s) at iteration {done:,} of "
                   f"{planned:,}; `reslab train --out {cfg.out} --resume` continues it")  # fmt: skip
     return 0
+
+
+def _peer_lost(e: RuntimeError) -> bool:
+    """Whether e is a collective's failure because a peer process went away."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(k in text for k in ("Connection closed by peer", "Connection reset by peer",
+                                   "gloo", "NCCL", "Broken pipe"))  # fmt: skip
 
 
 def _planned_iters(cfg) -> int | None:  # type: ignore[no-untyped-def]
