@@ -133,3 +133,20 @@ def test_a_damaged_run_config_is_refused_before_any_run_trains(
     assert len(err.splitlines()) == 1 and str(bad / "config.yaml") in err
     assert f"delete {bad} to train that run again" in err
     assert not any(runs.rglob("last.pt"))  # nothing trained
+
+
+def test_a_reports_leftover_temporaries_are_removed_by_the_next_call(
+    cifar_root: Path, tmp_path: Path
+) -> None:
+    """A kill while the report was written had left .REPORT.md.XXXX.tmp (and a figure's, a
+    record's) in OUT for good, to be committed with the report (helper audit D, bug 5)."""
+    out = tmp_path / "out"
+    argv = ["reproduce", "table6", "--budget", "smoke", "--out", str(out), "--data",
+            str(cifar_root), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    left = [out / ".REPORT.md.k1ll3d.tmp", out / ".table6.png.x.tmp",
+            next((out / "records").iterdir()) / ".config.yaml.y.tmp"]  # fmt: skip
+    for p in left:
+        p.write_text("partial")
+    assert main(argv) == 0  # (every run reused)
+    assert not [p for p in left if p.exists()] and (out / "REPORT.md").is_file()

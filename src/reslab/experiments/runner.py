@@ -482,6 +482,13 @@ def reproduce(
     for spec in plan.specs if not plan.fused else ():  # (fused runs keep their own layout)
         check_run_dir(ctx.runs_root / spec.name, spec.cfg)
     ctx.out.mkdir(parents=True, exist_ok=True)
+    # What a kill while the last report was written left (.REPORT.md.XXXX.tmp, a figure's, a
+    # record's): partial copies of files this call writes again.
+    from reslab.engine.rundir import clean_stale_temps
+
+    for folder in (ctx.out, *sorted((ctx.out / "records").glob("*"))):
+        if folder.is_dir():
+            clean_stale_temps(folder)
     t0 = time.perf_counter()
     if plan.fused:
         from reslab.experiments.fused_runs import run_all_fused
