@@ -37,23 +37,36 @@ def images_per_second(runner: InferenceModel, x: torch.Tensor, seconds: float) -
     return n * len(x) / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def case_arguments(doc: str) -> argparse.Namespace:
+    """--cases model:side:batch,..., --rounds, --seconds (this and ab_prepack.py); prints the
+    hardware and the load average first."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--cases", default=DEFAULT_CASES, help="model:side:batch,...")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=1.0, help="per path per round")
     args = p.parse_args()
     print(hardware())
     print(f"torch {torch.__version__}, load average at start {load_average():.2f}")
+    return args
+
+
+def calibrated(name: str) -> torch.nn.Module:
+    """An eval-mode `name` with random BatchNorm statistics (so that folding is not trivial)."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def main() -> None:
+    args = case_arguments(__doc__)
     print(f"{'model':10} {'side':>4} {'batch':>5} {'per call':>10} {'cast once':>10}  ratio")
     for case in args.cases.split(","):
         name, side, batch = case.split(":")
-        torch.manual_seed(0)
-        model = create_model(name).eval()
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+        model = calibrated(name)
         runners = {}
         for precast in (False, True):
             inference.PRECAST = precast

@@ -15,37 +15,24 @@ call at a new input shape, which packs the weights.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from ab_precast import DEFAULT_CASES, images_per_second
-from common import hardware, load_average
+from ab_precast import calibrated, case_arguments, images_per_second
+from common import load_average
 from reslab.inference import InferenceModel
-from reslab.models import create_model, fused_eval
+from reslab.models import fused_eval
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default=DEFAULT_CASES, help="model:side:batch,...")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=1.0, help="per path per round")
-    args = p.parse_args()
-    print(hardware())
-    print(f"torch {torch.__version__}, load average at start {load_average():.2f}")
+    args = case_arguments(__doc__)
     print(f"{'model':10} {'side':>4} {'batch':>5} {'per call':>10} {'packed':>10}  ratio"
           "  first call (packs)")  # fmt: skip
     for case in args.cases.split(","):
         name, side, batch = case.split(":")
-        torch.manual_seed(0)
-        model = create_model(name).eval()
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-        runner = InferenceModel(model, precision="bf16")
+        runner = InferenceModel(calibrated(name), precision="bf16")
         x = torch.randn(int(batch), 3, int(side), int(side))
         rates: dict[bool, list[float]] = {False: [], True: []}
         with torch.inference_mode():
