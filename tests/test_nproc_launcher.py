@@ -72,7 +72,7 @@ def test_a_worker_whose_peer_died_says_resume_continues_the_run(
     assert main(argv) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
     assert len(lines) == 1 and "Traceback" not in lines[0]
-    assert lines[0].startswith("reslab train: error: another process of this 2-process run")
+    assert lines[0].startswith("reslab train: error: a collective of this 2-process run failed")
     assert lines[0].endswith("the same command with --resume continues it")
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(RuntimeError, match="Connection closed by peer"):

@@ -406,9 +406,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise
         # Another process of a --nproc run died (killed, out of memory): this one's collective
         # fails. One line with what to do, instead of a traceback through backward().
-        return _fail("train", f"another process of this {world}-process run stopped "
-                     f"({_one_line(e)[:200]}); the run keeps its last checkpoint: the same "
-                     "command with --resume continues it")  # fmt: skip
+        return _fail("train", f"a collective of this {world}-process run failed "
+                     f"({_one_line(e)[:200]}): if another process stopped (killed, out of "
+                     "memory), the run keeps its last checkpoint and the same command with "
+                     "--resume continues it")  # fmt: skip
     if os.environ.get("RANK", "0") == "0":
         print(_summary(final, cfg.out))
         done, planned = int(final.get("iter", 0)), _planned_iters(cfg)
@@ -426,7 +427,7 @@ def _peer_lost(e: RuntimeError) -> bool:
         return True
     text = str(e)
     return any(k in text for k in ("Connection closed by peer", "Connection reset by peer",
-                                   "gloo", "NCCL", "Broken pipe"))  # fmt: skip
+                                   "Broken pipe"))  # fmt: skip
 
 
 def _planned_iters(cfg) -> int | None:  # type: ignore[no-untyped-def]
