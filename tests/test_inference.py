@@ -237,3 +237,29 @@ def test_inference_model_packs_conv_weights_in_bf16_on_the_cpu_only() -> None:
     assert bf16.model.conv1 in fused_eval._PACKED and fp32.model.conv1 not in fused_eval._PACKED
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(bf16(x), fp32(x), rtol=0.05, atol=0.05 * fp32(x).abs().max().item())
+
+
+def test_inference_model_runs_large_cpu_batches_in_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reslab.engine import evaluator
+    from reslab.models import create_model
+
+    torch.manual_seed(0)
+    runner = InferenceModel(create_model("resnet20").eval(), precision="fp32")
+    x = torch.randn(9, 3, 32, 32)
+    whole = runner(x)
+    passes: list[int] = []
+    handle = runner.model.register_forward_pre_hook(lambda m, args: passes.append(len(args[0])))
+    monkeypatch.setattr(evaluator, "FORWARD_ELEMENTS", 4 * 3 * 32 * 32)
+    parts = runner(x)
+    handle.remove()
+    assert passes == [4, 4, 1] and parts.shape == (9, 10) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
+    # a model returning something other than logits is still refused in one line
+    feats = InferenceModel(nn.Sequential(nn.Flatten(), _Dict()), precision="fp32", fold_bn=False)
+    with pytest.raises(TypeError, match="runs classifiers"):
+        feats(x)
+
+
+class _Dict(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"out": x}

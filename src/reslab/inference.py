@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from reslab.engine.evaluator import forward_chunk
 from reslab.models import fused_eval
 from reslab.models.blocks import BasicBlock, Bottleneck
 from reslab.models.cifar import CifarResNet
@@ -95,8 +96,12 @@ class InferenceModel:
             (out,) = self._session.run(None, {"input": x.contiguous().numpy()})
             return torch.from_numpy(out)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        # On the CPU in passes of at most forward_chunk(x) images (a 256-image 224px batch in one
+        # pass page-faulted its activations in afresh: engine/evaluator.py); a GPU in one pass.
+        chunk = forward_chunk(x) if x.device.type == "cpu" else max(len(x), 1)
         with autocast(self.precision, self.device):
-            out = self.model(x)
+            parts = [self.model(part) for part in x.split(chunk)] if len(x) > chunk else None
+            out = self.model(x) if parts is None else _concat(parts)
         if not isinstance(out, torch.Tensor):  # e.g. reslab.features(...): a dict of maps
             raise TypeError(f"InferenceModel runs classifiers (one tensor of logits); this "
                             f"model returns a {type(out).__name__}: call it directly")  # fmt: skip
@@ -108,6 +113,11 @@ class InferenceModel:
             f"InferenceModel({type(self.model).__name__}, device={self.device}, "
             f"precision={self.precision}, {layout})"
         )
+
+
+def _concat(parts: list) -> object:
+    """The passes' logits as one tensor (what is not a tensor is refused by the caller)."""
+    return torch.cat(parts) if all(isinstance(o, torch.Tensor) for o in parts) else parts[0]
 
 
 def precast(model: nn.Module, dtype: torch.dtype) -> nn.Module:

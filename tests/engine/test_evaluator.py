@@ -151,6 +151,33 @@ def test_flip_view_and_chunked_forward_change_nothing(monkeypatch: pytest.Monkey
     assert whole.loss == pytest.approx(nll, rel=1e-5)
 
 
+def test_forward_passes_hold_at_most_forward_elements_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 32x32 images keep FORWARD_CHUNK; 224px ones 2^24 // 150528 = 111 a pass (a 256-image
+    # pass had put the stem's 411 MB bf16 output over glibc's mmap threshold); a huge image 1.
+    chunk = evaluator.forward_chunk
+    assert chunk(torch.empty(500, 3, 32, 32)) == evaluator.FORWARD_CHUNK == 256
+    assert chunk(torch.empty(320, 3, 224, 224)) == 111
+    assert chunk(torch.empty(2, 3, 4096, 4096)) == 1 and chunk(torch.empty(0, 3, 8, 8)) == 256
+    assert chunk(torch.empty(320, 3, 224, 224, device="meta")) == 256  # a GPU has no such cliff
+    # A ten-crop-like batch of 7 images x 2 views at 3 images a pass: 5 passes, the same scores.
+    torch.manual_seed(0)
+    from reslab.models import create_model
+
+    net = create_model("resnet20").eval()
+    images, labels = torch.randn(7, 3, 32, 32), torch.randint(0, 10, (7,))
+    whole = evaluate(net, [(images, labels)], device="cpu", views="flip")
+    passes: list[int] = []
+    handle = net.register_forward_pre_hook(lambda m, args: passes.append(len(args[0])))
+    monkeypatch.setattr(evaluator, "FORWARD_ELEMENTS", 3 * 3 * 32 * 32 + 5)
+    parts = evaluate(net, [(images, labels)], device="cpu", views="flip")
+    handle.remove()
+    assert passes == [3, 3, 3, 3, 2]
+    assert torch.equal(whole.confusion, parts.confusion)
+    assert parts.loss == pytest.approx(whole.loss, rel=1e-5)
+
+
 def test_flip_shift_views_exact_and_averaged_equally() -> None:
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5) + 1  # no zeros inside
     v = make_views(x, "flip-shift")

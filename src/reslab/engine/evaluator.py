@@ -150,16 +150,36 @@ def view_probs(
 # 256: within 3% of the best here and inside the range measured best on Zen 4 (smaller passes
 # were not timed there). Eval-mode outputs do not depend on how a batch is split.
 FORWARD_CHUNK = 256
+# ...and at most this many input elements per pass. A ResNet's largest activation (the stem's
+# output, [N, 64, H/2, W/2]) has 5.3x its input's elements; at 224px and 256 images that is
+# 411 MB in bf16, over glibc's mmap threshold as reslab sets it (runtime/memory.py: 256 MiB),
+# so every pass page-faulted it in afresh (folded ResNet-50 alone, bf16: 104-106 img/s at 256
+# images a pass, 136-140 at 128, peak RSS 3.2 vs 2.3 GB; a higher threshold got back less,
+# 125-132, at 4.0 GB). 2^24 elements is 111 224px images a pass; 32x32 ones keep FORWARD_CHUNK.
+# Measured against 256 a pass (session 43, 2 Intel AMX cores, bf16, benchmarks/ab_eval_chunk.py,
+# results/benchmarks/ab_eval_chunk_intel-amx.txt): ten-crop of 32 images ResNet-50 x1.24,
+# ResNet-18 x1.11-1.17; batches of 256 x1.05-1.06 and x1.14-1.23; InferenceModel (ResNet-50,
+# 256 images) x1.14; CIFAR ResNet-20 six views unchanged (x0.97-1.01, the same passes).
+FORWARD_ELEMENTS = 1 << 24
+
+
+def forward_chunk(x: torch.Tensor) -> int:
+    """Images per forward pass for the batch x ([N, ...]): FORWARD_CHUNK, and on the CPU fewer
+    for large images (FORWARD_ELEMENTS; a GPU has no such cliff), at least one."""
+    if x.device.type != "cpu" or len(x) == 0:
+        return FORWARD_CHUNK
+    return max(1, min(FORWARD_CHUNK, FORWARD_ELEMENTS // max(x[0].numel(), 1)))
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """model(x) in chunks of FORWARD_CHUNK, with x in the model's memory format (a
+    """model(x) in chunks of forward_chunk(x) images, with x in the model's memory format (a
     channels_last model given NCHW inputs would reorder every chunk inside the first conv)."""
     if x.dim() == 4 and _is_channels_last(model):
         x = x.contiguous(memory_format=torch.channels_last)
-    if len(x) <= FORWARD_CHUNK:
+    chunk = forward_chunk(x)
+    if len(x) <= chunk:
         return model(x)
-    return torch.cat([model(part) for part in x.split(FORWARD_CHUNK)])
+    return torch.cat([model(part) for part in x.split(chunk)])
 
 
 def _is_channels_last(model: nn.Module) -> bool:
