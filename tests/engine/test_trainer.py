@@ -315,3 +315,25 @@ def test_train_leaves_the_callers_config_as_it_was(cifar_root: Path, tmp_path: P
     assert {k: v for k, v in again.items() if k not in ("out", "_run")} == {
         k: v for k, v in saved.items() if k not in ("out", "_run")
     }
+
+
+def test_cpu_training_sets_glibc_malloc_for_tensors(
+    cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU run sets glibc's thresholds (reslab.runtime.memory) before its data loads and its
+    loader workers fork: at 224px a step's activations were page-faulted in afresh (x1.12-1.32)."""
+    from reslab.engine import trainer as trainer_module
+    from reslab.engine.rundir import release_lock
+
+    calls: list[str] = []
+
+    def build_data(*args, **kwargs):
+        calls.append("data")
+        raise KeyboardInterrupt  # (stops the constructor here)
+
+    monkeypatch.setattr(trainer_module, "tune_malloc", lambda: calls.append("tuned") or True)
+    monkeypatch.setattr(trainer_module, "build_data", build_data)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_module.Trainer(_cfg(cifar_root, tmp_path / "run", iters=1), progress=False)
+    release_lock(tmp_path / "run")
+    assert calls == ["tuned", "data"]

@@ -44,6 +44,7 @@ from reslab.runtime.checkpoint import (
     set_rng_state,
     write_text_atomic,
 )
+from reslab.runtime.memory import tune_malloc
 from reslab.runtime.precision import autocast, resolve_precision, tune_cuda
 
 
@@ -259,6 +260,12 @@ class Trainer:
         self.dist = D.init_from_env(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         tune_cuda(self.device)
+        if self.device.type == "cpu":
+            # A step's activations reused from the heap, not page-faulted in afresh: at 224px a
+            # training step x1.12-1.28 (ResNet-18 at 32 / 128 images, ResNet-50 at 32), an image
+            # folder run x1.04-1.08; CIFAR's stay under glibc's own threshold, x0.99
+            # (runtime/memory.py, benchmarks/ab_malloc_train.py)
+            tune_malloc()
         last = self.out / "last.pt"
         cfg.validate()
         if self.dist.world_size > 1:  # torchrun started directly, not via --nproc

@@ -7,9 +7,12 @@ so each call page-faults its activations in again. Measured (session 41, 2 Intel
 AMX, benchmarks/ab_malloc.py, each case in a fresh process, results/benchmarks/ab_malloc_*.txt):
 InferenceModel in bf16, ResNet-20 at 64 / 256 images x1.44 / x1.59, ResNet-50 at 8 / 32 224px
 images x1.22 / x1.50 (peak RSS +0-20%), `reslab predict` of 96 JPEGs with ResNet-50 x1.30. So
-InferenceModel (and through it `reslab predict`) and `reslab eval` set them. Training does not:
-its CIFAR load frees large arrays first, which moves glibc's thresholds by itself, and there the
-setting measured within the machine's drift (+-3%); so did `reslab eval` on CIFAR.
+InferenceModel (and through it `reslab predict`) and `reslab eval` set them, and so does training
+on the CPU (session 43, benchmarks/ab_malloc_train.py): glibc's own threshold rises to 32 MiB at
+most, under a 224px step's larger activations (the stem's output at 32 images: 51 MB in bf16),
+so a ResNet-18 / ResNet-50 step at 32 images ran x1.12 / x1.19 faster with them set, ResNet-18
+at 128 x1.28 (peak RSS +5-27%), an image-folder run x1.04-1.08; CIFAR runs, whose activations
+stay under glibc's threshold, x0.99 (session 41: within the machine's drift, +-3%).
 
 Only the thresholds change (what the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
 environment variables set); nothing where the user set those (or GLIBC_TUNABLES' malloc
