@@ -1,6 +1,6 @@
 """CIFAR-10 to a GPU machine in parts of at most 64 MiB, losslessly, and a synthetic stand-in.
 
-    python scripts/cifar_parts.py pack SRC DEST        # SRC holds cifar-10-batches-py
+    python scripts/cifar_parts.py pack SRC DEST [--limit BYTES]  # SRC holds cifar-10-batches-py
     python scripts/cifar_parts.py unpack DEST/p1 ... OUT_ROOT   # verifies SHA256SUMS
     python scripts/cifar_parts.py synthetic OUT_ROOT [--per-batch N]
 
@@ -11,6 +11,9 @@ upper-left neighbours (mod 256), the G and B residuals minus those of the previo
 zigzag-coded, then xz (LZMA2). Measured (results/gpu/PACKING.md): plain xz -9e keeps 75.0% of
 data_batch_1, xz after a left-neighbour delta filter 70.0%, this 55.9% of its pixels; the whole
 set, 185,877,469 bytes, packs into 103,402,971 (55.6%): two parts of 49.3 MiB instead of three.
+A device call carries the repository's working tree with the part (64 MiB together; the tree was
+22.5 MiB in session 43, mostly committed run records), so pack puts the files, in order, into
+the fewest parts under `--limit` (scripts/gpu_table6.sh passes 64 MiB less the tree, less 2 MiB).
 unpack inverts it and checks every file's SHA-256 against the sums written at packing before
 anything trains.
 Only the standard library and numpy: the GPU image has no zstandard.
@@ -121,9 +124,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def pack(src: Path, dest: Path, *, parts: int = 2, preset: int = PRESET) -> list[Path]:
-    """Pack SRC/cifar-10-batches-py into DEST/p1..pN (files in order, split by size), each part
-    with SHA256SUMS of all the original files."""
+def pack(
+    src: Path, dest: Path, *, parts: int | None = None, limit: int = PART_LIMIT,
+    preset: int = PRESET,
+) -> list[Path]:  # fmt: skip
+    """Pack SRC/cifar-10-batches-py into DEST/p1..pN (files in order), each part with
+    SHA256SUMS of all the original files and at most `limit` bytes: the fewest such parts, or
+    with `parts` given, that many of about equal size."""
     root = src / "cifar-10-batches-py"
     missing = [f for f in FILES if not (root / f).is_file()]
     if missing:
@@ -135,22 +142,51 @@ def pack(src: Path, dest: Path, *, parts: int = 2, preset: int = PRESET) -> list
         if unpack_file(blob) != raw:  # never ship a packing that does not invert
             raise PackError(f"{root / name}: packing did not round-trip")
         packed[name], sums = blob, [*sums, f"{sha256(raw)}  {name}"]
-    total = sum(map(len, packed.values()))
-    dirs = [dest / f"p{i + 1}" for i in range(parts)]
-    for d in dirs:
+    sums_text = "\n".join(sums) + "\n"
+    room = limit - len(sums_text.encode())
+    too_big = [n for n in FILES if len(packed[n]) > room]
+    if too_big:
+        raise PackError(f"{root / too_big[0]} packs to {len(packed[too_big[0]]):,} bytes, more "
+                        f"than a part may hold ({limit:,}): make the working tree that travels "
+                        "with it smaller")  # fmt: skip
+    groups = _fill(packed, room) if parts is None else _share(packed, parts)
+    dirs = [dest / f"p{i + 1}" for i in range(len(groups))]
+    for d, names in zip(dirs, groups, strict=True):
         d.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (d / f"{name}.xz").write_bytes(packed[name])
+        (d / "SHA256SUMS").write_text(sums_text)
+        size = sum(f.stat().st_size for f in d.iterdir())
+        if size > limit:
+            raise PackError(f"{d}: {size:,} bytes, over the {limit:,} a part may hold; "
+                            "leave --parts out to get as many as fit")  # fmt: skip
+    return dirs
+
+
+def _fill(packed: dict[str, bytes], room: int) -> list[list[str]]:
+    """The files in order, a new part whenever the next one would not fit: the fewest parts
+    of consecutive files."""
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for name in FILES:
+        if groups[-1] and filled + len(packed[name]) > room:
+            groups, filled = [*groups, []], 0
+        groups[-1].append(name)
+        filled += len(packed[name])
+    return groups
+
+
+def _share(packed: dict[str, bytes], parts: int) -> list[list[str]]:
+    """The files in order over `parts` parts of about equal size."""
+    total = sum(map(len, packed.values()))
+    groups: list[list[str]] = [[] for _ in range(parts)]
     i, filled = 0, 0
     for name in FILES:
         if filled + len(packed[name]) > total / parts * 1.05 and i < parts - 1:
             i, filled = i + 1, 0
-        (dirs[i] / f"{name}.xz").write_bytes(packed[name])
+        groups[i].append(name)
         filled += len(packed[name])
-    for d in dirs:
-        (d / "SHA256SUMS").write_text("\n".join(sums) + "\n")
-        size = sum(f.stat().st_size for f in d.iterdir())
-        if size > PART_LIMIT:
-            raise PackError(f"{d}: {size} bytes, over the {PART_LIMIT} a part may hold")
-    return dirs
+    return [g for g in groups if g]
 
 
 def unpack(parts: list[Path], out_root: Path, *, require_all: bool = True) -> Path:
@@ -212,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("pack")
     a.add_argument("src")
     a.add_argument("dest")
-    a.add_argument("--parts", type=int, default=2)
+    a.add_argument("--parts", type=int, help="this many parts (default: the fewest under --limit)")
+    a.add_argument("--limit", type=int, default=PART_LIMIT, help="bytes a part may hold")
     a.add_argument("--preset", type=int, default=PRESET, help="xz preset (default -9e)")
     b = sub.add_parser("unpack")
     b.add_argument("paths", nargs="+", help="part directories, then the output root")
@@ -223,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "pack":
-            for d in pack(Path(args.src), Path(args.dest), parts=args.parts, preset=args.preset):
+            dirs = pack(Path(args.src), Path(args.dest), parts=args.parts, limit=args.limit,
+                        preset=args.preset)  # fmt: skip
+            for d in dirs:
                 size = sum(f.stat().st_size for f in d.iterdir())
                 print(f"{d}: {size:,} bytes ({size / 2**20:.1f} MiB)")
         elif args.cmd == "unpack":

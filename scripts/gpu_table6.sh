@@ -2,13 +2,15 @@
 # Issue 19's GPU session: Table 6 at the paper's 64k iterations on one card. Run scripts/gpu_check.sh
 # (issue 14) first; this needs its fixes and the real CIFAR-10.
 #
-# CIFAR-10 (178 MB) travels losslessly in TWO parts of under 62 MiB each (a call carries 64 MiB
-# with the repository), packed by scripts/cifar_parts.py (prediction residuals + xz; measured in
-# README "GPU sessions"), one part per call; the machine keeps ignored paths while warm:
+# CIFAR-10 (178 MB) travels losslessly in parts that each fit one call beside the working tree (a
+# call carries 64 MiB with the repository; pack prints how many: 3 with session 43's 22.5 MiB
+# tree), packed by scripts/cifar_parts.py (prediction residuals + xz; measured in README "GPU
+# sessions"), one part per call; the machine keeps ignored paths while warm:
 #
-#   here:     bash scripts/gpu_table6.sh pack ../shared/data    # .gpudata/p1, p2 (+ SHA256SUMS)
+#   here:     bash scripts/gpu_table6.sh pack ../shared/data    # .gpudata/p1..pN (+ SHA256SUMS)
 #   device 1: carry [".gpudata/p1"]  bash scripts/gpu_table6.sh stage    # unpacks and checks p1
-#   device 2: carry [".gpudata/p2"]  bash scripts/gpu_table6.sh table6   # p2, all sums, trains
+#   ...       (the same for p2..pN-1)
+#   device N: carry [".gpudata/pN"]  bash scripts/gpu_table6.sh table6   # pN, all sums, trains
 #
 # stage/table6 rebuild each file and check its SHA-256 before anything trains; table6 refuses to
 # start unless all seven files are there and match. It then runs `reslab reproduce table6
@@ -63,7 +65,17 @@ pack)
         grep -qx '/.gpudata/' "$exclude" 2>/dev/null || echo '/.gpudata/' >>"$exclude"
     fi
     rm -rf "$GPUDATA" && mkdir -p "$GPUDATA"
-    "$PY" scripts/cifar_parts.py pack "$src" "$GPUDATA" ${PRESET:+--preset "$PRESET"}
+    # A call carries the working tree (tracked and untracked-not-ignored files) and one part,
+    # 64 MiB together: a part gets what the tree leaves, less 2 MiB for what is added before the
+    # calls. (Session 43: the tree was 22.5 MiB, so two parts of 49.3 MiB no longer fit a call.)
+    tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null |
+        awk '{s += $1} END {print s + 0}')
+    limit=$(( 64 * 1048576 - tree - 2 * 1048576 ))
+    echo "the working tree that travels with each part: $tree bytes; a part may hold $limit"
+    "$PY" scripts/cifar_parts.py pack "$src" "$GPUDATA" --limit "$limit" ${PRESET:+--preset "$PRESET"}
+    n=$(ls -d "$GPUDATA"/p[0-9]* | wc -l)
+    echo "$n parts: one device call each, in order; p1..p$((n - 1)) with \`stage\`, p$n with \`table6\`"
+    echo "(carry [\"$GPUDATA/pK\"]; the staged files stay on the machine while it is warm)"
     ;;
 stage)
     # shellcheck disable=SC2046

@@ -20,7 +20,7 @@ import cifar_parts  # noqa: E402
 def test_parts_rebuild_every_file_byte_for_byte_and_refuse_damage(tmp_path: Path) -> None:
     src = cifar_parts.synthetic(tmp_path / "src", per_batch=200)  # CIFAR's pickle layout
     parts = cifar_parts.pack(tmp_path / "src", tmp_path / "parts", parts=2, preset=1)
-    assert [p.name for p in parts] == ["p1", "p2"]
+    assert [p.name for p in parts] == ["p1", "p2"]  # asked for two
     names = sorted(f.name for p in parts for f in p.glob("*.xz"))
     assert names == sorted(f"{n}.xz" for n in cifar_parts.FILES)
     # One part per call: the first is staged alone, the second completes the set.
@@ -41,6 +41,35 @@ def test_parts_rebuild_every_file_byte_for_byte_and_refuse_damage(tmp_path: Path
     assert (
         r.returncode == 1 and r.stderr.startswith("cifar_parts: ") and "Traceback" not in r.stderr
     )
+
+
+def test_parts_fill_a_limit_one_call_at_a_time(tmp_path: Path) -> None:
+    # A call carries the working tree with its part (64 MiB together): with a limit two packed
+    # batches fit under, the seven files go into the fewest parts, in order, each under it.
+    cifar_parts.synthetic(tmp_path / "src", per_batch=200)  # random pixels: ~614 kB a batch
+    whole = cifar_parts.pack(tmp_path / "src", tmp_path / "one", preset=1)
+    assert [p.name for p in whole] == ["p1"]  # the default limit holds them all
+    batch = (whole[0] / "data_batch_1.xz").stat().st_size
+    limit = int(batch * 2.5)
+    parts = cifar_parts.pack(tmp_path / "src", tmp_path / "parts", limit=limit, preset=1)
+    assert [sorted(f.name for f in p.glob("*.xz")) for p in parts] == [
+        ["data_batch_1.xz", "data_batch_2.xz"], ["data_batch_3.xz", "data_batch_4.xz"],
+        ["batches.meta.xz", "data_batch_5.xz", "test_batch.xz"],
+    ]  # fmt: skip
+    assert all(sum(f.stat().st_size for f in p.iterdir()) <= limit for p in parts)
+    out = tmp_path / "gpu"
+    for part in parts[:-1]:
+        cifar_parts.unpack([part], out, require_all=False)
+    dest = cifar_parts.unpack([parts[-1]], out)
+    for name in cifar_parts.FILES:
+        assert (dest / name).read_bytes() == (
+            tmp_path / "src" / "cifar-10-batches-py" / name
+        ).read_bytes()
+    # A file no part can hold, or too few parts asked for: one line saying what to do.
+    with pytest.raises(cifar_parts.PackError, match=r"data_batch_1 packs to .* working tree"):
+        cifar_parts.pack(tmp_path / "src", tmp_path / "small", limit=batch // 2, preset=1)
+    with pytest.raises(cifar_parts.PackError, match="leave --parts out"):
+        cifar_parts.pack(tmp_path / "src", tmp_path / "two", parts=2, limit=limit, preset=1)
 
 
 def test_the_residual_coding_inverts_on_any_pixels() -> None:
@@ -69,16 +98,25 @@ def test_pack_stage_then_table6_on_cpu(cifar_root: Path, tmp_path: Path) -> None
            "PRESET": "1"}  # fmt: skip
     r = _run(env, "pack", str(cifar_root))
     assert r.returncode == 0, r.stderr
-    for part in ("p1", "p2"):
-        assert sum(f.stat().st_size for f in (gd / part).iterdir()) < 62 * 2**20
-    # Call 1 carries p1 only, call 2 p2 only; the staged files stay between them.
-    (gd / "p2").rename(tmp_path / "p2")
-    r = _run(env, "stage")
-    assert r.returncode == 0, r.stderr
-    r = _run(env, "table6")  # p2's files still missing: refused before anything trains
+    # Each part fits one call beside the working tree that travels with it (64 MiB together).
+    tree = int(r.stdout.split("travels with each part: ")[1].split()[0])
+    parts = sorted(gd.glob("p[0-9]*"), key=lambda d: int(d.name[1:]))
+    assert len(parts) >= 2 and f"{len(parts)} parts" in r.stdout
+    for part in parts:
+        assert tree + sum(f.stat().st_size for f in part.iterdir()) <= 62 * 2**20
+    # Each call carries one part; the staged files stay between calls.
+    away = tmp_path / "away"
+    away.mkdir()
+    for part in parts:
+        part.rename(away / part.name)
+    for part in parts[:-1]:
+        (away / part.name).rename(part)
+        r = _run(env, "stage")
+        assert r.returncode == 0, r.stderr
+        part.rename(away / part.name)
+    r = _run(env, "table6")  # the last part's files still missing: refused before training
     assert r.returncode == 1 and "stage every part first" in r.stderr, r.stderr
-    (gd / "p1").rename(tmp_path / "p1")
-    (tmp_path / "p2").rename(gd / "p2")
+    (away / parts[-1].name).rename(parts[-1])
     r = _run(env, "table6")
     assert r.returncode == 0, r.stdout + r.stderr
     log = (tmp_path / "out" / "table6.log").read_text()
