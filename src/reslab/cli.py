@@ -238,7 +238,6 @@ def _auto_recipe(args: argparse.Namespace) -> str | None:
 def _train_config(args: argparse.Namespace):
     """Recipe, then --set assignments, then the explicit flags (which win). Without --recipe an
     image folder gets the finetune recipe; without --model, --weights name the architecture."""
-    import os
 
     from reslab.data import check_data_root, resolve_data_root
     from reslab.engine.config import TrainConfig, load_recipe
@@ -305,7 +304,7 @@ def _train_config(args: argparse.Namespace):
             scale_milestones(cfg, args.iters),
             None if own_warmup else shorten_warmup(cfg),
         ):
-            if note and os.environ.get("RANK", "0") == "0":
+            if note:
                 _notice(note)
     check_data_root(cfg.data)  # before it becomes a plain path: name --data or $RESLAB_DATA
     cfg.data = resolve_data_root(cfg.data)
@@ -352,7 +351,16 @@ def _stored_config(args: argparse.Namespace):
 
 
 def _notice(text: str) -> None:
+    """A note on how the configuration was read, said once: by a single process, by rank 0 of
+    a torchrun run, and by `train --nproc`'s launcher rather than its workers."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0" or os.environ.get(_LAUNCHED) == "1":
+        return
     print(f"reslab train: {text}", file=sys.stderr, flush=True)
+
+
+_LAUNCHED = "RESLAB_NPROC_WORKER"  # set for the workers `train --nproc` starts
 
 
 def _check_something_to_resume(out: str) -> None:
@@ -466,12 +474,14 @@ def _relaunch_torchrun(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
+    from reslab.data.setup import check_data_exists
     from reslab.engine.config import check_batch_divides
     from reslab.errors import UserError
 
     try:  # what every worker would refuse, refused once here and not N times in tracebacks
         cfg = _train_config(args)
         check_batch_divides(cfg.batch_size, args.nproc)
+        check_data_exists(cfg)
     except UserError as e:
         return _fail("train", _one_line(e))
     argv, skip = [], False
@@ -482,16 +492,16 @@ def _relaunch_torchrun(args: argparse.Namespace) -> int:
             skip = True
         elif not a.startswith(("--nproc=", "--max-restarts=")):
             argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
-           "-m", "reslab", *argv]  # fmt: skip
+    cmd = [sys.executable, "-c", _TORCHRUN, "--standalone", f"--nproc-per-node={args.nproc}",
+           f"--max-restarts={args.max_restarts}", "-m", "reslab", *argv]  # fmt: skip
     # torchrun stops its workers on SIGTERM, but a SIGTERM (`timeout`, `kill PID`) or SIGKILL of
     # this launcher alone had left torchrun and the workers training on in the background,
     # holding the run directory: pass SIGTERM/SIGHUP on, and have the kernel send torchrun a
     # SIGTERM when this process dies (set by the child itself before it execs torchrun: a
     # preexec_fn would run Python in a forked copy of a process whose other threads may hold
     # locks).
-    proc = subprocess.Popen([sys.executable, "-c", _EXEC_WITH_PARENT, str(os.getpid()), *cmd[1:]])
+    proc = subprocess.Popen([sys.executable, "-c", _EXEC_WITH_PARENT, str(os.getpid()), *cmd[1:]],
+                            env={**os.environ, _LAUNCHED: "1"})  # fmt: skip
     forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
     interrupted = False
@@ -510,8 +520,35 @@ def _relaunch_torchrun(args: argparse.Namespace) -> int:
     return rc
 
 
+# torchrun (torch.distributed.run's main) whose failures end in one line, not its traceback and
+# failure table: a worker that exits 2 has said why in its own line (bad input each worker
+# meets, e.g. a --data folder that does not exist: it had ended in ChildFailedError's traceback
+# and exit code 1); any other failure names the worker and how it ended. Its exit code: the
+# first failed worker's (128 + N for a signal N), as a single process would have ended.
+_TORCHRUN = """import logging, os, sys
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun gives its workers, minus its banner
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+try:
+    main(sys.argv[1:])
+except ChildFailedError as e:
+    rank, failure = e.get_first_failure()
+    code = failure.exitcode
+    if code != 2:
+        how = f"was killed by {failure.signal_name()}" if code < 0 else f"exited with code {code}"
+        print(f"reslab train: error: worker {rank} of the --nproc run {how} (its output is above); "
+              "`--resume` continues the run from its last checkpoint", file=sys.stderr)
+    sys.exit(128 - code if code < 0 else code)
+except SignalException as e:
+    sys.exit(128 + int(e.sigval))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
 # The launcher's child: SIGTERM on the launcher's death (Linux's PR_SET_PDEATHSIG, which an exec
-# keeps; elsewhere nothing), then it becomes `python ARGS...` (torchrun). argv: launcher pid, ARGS.
+# keeps; elsewhere nothing), then it becomes `python ARGS...` (_TORCHRUN). argv: launcher pid, ARGS.
 _EXEC_WITH_PARENT = """import ctypes, os, signal, sys
 try:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)

@@ -253,11 +253,10 @@ def build_folder(
     return RunData(train, evals, classes, pre, len(train_ds), notes)
 
 
-def build_data(
-    cfg: TrainConfig, device: torch.device, dist: DistInfo, *, resumed: Preprocess | None = None
-) -> RunData:
-    """The run's loaders. `resumed`: the preprocessing a resumed run's checkpoint stored, used
-    for image folders instead of deriving it again (the initial weights file is not needed)."""
+def check_data_exists(cfg: TrainConfig) -> None:
+    """Refuse a --data path that does not exist (unless it is to be downloaded into) or is a
+    file, in one line: here for the run, and once in `train --nproc`'s launcher, where each
+    worker would otherwise say it."""
     from pathlib import Path
 
     from reslab.data.cifar import DataError
@@ -275,6 +274,14 @@ def build_data(
             f"--data {root} is a file; give the directory that holds "
             + ("the class folders" if cfg.dataset == "folder" else "cifar-10-batches-py")
         )
+
+
+def build_data(
+    cfg: TrainConfig, device: torch.device, dist: DistInfo, *, resumed: Preprocess | None = None
+) -> RunData:
+    """The run's loaders. `resumed`: the preprocessing a resumed run's checkpoint stored, used
+    for image folders instead of deriving it again (the initial weights file is not needed)."""
+    check_data_exists(cfg)
     if cfg.dataset in ("cifar10", "cifar100"):
         return build_cifar(cfg, device, dist)
     if cfg.dataset == "folder":
