@@ -118,3 +118,21 @@ def test_alexnet_tests_on_crops_of_the_256x256_image_as_it_trains(tmp_path: Path
     assert not inet.preprocess.square and "square" not in inet.preprocess.to_dict()
     assert fit_to_input(img, inet.preprocess).shape == (3, 224, 224)
     assert not torch.equal(fit_to_input(img, inet.preprocess), fit_to_input(img, pre))
+
+
+def test_imagenet_recipe_says_when_it_cannot_subtract_the_per_pixel_mean(tmp_path: Path) -> None:
+    """imagenet-paper asks for section 3.4's per-pixel mean; without a `reslab data stats` file
+    a folder run normalises with ImageNet's per-channel mean/std and PCA (setup.folder_preprocess,
+    NOTE(paper)). The run's banner says so, instead of recording per_channel without a word."""
+    from reslab.data.stats import compute_stats, save_stats
+
+    root = _folder(tmp_path / "d")
+    cfg, data = _data("imagenet-paper", root)
+    assert data.preprocess.mode == cfg.normalization == "per_channel"
+    said = [n for n in data.notes if "per-pixel mean" in n]
+    assert len(said) == 1 and "stats" in said[0] and "ImageNet" in said[0]
+    x = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
+    save_stats(compute_stats([x]), tmp_path / "stats.pt")
+    cfg, data = _data("imagenet-paper", root, f"stats={tmp_path / 'stats.pt'}")
+    assert data.preprocess.mode == cfg.normalization == "per_pixel"
+    assert not [n for n in data.notes if "per-pixel mean" in n]

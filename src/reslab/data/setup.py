@@ -188,7 +188,16 @@ def build_folder(
             f"({', '.join(with_images) or 'none'}); a classifier needs at least two (one "
             "subfolder of images per class)"
         )
+    asked = cfg.normalization  # folder_preprocess records what the run really does
     pre, lighting = folder_preprocess(cfg, resumed=resumed)
+    if resumed is None and asked == "per_pixel" and pre.mode != "per_pixel":
+        # NOTE(paper): folder_preprocess's fallback, said in the banner, not only in config.yaml.
+        from reslab.data.preprocess import IMAGENET_MEAN
+
+        imagenet = torch.allclose(pre.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+        notes.append(f"normalization: {'ImageNet' if imagenet else 'the weights'}' per-channel "
+                     "mean/std, not the per-pixel mean the recipe asks for (section 3.4; no "
+                     "stats file): `reslab data stats DIR --out FILE`, then --set stats=FILE")  # fmt: skip
     if cfg.eval_views == "ten-crop":
         # Section 3.4's 10-crop test on the image (shorter side `resize`), as `reslab eval
         # --views ten-crop` makes it: [10, 3, S, S] per image.
