@@ -48,6 +48,7 @@ def test_paper_recipes_train_with_their_augmentation_and_pca_colour(
 ) -> None:
     cfg, data = _data(recipe, _folder(tmp_path))
     assert cfg.pca_lighting and isinstance(data.train.lighting, T.PCALighting)
+    assert data.train.lighting.alphastd == 0.1  # a_i ~ N(0, 0.1), PAPER.md
     steps = _train_transform(data).transforms
     assert isinstance(steps[0], first) and isinstance(steps[-1], v2.RandomHorizontalFlip)
     if recipe == "imagenet-paper":  # section 3.4: shorter side uniform in [256, 480]

@@ -211,3 +211,11 @@ def test_prepare_batch_is_lighting_then_normalize() -> None:
         assert out.is_contiguous(memory_format=torch.channels_last)
     views = multiscale_transform(shorter_sides=(16, 24))(x[0])
     assert [tuple(v.shape) for v in views] == [(2, 3, 16, 16), (2, 3, 24, 24)]
+
+
+def test_published_imagenet_pca_values_and_the_default_alpha_std() -> None:
+    """PAPER.md's commonly used ImageNet PCA (0-1 pixel scale), as printed, and a_i ~ N(0, 0.1)."""
+    assert IMAGENET_PCA_EIGVAL == (0.2175, 0.0188, 0.0045)
+    assert IMAGENET_PCA_EIGVEC == ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140),
+                                   (-0.5836, -0.6948, 0.4203))  # fmt: skip
+    assert PCALighting.imagenet().alphastd == 0.1

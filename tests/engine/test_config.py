@@ -23,6 +23,13 @@ def test_recipes_ship_and_match_the_paper() -> None:
     assert (c.milestones, c.iters, c.val_split) == ([32000, 48000], 64000, True)
     r110 = load_recipe("cifar10-paper-110")
     assert (r110.warmup_lr, r110.warmup_until_error, r110.model) == (0.01, 80.0, "resnet110")
+    # otherwise section 4.2's recipe: batch 128, lr 0.1 /10 at 32k and 48k, stop at 64k, ...
+    for r in (c, r110):
+        assert (r.batch_size, r.lr, r.momentum, r.gamma) == (128, 0.1, 0.9, 0.1)
+        assert r.weight_decay == 1e-4
+        assert (r.milestones, r.iters, r.val_split) == ([32000, 48000], 64000, True)
+        assert (r.pad, r.flip, r.normalization, r.eval_views) == (4, True, "per_pixel", "center")
+        assert (r.schedule, r.warmup_iters, r.nesterov, r.label_smoothing) == ("step", 0, False, 0)
     i = load_recipe("imagenet-paper")
     assert (i.batch_size, i.iters, i.lr) == (256, 600000, 0.1)
 

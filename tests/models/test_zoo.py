@@ -286,3 +286,24 @@ def test_alexnet_is_the_notes_net() -> None:
     assert dropped == [2048, 2048, 2048, 2048]  # fc6 and fc7 outputs, per tower; not fc8's
     assert m.pool(torch.zeros(1, 1, 13, 13)).shape[-1] == 6  # conv5's maps pooled to 6x6
     assert count_params(m) == 60_965_224
+
+
+def test_alexnet_lrn_follows_relu_of_conv1_and_conv2_only_then_pools() -> None:
+    """PAPER.md: LRN after ReLU, after conv1 and conv2; overlapping max pools follow both LRN
+    layers and conv5. Recorded as the order the shared act/lrn/pool modules run in."""
+    m = reslab.create_model("alexnet", towers=1).eval()
+    order: list[str] = []
+    names = {"conv1": "conv1", "conv2": "conv2", "conv3": "conv3", "conv4": "conv4",
+             "conv5": "conv5", "fc6": "fc6", "act": "relu", "lrn": "lrn", "pool": "pool"}  # fmt: skip
+    hooks = [m.get_submodule(k).register_forward_hook(lambda *_a, v=v: order.append(v))
+             for k, v in names.items()]  # fmt: skip
+    with torch.no_grad():
+        m(torch.randn(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    assert order[: order.index("fc6")] == [
+        "conv1", "relu", "lrn", "pool", "conv2", "relu", "lrn", "pool",
+        "conv3", "relu", "conv4", "relu", "conv5", "relu", "pool",
+    ]  # fmt: skip
+    lrn = m.lrn.lrn  # torch divides alpha by n: given alpha * n (PAPER.md)
+    assert (lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 5 * 1e-4, 0.75, 2.0)
