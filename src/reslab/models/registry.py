@@ -43,7 +43,7 @@ class ModelInfo:
     defaults: dict[str, Any] = field(default_factory=dict)  # options the name fixes
     paper_params: float | None = None  # Table 6 (CIFAR), in parameters
     paper_macs: float | None = None  # Table 1 (ImageNet), multiply-adds
-    paper_error: float | None = None  # top-1 test error %, Table 3 (10-crop) or Table 6
+    paper_error: float | None = None  # top-1 error %: Tables 2-3 (ImageNet, 10-crop) or Table 6
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
