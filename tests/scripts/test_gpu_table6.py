@@ -72,6 +72,29 @@ def test_parts_fill_a_limit_one_call_at_a_time(tmp_path: Path) -> None:
         cifar_parts.pack(tmp_path / "src", tmp_path / "two", parts=2, limit=limit, preset=1)
 
 
+def test_a_part_staged_by_an_earlier_call_is_not_decoded_again(tmp_path: Path, monkeypatch) -> None:
+    # On the machine the parts carried by earlier calls stay (ignored paths are kept while it
+    # is warm), so `stage` and `table6` see p1..pK: the files rebuilt and checked by an earlier
+    # call are checked by their SHA-256 and kept, not decoded again (seconds a file there).
+    src = tmp_path / "src" / "cifar-10-batches-py"
+    cifar_parts.synthetic(tmp_path / "src", per_batch=200)
+    parts = cifar_parts.pack(tmp_path / "src", tmp_path / "parts", parts=2, preset=1)
+    out = tmp_path / "gpu"
+    cifar_parts.unpack([parts[0]], out, require_all=False)
+    decoded = []
+    real = cifar_parts.unpack_file
+    monkeypatch.setattr(cifar_parts, "unpack_file", lambda b: decoded.append(1) or real(b))
+    dest = cifar_parts.unpack(parts, out)
+    assert len(decoded) == len(list(parts[1].glob("*.xz")))
+    for name in cifar_parts.FILES:
+        assert (dest / name).read_bytes() == (src / name).read_bytes(), name
+    # A staged file damaged since: rebuilt from its part, not kept.
+    staged = dest / "data_batch_1"
+    staged.write_bytes(b"x" + staged.read_bytes()[1:])
+    cifar_parts.unpack(parts, out)
+    assert staged.read_bytes() == (src / "data_batch_1").read_bytes()
+
+
 def test_the_residual_coding_inverts_on_any_pixels() -> None:
     import numpy as np
 
