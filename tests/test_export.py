@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def test_onnx_matches_pytorch_on_real_images(
     tmp_path: Path, cifar_test_images, name: str, size: int
 ) -> None:
     ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")  # torch.onnx's exporter (not on the GPU image)
     images, _ = cifar_test_images
     x = _real_batch(images[:8], size)
     model = _calibrated(name, x)
@@ -92,11 +94,28 @@ def test_bad_format_and_missing_dir(tmp_path: Path) -> None:
         export_model(model, tmp_path / "no_such_dir" / "m.onnx", format="onnx", input_size=32)
 
 
+def test_onnx_export_without_onnxscript_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    # The GPU image has onnx and onnxruntime but not onnxscript, which torch.onnx's exporter
+    # imports: a ModuleNotFoundError from deep in torch, a traceback from `reslab export`.
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` fails too
+    model = reslab.create_model("resnet20")
+    with pytest.raises(ValueError, match=r"needs onnxscript: pip install onnxscript"):
+        export_model(model, tmp_path / "m.onnx", format="onnx", input_size=32)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_leaves_the_callers_model_as_it_was(tmp_path: Path, fmt: str) -> None:
     """export_model exports a copy: the caller's model stays in train mode, in its dtype (it was
     switched to eval mode and cast to float32 in place, so a training loop that exported a
     snapshot went on training with frozen BatchNorm statistics without a word)."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
     model = reslab.create_model("resnet20").to(torch.bfloat16).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'pt'}"
@@ -139,6 +158,7 @@ def test_metadata_of_files_that_are_not_exports_is_one_line(tmp_path: Path) -> N
     """A plain torch.save file, junk named .onnx and an upper-case .ONNX: one ValueError naming
     the file (torch's zip reader and protobuf had spoken for it); a bad input_size is refused
     before any export (helper audit C, M9-M10)."""
+    pytest.importorskip("onnxscript")
     model = reslab.create_model("resnet20")
     onnx_upper = export_model(model, tmp_path / "M.ONNX", format="onnx", input_size=32)
     assert read_export_metadata(onnx_upper)["input_size"] == 32

@@ -29,6 +29,7 @@ def _calibrated_resnet20(images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]
 
 def test_backends_and_precisions_match_eager_fp32(cifar_test_images) -> None:
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
     images, _ = cifar_test_images
     model, x = _calibrated_resnet20(images)
     with torch.no_grad():

@@ -106,6 +106,7 @@ def test_predict_text_default_precision_and_bad_paths(tmp_path: Path, model_file
 
 def test_export_cli_onnx_carries_metadata(tmp_path: Path, model_file, capsys) -> None:
     onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
     path, _ = model_file
     out = tmp_path / "r20.onnx"
     assert main(["export", "--checkpoint", str(path), "--format", "onnx", "--out", str(out)]) == 0
@@ -122,6 +123,7 @@ def test_export_format_follows_the_suffix_of_out(tmp_path: Path, model_file, cap
     """--format may be left out where --out's suffix names it (.onnx, .pt/.ts: TorchScript);
     another suffix is one error line naming the file and both fixes, and nothing is written."""
     onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
     path, _ = model_file
     out = tmp_path / "r20.onnx"
     assert main(["export", "--checkpoint", str(path), "--out", str(out)]) == 0

@@ -75,6 +75,14 @@ def export_model(
     from reslab.runtime.checkpoint import check_target
 
     check_target(path)  # a folder there, or none for it: named before the export runs
+    if format == "onnx":  # torch.onnx's exporter imports onnxscript; without it, a traceback
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"ONNX export needs {' and '.join(missing)}: pip install "
+                             f"{' '.join(missing)} (or reslab[export]), or export TorchScript "
+                             "(--format torchscript)")  # fmt: skip
     meta = export_metadata(
         model_name=model_name,
         model_options=model_options or {},
