@@ -203,3 +203,15 @@ def test_the_kernel_is_not_used_where_it_does_not_apply(ext):
             assert block_op.infer(b_net.layer2[0], x) is None  # projection shortcut
     with torch.no_grad():
         assert block_op.infer(block, x) is None  # fp32 weights without bf16 autocast
+
+
+def test_a_compiled_eval_model_traces_as_one_graph() -> None:
+    # infer() read the thread count (conv_wgrad.min_images) before it saw that dynamo was
+    # tracing: an eval-mode model compiled under no_grad broke its graph at every block.
+    import torch._dynamo
+
+    model = cifar_resnet(depth=20).eval()
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:120] for b in explained.break_reasons]

@@ -153,7 +153,12 @@ def infer(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     sum with the shortcut apart (tests/models/test_block_infer.py)."""
     if not INFER or not conv_wgrad.FORWARD_KERNEL or block.training or torch.is_grad_enabled():
         return None
-    if type(x) is not torch.Tensor or x.dim() != 4 or x.shape[0] < conv_wgrad.min_images():
+    if (
+        type(x) is not torch.Tensor
+        or x.dim() != 4
+        or torch.compiler.is_compiling()  # min_images() reads the thread count: a graph break
+        or x.shape[0] < conv_wgrad.min_images()
+    ):
         # First: the few-image calls of `reslab predict` paid ~25 us of the checks below per
         # block for a None (ResNet-20 at 1 image: 10% of its time).
         return None
