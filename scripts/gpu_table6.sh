@@ -21,6 +21,8 @@
 # Settings by environment: MODE (compile mode, default reduce-overhead; "none": eager), JOBS (5),
 # TL (seconds per run, 420), BUDGET (full; smoke to try this on a CPU), DEVICE (cuda), MPS (0; 1:
 # run the jobs under CUDA MPS when nvidia-cuda-mps-control exists, never fatal when it does not);
+# ONLY (the runs to train, e.g. resnet20-s0,resnet32-s0: all five depths at 64k need ~40 min of an
+# H200 one after another at session 9's step times, more than a 15-minute lease);
 # GPUDATA (.gpudata), RESULTS (results), RUNS (runs/gpu): where the parts, report and runs live;
 # PRESET (xz preset for pack; default -9e).
 # fused (issue 18, needs no data): benchmarks/bench_fused.py, K=2 and 5 seeds as one grouped net
@@ -90,6 +92,7 @@ table6)
     compile=(--compile-mode "$MODE"); [ "$MODE" = none ] && compile=()
     only=resnet20-s0,resnet32-s0,resnet44-s0,resnet56-s0,resnet110-s0
     [ "$BUDGET" = full ] || only=resnet20-s0,resnet32-s0
+    only=${ONLY:-$only}
     res=$RESULTS/table6-$BUDGET
     [ "${MPS:-0}" = 1 ] && mps_on
     cmd=(reproduce table6 --budget "$BUDGET" --only "$only" --jobs "$JOBS" "${compile[@]}"

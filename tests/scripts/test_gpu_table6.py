@@ -112,6 +112,27 @@ def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=1200)  # fmt: skip
 
 
+def test_table6_trains_the_runs_only_names(tmp_path: Path) -> None:
+    # A 15-minute lease has no room for all five depths at 64k: ONLY picks the runs. A stand-in
+    # for python records the reslab command line (and leaves a report folder for the tar).
+    cifar_parts.synthetic(tmp_path / "src", per_batch=20)
+    cifar_parts.pack(tmp_path / "src", tmp_path / "gpudata", preset=1)
+    fake = tmp_path / "py"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -m ]; then echo "ARGS $*"; mkdir -p "$RESULTS/table6-full"; exit 0; fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "GPUDATA": str(tmp_path / "gpudata"), "RESULTS": str(tmp_path / "res"),
+           "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"), "PY": str(fake),
+           "DEVICE": "cpu", "MODE": "none"}  # fmt: skip
+    r = _run({**env, "ONLY": "resnet56-s0,resnet110-s0"}, "table6")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--only resnet56-s0,resnet110-s0 " in r.stdout
+    r = _run(env, "table6")  # without it: the five depths of the full budget
+    assert r.returncode == 0 and "--only resnet20-s0,resnet32-s0,resnet44-s0" in r.stdout
+
+
 @pytest.mark.slow  # packs the real CIFAR-10 (xz) and trains two smoke runs: minutes on 2 cores
 def test_pack_stage_then_table6_on_cpu(cifar_root: Path, tmp_path: Path) -> None:
     gd = tmp_path / "gpudata"
