@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 19's GPU session: Table 6 at the paper's 64k iterations on one card. Run scripts/gpu_check.sh
-# (issue 14) first; this needs its fixes and the real CIFAR-10.
+# Issue 19's GPU session: Table 6 at the paper's 64k iterations on one card (it needs issue 14's
+# fixes, which scripts/gpu_check.sh proved in session 9, and the real CIFAR-10). One 15-minute
+# lease holds the staging calls and one table6 call of at most 600 s: not all five depths at 64k
+# (~40 min one after another); choose what finishes with ONLY (README, GPU sessions).
 #
 # CIFAR-10 (178 MB) travels losslessly in parts that each fit one call beside the working tree (a
 # call carries 64 MiB with the repository; pack prints how many: 3 with session 43's 22.5 MiB
