@@ -238,7 +238,6 @@ def _auto_recipe(args: argparse.Namespace) -> str | None:
 def _train_config(args: argparse.Namespace):
     """Recipe, then --set assignments, then the explicit flags (which win). Without --recipe an
     image folder gets the finetune recipe; without --model, --weights name the architecture."""
-
     from reslab.data import check_data_root, resolve_data_root
     from reslab.engine.config import TrainConfig, load_recipe
 
