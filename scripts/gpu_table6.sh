@@ -60,6 +60,12 @@ card() {
 
 parts() { ls -d "$GPUDATA"/p[0-9]* 2>/dev/null || true; }
 
+some_part() {  # stage/table6 with no part carried: one line, not cifar_parts' usage message
+    [ -n "$(parts)" ] && return
+    echo "no part under $GPUDATA: carry one part made by \`pack\` with each call ($1)" >&2
+    exit 1
+}
+
 case "$PHASE" in
 pack)
     src=${2:?give the directory holding cifar-10-batches-py}
@@ -82,10 +88,12 @@ pack)
     echo "(carry [\"$GPUDATA/pK\"]; the staged files stay on the machine while it is warm)"
     ;;
 stage)
+    some_part "stage"
     # shellcheck disable=SC2046
     "$PY" scripts/cifar_parts.py unpack --partial $(parts) "$GPUDATA"
     ;;
 table6)
+    some_part "table6"
     # shellcheck disable=SC2046
     "$PY" scripts/cifar_parts.py unpack $(parts) "$GPUDATA" || {
         echo "CIFAR-10 is not complete and checked under $GPUDATA: stage every part first" >&2

@@ -133,6 +133,18 @@ exec {sys.executable} "$@"
     assert r.returncode == 0 and "--only resnet20-s0,resnet32-s0,resnet44-s0" in r.stdout
 
 
+def test_a_call_that_carries_no_part_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "GPUDATA": str(tmp_path / "gpudata"), "OUT": str(tmp_path / "out"),
+           "PY": sys.executable}  # fmt: skip
+    for phase in ("stage", "table6"):
+        r = _run(env, phase)
+        assert r.returncode == 1 and "usage:" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines() == [
+            f"no part under {tmp_path / 'gpudata'}: carry one part made by `pack` with each call "
+            f"({phase})"
+        ]
+
+
 @pytest.mark.slow  # packs the real CIFAR-10 (xz) and trains two smoke runs: minutes on 2 cores
 def test_pack_stage_then_table6_on_cpu(cifar_root: Path, tmp_path: Path) -> None:
     gd = tmp_path / "gpudata"
