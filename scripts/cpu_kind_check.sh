@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 17's measurements for one CPU kind, in one command, so that a session on a kind not yet
-# measured (Intel Xeon with AMX bf16; so far every figure since session 5 is AMD Zen 4) records
-# all of it side by side in one sitting. Run it on a quiet machine: no helper, no other job.
+# Issue 17's measurements for one CPU kind, in one command, so that a session on a kind not
+# measured lately records all of it side by side in one sitting (AMD Zen 4 in session 12, Intel
+# Xeon with AMX in 14, AMD Zen 5 in 44: results/cpu-kind/). Run it on a quiet machine: no helper,
+# no other job.
 #
-#   bash scripts/cpu_kind_check.sh ../shared/data            # about 8 min on 2 cores (AMD Zen 4)
-#   RECIPE=1 bash scripts/cpu_kind_check.sh ../shared/data   # + the ResNet-20 time goal (~20 min)
+#   bash scripts/cpu_kind_check.sh ../shared/data            # about 6-8 min on 2 cores
+#   RECIPE=1 bash scripts/cpu_kind_check.sh ../shared/data   # + the ResNet-20 time goal (6-20 min)
 #
 # Writes, step by step (a step that fails is recorded and the next one runs):
 #   cpu.txt             lscpu's model, vendor, bf16/AMX flags; torch's ISA; load average

@@ -337,7 +337,8 @@ class Trainer:
             # dynamic=False: one graph specialised per input shape ([B,3,24,24] then
             # [B,3,32,32] under small_size). With torch's default the second shape recompiles
             # with symbolic sizes, whose steps ran x0.84-0.90 of the specialised ones on Intel
-            # AMX and about as fast on AMD Zen 4 (bench_compile.py --static, results/cpu-kind/).
+            # AMX, about as fast on AMD Zen 4 and x0.95-0.98 on Zen 5 (bench_compile.py
+            # --static, results/cpu-kind/).
             self.net = torch.compile(self.net, mode=cfg.compile_mode, dynamic=False)
 
     def _say(self, line: str) -> None:
