@@ -50,7 +50,7 @@ _CONV_ARGS = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)  # stride, padding, dila
 def _amx() -> bool:
     """Intel AMX tiles: the CPU kind on which tiling was measured faster. On AMD Zen 5's AVX-512
     bf16 (session 44, `benchmarks/ab_tiled_wgrad.py --force`) tiling lost in the training step
-    (ResNet-20 and -56 at 32 and 24 px, tiled / direct x0.98-0.995, medians of 150 rounds), so
+    (ResNet-20 and -56 at 32 and 24 px, median img/s of 150 rounds: tiled / direct x0.98-0.995), so
     CPUs without AMX keep the direct one."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
